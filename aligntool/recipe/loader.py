@@ -1,0 +1,174 @@
+"""Load a recipe: YAML file + ``a.b.c=value`` overrides -> a validated ``Recipe`` and its algorithm's ``AlgoConfig``.
+
+Every mistake becomes one ``UserError`` line that names the file, the line (when the key is in the file), the key and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from aligntool import registry
+from aligntool.errors import UserError
+from aligntool.recipe.schema import Recipe, TrainConfig
+from aligntool.recipe.suggest import did_you_mean
+
+
+@dataclasses.dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    algo: BaseModel  # the algorithm's AlgoConfig
+    spec: registry.AlgorithmSpec
+    source: str  # file name, for messages
+
+    def resolved(self) -> dict:
+        """The fully resolved recipe, every default filled in: what the run actually used."""
+        data = self.recipe.model_dump(mode="json")
+        data["train"] = self.recipe.train.model_dump(mode="json", exclude_none=True)
+        data["algo"] = self.algo.model_dump(mode="json")
+        return data
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A recipe file, or the name of a built-in recipe (``dpo`` -> recipes/dpo.yaml)."""
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    builtin = registry.RECIPES_DIR / f"{recipe}.yaml"
+    if "/" not in recipe and not recipe.endswith((".yaml", ".yml")) and builtin.is_file():
+        return builtin
+    if path.exists():
+        raise UserError(f"{recipe}: is not a file (expected a YAML recipe)")
+    raise UserError(f"{recipe}: recipe file not found")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.max_steps=50")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"override {text!r}: the key {key!r} is not a dotted name like train.learning_rate")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not valid YAML on its own: keep it as the plain string the user typed
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """1-based line of every mapping key in the YAML text, by its path."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = (*prefix, str(key.value))
+                lines[path] = key.start_mark.line + 1
+                walk(value, path)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        ann = field.annotation
+        model = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _explain(err: ValidationError, root: type[BaseModel], prefix: tuple, source: str, lines: dict) -> UserError:
+    e = err.errors()[0]
+    loc = tuple(str(p) for p in e["loc"])
+    key = ".".join((*prefix, *loc))
+    at = f"{source}:{lines[(*prefix, *loc)]}" if (*prefix, *loc) in lines else source
+    if e["type"] == "extra_forbidden":
+        parent = _model_at(root, loc[:-1])
+        hint = did_you_mean(loc[-1], parent.model_fields) if parent else ""
+        valid = f"; valid keys: {', '.join(parent.model_fields)}" if parent and not hint else ""
+        return UserError(f"{at}: unknown key {key!r}{hint}{valid}")
+    if e["type"] == "missing":
+        return UserError(f"{at}: missing required key {key!r}")
+    return UserError(f"{at}: {key}: {e['msg'].lower()} (got {e.get('input')!r})")
+
+
+def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source: str, lines: dict) -> None:
+    """`train.*` keys outside the documented list must be fields of the algorithm's TRL config."""
+    extras = dict(train.model_extra or {})
+    if not extras:
+        return
+    fields = {f.name for f in dataclasses.fields(spec.trl_config_class())}
+    for name in extras:
+        if name not in fields:
+            at = f"{source}:{lines[('train', name)]}" if ("train", name) in lines else source
+            hint = did_you_mean(name, fields | set(TrainConfig.model_fields))
+            raise UserError(f"{at}: unknown key 'train.{name}'{hint}; train.* takes fields of {spec.trl_config.split(':')[1]}")
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> LoadedRecipe:
+    path = resolve_recipe_path(str(recipe))
+    source = str(recipe)
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise UserError(f"{source}{where}: YAML syntax error: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: YAML error: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of recipe keys at the top level, got {type(data).__name__}")
+    for text_override in overrides:
+        apply_override(data, *parse_override(text_override), text_override)
+
+    lines = _key_lines(text)
+    if "algorithm" not in data:
+        raise UserError(f"{source}: missing required key 'algorithm'; known: {', '.join(registry.ALGORITHMS)}")
+    name = data["algorithm"]
+    if not isinstance(name, str):
+        raise UserError(f"{source}: algorithm: expected a name, got {name!r}")
+    try:
+        spec = registry.get(name)
+    except UserError as exc:
+        at = f"{source}:{lines[('algorithm',)]}" if ("algorithm",) in lines else source
+        raise UserError(f"{at}: algorithm: {exc}") from None
+    try:
+        parsed = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, Recipe, (), source, lines) from None
+    algo_cls = spec.load().AlgoConfig
+    try:
+        algo = algo_cls.model_validate(parsed.algo)
+    except ValidationError as exc:
+        raise _explain(exc, algo_cls, ("algo",), source, lines) from None
+    _check_train_extras(parsed.train, spec, source, lines)
+    if parsed.output_dir is None:
+        parsed.output_dir = f"runs/{spec.name}"
+    return LoadedRecipe(parsed, algo, spec, source)

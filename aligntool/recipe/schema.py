@@ -1,0 +1,106 @@
+"""The recipe schema: every key a recipe may hold, with its type, range and meaning.
+
+A recipe has six sections. ``train`` and ``algo`` both end up in the algorithm's TRL config (``DPOConfig``,
+``SFTConfig``, ...): ``train`` holds what every trainer shares (optimizer, schedule, batch, logging), ``algo`` holds what
+makes the method what it is (``beta``, ``loss_type``, ...) and is validated by the algorithm's own ``AlgoConfig``
+(see ``aligntool/trainers/<name>.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+
+class Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field("tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' keeps the checkpoint's own (float32 for the tiny model)."
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with a hub model. Off unless asked.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
+
+
+class RefModelConfig(Strict):
+    name_or_path: str | None = Field(
+        None, description="Reference model for KL-regularised methods; defaults to a frozen copy of `model`."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class ToyDataConfig(Strict):
+    size: PositiveInt = Field(2000, description="Number of generated training rows.")
+    eval_size: NonNegativeInt = Field(0, description="Number of generated held-out rows (0: no eval set).")
+    bt_temperature: NonNegativeFloat = Field(
+        0.5, description="Bradley-Terry label noise of toy preference pairs: P(a>b)=sigmoid((r_a-r_b)/T); 0 = noiseless."
+    )
+    seed: NonNegativeInt = 0
+
+
+class DatasetConfig(Strict):
+    path: str = Field(
+        "toy",
+        description="'toy' (built-in data in the shape the algorithm needs), a .jsonl/.json/.parquet/.csv file, "
+        "a folder saved by `datasets`, or a hub id.",
+    )
+    split: str = Field("train", description="Split to train on (hub datasets and saved DatasetDicts).")
+    eval_path: str | None = Field(None, description="Held-out data, same formats as `path`.")
+    eval_split: str = Field("test", description="Split of `eval_path` to evaluate on (hub datasets and DatasetDicts).")
+    max_samples: PositiveInt | None = Field(None, description="Keep only the first N training rows.")
+    toy: ToyDataConfig = Field(default_factory=ToyDataConfig, description="Settings of the generated toy data.")
+
+
+class TrainConfig(BaseModel):
+    """Shared trainer settings, passed to the algorithm's TRL config.
+
+    The fields below are checked here; any other field of the algorithm's TRL config (``transformers.TrainingArguments``
+    and the TRL additions) is also accepted and checked against that class when the run starts.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_default=False)
+
+    learning_rate: PositiveFloat | None = None
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides num_train_epochs.")
+    num_train_epochs: PositiveFloat | None = None
+    per_device_train_batch_size: PositiveInt | None = None
+    per_device_eval_batch_size: PositiveInt | None = None
+    gradient_accumulation_steps: PositiveInt | None = None
+    max_length: PositiveInt | None = Field(None, description="Truncate prompt+completion to this many tokens.")
+    seed: NonNegativeInt | None = None
+    logging_steps: PositiveInt | None = None
+    save_steps: PositiveInt | None = Field(None, description="Write a checkpoint every N steps (under checkpoints/).")
+    save_total_limit: PositiveInt | None = None
+    eval_steps: PositiveInt | None = None
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    warmup_ratio: float | None = Field(None, ge=0, le=1)
+    warmup_steps: NonNegativeInt | None = None
+    lr_scheduler_type: str | None = None
+    weight_decay: NonNegativeFloat | None = None
+    max_grad_norm: NonNegativeFloat | None = None
+    optim: str | None = None
+    bf16: bool | None = None
+    fp16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
+
+
+class Recipe(Strict):
+    algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
+    description: str | None = Field(None, description="Free text, for the reader of the recipe.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ref_model: RefModelConfig | None = None
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    output_dir: str | None = Field(None, description="Where everything the run makes goes; default runs/<algorithm>.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
+
+    def trl_kwargs(self, algo_config: BaseModel) -> dict:
+        """The keyword arguments for the algorithm's TRL config: set ``train.*`` keys plus every ``algo.*`` key."""
+        return {**self.train.model_dump(exclude_none=True), **algo_config.model_dump(exclude_none=True)}

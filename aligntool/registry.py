@@ -1,0 +1,56 @@
+"""The single table of algorithms: recipe name -> where its trainer lives, what data it needs, its default recipe.
+
+Adding an algorithm = one module under ``aligntool/trainers/`` (an ``AlgoConfig`` pydantic model and a
+``build(run)`` function returning a ready ``transformers.Trainer``), one line here, one YAML under ``recipes/``.
+Trainer modules import TRL inside ``build`` only, so this table and ``aligntool --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    name: str
+    summary: str
+    family: str  # "supervised", "reward", "offline-preference", later "online-rl", "pipeline"
+    module: str  # trainer module: AlgoConfig + build(run)
+    trl_config: str  # "module:Class" whose fields `train.*` may set
+    data: str  # data kind, see aligntool.data.formats.DATA_KINDS
+    recipe: str  # default recipe, relative to the repository root
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def trl_config_class(self) -> type:
+        module, cls = self.trl_config.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    spec.name: spec
+    for spec in [
+        AlgorithmSpec("sft", "Supervised fine-tuning on demonstrations (TRL SFTTrainer).", "supervised",
+                      "aligntool.trainers.sft", "trl:SFTConfig", "language_modeling", "recipes/sft.yaml"),
+        AlgorithmSpec("reward", "Bradley-Terry reward model on preference pairs (TRL RewardTrainer).", "reward",
+                      "aligntool.trainers.reward", "trl:RewardConfig", "preference", "recipes/reward.yaml"),
+        AlgorithmSpec("dpo", "Direct Preference Optimization and every TRL DPO loss: IPO, hinge/SLiC, robust, RPO mixes, "
+                      "f-DPO divergences, ... (TRL DPOTrainer).", "offline-preference",
+                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/dpo.yaml"),
+    ]
+}
+
+
+def get(name: str) -> AlgorithmSpec:
+    from aligntool.errors import UserError
+    from aligntool.recipe.suggest import did_you_mean
+
+    if name not in ALGORITHMS:
+        raise UserError(f"unknown algorithm {name!r}{did_you_mean(name, ALGORITHMS)}; known: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]

@@ -1,0 +1,119 @@
+"""The built-in tiny model: a ~1 M-parameter Llama with a byte-level BPE tokenizer trained on the toy corpus.
+
+``tiny_model_path()`` builds it on first use (deterministically, about a minute on 2 CPU cores) and caches it under
+``$ALIGNTOOL_CACHE/tiny-v<N>`` (default ``~/.cache/aligntool``). The folder is an ordinary transformers checkpoint
+(safetensors + tokenizer with a chat template), so every code path that loads a hub model loads it too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from aligntool.toy import world
+
+BUILD_VERSION = 1  # bump when anything below changes what is built
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+MODEL_SHAPE = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    max_position_embeddings=256, tie_word_embeddings=True,
+)
+VOCAB_SIZE = 640
+PRETRAIN = dict(documents=24_000, steps=500, batch_size=48, learning_rate=3e-3, warmup=50, seed=0)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNTOOL_CACHE", Path.home() / ".cache" / "aligntool")).expanduser()
+
+
+def tiny_model_path(log=print) -> Path:
+    """Path of the built tiny model, building it first if the cache does not hold it yet."""
+    target = cache_dir() / f"tiny-v{BUILD_VERSION}"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    try:
+        log(f"Building the built-in tiny model into {target} (once; about a minute)...")
+        start = time.time()
+        build_tiny_model(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: a concurrent builder that lost the race just uses the winner's copy
+        except OSError:
+            if not (target / "model.safetensors").is_file():
+                raise
+        log(f"Built the tiny model in {time.time() - start:.0f}s.")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def train_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", model_max_length=MODEL_SHAPE["max_position_embeddings"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(out: Path) -> None:
+    """Train the tokenizer, pretrain the model on the toy corpus, save both to ``out``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = PRETRAIN
+    torch.manual_seed(cfg["seed"])
+    docs = [p + c for p, c in world.corpus(cfg["documents"], seed=cfg["seed"])]
+    tokenizer = train_tokenizer(docs + world.all_prompts())
+    eos = tokenizer.eos_token_id
+    encoded = [ids + [eos] for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, bos_token_id=None, **MODEL_SHAPE
+    )
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * max(0.05, 1 - s / cfg["steps"])
+    )
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    model.train()
+    for _ in range(cfg["steps"]):
+        idx = torch.randint(len(encoded), (cfg["batch_size"],), generator=gen).tolist()
+        batch = [encoded[i] for i in idx]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

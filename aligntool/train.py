@@ -1,0 +1,196 @@
+"""`aligntool train`: recipe -> registry -> models + data -> TRL trainer -> outputs.
+
+Everything a run makes goes under ``output_dir``:
+
+    recipe.yaml      the fully resolved recipe (every default filled in)
+    metrics.jsonl    one JSON object per logging (and eval) step
+    summary.json     final metrics, wall time, samples/s, peak memory
+    tensorboard/     TensorBoard event files
+    checkpoints/     checkpoint-<step>/ folders; only those marked COMPLETE are resumed from
+    model.safetensors, config.json, tokenizer files: the final model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from aligntool import data as data_mod
+from aligntool import models
+from aligntool.errors import UserError
+from aligntool.recipe.loader import LoadedRecipe
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output_dir: {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that finished writing; a run killed mid-save leaves one without the marker."""
+    done = [p for p in checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:]), default=None)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _callbacks(out: Path, resume: bool):
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        """Appends every logged dict, with its step and epoch, to metrics.jsonl."""
+
+        def __init__(self):
+            self.path = out / "metrics.jsonl"
+            if not resume and is_main_process():
+                self.path.write_text("")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with self.path.open("a") as fh:
+                    fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    class MarkComplete(TrainerCallback):
+        """Trainer writes trainer_state.json last; on_save runs after it, so the marker means 'fully written'."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    write_atomic(ckpt / COMPLETE_MARKER, f"{state.global_step}\n")
+
+    return [MetricsJsonl(), MarkComplete()]
+
+
+@dataclass
+class Run:
+    """What a trainer module's ``build(run)`` gets: the validated recipe and the loaders it may call."""
+
+    loaded: LoadedRecipe
+    output_dir: Path
+    train_dataset: object = None
+    eval_dataset: object = None
+    tokenizer: object = None
+    model_path: str = ""
+    extra_config: dict = field(default_factory=dict)
+
+    @property
+    def recipe(self):
+        return self.loaded.recipe
+
+    @property
+    def algo(self):
+        return self.loaded.algo
+
+    def trl_config(self, **overrides):
+        """The algorithm's TRL config from ``train.*`` + ``algo.*``; checkpoints go to output_dir/checkpoints."""
+        cls = self.loaded.spec.trl_config_class()
+        kwargs = self.recipe.trl_kwargs(self.algo)
+        kwargs.update(output_dir=str(self.output_dir / "checkpoints"), **overrides)
+        report_to = kwargs.get("report_to") or []
+        report_to = [report_to] if isinstance(report_to, str) else list(report_to)
+        kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{self.loaded.source}: train/algo: {str(exc).strip().splitlines()[0]}") from None
+
+    def policy(self, head: str = "causal_lm"):
+        m = self.recipe.model
+        return models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+
+    def reference(self):
+        """The explicit reference model, or None (TRL then makes a frozen copy of the policy)."""
+        ref = self.recipe.ref_model
+        if ref is None or ref.name_or_path is None:
+            return None
+        path = models.resolve(ref.name_or_path, key="ref_model.name_or_path", log=log)
+        m = self.recipe.model
+        return models.load_model(path, ref.dtype, m.trust_remote_code, key="ref_model.name_or_path")
+
+
+def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
+    """Run the recipe to the end; returns the summary written to summary.json."""
+    recipe, spec = loaded.recipe, loaded.spec
+    out = Path(recipe.output_dir).expanduser()
+    if is_main_process():
+        prepare_output_dir(out)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(out / "checkpoints")
+        if checkpoint is None:
+            raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+        log(f"Resuming from {checkpoint}")
+    elif is_main_process() and latest_checkpoint(out / "checkpoints"):
+        log(f"note: {out} already holds checkpoints; starting over (pass --resume to continue instead)")
+    if is_main_process():
+        write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
+
+    run = Run(loaded, out)
+    run.model_path = models.resolve(recipe.model.name_or_path, log=log)
+    run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision)
+    run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+
+    trainer = spec.load().build(run)
+    for cb in _callbacks(out, resume):
+        trainer.add_callback(cb)
+    log(f"Training {spec.name} on {len(run.train_dataset)} rows -> {out}")
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    wall = time.time() - start
+    metrics = dict(result.metrics)
+    if run.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(out))
+    summary = {
+        "algorithm": spec.name,
+        "global_step": trainer.state.global_step,
+        "wall_time_s": round(wall, 2),
+        "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "final_metrics": metrics,
+        "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}),
+    }
+    if trainer.is_world_process_zero():
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        log(f"Done in {wall:.1f}s; model, metrics.jsonl and summary.json are in {out}")
+    return summary

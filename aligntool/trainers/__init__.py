@@ -1,0 +1,1 @@
+"""One module per algorithm: ``AlgoConfig`` (the recipe's ``algo.*`` keys) + ``build(run)`` (a ready trainer)."""
