@@ -97,6 +97,12 @@ def _callbacks(out: Path, resume: bool):
     return [MetricsJsonl(), MarkComplete()]
 
 
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 @dataclass
 class Run:
     """What a trainer module's ``build(run)`` gets: the validated recipe and the loaders it may call."""
@@ -125,6 +131,11 @@ class Run:
         report_to = kwargs.get("report_to") or []
         report_to = [report_to] if isinstance(report_to, str) else list(report_to)
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
+        if not _bf16_supported():
+            # TRL turns bf16 on by default; where the hardware lacks it, say fp32 rather than fail.
+            if kwargs.get("bf16"):
+                raise UserError(f"{self.loaded.source}: train.bf16: this machine has no bf16 support (no GPU found)")
+            kwargs["bf16"] = False
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:

@@ -1,0 +1,167 @@
+"""The ``aligntool`` command line. Heavy imports (torch, transformers, TRL) happen inside commands, so ``--help``
+answers at once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from aligntool import __version__
+from aligntool.errors import UserError
+
+app = typer.Typer(
+    name="aligntool",
+    help="Align and compress language models from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_DEBUG = {"on": False}
+
+
+def _version(value: bool):
+    if value:
+        print(f"aligntool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
+@app.command()
+def train(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or a built-in recipe name (dpo, sft, ...)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. train.max_steps=50."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in output_dir."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (torchrun)."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    """Train a model as the recipe says; outputs go to the recipe's output_dir."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    from aligntool.recipe.loader import load_recipe
+
+    overrides = list(overrides or [])
+    loaded = load_recipe(recipe, overrides)  # validate before spawning anything
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(_launch(loaded, recipe, overrides, resume, nproc))
+    from aligntool.train import train as run_train
+
+    run_train(loaded, resume=resume)
+
+
+def _launch(loaded, recipe: str, overrides: list[str], resume: bool, nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes (gloo on CPU, NCCL on GPUs)."""
+    import subprocess
+
+    from aligntool import models
+
+    # Build the tiny model once here, not racing in every rank.
+    models.resolve(loaded.recipe.model.name_or_path, log=lambda m: print(m, file=sys.stderr))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "aligntool.cli", "train", "--recipe", recipe, *overrides]
+    if resume:
+        cmd.append("--resume")
+    if _DEBUG["on"]:
+        cmd.append("--debug")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help="Model folder (a train output_dir), 'tiny', or a hub id."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference model for KL and win rate ('tiny' ok)."),
+    num_prompts: int = typer.Option(128, "--num-prompts", min=1, help="Held-out toy prompts (or pairs, for reward models)."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    """Score a model on the toy world: gold reward (+ KL and win rate against a reference), or a reward model's accuracy."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    import json
+
+    from aligntool.eval import toy as toy_eval
+
+    result = toy_eval.evaluate(model, reference=reference, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
+                               temperature=temperature, batch_size=batch_size, seed=seed)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"aligntool eval: {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+@app.command()
+def recipes():
+    """List every algorithm with a one-line description and its recipe file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from aligntool.registry import ALGORITHMS
+
+    table = Table(box=None, show_header=True, header_style="bold")
+    for col in ("algorithm", "family", "recipe", "description"):
+        table.add_column(col, overflow="fold")
+    for spec in ALGORITHMS.values():
+        table.add_row(spec.name, spec.family, spec.recipe, spec.summary)
+    Console(width=max(120, Console().width)).print(table)
+
+
+@app.command()
+def tiny():
+    """Build (first time, ~1 min) or find the built-in tiny model and print its folder."""
+    from aligntool.toy.tiny import tiny_model_path
+
+    print(tiny_model_path(log=lambda m: print(m, file=sys.stderr)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a ``UserError`` becomes one line on stderr and exit code 2 (traceback only with --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG["on"] = "--debug" in args
+    try:
+        rc = app(args=args, prog_name="aligntool", standalone_mode=False)
+    except UserError as exc:
+        if _DEBUG["on"]:
+            raise
+        print(f"aligntool: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("aligntool: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 2
+        raise
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""`aligntool eval` on the toy world.
+
+For a causal LM: sample one completion for each of ``num_prompts`` held-out prompts and report the mean gold reward
+and its standard error. With a reference model, also sample the reference and report
+
+    reference_gold_reward   mean gold reward of the reference's samples on the same prompts
+    win_rate                P(gold(policy sample) > gold(reference sample)), ties counted 1/2
+    kl_to_reference         mean over policy samples y ~ pi of  sum_t [log pi(y_t|x,y<t) - log pi_ref(y_t|x,y<t)]
+                            (the Monte-Carlo estimate of KL(pi || pi_ref) per sequence, in nats)
+
+For a reward model (a sequence classifier): pairwise accuracy on held-out toy pairs labelled by the gold reward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from aligntool.errors import UserError
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def is_reward_model(path: str) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def _left_padded(tokenizer, prompts: list[str]):
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, seed: int):
+    """Completions (strings) and their token ids, one per prompt."""
+    import torch
+
+    texts, ids = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = _left_padded(tokenizer, prompts[start : start + batch_size])
+        torch.manual_seed(seed + start)
+        kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]  # keep EOS: its probability is part of the KL
+            while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
+                row.pop()
+            ids.append(row)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts, ids
+
+
+def sequence_logprobs(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int) -> list[float]:
+    """sum_t log p(y_t | x, y_<t) of each completion's tokens under ``model``."""
+    import torch
+
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
+            rows.append((tokenizer(p, add_special_tokens=False)["input_ids"], c))
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (p, c) in enumerate(rows):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+            target[i, len(p) : len(p) + len(c)] = True
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        out.extend((logp * target[:, 1:]).sum(-1).tolist())
+    return out
+
+
+def _load_lm(path_or_name: str, key: str):
+    from aligntool import models
+
+    path = models.resolve(path_or_name, key=key, log=lambda m: None)
+    tokenizer = models.load_tokenizer(path, key=key)
+    model = models.load_model(path, key=key).eval()
+    return model, tokenizer
+
+
+def evaluate_reward_model(path: str, num_pairs: int, batch_size: int, seed: int) -> dict:
+    import torch
+
+    from aligntool import models
+    from aligntool.toy import world
+
+    tokenizer = models.load_tokenizer(path, key="--model")
+    model = models.load_model(path, head="reward", pad_token_id=tokenizer.pad_token_id, key="--model").eval()
+    tokenizer.padding_side = "right"
+    pairs = world.preference_pairs(num_pairs, seed=seed + 1000, split="eval", bt_temperature=0.0)
+
+    def score(texts):
+        scores = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                scores.extend(model(**batch).logits[:, 0].float().tolist())
+        return scores
+
+    chosen = score([r["prompt"] + r["chosen"] for r in pairs])
+    rejected = score([r["prompt"] + r["rejected"] for r in pairs])
+    correct = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
+    acc, err = _mean_stderr(correct)
+    return {"model": path, "kind": "reward_model", "num_pairs": len(pairs), "pairwise_accuracy": acc,
+            "pairwise_accuracy_stderr": err, "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
+
+
+def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, max_new_tokens: int = 48,
+             temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> dict:
+    from aligntool import models
+    from aligntool.toy import world
+
+    path = models.resolve(model, key="--model", log=lambda m: None)
+    if is_reward_model(path):
+        if reference:
+            raise UserError("--reference: applies to language models only; --model is a reward model")
+        return evaluate_reward_model(path, num_prompts, batch_size, seed)
+
+    prompts = world.prompts("eval", num_prompts, seed=seed)
+    policy, tokenizer = _load_lm(model, "--model")
+    texts, ids = sample(policy, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed)
+    rewards = [world.gold_reward(t) for t in texts]
+    mean, err = _mean_stderr(rewards)
+    result = {"model": path, "kind": "causal_lm", "num_prompts": len(prompts), "gold_reward": mean,
+              "gold_reward_stderr": err, "mean_length_tokens": sum(map(len, ids)) / len(ids)}
+    if reference:
+        ref, ref_tok = _load_lm(reference, "--reference")
+        if ref_tok.get_vocab() != tokenizer.get_vocab():
+            raise UserError("--reference: its tokenizer differs from the model's; KL needs a shared vocabulary")
+        ref_texts, _ = sample(ref, ref_tok, prompts, max_new_tokens, temperature, batch_size, seed + 1)
+        ref_rewards = [world.gold_reward(t) for t in ref_texts]
+        ref_mean, ref_err = _mean_stderr(ref_rewards)
+        lp = sequence_logprobs(policy, tokenizer, prompts, ids, batch_size)
+        lp_ref = sequence_logprobs(ref, tokenizer, prompts, ids, batch_size)
+        kl, kl_err = _mean_stderr([a - b for a, b in zip(lp, lp_ref)])
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, ref_rewards)]
+        result.update(reference=reference, reference_gold_reward=ref_mean, reference_gold_reward_stderr=ref_err,
+                      gold_reward_gain=mean - ref_mean,
+                      gain_in_stderrs=(mean - ref_mean) / math.sqrt(err**2 + ref_err**2) if err or ref_err else 0.0,
+                      kl_to_reference=kl, kl_to_reference_stderr=kl_err, win_rate=sum(wins) / len(wins))
+    result["samples"] = [{"prompt": p, "completion": t, "gold_reward": r} for p, t, r in list(zip(prompts, texts, rewards))[:3]]
+    return result
