@@ -97,10 +97,16 @@ def _callbacks(out: Path, resume: bool):
     return [MetricsJsonl(), MarkComplete()]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _bf16_supported() -> bool:
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return _cuda() and torch.cuda.is_bf16_supported()
 
 
 @dataclass
@@ -136,6 +142,8 @@ class Run:
             if kwargs.get("bf16"):
                 raise UserError(f"{self.loaded.source}: train.bf16: this machine has no bf16 support (no GPU found)")
             kwargs["bf16"] = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
+            kwargs.setdefault("use_cpu", True)  # without it accelerate sees no GPUs and skips the gloo process group
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:
@@ -196,7 +204,7 @@ def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
         "wall_time_s": round(wall, 2),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": trainer.args.world_size,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "final_metrics": metrics,
         "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}),

@@ -7,6 +7,7 @@ what was expected.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,21 @@ from aligntool import registry
 from aligntool.errors import UserError
 from aligntool.recipe.schema import Recipe, TrainConfig
 from aligntool.recipe.suggest import did_you_mean
+
+
+class SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; everyone writes ``1e-4``)."""
+
+
+SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load(text: str):
+    return yaml.load(text, Loader=SafeLoader)  # noqa: S506 - a SafeLoader subclass: no arbitrary objects
 
 
 @dataclasses.dataclass
@@ -55,7 +71,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise UserError(f"override {text!r}: the key {key!r} is not a dotted name like train.learning_rate")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # not valid YAML on its own: keep it as the plain string the user typed
     return parts, value
@@ -85,7 +101,7 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
                 walk(value, path)
 
     try:
-        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+        walk(yaml.compose(text, Loader=SafeLoader), ())
     except yaml.YAMLError:
         pass
     return lines
@@ -134,7 +150,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     source = str(recipe)
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

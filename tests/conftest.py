@@ -1,0 +1,39 @@
+"""Shared fixtures. The tiny model is built once per machine (about a minute) and cached under $ALIGNTOOL_CACHE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aligntool.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    from aligntool.toy.tiny import tiny_model_path
+
+    return tiny_model_path(log=lambda m: None)
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Write a recipe YAML text to a file and return its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def user_error(fn, *args, **kwargs) -> str:
+    """Call fn, expect a UserError, return its one-line message."""
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message

@@ -1,0 +1,150 @@
+"""Every bad input of the foundation issue ends in one line naming the file/key/line, exit code 2, no traceback."""
+
+import json
+
+import pytest
+
+from aligntool.cli import main
+
+GOOD = """\
+algorithm: dpo
+model:
+  name_or_path: tiny
+dataset:
+  path: toy
+  toy: {size: 16}
+train:
+  max_steps: 1
+"""
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def expect_error(capsys, args, *needles):
+    code, err = run_cli(capsys, *args)
+    last = err.splitlines()[-1] if err else ""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert last.startswith("aligntool: error: "), err
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    expect_error(capsys, ["train", "--recipe", str(tmp_path / "nope.yaml")], "nope.yaml", "not found")
+
+
+def test_yaml_syntax_error_names_the_line(capsys, recipe_file):
+    path = recipe_file("algorithm: dpo\ntrain:\n  max_steps: [1, 2\n  seed: 3\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], f"{path}:", "YAML syntax error")
+    msg = expect_error(capsys, ["train", "--recipe", str(path)])
+    line = int(msg.split(f"{path}:")[1].split(":")[0])
+    assert line in (3, 4)
+
+
+def test_unknown_algorithm_lists_known_ones(capsys, recipe_file):
+    path = recipe_file("algorithm: dpp\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], f"{path}:1", "'dpp'", "did you mean 'dpo'", "sft", "reward")
+
+
+@pytest.mark.parametrize(
+    "text, key, suggestion",
+    [
+        (GOOD.replace("max_steps", "max_stesp"), "train.max_stesp", "max_steps"),
+        (GOOD.replace("name_or_path", "name_or_pth"), "model.name_or_pth", "name_or_path"),
+        (GOOD + "algo:\n  bta: 0.1\n", "algo.bta", "beta"),
+        (GOOD.replace("dataset:", "datset:"), "datset", "dataset"),
+        (GOOD + "  learnin_rate: 0.1\n", "train.learnin_rate", "learning_rate"),
+        (GOOD + "  per_device_train_batchsize: 4\n", "per_device_train_batchsize", "per_device_train_batch_size"),
+    ],
+)
+def test_unknown_key_is_named_with_a_suggestion(capsys, recipe_file, text, key, suggestion):
+    path = recipe_file(text)
+    expect_error(capsys, ["train", "--recipe", str(path)], "unknown key", key, f"did you mean '{suggestion}'")
+
+
+def test_wrong_type_names_file_line_and_key(capsys, recipe_file):
+    path = recipe_file(GOOD + "  learning_rate: fast\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], f"{path}:9", "train.learning_rate", "'fast'")
+
+
+def test_negative_max_steps(capsys, recipe_file):
+    path = recipe_file(GOOD.replace("max_steps: 1", "max_steps: -5"))
+    expect_error(capsys, ["train", "--recipe", str(path)], f"{path}:8", "train.max_steps", "greater than 0", "-5")
+
+
+def test_out_of_range_algo_value_and_bad_loss_type(capsys, recipe_file):
+    path = recipe_file(GOOD + "algo:\n  beta: -1\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "algo.beta", "greater than 0")
+    path = recipe_file(GOOD + "algo:\n  loss_type: [sigmoid, sft]\n  loss_weights: [1.0]\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "loss_weights has 1 entries for 2 loss types")
+    path = recipe_file(GOOD + "algo:\n  loss_type: bogus\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "'bogus'", "ipo", "hinge")
+
+
+def test_override_without_equals_and_override_type(capsys):
+    expect_error(capsys, ["train", "--recipe", "dpo", "train.max_steps"], "train.max_steps", "KEY=VALUE")
+    expect_error(capsys, ["train", "--recipe", "dpo", "train.max_steps=-1"], "train.max_steps", "greater than 0")
+    expect_error(capsys, ["train", "--recipe", "dpo", "model.bogus=1"], "unknown key 'model.bogus'")
+
+
+def test_dataset_file_missing(capsys, recipe_file, tmp_path):
+    path = recipe_file(GOOD.replace("path: toy", f"path: {tmp_path}/pairs.jsonl") + f"output_dir: {tmp_path}/out\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "dataset.path", "pairs.jsonl", "not found")
+
+
+def test_missing_column_is_named_and_found_columns_listed(capsys, recipe_file, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a", "chosen": "b", "answer": "c"}) + "\n" for _ in range(3)))
+    path = recipe_file(GOOD.replace("path: toy", f"path: {data}") + f"output_dir: {tmp_path}/out\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "chosen+rejected", "found: prompt, chosen, answer")
+
+
+def test_malformed_jsonl_line_gives_file_and_line(capsys, recipe_file, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
+    data.write_text(f"{good}\n{good}\n{{\"prompt\": \"a\", \"chosen\": \n{good}\n")
+    path = recipe_file(GOOD.replace("path: toy", f"path: {data}") + f"output_dir: {tmp_path}/out\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], f"{data}:3", "malformed JSON")
+
+
+def test_empty_dataset(capsys, recipe_file, tmp_path):
+    data = tmp_path / "pairs.csv"
+    data.write_text("prompt,chosen,rejected\n")
+    path = recipe_file(GOOD.replace("path: toy", f"path: {data}") + f"output_dir: {tmp_path}/out\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "pairs.csv", "empty")
+
+
+def test_model_path_that_does_not_exist(capsys, recipe_file, tmp_path):
+    path = recipe_file(GOOD.replace("name_or_path: tiny", f"name_or_path: {tmp_path}/no-model") + f"output_dir: {tmp_path}/o\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "model.name_or_path", "no-model", "does not exist")
+
+
+def test_model_folder_without_config(capsys, recipe_file, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    path = recipe_file(GOOD.replace("name_or_path: tiny", f"name_or_path: {tmp_path}/empty-model") + f"output_dir: {tmp_path}/o\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "model.name_or_path", "config.json")
+
+
+def test_output_dir_that_cannot_be_written(capsys, recipe_file, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = recipe_file(GOOD + f"output_dir: {blocker}/run\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], "output_dir", "cannot write")
+
+
+def test_debug_flag_shows_the_traceback(recipe_file):
+    from aligntool.errors import UserError
+
+    path = recipe_file("algorithm: nope\n")
+    with pytest.raises(UserError):
+        main(["train", "--recipe", str(path), "--debug"])
+
+
+def test_eval_of_missing_model(capsys, tmp_path):
+    expect_error(capsys, ["eval", "--model", str(tmp_path / "gone")], "--model", "does not exist")

@@ -1,0 +1,95 @@
+"""Recipes: built-ins load, overrides are typed like YAML, train.* and algo.* reach the TRL config."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from aligntool import registry
+from aligntool.recipe.loader import load_recipe, parse_override
+from conftest import REPO, user_error
+
+
+@pytest.mark.parametrize("name", list(registry.ALGORITHMS))
+def test_every_registered_algorithm_has_a_loadable_recipe(name):
+    spec = registry.ALGORITHMS[name]
+    loaded = load_recipe(REPO / spec.recipe)
+    assert loaded.spec.name == name
+    assert loaded.recipe.model.name_or_path == "tiny" and loaded.recipe.dataset.path == "toy"
+    assert loaded.recipe.model.trust_remote_code is False
+    # the trainer module follows the registry contract
+    module = spec.load()
+    assert hasattr(module, "AlgoConfig") and callable(module.build)
+
+
+def test_overrides_are_typed_like_yaml():
+    assert parse_override("train.learning_rate=1e-4") == (["train", "learning_rate"], 1e-4)
+    assert parse_override("algo.loss_type=[sigmoid, sft]") == (["algo", "loss_type"], ["sigmoid", "sft"])
+    assert parse_override("model.trust_remote_code=true") == (["model", "trust_remote_code"], True)
+    assert parse_override("output_dir=runs/x") == (["output_dir"], "runs/x")
+    assert parse_override("description=a: b: c") == (["description"], "a: b: c")  # not YAML on its own: kept as text
+
+
+def test_builtin_name_and_overrides_resolve(tmp_path):
+    loaded = load_recipe("dpo", ["train.max_steps=7", "algo.beta=0.3", f"output_dir={tmp_path}/o",
+                                 "algo.loss_type=[sigmoid, sft]", "algo.loss_weights=[1.0, 0.5]"])
+    resolved = loaded.resolved()
+    assert resolved["train"]["max_steps"] == 7
+    assert resolved["algo"]["beta"] == 0.3 and resolved["algo"]["loss_weights"] == [1.0, 0.5]
+    assert resolved["algo"]["f_divergence_type"] == "reverse_kl"  # defaults filled in
+    assert resolved["dataset"]["toy"]["bt_temperature"] == 0.5
+    yaml.safe_load(yaml.safe_dump(resolved))  # writable as the run's recipe.yaml
+
+
+def test_algo_and_train_reach_the_trl_config(tmp_path):
+    from aligntool.train import Run
+
+    loaded = load_recipe("dpo", [f"output_dir={tmp_path}", "algo.loss_type=ipo", "algo.beta=0.25",
+                                 "algo.f_divergence_type=alpha_divergence", "algo.f_alpha_divergence_coef=0.3",
+                                 "train.optim=adamw_torch", "train.lr_scheduler_type=cosine", "train.report_to=none"])
+    config = Run(loaded, tmp_path).trl_config()
+    assert type(config).__name__ == "DPOConfig"
+    assert config.loss_type == ["ipo"] or config.loss_type == "ipo"
+    assert config.beta == 0.25 and config.f_alpha_divergence_coef == 0.3
+    assert str(config.f_divergence_type).endswith("alpha_divergence")
+    assert config.lr_scheduler_type == "cosine" and config.optim == "adamw_torch"
+    assert config.output_dir == str(tmp_path / "checkpoints")
+    assert config.report_to == ["tensorboard"]
+    assert config.bf16 is False  # no bf16 on a CPU machine: fp32 rather than a crash
+
+
+def test_every_trl_dpo_loss_type_is_accepted():
+    from aligntool.trainers.dpo import LOSS_TYPES
+
+    for loss in LOSS_TYPES:
+        assert load_recipe("dpo", [f"algo.loss_type={loss}"]).algo.loss_type == loss
+
+
+def test_f_divergence_with_an_incompatible_loss_is_refused():
+    msg = user_error(load_recipe, "dpo", ["algo.loss_type=apo_zero", "algo.f_divergence_type=js_divergence"])
+    assert "f_divergence_type" in msg and "apo_zero" in msg
+
+
+def test_unknown_trl_field_names_the_config_class():
+    msg = user_error(load_recipe, "sft", ["train.gradient_acumulation_steps=2"])
+    assert "gradient_accumulation_steps" in msg and "SFTConfig" in msg
+
+
+def test_console_script_help_version_and_error_exit_code(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "aligntool.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "aligntool.cli", "--version"], capture_output=True, text=True)
+    assert out.stdout.startswith("aligntool ")
+    out = subprocess.run([sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(tmp_path / "x.yaml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_recipes_command_lists_every_algorithm(capsys):
+    from aligntool.cli import main
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for spec in registry.ALGORITHMS.values():
+        assert spec.name in out and spec.recipe in out
