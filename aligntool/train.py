@@ -185,7 +185,7 @@ def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")  # read by the callback when the trainer is built
 
     trainer = spec.load().build(run)
     for cb in _callbacks(out, resume):

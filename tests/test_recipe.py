@@ -93,3 +93,15 @@ def test_recipes_command_lists_every_algorithm(capsys):
     out = capsys.readouterr().out
     for spec in registry.ALGORITHMS.values():
         assert spec.name in out and spec.recipe in out
+
+
+def test_yaml_scalars_follow_yaml_1_2():
+    from aligntool.recipe.loader import safe_load
+
+    assert safe_load("a: no\nb: on\nc: true\nd: 1e-4\ne: 2.5E+3") == {"a": "no", "b": "on", "c": True, "d": 1e-4, "e": 2500.0}
+    assert load_recipe("sft", ["train.eval_strategy=no"]).recipe.train.eval_strategy == "no"
+
+
+def test_an_overridden_key_is_blamed_on_the_override():
+    msg = user_error(load_recipe, "dpo", ["train.max_steps=-2"])
+    assert msg.startswith("override 'train.max_steps=-2'"), msg

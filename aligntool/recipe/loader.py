@@ -21,9 +21,17 @@ from aligntool.recipe.suggest import did_you_mean
 
 
 class SafeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; everyone writes ``1e-4``)."""
+    """yaml.SafeLoader with YAML 1.2 scalars: ``1e-4`` is a float, and only true/false are booleans, so
+    ``eval_strategy: no`` stays the string "no" (YAML 1.1 would make it False)."""
 
 
+SafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 SafeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -89,15 +97,15 @@ def apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
     node[parts[-1]] = value
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """1-based line of every mapping key in the YAML text, by its path."""
-    lines: dict[tuple[str, ...], int] = {}
+def _key_lines(text: str, source: str) -> dict[tuple[str, ...], str]:
+    """'file:line' of every mapping key in the YAML text, by its path."""
+    lines: dict[tuple[str, ...], str] = {}
 
     def walk(node, prefix):
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 path = (*prefix, str(key.value))
-                lines[path] = key.start_mark.line + 1
+                lines[path] = f"{source}:{key.start_mark.line + 1}"
                 walk(value, path)
 
     try:
@@ -121,7 +129,7 @@ def _explain(err: ValidationError, root: type[BaseModel], prefix: tuple, source:
     e = err.errors()[0]
     loc = tuple(str(p) for p in e["loc"])
     key = ".".join((*prefix, *loc))
-    at = f"{source}:{lines[(*prefix, *loc)]}" if (*prefix, *loc) in lines else source
+    at = lines.get((*prefix, *loc), source)
     if e["type"] == "extra_forbidden":
         parent = _model_at(root, loc[:-1])
         hint = did_you_mean(loc[-1], parent.model_fields) if parent else ""
@@ -140,7 +148,7 @@ def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source
     fields = {f.name for f in dataclasses.fields(spec.trl_config_class())}
     for name in extras:
         if name not in fields:
-            at = f"{source}:{lines[('train', name)]}" if ("train", name) in lines else source
+            at = lines.get(("train", name), source)
             hint = did_you_mean(name, fields | set(TrainConfig.model_fields))
             raise UserError(f"{at}: unknown key 'train.{name}'{hint}; train.* takes fields of {spec.trl_config.split(':')[1]}")
 
@@ -164,7 +172,10 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     for text_override in overrides:
         apply_override(data, *parse_override(text_override), text_override)
 
-    lines = _key_lines(text)
+    lines = _key_lines(text, source)
+    for text_override in overrides:  # an overridden key is reported as the override, not the file line it replaced
+        parts = tuple(parse_override(text_override)[0])
+        lines[parts] = f"override {text_override!r}"
     if "algorithm" not in data:
         raise UserError(f"{source}: missing required key 'algorithm'; known: {', '.join(registry.ALGORITHMS)}")
     name = data["algorithm"]
@@ -173,7 +184,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     try:
         spec = registry.get(name)
     except UserError as exc:
-        at = f"{source}:{lines[('algorithm',)]}" if ("algorithm",) in lines else source
+        at = lines.get(("algorithm",), source)
         raise UserError(f"{at}: algorithm: {exc}") from None
     try:
         parsed = Recipe.model_validate(data)

@@ -1,0 +1,116 @@
+"""End to end on the real TRL stack with the built-in tiny model: outputs, resume, file data, 2 processes, eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from aligntool.cli import main
+from aligntool.recipe.loader import load_recipe
+from aligntool.train import latest_checkpoint, train
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+FAST = ["train.max_steps=4", "train.per_device_train_batch_size=4", "train.logging_steps=1", "train.save_steps=2",
+        "train.max_length=48", "dataset.toy.size=32", "dataset.toy.eval_size=0", "train.eval_strategy=no"]
+
+
+def run(recipe, tmp_path, *overrides):
+    return train(load_recipe(recipe, [*FAST, f"output_dir={tmp_path}", *overrides]))
+
+
+def check_outputs(out, steps):
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == list(range(1, steps + 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == steps and summary["wall_time_s"] > 0 and summary["peak_memory_mb"] > 0
+    assert summary["train_samples_per_second"] > 0
+    assert latest_checkpoint(out / "checkpoints").name == f"checkpoint-{steps}"
+    return logs, summary
+
+
+def test_sft_writes_a_loadable_model(tmp_path, tiny_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run("sft", tmp_path)
+    check_outputs(tmp_path, 4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok("Review of the old hotel in paris:", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
+def test_reward_model_trains_and_evaluates(tmp_path, tiny_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    run("reward", tmp_path)
+    check_outputs(tmp_path, 4)
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path).config.num_labels == 1
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path), "--num-prompts", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kind"] == "reward_model" and 0 <= result["pairwise_accuracy"] <= 1
+
+
+def test_dpo_moves_the_policy_and_resume_continues(tmp_path, tiny_path):
+    from safetensors.torch import load_file
+
+    run("dpo", tmp_path, "train.max_steps=2")
+    first = load_file(tmp_path / "model.safetensors")
+    base = load_file(tiny_path / "model.safetensors")
+    assert any(not first[k].equal(base[k]) for k in base)
+    # a checkpoint without the COMPLETE marker (a run killed mid-save) is never resumed from
+    (tmp_path / "checkpoints" / "checkpoint-3").mkdir()
+    summary = run("dpo", tmp_path, "train.max_steps=4")  # not resumed: starts over
+    assert summary["resumed_from"] is None
+    summary = train(load_recipe("dpo", [*FAST, f"output_dir={tmp_path}", "train.max_steps=6"]), resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["global_step"] == 6
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r][-2:] == [5, 6]
+
+
+def test_dpo_from_a_conversational_jsonl_file_with_an_explicit_reference(tmp_path, tiny_path):
+    from aligntool.toy import world
+
+    data = tmp_path / "pairs.jsonl"
+    with data.open("w") as fh:
+        for r in world.preference_pairs(24, seed=5):
+            fh.write(json.dumps({
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }) + "\n")
+    out = tmp_path / "out"
+    # a local folder through the same code path as a hub id (model.name_or_path: org/name)
+    summary = train(load_recipe("dpo", [*FAST, f"output_dir={out}", f"dataset.path={data}",
+                                        f"model.name_or_path={tiny_path}", f"ref_model.name_or_path={tiny_path}",
+                                        "algo.loss_type=[sigmoid, sft]", "algo.loss_weights=[1.0, 0.5]"]))
+    assert summary["global_step"] == 4
+    assert "loss" in summary["last_log"]
+
+
+def test_dpo_with_two_processes(tmp_path, tiny_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "dpo.yaml"), "--nproc", "2",
+           *FAST, f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 4
+    # each of the 2 ranks takes its own 4 rows per step: 4 steps x 8 rows = one epoch of the 32 rows
+    assert summary["final_metrics"]["epoch"] == pytest.approx(1.0)
+
+
+def test_eval_against_a_reference_reports_every_key(tmp_path, tiny_path, capsys):
+    assert main(["eval", "--model", "tiny", "--reference", str(tiny_path), "--num-prompts", "8", "--json",
+                 "--max-new-tokens", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("gold_reward", "gold_reward_stderr", "reference_gold_reward", "kl_to_reference", "win_rate"):
+        assert isinstance(result[key], float), key
+    assert result["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # same model: log-ratio is exactly 0
+    assert 0 <= result["win_rate"] <= 1
