@@ -1,0 +1,171 @@
+"""Pure loss and estimator functions of the preference-optimization family that TRL does not implement.
+
+Inputs are sequence log-probs summed over completion tokens (prompt and padding masked out):
+``lp`` under the policy, ``lp_ref`` under the reference, and log-ratios ``lr = lp - lp_ref``. Every function
+returns per-example values (no reduction) unless its name says otherwise; trainers take the mean.
+Formulas and defaults: ``shared/reference/ALGORITHMS.md`` (section numbers below).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------- f-DPO (§6)
+def f_alpha_to_trl_coef(alpha: float) -> float:
+    """The paper's alpha-divergence alpha -> TRL 1.x's ``f_alpha_divergence_coef``.
+
+    f-DPO (Wang et al. 2023, arXiv 2309.16240) writes f'(u) = (1 - u^(-alpha)) / alpha, alpha in (0, 1)
+    (alpha -> 0: reverse KL, alpha = 1: forward KL). TRL 1.x computes f'(u) = (u^(a-1) - 1) / (a - 1), which is the
+    paper's form with a = 1 - alpha. (TRL <= 0.26 used a = alpha; the two agree only at 0.5.)
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return 1.0 - alpha
+
+
+# ------------------------------------------------------------------------------------------------------ RSO (§5)
+def rso_rejection_sample(rewards: Sequence[float], beta: float, num_samples: int, rng: random.Random) -> list[int]:
+    """Statistical rejection sampling, Algorithm 1 of RSO (Liu et al. 2023, arXiv 2309.06657).
+
+    Draws ``num_samples`` candidates (indices into ``rewards``) approximately from the optimal policy
+    pi*(y|x) ∝ pi_sft(y|x) exp(r(x, y) / beta), given candidates sampled from pi_sft:
+
+        while fewer than num_samples accepted:
+            r_max = max reward over the candidates still remaining
+            for each remaining candidate c (in order): u ~ U[0, 1]; accept c if u < exp((r_c - r_max) / beta),
+                                                       stop as soon as num_samples are accepted
+            remove the accepted candidates
+
+    beta -> 0 keeps the top-``num_samples`` rewards; beta -> inf accepts candidates in order (uniform).
+    Returns the accepted indices in acceptance order.
+    """
+    if num_samples > len(rewards):
+        raise ValueError(f"num_samples={num_samples} exceeds the {len(rewards)} candidates")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    remaining = list(range(len(rewards)))
+    accepted: list[int] = []
+    while len(accepted) < num_samples:
+        r_max = max(rewards[i] for i in remaining)
+        taken = []
+        for i in remaining:
+            u = rng.random()
+            if u >= math.exp((rewards[i] - r_max) / beta):
+                continue
+            taken.append(i)
+            accepted.append(i)
+            if len(accepted) == num_samples:
+                break
+        remaining = [i for i in remaining if i not in taken]
+    return accepted
+
+
+def rso_first_round_pairs(indices: Sequence[int], rewards: Sequence[float], rng: random.Random) -> list[tuple[int, int]]:
+    """First-round-rank (RSO §3.3): shuffle the n responses into n/2 disjoint pairs, each labelled by the reward.
+    Returns (chosen, rejected) index pairs; a tie is broken at random."""
+    order = list(indices)
+    rng.shuffle(order)
+    pairs = []
+    for a, b in zip(order[0::2], order[1::2]):
+        if rewards[a] < rewards[b] or (rewards[a] == rewards[b] and rng.random() < 0.5):
+            a, b = b, a
+        pairs.append((a, b))
+    return pairs
+
+
+def rso_tournament_pairs(indices: Sequence[int], rewards: Sequence[float], rng: random.Random) -> list[tuple[int, int]]:
+    """Tournament-rank (RSO §3.3): knock-out rounds until one winner; every game is a labelled pair, n - 1 in all."""
+    players = list(indices)
+    rng.shuffle(players)
+    pairs = []
+    while len(players) > 1:
+        winners = []
+        for a, b in zip(players[0::2], players[1::2]):
+            if rewards[a] < rewards[b] or (rewards[a] == rewards[b] and rng.random() < 0.5):
+                a, b = b, a
+            pairs.append((a, b))
+            winners.append(a)
+        if len(players) % 2:
+            winners.append(players[-1])  # odd one out gets a bye
+        players = winners
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------- SPPO (§12)
+def sppo_win_rates(scores: torch.Tensor) -> torch.Tensor:
+    """P_i = (1/K) sum_j sigmoid(s_i - s_j) over the K responses of one prompt, the self-pair (1/2) included
+    (SPPO, Wu et al. 2024, arXiv 2405.00675; official ``scripts/compute_prob.py``). ``scores``: (..., K)."""
+    return torch.sigmoid(scores.unsqueeze(-1) - scores.unsqueeze(-2)).mean(-1)
+
+
+def sppo_loss(lr_w: torch.Tensor, lr_l: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
+    """Soft SPPO: L = (lr_w - (P_w - 1/2)/beta)^2 + (lr_l - (P_l - 1/2)/beta)^2, with beta = 1/eta
+    (SPPO eq. 4.8, official ``sppo/trainer.py``; neither the paper's code nor TRL halves the sum)."""
+    return (lr_w - (p_w - 0.5) / beta) ** 2 + (lr_l - (p_l - 0.5) / beta) ** 2
+
+
+# ------------------------------------------------------------------------------------------------------ CPL (§14)
+def cpl_loss(lp_pos: torch.Tensor, lp_neg: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
+    """CPL (Hejna et al. 2023, arXiv 2310.13639): L = -log exp(A+) / (exp(A+) + exp(lam A-)) = softplus(-(A+ - lam A-)),
+    with A = alpha * sum_t log pi(a_t | s_t) over the response and lam in (0, 1] the conservative bias.
+    No reference model appears anywhere."""
+    return F.softplus(-(alpha * lp_pos - lam * alpha * lp_neg))
+
+
+# ----------------------------------------------------------------------------------------------------- SRPO (§10)
+def srpo_loss(h_w: torch.Tensor, h_l: torch.Tensor, h_w_given_l: torch.Tensor, h_l_given_l: torch.Tensor,
+              h_w_given_w: torch.Tensor, h_l_given_w: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """SRPO (Choi et al. 2024, arXiv 2406.01660), with h(a|b) = log pi(a|x,b) - log pi_ref(a|x,b) (revision of b into a)
+    and h(a) = log pi(a|x) - log pi_ref(a|x):
+
+        L_self = (1/2 - beta [h(yw|yl) - h(yl|yl)])^2 + (1/2 - beta [h(yw|yw) - h(yl|yw)])^2
+        L_gen  = (beta [h(yw|yl) + h(yw) - h(yl|yw) - h(yl)] - 1)^2
+        L      = (1 - alpha) L_gen + alpha L_self
+
+    The targets 1/2 and 1 come from P(y ≻ y) = 1/2 and P(yw ≻ yl) = 1 in the paper's closed-form optimum; the
+    (1 - alpha, alpha) weighting follows the public reimplementation (TRL PR #1772), which the paper does not pin down.
+    """
+    given_rejected = (0.5 - beta * (h_w_given_l - h_l_given_l)) ** 2
+    given_chosen = (0.5 - beta * (h_w_given_w - h_l_given_w)) ** 2
+    l_gen = (beta * (h_w_given_l + h_w - h_l_given_w - h_l) - 1.0) ** 2
+    return (1 - alpha) * l_gen + alpha * (given_rejected + given_chosen)
+
+
+# ----------------------------------------------------------------------------------------------------- HyPO (§8)
+def rloo_kl_loss(logp: torch.Tensor, logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HyPO's KL(pi || pi_ref) term (Song et al. 2024, arXiv 2406.01462) from k >= 2 fresh samples per prompt.
+
+    ``logp``: (P, k) sequence log-probs of the samples under the current policy (with grad);
+    ``logratio``: (P, k) their log pi - log pi_ref (treated as constants).
+    The reward of a sample is -logratio; its RLOO advantage is A_i = r_i - mean_{j != i} r_j. The returned loss has
+    the value of the plain Monte-Carlo estimate KL ≈ mean(logratio) and the gradient of the RLOO score-function
+    estimator  -mean(A_i * grad log pi(y_i)), an unbiased, lower-variance estimate of grad KL(pi || pi_ref).
+    Returns (loss, kl_estimate).
+    """
+    k = logp.shape[-1]
+    if k < 2:
+        raise ValueError("the RLOO estimator needs k >= 2 samples per prompt")
+    reward = -logratio.detach()
+    advantage = reward - (reward.sum(-1, keepdim=True) - reward) / (k - 1)
+    surrogate = -(advantage * logp).mean()
+    kl = logratio.detach().mean()
+    return kl + surrogate - surrogate.detach(), kl
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """A_i = r_i - mean_{j != i} r_j along the last axis (leave-one-out baseline)."""
+    k = rewards.shape[-1]
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+# ------------------------------------------------------------------------------------------------------ SPO (§7)
+def spo_ssl_loss(logits: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:
+    """SPO's self-supervised term (Li et al. 2024, arXiv 2409.17791): cross-entropy of the predicted preference degree
+    (how much key content was removed, as a class index) against the true one. Per-example values."""
+    return F.cross_entropy(logits, degree, reduction="none")

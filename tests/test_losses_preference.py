@@ -1,0 +1,146 @@
+"""Independent test vectors (plain math, by hand, ALGORITHMS.md) for the preference losses TRL lacks."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from aligntool.losses import preference as L
+
+sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731
+
+
+class Draws:
+    """A stand-in for random.Random that returns fixed uniform draws (the ALGORITHMS.md §5 example)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_f_alpha_maps_the_papers_alpha_onto_trls_coefficient():
+    # ALGORITHMS.md §6: alpha_paper = 0.3 on the shared pairs gives delta [1.0037542, 0.7335657], mean loss 0.6506799
+    a = L.f_alpha_to_trl_coef(0.3)
+    assert a == pytest.approx(0.7)
+    trl_score = lambda lr: (math.exp((a - 1) * lr) - 1) / (a - 1)  # noqa: E731 - TRL 1.x's alpha_divergence form
+    paper_fprime = lambda lr: (1 - math.exp(-0.3 * lr)) / 0.3  # noqa: E731 - f'(u) = (1 - u^-alpha)/alpha
+    pairs = [(0.5, -0.5), (0.2, -0.5)]
+    deltas = [trl_score(c) - trl_score(r) for c, r in pairs]
+    assert deltas == pytest.approx([paper_fprime(c) - paper_fprime(r) for c, r in pairs])
+    assert deltas == pytest.approx([1.0037542, 0.7335657], abs=1e-7)
+    assert sum(softplus(-0.1 * d) for d in deltas) / 2 == pytest.approx(0.6506799, abs=1e-7)
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError):
+            L.f_alpha_to_trl_coef(bad)
+
+
+def test_rso_sampler_worked_example():
+    # pass 1 thresholds [1, e^-1, e^-2, e^-4] with u [0.9, 0.5, 0.1, 0.5]: c1, c3; pass 2 r_max 0.5, u 0.7: c2
+    assert L.rso_rejection_sample([1.0, 0.5, 0.0, -1.0], 0.5, 3, Draws([0.9, 0.5, 0.1, 0.5, 0.7])) == [0, 2, 1]
+
+
+def test_rso_acceptance_frequencies_follow_exp_r_minus_rmax_over_beta():
+    rewards, beta = [-0.5, 0.0, -1.0, -2.0], 0.8
+    p = [math.exp((r - max(rewards)) / beta) for r in rewards]
+    # with one sample, candidate i is returned iff it is the first accepted in pass 1 (the max always accepts)
+    expected = [p[i] * math.prod(1 - p[j] for j in range(i)) for i in range(len(p))]
+    rng, n = random.Random(1234), 40000
+    counts = [0] * len(rewards)
+    for _ in range(n):
+        counts[L.rso_rejection_sample(rewards, beta, 1, rng)[0]] += 1
+    for c, e in zip(counts, expected):
+        assert abs(c / n - e) < 4 * math.sqrt(e * (1 - e) / n) + 1e-9, (counts, expected)
+
+
+def test_rso_beta_limits():
+    rewards = [0.3, 2.0, -1.0, 1.5, 0.0, 1.9]
+    rng = random.Random(0)
+    for _ in range(20):  # beta -> 0: the top-k
+        assert sorted(L.rso_rejection_sample(rewards, 1e-6, 3, rng)) == [1, 3, 5]
+    assert L.rso_rejection_sample(rewards, 1e9, 4, rng) == [0, 1, 2, 3]  # beta -> inf: everything, in order
+    with pytest.raises(ValueError):
+        L.rso_rejection_sample(rewards, 0.5, 7, rng)
+
+
+def test_rso_pair_construction():
+    rewards = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4]
+    rng = random.Random(3)
+    first = L.rso_first_round_pairs(range(8), rewards, rng)
+    assert len(first) == 4 and sorted(i for p in first for i in p) == list(range(8))
+    assert all(rewards[c] > rewards[r] for c, r in first)
+    tour = L.rso_tournament_pairs(range(8), rewards, rng)
+    assert len(tour) == 7 and all(rewards[c] > rewards[r] for c, r in tour)
+    assert 1 not in [r for _, r in tour]  # the best response never loses
+    assert len(L.rso_tournament_pairs(range(5), rewards, rng)) == 4  # byes: still n - 1 games
+
+
+def test_sppo_win_rates_include_the_self_pair():
+    p = L.sppo_win_rates(torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64))
+    p_w = (0.5 + sig(1) + sig(2)) / 3
+    assert p[0].tolist() == pytest.approx([p_w, 0.5, 1 - p_w])
+    assert p_w == pytest.approx(0.7039519, abs=1e-7)
+
+
+def test_sppo_loss_vector_batch_and_extremes():
+    p_w, p_l = 0.7039519, 0.2960481
+    got = L.sppo_loss(torch.tensor([0.5, 0.0]), torch.tensor([-0.5, 0.0]), torch.tensor([p_w, 0.5]),
+                      torch.tensor([p_l, 0.5]), beta=0.1)
+    assert got.tolist() == pytest.approx([4.7402366, 0.0], abs=1e-5)
+    # by hand: (0.5 - 2.039519)^2 = 2.3701183 for each half
+    assert (0.5 - (p_w - 0.5) / 0.1) ** 2 == pytest.approx(2.3701183, abs=1e-6)
+    big = L.sppo_loss(torch.tensor([1e4]), torch.tensor([-1e4]), torch.tensor([1.0]), torch.tensor([0.0]), 0.001)
+    assert torch.isfinite(big).all()
+
+
+def test_cpl_loss_vectors():
+    lp_pos, lp_neg = torch.tensor([-3.0, -3.0]), torch.tensor([-5.0, -5.0])
+    assert L.cpl_loss(lp_pos, lp_neg, 0.1, 0.5).tolist() == pytest.approx([0.7184596] * 2, abs=1e-6)
+    assert L.cpl_loss(lp_pos, lp_neg, 0.1, 1.0)[0].item() == pytest.approx(0.5981389, abs=1e-6)
+    assert softplus(0.05) == pytest.approx(0.7184596, abs=1e-7)
+    extreme = L.cpl_loss(torch.tensor([-1e5, 0.0]), torch.tensor([0.0, -1e5]), 1.0, 0.5)
+    assert torch.isfinite(extreme).all() and extreme[0].item() == pytest.approx(1e5) and extreme[1].item() < 1e-6
+
+
+def test_srpo_loss_vector():
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    # h(yw)=0.5 h(yl)=-0.5 h(yw|yl)=1.0 h(yl|yl)=-0.2 h(yw|yw)=0.3 h(yl|yw)=-0.6, beta 0.1, alpha 0.8
+    got = L.srpo_loss(t(0.5, 0.0), t(-0.5, 0.0), t(1.0, 0.0), t(-0.2, 0.0), t(0.3, 0.0), t(-0.6, 0.0), 0.1, 0.8)
+    by_hand = 0.2 * (0.1 * (1.0 + 0.5 + 0.6 + 0.5) - 1) ** 2 + 0.8 * ((0.5 - 0.12) ** 2 + (0.5 - 0.09) ** 2)
+    assert got[0].item() == pytest.approx(0.35952, abs=1e-9) and by_hand == pytest.approx(0.35952)
+    assert got[1].item() == pytest.approx(0.2 * 1 + 0.8 * 0.5)  # all-zero log-ratios: L_gen 1, L_self 0.25 + 0.25
+
+
+def test_hypo_rloo_kl_value_advantages_and_gradient():
+    logp = torch.tensor([[-4.0, -6.0]], requires_grad=True)
+    logratio = torch.tensor([[0.8, 0.2]])
+    loss, kl = L.rloo_kl_loss(logp, logratio)
+    assert kl.item() == pytest.approx(0.5) and loss.item() == pytest.approx(0.5)
+    assert 0.6515781 + 0.01 * loss.item() == pytest.approx(0.6565781, abs=1e-7)  # ALGORITHMS.md §8
+    assert L.rloo_advantages(-logratio).tolist() == [pytest.approx([-0.6, 0.6])]
+    loss.backward()
+    # d/d logp_i of -(1/(P k)) sum A_i logp_i = -A_i / 2
+    assert logp.grad.tolist() == [pytest.approx([0.3, -0.3])]
+    with pytest.raises(ValueError):
+        L.rloo_kl_loss(torch.zeros(2, 1), torch.zeros(2, 1))
+
+
+def test_hypo_rloo_gradient_is_unbiased_for_kl():
+    """For a categorical policy the RLOO gradient's expectation equals the exact grad of KL(pi || pi_ref)."""
+    torch.manual_seed(0)
+    theta = torch.tensor([0.5, -0.3, 0.1], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.0, 0.4, -0.2]), 0)
+    exact = torch.autograd.grad((torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref)).sum(), theta)[0]
+    logp_all = torch.log_softmax(theta, 0)
+    y = torch.multinomial(torch.softmax(theta.detach(), 0), 200000 * 4, replacement=True).view(-1, 4)
+    loss, _ = L.rloo_kl_loss(logp_all[y], (logp_all[y] - ref[y]).detach())
+    est = torch.autograd.grad(loss, theta)[0]
+    assert est.tolist() == pytest.approx(exact.tolist(), abs=3e-3)
+
+
+def test_spo_ssl_cross_entropy_by_hand():
+    got = L.spo_ssl_loss(torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0, 2]))
+    assert got.tolist() == pytest.approx([math.log(1 + 2 * math.exp(-2)), math.log(3)])
