@@ -8,7 +8,7 @@ Trainer modules import TRL inside ``build`` only, so this table and ``aligntool 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +24,7 @@ class AlgorithmSpec:
     trl_config: str  # "module:Class" whose fields `train.*` may set
     data: str  # data kind, see aligntool.data.formats.DATA_KINDS
     recipe: str  # default recipe, relative to the repository root
+    algo_defaults: dict = field(default_factory=dict)  # presets of a named variant (ipo = dpo with loss_type ipo)
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -43,6 +44,23 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("dpo", "Direct Preference Optimization and every TRL DPO loss: IPO, hinge/SLiC, robust, RPO mixes, "
                       "f-DPO divergences, ... (TRL DPOTrainer).", "offline-preference",
                       "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/dpo.yaml"),
+        # Named DPO variants: TRL's DPOTrainer with the paper's loss preset (aligntool/trainers/dpo.py).
+        AlgorithmSpec("ipo", "IPO: squared loss toward a 1/(2 tau) margin (Azar et al. 2023).", "offline-preference",
+                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/ipo.yaml", {"loss_type": "ipo"}),
+        AlgorithmSpec("slic", "SLiC-HF hinge loss max(0, 1 - beta * margin) (Zhao et al. 2023).", "offline-preference",
+                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/slic.yaml", {"loss_type": "hinge"}),
+        AlgorithmSpec("robust_dpo", "Robust DPO for noisy labels with flip rate epsilon (Chowdhury et al. 2024).",
+                      "offline-preference", "aligntool.trainers.dpo", "trl:DPOConfig", "preference",
+                      "recipes/robust_dpo.yaml", {"loss_type": "robust", "label_smoothing": 0.1}),
+        AlgorithmSpec("sppo_hard", "SPPO with hard labels P_w=1, P_l=0 (TRL's sppo_hard; Wu et al. 2024).",
+                      "offline-preference", "aligntool.trainers.dpo", "trl:DPOConfig", "preference",
+                      "recipes/sppo_hard.yaml", {"loss_type": "sppo_hard"}),
+        AlgorithmSpec("fdpo", "f-DPO: DPO with forward-KL, JS or alpha-divergence regularisation (Wang et al. 2023).",
+                      "offline-preference", "aligntool.trainers.dpo", "trl:DPOConfig", "preference",
+                      "recipes/fdpo.yaml", {"f_divergence_type": "js_divergence"}),
+        AlgorithmSpec("rpo", "RPO: DPO + weighted NLL on the chosen response (Liu et al. 2024).", "offline-preference",
+                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/rpo.yaml",
+                      {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}),
     ]
 }
 

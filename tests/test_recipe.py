@@ -46,12 +46,12 @@ def test_algo_and_train_reach_the_trl_config(tmp_path):
     from aligntool.train import Run
 
     loaded = load_recipe("dpo", [f"output_dir={tmp_path}", "algo.loss_type=ipo", "algo.beta=0.25",
-                                 "algo.f_divergence_type=alpha_divergence", "algo.f_alpha_divergence_coef=0.3",
+                                 "algo.f_divergence_type=alpha_divergence", "algo.f_alpha=0.3",
                                  "train.optim=adamw_torch", "train.lr_scheduler_type=cosine", "train.report_to=none"])
     config = Run(loaded, tmp_path).trl_config()
     assert type(config).__name__ == "DPOConfig"
     assert config.loss_type == ["ipo"] or config.loss_type == "ipo"
-    assert config.beta == 0.25 and config.f_alpha_divergence_coef == 0.3
+    assert config.beta == 0.25 and config.f_alpha_divergence_coef == pytest.approx(0.7)  # paper alpha 0.3
     assert str(config.f_divergence_type).endswith("alpha_divergence")
     assert config.lr_scheduler_type == "cosine" and config.optim == "adamw_torch"
     assert config.output_dir == str(tmp_path / "checkpoints")

@@ -192,7 +192,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
         raise _explain(exc, Recipe, (), source, lines) from None
     algo_cls = spec.load().AlgoConfig
     try:
-        algo = algo_cls.model_validate(parsed.algo)
+        algo = algo_cls.model_validate({**spec.algo_defaults, **parsed.algo})
     except ValidationError as exc:
         raise _explain(exc, algo_cls, ("algo",), source, lines) from None
     _check_train_extras(parsed.train, spec, source, lines)

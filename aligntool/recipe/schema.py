@@ -18,6 +18,10 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    def trl_kwargs(self) -> dict:
+        """The keyword arguments this section contributes to the TRL config (override to rename or convert)."""
+        return self.model_dump(exclude_none=True)
+
 
 class ModelConfig(Strict):
     name_or_path: str = Field("tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name.")
@@ -103,4 +107,4 @@ class Recipe(Strict):
 
     def trl_kwargs(self, algo_config: BaseModel) -> dict:
         """The keyword arguments for the algorithm's TRL config: set ``train.*`` keys plus every ``algo.*`` key."""
-        return {**self.train.model_dump(exclude_none=True), **algo_config.model_dump(exclude_none=True)}
+        return {**self.train.model_dump(exclude_none=True), **algo_config.trl_kwargs()}

@@ -6,6 +6,16 @@
 ``loss_weights`` mixes them, e.g. RPO = ``[sigmoid, sft]`` with weights ``[1, alpha]`` (Liu et al. 2024).
 ``f_divergence_type`` swaps the reverse-KL regulariser for another f-divergence (f-DPO, Wang et al. 2023).
 The math is TRL's; this module only exposes and checks its knobs.
+
+Named variants (registry names with a preset ``algo``): ``ipo``, ``slic`` (hinge), ``robust_dpo`` (robust, with
+label flip rate ``label_smoothing``), ``sppo_hard``, ``fdpo`` (``f_divergence_type``), ``rpo`` ([sigmoid, sft]).
+
+Two conventions, stated because papers and reimplementations differ:
+- f-DPO alpha: ``f_alpha`` is the *paper's* alpha, f'(u) = (1 - u^-alpha)/alpha (alpha -> 0: reverse KL, 1: forward
+  KL). TRL 1.x's ``f_alpha_divergence_coef`` is 1 - alpha (TRL <= 0.26 used alpha itself); we convert.
+- RPO: TRL's ``sft`` term is the token-mean NLL of the chosen responses, weighted by its ``loss_weights`` entry
+  (= the paper's eta). The paper's Algorithm 2 scales a sequence-level NLL by eta*beta; to match it, set the weight to
+  eta*beta times the mean chosen length. We keep TRL's form: it is what TRL users' RPO numbers mean.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from aligntool.losses.preference import f_alpha_to_trl_coef
 from aligntool.recipe.schema import Strict
 
 LOSS_TYPES = (
@@ -21,6 +32,7 @@ LOSS_TYPES = (
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 # TRL accepts a non-default f-divergence only with losses built on the chosen-rejected reward difference.
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
@@ -29,11 +41,15 @@ class AlgoConfig(Strict):
     loss_type: str | list[str] = Field("sigmoid", description=f"One of {', '.join(LOSS_TYPES)}, or a list of them.")
     loss_weights: list[float] | None = Field(None, description="Weights of a loss_type list (default: all 1).")
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
-    f_alpha_divergence_coef: float = Field(0.5, gt=0, lt=1, description="alpha of the alpha-divergence (f-DPO).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Flip probability for robust DPO; epsilon for EXO.")
+    f_alpha: float | None = Field(
+        None, gt=0, lt=1, description="The f-DPO paper's alpha of the alpha-divergence (default 0.5); TRL's coef = 1 - alpha."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Label flip rate epsilon: robust DPO, EXO and AOT losses only."
+    )
     use_weighting: bool = Field(False, description="WPO weighting of pairs by their length-normalised probability.")
     ld_alpha: float | None = Field(None, ge=0, le=1, description="LD-DPO weight of the verbose part of responses.")
-    discopop_tau: float = Field(0.05, gt=0)
+    discopop_tau: float | None = Field(None, gt=0, description="DiscoPOP temperature (loss_type discopop only).")
     precompute_ref_log_probs: bool = Field(False, description="Score the data with the reference once, before training.")
 
     @model_validator(mode="after")
@@ -48,7 +64,19 @@ class AlgoConfig(Strict):
             bad = [t for t in types if t not in F_DIVERGENCE_LOSSES]
             if bad:
                 raise ValueError(f"f_divergence_type {self.f_divergence_type!r} does not apply to loss_type {bad}")
+        if self.f_alpha is not None and self.f_divergence_type != "alpha_divergence":
+            raise ValueError("f_alpha applies only with f_divergence_type: alpha_divergence")
+        if self.label_smoothing > 0 and not set(types) & set(SMOOTHED_LOSSES):
+            raise ValueError(f"label_smoothing applies only to loss_type {', '.join(SMOOTHED_LOSSES)}")
+        if self.discopop_tau is not None and "discopop" not in types:
+            raise ValueError("discopop_tau applies only to loss_type discopop")
         return self
+
+    def trl_kwargs(self) -> dict:
+        kwargs = self.model_dump(exclude_none=True, exclude={"f_alpha"})
+        if self.f_divergence_type == "alpha_divergence":
+            kwargs["f_alpha_divergence_coef"] = f_alpha_to_trl_coef(0.5 if self.f_alpha is None else self.f_alpha)
+        return kwargs
 
 
 def build(run):
