@@ -25,6 +25,7 @@ class AlgorithmSpec:
     data: str  # data kind, see aligntool.data.formats.DATA_KINDS
     recipe: str  # default recipe, relative to the repository root
     algo_defaults: dict = field(default_factory=dict)  # presets of a named variant (ipo = dpo with loss_type ipo)
+    samples: bool = False  # samples its own completions, scored by the recipe's `reward` section
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)

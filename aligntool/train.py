@@ -17,7 +17,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -69,21 +69,17 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _callbacks(out: Path, resume: bool):
+def _callbacks(metrics_file: Path, stage: str | None):
     from transformers import TrainerCallback
 
     class MetricsJsonl(TrainerCallback):
-        """Appends every logged dict, with its step and epoch, to metrics.jsonl."""
-
-        def __init__(self):
-            self.path = out / "metrics.jsonl"
-            if not resume and is_main_process():
-                self.path.write_text("")
+        """Appends every logged dict, with its step, epoch (and pipeline stage), to the run's metrics.jsonl."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                with self.path.open("a") as fh:
-                    fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+                row = {"step": state.global_step, "epoch": state.epoch, **({"stage": stage} if stage else {}), **logs}
+                with metrics_file.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
 
     class MarkComplete(TrainerCallback):
         """Trainer writes trainer_state.json last; on_save runs after it, so the marker means 'fully written'."""
@@ -119,7 +115,7 @@ class Run:
     eval_dataset: object = None
     tokenizer: object = None
     model_path: str = ""
-    extra_config: dict = field(default_factory=dict)
+    resume: bool = False
 
     @property
     def recipe(self):
@@ -133,7 +129,9 @@ class Run:
         """The algorithm's TRL config from ``train.*`` + ``algo.*``; checkpoints go to output_dir/checkpoints."""
         cls = self.loaded.spec.trl_config_class()
         kwargs = self.recipe.trl_kwargs(self.algo)
-        kwargs.update(output_dir=str(self.output_dir / "checkpoints"), **overrides)
+        kwargs["output_dir"] = str(self.output_dir / "checkpoints")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.output_dir / "tensorboard")  # read when the trainer is built
+        kwargs.update(overrides)
         report_to = kwargs.get("report_to") or []
         report_to = [report_to] if isinstance(report_to, str) else list(report_to)
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
@@ -154,6 +152,44 @@ class Run:
         return models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
                                  pad_token_id=self.tokenizer.pad_token_id)
 
+    def stage(self, name: str, **changes) -> "Run":
+        """The same run, writing into ``output_dir/name`` (a pipeline stage or iteration)."""
+        sub = replace(self, output_dir=self.output_dir / name, **changes)
+        if is_main_process():
+            sub.output_dir.mkdir(parents=True, exist_ok=True)
+        return sub
+
+    def fit(self, trainer) -> dict:
+        """Train ``trainer`` to the end (resuming from this folder's latest complete checkpoint with --resume), save
+        the model and tokenizer into ``output_dir`` and return the run summary."""
+        out = self.output_dir
+        checkpoint = latest_checkpoint(out / "checkpoints") if self.resume else None
+        if checkpoint:
+            log(f"Resuming from {checkpoint}")
+        root = self.loaded.recipe.output_dir
+        stage = str(out.relative_to(Path(root).expanduser())) if out != Path(root).expanduser() else None
+        for cb in _callbacks(Path(root).expanduser() / "metrics.jsonl", stage):
+            trainer.add_callback(cb)
+        log(f"Training {self.loaded.spec.name} on {len(trainer.train_dataset)} rows -> {out}")
+        start = time.time()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        wall = time.time() - start
+        metrics = dict(result.metrics)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        trainer.save_model(str(out))
+        return {
+            "algorithm": self.loaded.spec.name,
+            "global_step": trainer.state.global_step,
+            "train_time_s": round(wall, 2),
+            "train_samples_per_second": metrics.get("train_samples_per_second"),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "world_size": trainer.args.world_size,
+            "resumed_from": str(checkpoint) if checkpoint else None,
+            "final_metrics": metrics,
+            "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}),
+        }
+
     def reference(self):
         """The explicit reference model, or None (TRL then makes a frozen copy of the policy)."""
         ref = self.recipe.ref_model
@@ -170,46 +206,28 @@ def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
     out = Path(recipe.output_dir).expanduser()
     if is_main_process():
         prepare_output_dir(out)
-    checkpoint = None
-    if resume:
-        checkpoint = latest_checkpoint(out / "checkpoints")
-        if checkpoint is None:
-            raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-        log(f"Resuming from {checkpoint}")
-    elif is_main_process() and latest_checkpoint(out / "checkpoints"):
+    module = spec.load()
+    pipeline = getattr(module, "pipeline", None)
+    if resume and pipeline is None and latest_checkpoint(out / "checkpoints") is None:
+        raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+    if not resume and is_main_process() and latest_checkpoint(out / "checkpoints"):
         log(f"note: {out} already holds checkpoints; starting over (pass --resume to continue instead)")
     if is_main_process():
         write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
+        if not resume:
+            (out / "metrics.jsonl").write_text("")
 
-    run = Run(loaded, out)
+    run = Run(loaded, out, resume=resume)
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")  # read by the callback when the trainer is built
-
-    trainer = spec.load().build(run)
-    for cb in _callbacks(out, resume):
-        trainer.add_callback(cb)
-    log(f"Training {spec.name} on {len(run.train_dataset)} rows -> {out}")
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    wall = time.time() - start
-    metrics = dict(result.metrics)
-    if run.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(str(out))
-    summary = {
-        "algorithm": spec.name,
-        "global_step": trainer.state.global_step,
-        "wall_time_s": round(wall, 2),
-        "train_samples_per_second": metrics.get("train_samples_per_second"),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "world_size": trainer.args.world_size,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "final_metrics": metrics,
-        "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}),
-    }
-    if trainer.is_world_process_zero():
+    if pipeline is not None:  # multi-stage methods (sample -> score -> select -> train, iterations) drive run.fit
+        summary = pipeline(run)
+    else:
+        summary = run.fit(module.build(run))
+    summary["wall_time_s"] = round(time.time() - start, 2)
+    if is_main_process():
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        log(f"Done in {wall:.1f}s; model, metrics.jsonl and summary.json are in {out}")
+        log(f"Done in {summary['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
     return summary

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from aligntool.errors import UserError
+from aligntool.sampling import sample, sequence_logprobs
 
 
 def _mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -33,57 +34,6 @@ def is_reward_model(path: str) -> bool:
         return False
     archs = json.loads(config.read_text()).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
-
-
-def _left_padded(tokenizer, prompts: list[str]):
-    tokenizer.padding_side = "left"
-    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, seed: int):
-    """Completions (strings) and their token ids, one per prompt."""
-    import torch
-
-    texts, ids = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = _left_padded(tokenizer, prompts[start : start + batch_size])
-        torch.manual_seed(seed + start)
-        kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
-        for row in out[:, batch["input_ids"].shape[1] :].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id) + 1]  # keep EOS: its probability is part of the KL
-            while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
-                row.pop()
-            ids.append(row)
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts, ids
-
-
-def sequence_logprobs(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int) -> list[float]:
-    """sum_t log p(y_t | x, y_<t) of each completion's tokens under ``model``."""
-    import torch
-
-    out: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
-            rows.append((tokenizer(p, add_special_tokens=False)["input_ids"], c))
-        width = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, c) in enumerate(rows):
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, : len(p) + len(c)] = 1
-            target[i, len(p) : len(p) + len(c)] = True
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        out.extend((logp * target[:, 1:]).sum(-1).tolist())
-    return out
 
 
 def _load_lm(path_or_name: str, key: str):

@@ -196,6 +196,9 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     except ValidationError as exc:
         raise _explain(exc, algo_cls, ("algo",), source, lines) from None
     _check_train_extras(parsed.train, spec, source, lines)
+    if parsed.reward is not None and not spec.samples:
+        at = lines.get(("reward",), source)
+        raise UserError(f"{at}: reward: does not apply to algorithm {spec.name!r}, which trains on given data only")
     if parsed.output_dir is None:
         parsed.output_dir = f"runs/{spec.name}"
     return LoadedRecipe(parsed, algo, spec, source)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (
+    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -95,12 +97,28 @@ class TrainConfig(BaseModel):
     report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
 
 
+class RewardConfig(Strict):
+    """What scores sampled completions, for methods that sample their own data (see aligntool/rewards.py)."""
+
+    source: str = Field("gold", description="'gold' (toy gold reward), a reward-model folder, or 'module:function'.")
+    ensemble: list[str] | None = Field(None, min_length=2, description="Reward-model folders to combine.")
+    aggregate: Literal["mean"] = Field("mean", description="How an ensemble's scores are combined.")
+    batch_size: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.ensemble and self.source != "gold":
+            raise ValueError("set either source or ensemble, not both")
+        return self
+
+
 class Recipe(Strict):
     algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     ref_model: RefModelConfig | None = None
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    reward: RewardConfig | None = Field(None, description="Reward source of methods that sample (default: gold).")
     output_dir: str | None = Field(None, description="Where everything the run makes goes; default runs/<algorithm>.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")

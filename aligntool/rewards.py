@@ -1,0 +1,87 @@
+"""Reward sources: what scores a (prompt, completion) when a method samples its own data (RSO, SPPO, eval).
+
+A recipe names one in its ``reward`` section:
+
+    reward:
+      source: gold            # the toy world's gold reward (default)
+      source: runs/reward     # a reward-model folder (a one-output sequence classifier, e.g. from `algorithm: reward`)
+      source: mypkg.mod:fn    # a Python function fn(prompts: list[str], completions: list[str]) -> list[float]
+      ensemble: [runs/rm0, runs/rm1]   # several reward models, combined by `aggregate` (mean)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from aligntool.errors import UserError
+from aligntool.recipe.schema import RewardConfig
+
+Scorer = Callable[[list[str], list[str]], list[float]]
+
+
+def gold(prompts: list[str], completions: list[str]) -> list[float]:
+    from aligntool.toy import world
+
+    return [world.gold_reward(c) for c in completions]
+
+
+def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.source") -> Scorer:
+    import torch
+
+    from aligntool import models
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{key}: {path}: not a reward-model folder (no config.json)")
+    tokenizer = models.load_tokenizer(path, key=key)
+    tokenizer.padding_side = "right"
+    model = models.load_model(path, head="reward", pad_token_id=tokenizer.pad_token_id, key=key).eval()
+
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out.extend(model(**batch).logits[:, 0].float().tolist())
+        return out
+
+    return score
+
+
+def function_scorer(spec: str, key: str = "reward.source") -> Scorer:
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"{key}: cannot import {spec!r} ({exc})") from None
+    if not callable(fn):
+        raise UserError(f"{key}: {spec!r} is not callable")
+    return fn
+
+
+def load(config: RewardConfig) -> Scorer:
+    """The scorer a recipe's ``reward`` section names; each call checks it returns one finite float per completion."""
+    if config.ensemble:
+        members = [reward_model_scorer(p, config.batch_size, key="reward.ensemble") for p in config.ensemble]
+
+        def inner(prompts, completions):
+            scores = [m(prompts, completions) for m in members]
+            return [sum(col) / len(col) for col in zip(*scores)]
+    elif config.source == "gold":
+        inner = gold
+    elif ":" in config.source and not Path(config.source).exists():
+        inner = function_scorer(config.source)
+    else:
+        inner = reward_model_scorer(config.source, config.batch_size)
+
+    def checked(prompts: list[str], completions: list[str]) -> list[float]:
+        import math
+
+        scores = list(inner(prompts, completions))
+        if len(scores) != len(completions) or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
+            raise UserError(f"reward: the source returned {len(scores)} values for {len(completions)} completions, "
+                            "expected one finite number each")
+        return [float(s) for s in scores]
+
+    return checked
