@@ -62,6 +62,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("rpo", "RPO: DPO + weighted NLL on the chosen response (Liu et al. 2024).", "offline-preference",
                       "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/rpo.yaml",
                       {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}),
+        AlgorithmSpec("cpl", "CPL: contrastive loss on alpha * sum log pi with a conservative bias; no reference model "
+                      "(Hejna et al. 2023).", "offline-preference", "aligntool.trainers.cpl", "trl:DPOConfig",
+                      "preference", "recipes/cpl.yaml"),
     ]
 }
 
