@@ -65,6 +65,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("cpl", "CPL: contrastive loss on alpha * sum log pi with a conservative bias; no reference model "
                       "(Hejna et al. 2023).", "offline-preference", "aligntool.trainers.cpl", "trl:DPOConfig",
                       "preference", "recipes/cpl.yaml"),
+        AlgorithmSpec("rso", "RSO: sample from the SFT policy, statistical rejection sampling toward the optimal policy, "
+                      "pairs, then sigmoid-/hinge-norm (Liu et al. 2023).", "pipeline", "aligntool.trainers.rso",
+                      "trl:DPOConfig", "prompt", "recipes/rso.yaml", samples=True),
     ]
 }
 

@@ -7,6 +7,7 @@ data kind          accepted columns (standard = plain strings, conversational = 
 =================  ==============================================================================================
 language_modeling  ``text`` | ``messages`` | ``prompt`` + ``completion``
 preference         ``chosen`` + ``rejected``, with an explicit ``prompt`` or with the prompt implicit in both
+prompt             ``prompt`` (other columns are ignored), for methods that sample their own completions
 =================  ==============================================================================================
 """
 
@@ -20,6 +21,7 @@ from aligntool.errors import UserError
 DATA_KINDS: dict[str, list[tuple[str, ...]]] = {
     "language_modeling": [("text",), ("messages",), ("prompt", "completion")],
     "preference": [("chosen", "rejected")],
+    "prompt": [("prompt",)],  # methods that sample their own completions (RSO, SPPO)
 }
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -31,6 +33,8 @@ def toy_rows(kind: str, size: int, seed: int, split: str, bt_temperature: float)
         return world.sft_rows(size, seed=seed, split=split)
     if kind == "preference":
         return world.preference_pairs(size, seed=seed, split=split, bt_temperature=bt_temperature)
+    if kind == "prompt":
+        return [{"prompt": p} for p in world.prompts(split, size, seed=seed)]
     raise ValueError(f"no toy data for data kind {kind!r}")
 
 
