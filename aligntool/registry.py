@@ -68,6 +68,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("rso", "RSO: sample from the SFT policy, statistical rejection sampling toward the optimal policy, "
                       "pairs, then sigmoid-/hinge-norm (Liu et al. 2023).", "pipeline", "aligntool.trainers.rso",
                       "trl:DPOConfig", "prompt", "recipes/rso.yaml", samples=True),
+        AlgorithmSpec("sppo", "SPPO, soft and iterative: K samples per prompt, win rates vs the current policy, "
+                      "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024).",
+                      "pipeline", "aligntool.trainers.sppo", "trl:DPOConfig", "prompt", "recipes/sppo.yaml",
+                      samples=True),
     ]
 }
 

@@ -1,0 +1,124 @@
+"""SPPO: Self-Play Preference Optimization (Wu et al. 2024, arXiv 2405.00675), soft and iterative, as the official code.
+
+For each iteration t = 1..T (the prompts are split into T disjoint parts, as the official pipeline uses a fresh
+prompt set per iteration):
+    1. sample K completions per prompt from the current policy pi_t                    -> iter-t/samples.jsonl
+    2. score them (recipe ``reward`` section) and turn scores into win rates against pi_t,
+           P_i = (1/K) sum_j sigmoid(s_i - s_j)          (the self-pair j = i contributes 1/2)
+       chosen = argmax s, rejected = argmin s; prompts whose K scores are all equal are skipped (no signal)
+    3. train pi_{t+1} from pi_t with pi_t as the reference (refreshed every iteration):
+           L = (lr(y_w) - (P_w - 1/2)/beta)^2 + (lr(y_l) - (P_l - 1/2)/beta)^2,   beta = 1/eta
+                                                                                       -> iter-t/ (model, metrics)
+The last iterate is also saved in output_dir. ``--resume`` skips finished iterations. The official default beta is
+0.001 with PairRM scores; the toy recipe uses a larger beta (smaller log-ratio targets) for a 1 M-parameter model.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from aligntool.recipe.schema import Strict
+
+
+class AlgoConfig(Strict):
+    iterations: int = Field(3, ge=1, description="Self-play iterations T (official: 3).")
+    num_samples: int = Field(5, ge=2, description="K completions per prompt (official: 5); K >= 2.")
+    beta: float = Field(0.1, gt=0, description="beta = 1/eta: the log-ratio targets are (P - 1/2)/beta.")
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(48, gt=0)
+    seed: int = 0
+
+    def trl_kwargs(self) -> dict:
+        return {"beta": self.beta}
+
+
+def win_rate_rows(prompt: str, completions: list[str], scores: list[float]) -> list[dict]:
+    """The SPPO training row of one prompt: chosen/rejected with their win rates, or [] if all scores tie."""
+    import torch
+
+    from aligntool.losses.preference import sppo_win_rates
+
+    if max(scores) == min(scores):
+        return []
+    p = sppo_win_rates(torch.tensor(scores, dtype=torch.float64)).tolist()
+    w, l = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+    return [{"prompt": prompt, "chosen": completions[w], "rejected": completions[l], "p_chosen": p[w],
+             "p_rejected": p[l], "score_chosen": scores[w], "score_rejected": scores[l]}]
+
+
+def pipeline(run) -> dict:
+    import datasets
+
+    from aligntool import models, rewards
+    from aligntool.errors import UserError
+    from aligntool.losses.preference import sppo_loss
+    from aligntool.recipe.schema import RewardConfig
+    from aligntool.sampling import sample
+    from aligntool.train import is_main_process, log
+    from aligntool.trainers.pairwise import PairLossTrainer
+    from aligntool.trainers.stages import cached_stage
+
+    cfg: AlgoConfig = run.algo
+    prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
+    if len(prompts) < cfg.iterations:
+        raise UserError(f"algo.iterations: {cfg.iterations} iterations need at least as many prompts, got {len(prompts)}")
+    reward_cfg = run.recipe.reward or RewardConfig()
+    scorer = None
+
+    class SPPOTrainer(PairLossTrainer):
+        extra_columns = ("p_chosen", "p_rejected")
+
+        def pair_loss(self, b):
+            lr_w = b["chosen_logps"] - b["ref_chosen_logps"]
+            lr_l = b["rejected_logps"] - b["ref_rejected_logps"]
+            loss = sppo_loss(lr_w, lr_l, b["p_chosen"], b["p_rejected"], cfg.beta)
+            return loss, {"rewards/chosen": cfg.beta * lr_w, "rewards/rejected": cfg.beta * lr_l,
+                          "rewards/accuracies": (lr_w > lr_l).float(), "rewards/margins": cfg.beta * (lr_w - lr_l),
+                          "sppo/p_chosen": b["p_chosen"], "sppo/p_rejected": b["p_rejected"]}
+
+    policy_path, summaries = run.model_path, []
+    for t in range(1, cfg.iterations + 1):
+        stage = run.stage(f"iter-{t}", model_path=policy_path)
+        if (stage.output_dir / "iteration.done").is_file():
+            log(f"sppo: iteration {t} already finished; reusing {stage.output_dir}")
+            policy_path = str(stage.output_dir)
+            continue
+        part = prompts[t - 1 :: cfg.iterations]
+        settings = {"policy": policy_path, "prompts": part, **cfg.model_dump(exclude={"iterations"}),
+                    "reward": reward_cfg.model_dump()}
+
+        def do_sample():
+            nonlocal scorer
+            policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
+            repeated = [p for p in part for _ in range(cfg.num_samples)]
+            texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
+                              seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
+            scorer = scorer or rewards.load(reward_cfg)
+            scores = scorer(repeated, texts)
+            k, rows = cfg.num_samples, []
+            for i, p in enumerate(part):
+                rows.extend(win_rate_rows(p, texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k]))
+            return rows
+
+        rows = cached_stage(stage.output_dir, "samples", settings, do_sample, log=log)
+        if not rows:
+            raise UserError(f"sppo: iteration {t}: every prompt's {cfg.num_samples} samples tied under the reward source")
+        log(f"sppo: iteration {t}/{cfg.iterations}: {len(rows)} prompts with a preference signal")
+        stage.train_dataset = datasets.Dataset.from_list(rows)
+        # the reference is this iteration's starting policy: TRL loads it from the policy's folder
+        trainer = SPPOTrainer(model=stage.policy(), args=stage.trl_config(), train_dataset=stage.train_dataset,
+                              processing_class=run.tokenizer)
+        summary = stage.fit(trainer)
+        summary["iteration"], summary["pairs"] = t, len(rows)
+        summaries.append(summary)
+        if is_main_process():
+            (stage.output_dir / "iteration.done").write_text("")
+        policy_path = str(stage.output_dir)
+
+    final = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
+    if is_main_process():
+        final.save_pretrained(run.output_dir, safe_serialization=True)
+        run.tokenizer.save_pretrained(run.output_dir)
+    return {"algorithm": "sppo", "iterations": cfg.iterations, "final_policy": policy_path, "per_iteration": summaries,
+            "global_step": sum(s["global_step"] for s in summaries)}
