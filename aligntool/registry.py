@@ -72,6 +72,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024).",
                       "pipeline", "aligntool.trainers.sppo", "trl:DPOConfig", "prompt", "recipes/sppo.yaml",
                       samples=True),
+        AlgorithmSpec("hypo", "HyPO: offline DPO + lambda * KL(pi || pi_ref) on fresh on-policy samples, RLOO "
+                      "estimator (Song et al. 2024).", "hybrid-preference", "aligntool.trainers.hypo", "trl:DPOConfig",
+                      "preference", "recipes/hypo.yaml"),
     ]
 }
 

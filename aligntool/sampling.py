@@ -9,11 +9,11 @@ def _left_padded(tokenizer, prompts: list[str]):
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def trim(row: list[int], tokenizer) -> list[int]:
+def trim(row: list[int], eos_id: int, pad_id: int) -> list[int]:
     """Cut a generated row after its first EOS (kept: its probability is part of the sequence) and drop padding."""
-    if tokenizer.eos_token_id in row:
-        return row[: row.index(tokenizer.eos_token_id) + 1]
-    while row and row[-1] == tokenizer.pad_token_id:
+    if eos_id in row:
+        return row[: row.index(eos_id) + 1]
+    while row and row[-1] == pad_id:
         row = row[:-1]
     return row
 
@@ -34,22 +34,40 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, **kwargs)
         for row in out[:, batch["input_ids"].shape[1] :].tolist():
-            row = trim(row, tokenizer)
+            row = trim(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
             ids.append(row)
             texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return texts, ids
 
 
-def sequence_logprobs(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int = 64,
+def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+                      temperature: float = 1.0) -> list[list[int]]:
+    """Sample one completion (token ids, trimmed after EOS) per tokenised prompt, in one left-padded batch."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), width), pad_id, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    return [trim(row, eos_id, pad_id) or [eos_id] for row in out[:, width:].tolist()]
+
+
+def sequence_logprobs(model, tokenizer, prompts: list, completions: list[list[int]], batch_size: int = 64,
                       grad: bool = False):
     """sum_t log p(y_t | x, y_<t) over each completion's tokens under ``model``: a list of floats, or with
-    ``grad=True`` one tensor that carries the graph (for on-policy estimators)."""
+    ``grad=True`` one tensor that carries the graph (for on-policy estimators). Prompts are strings or token ids."""
     import torch
 
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], c)
+        rows = [(p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"], c)
                 for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size])]
         width = max(len(p) + len(c) for p, c in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
