@@ -86,6 +86,7 @@ def evaluate(
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
+    revise: int = typer.Option(0, "--revise", min=0, help="Self-revision steps (SRPO) applied before scoring."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
@@ -96,7 +97,7 @@ def evaluate(
     from aligntool.eval import toy as toy_eval
 
     result = toy_eval.evaluate(model, reference=reference, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
-                               temperature=temperature, batch_size=batch_size, seed=seed)
+                               temperature=temperature, batch_size=batch_size, seed=seed, revise=revise)
     if as_json:
         print(json.dumps(result))
         return

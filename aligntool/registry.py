@@ -75,6 +75,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("hypo", "HyPO: offline DPO + lambda * KL(pi || pi_ref) on fresh on-policy samples, RLOO "
                       "estimator (Song et al. 2024).", "hybrid-preference", "aligntool.trainers.hypo", "trl:DPOConfig",
                       "preference", "recipes/hypo.yaml"),
+        AlgorithmSpec("srpo", "SRPO: one model as generator and self-reviser, (1-alpha) L_gen + alpha L_self "
+                      "(Choi et al. 2024).", "offline-preference", "aligntool.trainers.srpo", "trl:DPOConfig",
+                      "preference", "recipes/srpo.yaml"),
     ]
 }
 

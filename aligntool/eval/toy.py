@@ -72,8 +72,26 @@ def evaluate_reward_model(path: str, num_pairs: int, batch_size: int, seed: int)
             "pairwise_accuracy_stderr": err, "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
 
 
+def revision_template_of(path: str) -> str:
+    """The revision template a model was trained with (its run's recipe.yaml), else SRPO's default."""
+    import yaml
+
+    from aligntool.trainers.srpo import DEFAULT_TEMPLATE
+
+    recipe = Path(path) / "recipe.yaml"
+    if recipe.is_file():
+        data = yaml.safe_load(recipe.read_text()) or {}
+        template = (data.get("algo") or {}).get("revision_template")
+        if isinstance(template, str):
+            return template
+    return DEFAULT_TEMPLATE
+
+
 def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, max_new_tokens: int = 48,
-             temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> dict:
+             temperature: float = 1.0, batch_size: int = 64, seed: int = 0, revise: int = 0) -> dict:
+    """See the module docstring. ``revise`` > 0 applies that many self-revision steps (SRPO) to the model's samples
+    before scoring; the KL is then measured on the final revision given its revision prompt, and the reference's
+    samples are not revised (they are the baseline)."""
     from aligntool import models
     from aligntool.toy import world
 
@@ -86,9 +104,17 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
     prompts = world.prompts("eval", num_prompts, seed=seed)
     policy, tokenizer = _load_lm(model, "--model")
     texts, ids = sample(policy, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed)
+    context = prompts
+    if revise:
+        from aligntool.trainers.srpo import revision_prompt
+
+        template = revision_template_of(path)
+        for step in range(revise):
+            context = [revision_prompt(template, p, t) for p, t in zip(prompts, texts)]
+            texts, ids = sample(policy, tokenizer, context, max_new_tokens, temperature, batch_size, seed + 7 * (step + 1))
     rewards = [world.gold_reward(t) for t in texts]
     mean, err = _mean_stderr(rewards)
-    result = {"model": path, "kind": "causal_lm", "num_prompts": len(prompts), "gold_reward": mean,
+    result = {"model": path, "kind": "causal_lm", "num_prompts": len(prompts), "revision_steps": revise, "gold_reward": mean,
               "gold_reward_stderr": err, "mean_length_tokens": sum(map(len, ids)) / len(ids)}
     if reference:
         ref, ref_tok = _load_lm(reference, "--reference")
@@ -97,8 +123,8 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
         ref_texts, _ = sample(ref, ref_tok, prompts, max_new_tokens, temperature, batch_size, seed + 1)
         ref_rewards = [world.gold_reward(t) for t in ref_texts]
         ref_mean, ref_err = _mean_stderr(ref_rewards)
-        lp = sequence_logprobs(policy, tokenizer, prompts, ids, batch_size)
-        lp_ref = sequence_logprobs(ref, tokenizer, prompts, ids, batch_size)
+        lp = sequence_logprobs(policy, tokenizer, context, ids, batch_size)
+        lp_ref = sequence_logprobs(ref, tokenizer, context, ids, batch_size)
         kl, kl_err = _mean_stderr([a - b for a, b in zip(lp, lp_ref)])
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, ref_rewards)]
         result.update(reference=reference, reference_gold_reward=ref_mean, reference_gold_reward_stderr=ref_err,
