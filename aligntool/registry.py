@@ -78,6 +78,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("srpo", "SRPO: one model as generator and self-reviser, (1-alpha) L_gen + alpha L_self "
                       "(Choi et al. 2024).", "offline-preference", "aligntool.trainers.srpo", "trl:DPOConfig",
                       "preference", "recipes/srpo.yaml"),
+        AlgorithmSpec("spo", "SPO: a DPO-family loss + lambda * self-supervised prediction of how much key content a "
+                      "response lost (Li et al. 2024).", "offline-preference", "aligntool.trainers.spo",
+                      "trl:DPOConfig", "preference", "recipes/spo.yaml"),
     ]
 }
 

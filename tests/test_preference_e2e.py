@@ -19,7 +19,7 @@ def evals(out):
     return [r for r in rows if "eval_loss" in r]
 
 
-@pytest.mark.parametrize("name", ["ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl"])
+@pytest.mark.parametrize("name", ["ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl", "hypo", "srpo", "spo"])
 def test_dpo_variant_recipe_learns_the_preferences(name, tmp_path, tiny_path):
     summary = train(load_recipe(REPO / "recipes" / f"{name}.yaml", [*SHORT, f"output_dir={tmp_path}"]))
     before, after = evals(tmp_path)[0], summary["final_metrics"]
