@@ -148,3 +148,33 @@ def test_debug_flag_shows_the_traceback(recipe_file):
 
 def test_eval_of_missing_model(capsys, tmp_path):
     expect_error(capsys, ["eval", "--model", str(tmp_path / "gone")], "--model", "does not exist")
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, needles",
+    [
+        ("dpo", ["reward.source=gold"], ["reward", "does not apply", "'dpo'"]),
+        ("fdpo", ["algo.f_alpha=0.5"], ["f_alpha applies only with f_divergence_type: alpha_divergence"]),
+        ("fdpo", ["algo.f_divergence_type=alpha_divergence", "algo.f_alpha=1.5"], ["algo.f_alpha", "less than 1"]),
+        ("dpo", ["algo.label_smoothing=0.1"], ["label_smoothing applies only to loss_type"]),
+        ("dpo", ["algo.gamma=0.1"], ["unknown key 'algo.gamma'"]),
+        ("srpo", ["algo.alpha=1.5"], ["algo.alpha", "less than or equal to 1"]),
+        ("srpo", ["algo.revision_template=no placeholders"], ["algo.revision_template", "{prompt}"]),
+        ("sppo", ["algo.num_samples=1"], ["algo.num_samples", "greater than or equal to 2"]),
+        ("rso", ["algo.num_samples=32"], ["num_samples (32) must not exceed num_candidates (16)"]),
+        ("hypo", ["algo.kl_samples=1"], ["algo.kl_samples", "greater than or equal to 2"]),
+        ("cpl", ["algo.contrastive_bias=0"], ["algo.contrastive_bias", "greater than 0"]),
+        ("spo", ["algo.removal_ratios=[0.5, 0.2]"], ["algo.removal_ratios", "increasing"]),
+    ],
+)
+def test_options_that_do_not_fit_the_algorithm(capsys, recipe, overrides, needles):
+    expect_error(capsys, ["train", "--recipe", recipe, *overrides], *needles)
+
+
+def test_rso_needs_prompts_and_cpl_needs_pairs(capsys, recipe_file, tmp_path):
+    data = tmp_path / "text.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    expect_error(capsys, ["train", "--recipe", "rso", f"dataset.path={data}", f"output_dir={tmp_path}/o"],
+                 "prompt", "found: text")
+    expect_error(capsys, ["train", "--recipe", "cpl", f"dataset.path={data}", f"output_dir={tmp_path}/o"],
+                 "chosen+rejected", "found: text")

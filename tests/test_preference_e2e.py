@@ -26,3 +26,53 @@ def test_dpo_variant_recipe_learns_the_preferences(name, tmp_path, tiny_path):
     assert after["eval_loss"] < before["eval_loss"], (before, after)
     assert after["eval_rewards/accuracies"] > max(0.55, before["eval_rewards/accuracies"]), (before, after)
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"]
+
+
+def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
+    from aligntool.trainers.stages import read_jsonl
+
+    args = ["dataset.toy.size=12", "algo.num_candidates=6", "algo.num_samples=4", "algo.max_new_tokens=24",
+            "train.max_steps=6", "train.per_device_train_batch_size=4", "train.save_steps=6", "train.logging_steps=2",
+            f"output_dir={tmp_path}"]
+    summary = train(load_recipe(REPO / "recipes" / "rso.yaml", args))
+    for stage in ("candidates", "scored", "pairs"):
+        assert (tmp_path / f"{stage}.jsonl").is_file()
+    scored = read_jsonl(tmp_path / "scored.jsonl")
+    assert len(scored) == 12 and all(len(r["candidates"]) == 6 == len(r["rewards"]) for r in scored)
+    pairs = read_jsonl(tmp_path / "pairs.jsonl")
+    assert summary["pairs"] == len(pairs) and 0 < len(pairs) <= 12 * 2  # first-round: num_samples/2 pairs per prompt
+    assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    stamp = (tmp_path / "candidates.jsonl").stat().st_mtime_ns
+    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.pairing=tournament"]))  # only select + train redo
+    assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns == stamp
+    assert len(read_jsonl(tmp_path / "pairs.jsonl")) > len(pairs) / 2
+    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.start_from=sample"]))
+    assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns != stamp
+
+
+def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
+    args = ["dataset.toy.size=24", "algo.iterations=2", "algo.num_samples=3", "algo.max_new_tokens=24",
+            "train.per_device_train_batch_size=4", "train.num_train_epochs=1", "train.logging_steps=1",
+            f"output_dir={tmp_path}"]
+    summary = train(load_recipe(REPO / "recipes" / "sppo.yaml", args))
+    assert [s["iteration"] for s in summary["per_iteration"]] == [1, 2]
+    for t in (1, 2):
+        assert (tmp_path / f"iter-{t}" / "model.safetensors").is_file() and (tmp_path / f"iter-{t}" / "samples.jsonl").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "iter-2" / "samples.jsonl").read_text().splitlines()]
+    assert all(0.5 < r["p_chosen"] <= 1 and 0 <= r["p_rejected"] < 0.5 for r in rows)
+    # iteration 2 starts from (and is regularised toward) iteration 1's model
+    assert json.loads((tmp_path / "iter-2" / "stages.json").read_text())
+    assert (tmp_path / "model.safetensors").is_file()
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("stage") for r in logs} >= {"iter-1", "iter-2"}
+    first = [r for r in logs if r.get("stage") == "iter-2" and "loss" in r][0]
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=0.05)  # the policy equals its new reference at first
+    again = train(load_recipe(REPO / "recipes" / "sppo.yaml", args), resume=True)  # both iterations are done
+    assert again["per_iteration"] == []
+
+
+def test_eval_with_self_revision(tmp_path, tiny_path):
+    from aligntool.eval.toy import evaluate
+
+    result = evaluate("tiny", reference="tiny", num_prompts=6, max_new_tokens=12, revise=1)
+    assert result["revision_steps"] == 1 and result["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
