@@ -138,6 +138,11 @@ def tiny():
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a ``UserError`` becomes one line on stderr and exit code 2 (traceback only with --debug)."""
+    import warnings
+
+    # transformers 5 renamed gradient_checkpointing; TRL still uses the old names on every step
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     args = list(sys.argv[1:] if argv is None else argv)
     _DEBUG["on"] = "--debug" in args
     try:

@@ -178,6 +178,7 @@ class Run:
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
         trainer.save_model(str(out))
+        trainer.accelerator.wait_for_everyone()  # the next pipeline stage may load what the main process just wrote
         return {
             "algorithm": self.loaded.spec.name,
             "global_step": trainer.state.global_step,
