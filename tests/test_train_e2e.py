@@ -125,3 +125,18 @@ def test_quickstart_raises_gold_reward_by_three_standard_errors(tmp_path, tiny_p
     assert result["gold_reward"] - result["reference_gold_reward"] >= 3 * (
         result["gold_reward_stderr"] ** 2 + result["reference_gold_reward_stderr"] ** 2) ** 0.5, result
     assert 0 < result["kl_to_reference"] < 50 and result["win_rate"] > 0.6
+
+
+def test_reference_log_probs_are_computed_once_and_cached(tmp_path, tiny_path):
+    import datasets
+
+    run("dpo", tmp_path, "algo.precompute_ref_log_probs=true")
+    files = list((tmp_path / "ref_logps").glob("train-*.parquet"))
+    assert len(files) == 1
+    cached = datasets.Dataset.from_parquet(str(files[0]))
+    assert len(cached) == 32 and all(v < 0 for v in cached["ref_chosen_logps"])
+    stamp = files[0].stat().st_mtime_ns
+    run("dpo", tmp_path, "algo.precompute_ref_log_probs=true")  # same data and reference: reused
+    assert files[0].stat().st_mtime_ns == stamp
+    run("dpo", tmp_path, "algo.precompute_ref_log_probs=true", "dataset.toy.seed=7")  # other data: a new entry
+    assert len(list((tmp_path / "ref_logps").glob("train-*.parquet"))) == 2

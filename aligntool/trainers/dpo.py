@@ -82,7 +82,9 @@ class AlgoConfig(Strict):
 def build(run):
     from trl import DPOTrainer
 
-    return DPOTrainer(
+    from aligntool.trainers.refcache import with_ref_cache
+
+    return with_ref_cache(DPOTrainer)(
         model=run.policy(),
         ref_model=run.reference(),
         args=run.trl_config(),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from trl import DPOTrainer
 
+from aligntool.trainers.refcache import RefLogpsCache
+
 
 class ExtraColumnsCollator:
     """Wraps TRL's preference collator and adds float tensors for ``keys`` (TRL's collator drops unknown keys)."""
@@ -26,7 +28,7 @@ class ExtraColumnsCollator:
         return batch
 
 
-class PairLossTrainer(DPOTrainer):
+class PairLossTrainer(RefLogpsCache, DPOTrainer):
     extra_columns: tuple[str, ...] = ()
     uses_reference: bool = True
 

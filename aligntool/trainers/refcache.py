@@ -1,0 +1,37 @@
+"""Reference log-probs once: TRL's ``precompute_ref_log_probs`` scores the data with the reference in one pass before
+training; this mixin also keeps the result in ``<output_dir>/ref_logps/<split>-<fingerprint>.parquet`` so a rerun,
+a resume or another method on the same data and reference skips the pass. The fingerprint is TRL's own: the
+tokenised dataset's content hash and a hash of the reference weights, so a changed reference or dataset never
+reuses stale values."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class RefLogpsCache:
+    """Mixin for DPOTrainer subclasses; the cache folder is beside the run's checkpoints folder."""
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        from datasets import Dataset, concatenate_datasets
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash))
+        path = Path(self.args.output_dir).parent / "ref_logps" / f"{name}-{fingerprint}.parquet"
+        if path.is_file():
+            cached = Dataset.from_parquet(str(path))
+            if len(cached) == len(dataset):
+                return concatenate_datasets([dataset, cached], axis=1)
+        out = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            out.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_parquet(str(tmp))
+            os.replace(tmp, path)
+        return out
+
+
+
+def with_ref_cache(trainer_cls):
+    return type(trainer_cls.__name__, (RefLogpsCache, trainer_cls), {})
