@@ -1,0 +1,185 @@
+"""Pure functions of the online RL family: PPO (GAE, clipped losses, adaptive KL), P3O, ReMax, SALSA soups,
+reward-model ensembles (mean / WCO / UWO) and the unbiased best-of-n estimator.
+
+Token tensors are (batch, T) with a 0/1 ``mask`` over response tokens. Formulas and defaults:
+``shared/reference/ALGORITHMS.md`` §1-4.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO advantage whitening); ``shift_mean=False`` keeps the mean."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+# ------------------------------------------------------------------------------------------------------------- PPO
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t        (V after the last token = 0)
+        A_t     = delta_t + gamma * lam * A_{t+1},    returns_t = A_t + V_t
+
+    Masked positions get 0. Returns (advantages, returns)."""
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.shape[-1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(T)):
+        next_v = values[..., t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[..., t] + gamma * next_v - values[..., t]
+        last = (delta + gamma * lam * last) * mask[..., t]
+        adv[..., t] = last
+    return adv, (adv + values) * mask
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float):
+    """PPO-clip: L = -mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t), rho_t = exp(logp_t - old_logp_t).
+    Returns (loss, fraction of tokens where the clip was active)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv
+    loss = -masked_mean(torch.min(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped < unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float):
+    """Clipped value loss: 0.5 * mean_t max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    clipfrac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
+    return loss, clipfrac
+
+
+class AdaptiveKL:
+    """Adaptive KL coefficient (Ziegler et al. 2019): beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * n/horizon)."""
+
+    def __init__(self, init: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.value *= 1 + error * n_steps / self.horizon
+        return self.value
+
+
+def kl_penalised_rewards(score: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> torch.Tensor:
+    """Per-token rewards of RLHF-PPO: -kl_coef * (logp_t - logp_ref_t) on every token, + score on the last one."""
+    rewards = -kl_coef * (logp - logp_ref) * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+    return rewards + last * score.unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------------------- P3O
+def p3o_loss(logratio_1: torch.Tensor, logratio_2: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, clip: float,
+             variant: str = "separate") -> torch.Tensor:
+    """P3O (Wu et al. 2023, arXiv 2310.00212): pairwise PPO on two samples of one prompt, A = (r1 - r2)/2,
+    rho_i = pi(y_i|x)/pi_old(y_i|x) (whole-sequence ratios; ``logratio_i`` = log rho_i).
+
+    V1, ``separate``: J = min(rho1 A, clip(rho1) A) + min(rho2 (-A), clip(rho2) (-A))
+    V2, ``joint``:    J = min(R A, clip(R) A),  R = rho1 / rho2 — a reconstruction from the paper's description
+                      ("clip the ratio of ratios"); its exact equation was not available to us.
+    Both have the pairwise policy gradient (r1 - r2) grad(log pi(y1) - log pi(y2)) / 2 at theta = theta_old.
+    Returns per-pair losses -J."""
+    adv = (r1 - r2) / 2
+    if variant == "separate":
+        rho1, rho2 = torch.exp(logratio_1), torch.exp(logratio_2)
+        j1 = torch.min(rho1 * adv, torch.clamp(rho1, 1 - clip, 1 + clip) * adv)
+        j2 = torch.min(rho2 * -adv, torch.clamp(rho2, 1 - clip, 1 + clip) * -adv)
+        return -(j1 + j2)
+    if variant == "joint":
+        ratio = torch.exp(logratio_1 - logratio_2)
+        return -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    raise ValueError(f"unknown P3O variant {variant!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------- ReMax
+def remax_returns(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor,
+                  reward_greedy: torch.Tensor, kl_coef: float, gamma: float, clip: float | None) -> torch.Tensor:
+    """ReMax returns as in the official code (liziniu/ReMax ``compute_returns``):
+
+        dr  = clip(r(x, y) - r(x, y_greedy), -clip, clip)      (clip after the baseline; None = no clip)
+        R_t = kl_coef * (logp_ref_t - logp_t) + dr * gamma^(T - t),   t = 0..T-1 over the response (T its length)
+
+    The per-token KL term is not accumulated. gamma = 1, kl_coef = 0, clip = None give the paper's plain
+    REINFORCE-with-greedy-baseline return r(x, y) - r(x, y_greedy) on every token."""
+    dr = reward - reward_greedy
+    if clip is not None:
+        dr = dr.clamp(-clip, clip)
+    T = mask.sum(-1, keepdim=True)
+    pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    discount = gamma ** (T - pos).clamp(min=0)
+    return (kl_coef * (logp_ref - logp) + dr.unsqueeze(-1) * discount) * mask
+
+
+def remax_loss(logp: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L = -sum_t R_t logp_t mask_t / sum mask (R under no_grad), the official ``compute_loss``."""
+    return -(returns.detach() * logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------------------ SALSA
+def soup(state_dicts: Sequence[dict], weights: Sequence[float]) -> dict:
+    """Weight-space average sum_i w_i theta_i of models with identical parameter names and shapes (SALSA, Chegini et
+    al. 2024: a soup of SFT models as the KL reference). Weights must sum to 1."""
+    if len(state_dicts) != len(weights) or len(state_dicts) < 2:
+        raise ValueError("a soup needs at least two models and one weight per model")
+    if not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+        raise ValueError(f"soup weights must sum to 1, got {sum(weights)}")
+    keys = set(state_dicts[0])
+    for i, sd in enumerate(state_dicts[1:], 1):
+        if set(sd) != keys:
+            raise ValueError(f"model {i + 1} has different parameters than model 1")
+        for k in keys:
+            if sd[k].shape != state_dicts[0][k].shape:
+                raise ValueError(f"parameter {k}: shape {tuple(sd[k].shape)} differs from {tuple(state_dicts[0][k].shape)}")
+    out = {}
+    for k in state_dicts[0]:
+        ref = state_dicts[0][k]
+        if not ref.is_floating_point():
+            out[k] = ref.clone()
+            continue
+        out[k] = sum(w * sd[k].double() for w, sd in zip(weights, state_dicts)).to(ref.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- reward ensembles
+def aggregate_ensemble(scores: torch.Tensor, method: str, uwo_lambda: float = 0.5, ddof: int = 0) -> torch.Tensor:
+    """Coste et al. 2023 (arXiv 2310.02743) over member scores ``scores`` (k, n):
+    mean; WCO = min over members; UWO = mean - lambda * Var over members. ``ddof`` picks the variance estimator:
+    0 (population, the authors' best-of-n code) or 1 (unbiased, their PPO code); aligntool defaults to 0."""
+    if method == "mean":
+        return scores.mean(0)
+    if method == "wco":
+        return scores.min(0).values
+    if method == "uwo":
+        return scores.mean(0) - uwo_lambda * scores.var(0, correction=ddof)
+    raise ValueError(f"unknown aggregate {method!r}")
+
+
+def best_of_n_unbiased(proxy: Sequence[float], gold: Sequence[float], n: int) -> tuple[float, float]:
+    """Unbiased estimate of E[score of the best of n] from N >= n samples (Coste et al., ``bon_sampling.py``):
+    sort by proxy score ascending; E = sum_{i=n..N} C(i-1, n-1) / C(N, n) * score_(i), for proxy and gold alike.
+    Returns (expected proxy score, expected gold score) of the proxy-selected best of n."""
+    N = len(proxy)
+    if not 1 <= n <= N:
+        raise ValueError(f"n must be in 1..{N}, got {n}")
+    order = sorted(range(N), key=lambda i: proxy[i])
+    total = math.comb(N, n)
+    weights = [math.comb(i - 1, n - 1) / total for i in range(1, N + 1)]  # 0 for i < n
+    return (sum(w * proxy[j] for w, j in zip(weights, order)), sum(w * gold[j] for w, j in zip(weights, order)))
