@@ -81,6 +81,16 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("spo", "SPO: a DPO-family loss + lambda * self-supervised prediction of how much key content a "
                       "response lost (Li et al. 2024).", "offline-preference", "aligntool.trainers.spo",
                       "trl:DPOConfig", "preference", "recipes/spo.yaml"),
+        # Online RL on aligntool's rollout engine (aligntool/online/engine.py); train.* = transformers.TrainingArguments
+        AlgorithmSpec("ppo", "PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
+                      "2022).", "online-rl", "aligntool.trainers.ppo", "transformers:TrainingArguments", "prompt",
+                      "recipes/ppo.yaml", samples=True),
+        AlgorithmSpec("p3o", "P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. 2023).",
+                      "online-rl", "aligntool.trainers.p3o", "transformers:TrainingArguments", "prompt",
+                      "recipes/p3o.yaml", samples=True),
+        AlgorithmSpec("remax", "ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
+                      "2023).", "online-rl", "aligntool.trainers.remax", "transformers:TrainingArguments", "prompt",
+                      "recipes/remax.yaml", samples=True),
     ]
 }
 

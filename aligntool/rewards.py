@@ -12,6 +12,7 @@ A recipe names one in its ``reward`` section:
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from aligntool.errors import UserError
@@ -31,8 +32,13 @@ def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.sour
 
     from aligntool import models
 
-    if not (Path(path) / "config.json").is_file():
+    config = Path(path) / "config.json"
+    if not config.is_file():
         raise UserError(f"{key}: {path}: not a reward-model folder (no config.json)")
+    archs = json.loads(config.read_text()).get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(f"{key}: {path}: not a reward model (architectures {archs}; expected a *ForSequenceClassification "
+                        "with one output, e.g. from `algorithm: reward`)")
     tokenizer = models.load_tokenizer(path, key=key)
     tokenizer.padding_side = "right"
     model = models.load_model(path, head="reward", pad_token_id=tokenizer.pad_token_id, key=key).eval()
@@ -49,6 +55,18 @@ def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.sour
     return score
 
 
+def check_same_tokenizer(paths: list[str], key: str = "reward.ensemble") -> None:
+    """Ensemble members must read text the same way: compare their tokenizer files."""
+    first = None
+    for p in paths:
+        tok = Path(p) / "tokenizer.json"
+        vocab = json.loads(tok.read_text()).get("model", {}).get("vocab") if tok.is_file() else None
+        if first is None:
+            first = (p, vocab)
+        elif vocab != first[1]:
+            raise UserError(f"{key}: {p} has a different tokenizer than {first[0]}; ensemble members must share one")
+
+
 def function_scorer(spec: str, key: str = "reward.source") -> Scorer:
     module, _, name = spec.partition(":")
     try:
@@ -63,11 +81,16 @@ def function_scorer(spec: str, key: str = "reward.source") -> Scorer:
 def load(config: RewardConfig) -> Scorer:
     """The scorer a recipe's ``reward`` section names; each call checks it returns one finite float per completion."""
     if config.ensemble:
+        check_same_tokenizer(config.ensemble)
         members = [reward_model_scorer(p, config.batch_size, key="reward.ensemble") for p in config.ensemble]
 
         def inner(prompts, completions):
-            scores = [m(prompts, completions) for m in members]
-            return [sum(col) / len(col) for col in zip(*scores)]
+            import torch
+
+            from aligntool.losses.online import aggregate_ensemble
+
+            scores = torch.tensor([m(prompts, completions) for m in members], dtype=torch.float64)
+            return aggregate_ensemble(scores, config.aggregate, config.uwo_lambda, config.uwo_ddof).tolist()
     elif config.source == "gold":
         inner = gold
     elif ":" in config.source and not Path(config.source).exists():

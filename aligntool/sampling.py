@@ -41,7 +41,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
 
 
 def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                      temperature: float = 1.0) -> list[list[int]]:
+                      temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
     """Sample one completion (token ids, trimmed after EOS) per tokenised prompt, in one left-padded batch."""
     import torch
 
@@ -54,7 +54,7 @@ def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, eos_id: i
         mask[i, width - len(p) :] = 1
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
-                             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+                             top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
     return [trim(row, eos_id, pad_id) or [eos_id] for row in out[:, width:].tolist()]
 
 

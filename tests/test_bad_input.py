@@ -48,8 +48,8 @@ def test_yaml_syntax_error_names_the_line(capsys, recipe_file):
 
 
 def test_unknown_algorithm_lists_known_ones(capsys, recipe_file):
-    path = recipe_file("algorithm: dpp\n")
-    expect_error(capsys, ["train", "--recipe", str(path)], f"{path}:1", "'dpp'", "did you mean 'dpo'", "sft", "reward")
+    path = recipe_file("algorithm: dpoo\n")
+    expect_error(capsys, ["train", "--recipe", str(path)], f"{path}:1", "'dpoo'", "did you mean 'dpo'", "sft", "reward")
 
 
 @pytest.mark.parametrize(

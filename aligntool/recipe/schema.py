@@ -102,13 +102,22 @@ class RewardConfig(Strict):
 
     source: str = Field("gold", description="'gold' (toy gold reward), a reward-model folder, or 'module:function'.")
     ensemble: list[str] | None = Field(None, min_length=2, description="Reward-model folders to combine.")
-    aggregate: Literal["mean"] = Field("mean", description="How an ensemble's scores are combined.")
+    aggregate: Literal["mean", "wco", "uwo"] = Field(
+        "mean", description="Ensemble objective (Coste et al. 2023): mean, wco = min over members, "
+        "uwo = mean - uwo_lambda * variance over members."
+    )
+    uwo_lambda: float = Field(0.5, ge=0, description="lambda of UWO (authors: 0.5 for best-of-n, 0.1 for PPO).")
+    uwo_ddof: Literal[0, 1] = Field(
+        0, description="Variance estimator of UWO: 0 = population (authors' best-of-n code), 1 = unbiased (their PPO code)."
+    )
     batch_size: int = Field(64, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self):
         if self.ensemble and self.source != "gold":
             raise ValueError("set either source or ensemble, not both")
+        if not self.ensemble and self.aggregate != "mean":
+            raise ValueError("aggregate applies to an ensemble only")
         return self
 
 

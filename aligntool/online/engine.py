@@ -1,0 +1,340 @@
+"""The rollout engine shared by every online method (PPO, P3O, ReMax; later online DPO, XPO, INPO).
+
+One loop, built on transformers (``generate`` with the KV cache, models, schedulers) and accelerate (devices, DDP,
+gradient sync): each iteration takes ``per_device_train_batch_size`` prompts per process, lets the method roll out
+and update (``method.step(engine, prompts)``), logs, and checkpoints. What the engine provides to methods:
+
+- ``rollout(prompts, greedy=False)``: samples (or greedy decodes) one response per prompt, trims it after EOS, scores
+  it with the recipe's reward source and returns token tensors: response ids and mask, old log-probs, reference
+  log-probs, per-sequence scores, values when the policy has a value head;
+- ``forward(batch)``: per-token log-probs (and values) of a rollout batch under the current policy, with grad;
+- ``optimizer_step(loss)``: backward, gradient clipping, optimizer and scheduler step.
+
+Layout of a rollout batch: prompts left-padded to width P, responses right-padded to width R; token j of the response
+sits at position P + j and is predicted from position P + j - 1. Position ids follow the attention mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pydantic import Field
+
+from aligntool.errors import UserError
+from aligntool.recipe.schema import Strict
+
+
+class OnlineConfig(Strict):
+    """Rollout settings every online method shares (its ``algo`` section extends these)."""
+
+    max_new_tokens: int = Field(48, gt=0, description="Response length limit.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (1 = on-policy).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL(pi || pi_ref) penalty.")
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of responses cut off "
+                                              "before EOS.")
+
+    def trl_kwargs(self) -> dict:
+        return {}
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM plus an optional scalar value head on its last hidden state (shared backbone), as one module so
+    DDP syncs both."""
+
+    def __init__(self, lm, value_head: bool):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=self.value_head is not None, use_cache=False)
+        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1) if self.value_head is not None else None
+        return out.logits, values
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor
+    prompt_width: int
+    mask: torch.Tensor  # (B, R) response tokens
+    logp: torch.Tensor  # (B, R) under the policy that sampled
+    logp_ref: torch.Tensor  # (B, R)
+    score: torch.Tensor  # (B,) reward source
+    values: torch.Tensor | None
+    texts: list[str]
+    prompts: list[str]
+
+    def select(self, idx) -> "Rollout":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_width, self.mask[idx], self.logp[idx],
+                       self.logp_ref[idx], self.score[idx], pick(self.values), [self.texts[i] for i in idx_list],
+                       [self.prompts[i] for i in idx_list])
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int):
+    """log p of each response token and the per-token entropy of the distribution it was drawn from."""
+    logits = logits[:, prompt_width - 1 : -1].float()
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, input_ids[:, prompt_width:, None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+class Engine:
+    def __init__(self, run, method, value_head: bool = False):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        from aligntool import models, rewards
+        from aligntool.recipe.schema import RewardConfig
+
+        self.run, self.method, self.cfg = run, method, run.algo
+        self.args = run.trl_config()  # transformers.TrainingArguments: lr, max_steps (= iterations), batch, seed, ...
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        torch.manual_seed(self.args.seed + self.rank)
+        self.tokenizer = run.tokenizer
+        self.model = PolicyWithValue(run.policy(), value_head)
+        self.ref = (run.reference() or models.load_model(run.model_path, run.recipe.model.dtype,
+                                                         run.recipe.model.trust_remote_code)).eval()
+        self.ref.requires_grad_(False)
+        decay = self.args.weight_decay
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.args.learning_rate, weight_decay=decay)
+        self.iterations = self.args.max_steps if self.args.max_steps > 0 else 100
+        self.scheduler = get_scheduler(self.args.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=self.args.get_warmup_steps(self.iterations * method.updates_per_iteration),
+                                       num_training_steps=self.iterations * method.updates_per_iteration)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.ref.to(self.accelerator.device)
+        self.scorer = rewards.load(run.recipe.reward or RewardConfig())
+        all_prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
+        self.prompts = all_prompts[self.rank :: self.world]
+        self.batch_size = self.args.per_device_train_batch_size
+        self.state = {"iteration": 0, "kl_coef": getattr(self.cfg, "kl_coef", 0.0)}
+        self.out = run.output_dir
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.tb = None
+        if self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+    @property
+    def policy_lm(self):
+        return self.accelerator.unwrap_model(self.model).lm
+
+    def _pack(self, prompt_ids: list[list[int]], responses: list[list[int]]):
+        pad = self.tokenizer.pad_token_id
+        P, R = max(map(len, prompt_ids)), max(1, max(map(len, responses)))
+        ids = torch.full((len(prompt_ids), P + R), pad)
+        attn = torch.zeros_like(ids)
+        mask = torch.zeros(len(prompt_ids), R)
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            ids[i, P - len(p) : P] = torch.tensor(p)
+            attn[i, P - len(p) : P + len(r)] = 1
+            if r:
+                ids[i, P : P + len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+        dev = self.accelerator.device
+        return ids.to(dev), attn.to(dev), mask.to(dev), P
+
+    @staticmethod
+    def positions(attn: torch.Tensor) -> torch.Tensor:
+        return (attn.cumsum(-1) - 1).clamp(min=0)
+
+    def forward(self, ro: Rollout, model=None):
+        """(log-probs, entropies, values) of ``ro``'s response tokens under the current policy, with grad."""
+        logits, values = (model or self.model)(ro.input_ids, ro.attention_mask, self.positions(ro.attention_mask))
+        logp, entropy = response_logprobs(logits, ro.input_ids, ro.prompt_width)
+        if values is not None:
+            values = values[:, ro.prompt_width - 1 : -1]
+        return logp, entropy, values
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], greedy: bool = False, score_only: bool = False) -> Rollout:
+        from aligntool.sampling import generate_from_ids, trim
+
+        tok, cfg = self.tokenizer, self.cfg
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        lm = self.policy_lm
+        lm.eval()
+        if greedy:
+            ids, attn, _, P = self._pack(prompt_ids, [[] for _ in prompts])
+            out = lm.generate(input_ids=ids[:, :P], attention_mask=attn[:, :P], do_sample=False,
+                              max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
+            responses = [trim(r, tok.eos_token_id, tok.pad_token_id) or [tok.eos_token_id] for r in out[:, P:].tolist()]
+        else:
+            responses = generate_from_ids(lm, prompt_ids, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p)
+        ids, attn, mask, P = self._pack(prompt_ids, responses)
+        texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+        score = torch.tensor(self.scorer(prompts, texts), device=ids.device)
+        if cfg.missing_eos_penalty:
+            score = score - cfg.missing_eos_penalty * torch.tensor(
+                [tok.eos_token_id not in r for r in responses], device=ids.device, dtype=score.dtype)
+        ro = Rollout(ids, attn, P, mask, None, None, score, None, texts, prompts)
+        if score_only:  # e.g. ReMax's greedy baseline: only its reward is used
+            return ro
+        ro.logp, _, ro.values = self.forward(ro, model=self.accelerator.unwrap_model(self.model))
+        ref_logits = self.ref(input_ids=ids, attention_mask=attn, position_ids=self.positions(attn)).logits
+        ro.logp_ref, _ = response_logprobs(ref_logits, ids, P)
+        ro.logp, ro.logp_ref = ro.logp * mask, ro.logp_ref * mask
+        return ro
+
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        if not torch.isfinite(loss):
+            raise FloatingPointError("loss")
+        self.model.train()
+        self.accelerator.backward(loss)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def rollout_stats(self, ro: Rollout) -> dict:
+        kl = ((ro.logp - ro.logp_ref) * ro.mask).sum(-1)
+        return {"reward": ro.score.mean().item(), "reward_std": ro.score.std().item() if len(ro.score) > 1 else 0.0,
+                "kl": kl.mean().item(), "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
+                "response_length": ro.mask.sum(-1).float().mean().item()}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        from aligntool.train import COMPLETE_MARKER
+
+        it = self.state["iteration"]
+        final = self._checkpoint_dir() / f"checkpoint-{it}"
+        if self.accelerator.is_main_process:
+            tmp = self._checkpoint_dir() / f".tmp-checkpoint-{it}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model = self.accelerator.unwrap_model(self.model)
+            model.lm.save_pretrained(tmp, safe_serialization=True)
+            if model.value_head is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(self.state))
+            (tmp / COMPLETE_MARKER).write_text(f"{it}\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            limit = self.args.save_total_limit
+            if limit:
+                from aligntool.train import latest_checkpoint  # noqa: F401 - same marker rules
+
+                done = sorted((p for p in self._checkpoint_dir().glob("checkpoint-*") if p.name[11:].isdigit()),
+                              key=lambda p: int(p.name[11:]))
+                for old in done[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        weights = load_file(str(path / "model.safetensors"))
+        model.lm.load_state_dict(weights, strict=False)
+        if model.value_head is not None and (path / "value_head.safetensors").is_file():
+            model.value_head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+        state = torch.load(path / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        random.setstate(state["py_rng"])
+        self.state = json.loads((path / "state.json").read_text())
+
+    # --------------------------------------------------------------------------------------------------- loop
+    def log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.metrics_file.open("a") as fh:
+            fh.write(json.dumps({"step": self.state["iteration"], **row}) + "\n")
+        for k, v in row.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"train/{k}", v, self.state["iteration"])
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from aligntool.train import latest_checkpoint, log
+
+        if self.run.resume and (ckpt := latest_checkpoint(self._checkpoint_dir())):
+            self.load_checkpoint(ckpt)
+            log(f"Resuming from {ckpt} (iteration {self.state['iteration']})")
+        rng = random.Random(self.args.seed + 7919 * self.rank + self.state["iteration"])
+        start, last = time.time(), {}
+        bar = tqdm(total=self.iterations, initial=self.state["iteration"], disable=not self.accelerator.is_main_process,
+                   desc=self.run.loaded.spec.name)
+        while self.state["iteration"] < self.iterations:
+            prompts = rng.sample(self.prompts, min(self.batch_size, len(self.prompts)))
+            try:
+                stats = self.method.step(self, prompts)
+            except FloatingPointError:
+                ckpt = latest_checkpoint(self._checkpoint_dir())
+                raise UserError(f"training diverged (non-finite loss) at iteration {self.state['iteration'] + 1}; "
+                                f"last checkpoint kept: {ckpt or 'none'}") from None
+            self.state["iteration"] += 1
+            stats = {k: float(v) for k, v in stats.items()}
+            stats["kl_coef"] = self.state["kl_coef"]
+            stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+            last = stats
+            if self.state["iteration"] % max(1, self.args.logging_steps) == 0 or self.state["iteration"] == 1:
+                self.log(stats)
+            if self.args.save_steps and self.state["iteration"] % int(self.args.save_steps) == 0:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
+        bar.close()
+        wall = time.time() - start
+        if self.accelerator.is_main_process:
+            self.policy_lm.save_pretrained(self.out, safe_serialization=True)
+            self.tokenizer.save_pretrained(self.out)
+            if self.tb:
+                self.tb.close()
+        self.accelerator.wait_for_everyone()
+        from aligntool.train import peak_memory_mb
+
+        return {"algorithm": self.run.loaded.spec.name, "global_step": self.state["iteration"], "train_time_s": round(wall, 2),
+                "iterations_per_second": round(self.iterations / wall, 4) if wall else None,
+                "peak_memory_mb": round(peak_memory_mb(), 1), "world_size": self.world, "final_metrics": last}
+
+
+def check_finite(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError("non-finite")
+
+
+def sequence_kl(ro: Rollout) -> torch.Tensor:
+    return ((ro.logp - ro.logp_ref) * ro.mask).sum(-1)
+
+
+def minibatches(n: int, size: int, generator: torch.Generator):
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, size):
+        yield perm[i : i + size]
+

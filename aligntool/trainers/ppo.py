@@ -1,0 +1,78 @@
+"""PPO for RLHF (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022), on aligntool's rollout engine.
+
+Per iteration: roll out one response per prompt; per-token rewards are -kl_coef * (log pi - log pi_ref) on every
+token plus the reward-source score on the last one; a value head on the policy's last hidden state (shared backbone)
+gives V_t; GAE(gamma, lam) gives advantages (whitened) and returns; then ``ppo_epochs`` passes over
+``num_minibatches`` minibatches minimise
+
+    L = -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) + vf_coef * 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+
+and the adaptive KL controller moves kl_coef toward ``kl_target`` (null = fixed coefficient).
+Defaults follow Coste et al.'s trlx config (gamma 1, lam 0.95, clip 0.2, 4 epochs, init KL 0.1, target 6).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from aligntool.online.engine import OnlineConfig
+
+
+class AlgoConfig(OnlineConfig):
+    kl_coef: float = Field(0.1, ge=0, description="Initial KL coefficient.")
+    kl_target: float | None = Field(6.0, gt=0, description="Target sequence KL of the adaptive controller; null = fixed.")
+    kl_horizon: int = Field(10000, gt=0, description="Horizon (samples) of the adaptive controller.")
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    ppo_epochs: int = Field(4, ge=1)
+    num_minibatches: int = Field(1, ge=1)
+    whiten_advantages: bool = True
+
+
+class PPO:
+    def __init__(self, cfg: AlgoConfig):
+        self.cfg = cfg
+        self.updates_per_iteration = cfg.ppo_epochs * cfg.num_minibatches
+
+    def step(self, engine, prompts):
+        import torch
+
+        from aligntool.losses import online as L
+        from aligntool.online.engine import check_finite, minibatches, sequence_kl
+
+        cfg = self.cfg
+        ro = engine.rollout(prompts)
+        kl_coef = engine.state["kl_coef"]
+        rewards = L.kl_penalised_rewards(ro.score, ro.logp, ro.logp_ref, ro.mask, kl_coef)
+        adv, returns = L.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = L.whiten(adv, ro.mask)
+        check_finite(adv, returns)
+        gen = torch.Generator().manual_seed(engine.state["iteration"])
+        size = max(1, len(prompts) // cfg.num_minibatches)
+        stats = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0}
+        n = 0
+        for _ in range(cfg.ppo_epochs):
+            for idx in minibatches(len(prompts), size, gen):
+                mb = ro.select(idx)
+                logp, _, values = engine.forward(mb)
+                pl, cf = L.ppo_policy_loss(logp, mb.logp, adv[idx], mb.mask, cfg.clip_range)
+                vl, vcf = L.ppo_value_loss(values, mb.values, returns[idx], mb.mask, cfg.clip_range_value)
+                engine.optimizer_step(pl + cfg.vf_coef * vl)
+                for k, v in (("policy_loss", pl), ("value_loss", vl), ("clipfrac", cf), ("value_clipfrac", vcf)):
+                    stats[k] += v.item()
+                n += 1
+        kl = sequence_kl(ro).mean().item()
+        controller = L.AdaptiveKL(kl_coef, cfg.kl_target, cfg.kl_horizon)
+        engine.state["kl_coef"] = controller.update(kl, len(prompts) * engine.world)
+        return {**engine.rollout_stats(ro), **{k: v / n for k, v in stats.items()},
+                "value_mean": ro.values.sum().item() / ro.mask.sum().item()}
+
+
+def pipeline(run) -> dict:
+    from aligntool.online.engine import Engine
+
+    return Engine(run, PPO(run.algo), value_head=True).train()
