@@ -113,6 +113,60 @@ def evaluate(
 
 
 @app.command()
+def soup(
+    models_: List[str] = typer.Argument(..., metavar="MODEL...", help="Two or more model folders (or hub ids)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the averaged model to."),
+    weights: Optional[List[float]] = typer.Option(None, "--weight", "-w", help="One per model (default equal)."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Average models in weight space (a SALSA soup) and write a model folder transformers loads."""
+    from aligntool import models
+
+    if len(models_) < 2:
+        raise UserError("soup: give at least two models")
+    if weights and (len(weights) != len(models_) or abs(sum(weights) - 1) > 1e-6):
+        raise UserError(f"--weight: need one weight per model ({len(models_)}) summing to 1, got {weights}")
+    print(models.make_soup(list(models_), weights or None, out, key="soup", log=lambda m: print(m, file=sys.stderr)))
+
+
+@app.command()
+def bon(
+    model: str = typer.Option("tiny", "--model", "-m", help="Policy to sample from."),
+    reward: Optional[List[str]] = typer.Option(None, "--reward", "-r",
+                                               help="Reward-model folder; repeat for an ensemble. Default: gold."),
+    aggregate: str = typer.Option("mean", "--aggregate", help="Ensemble objective: mean, wco or uwo."),
+    uwo_lambda: float = typer.Option(0.5, "--uwo-lambda", min=0.0),
+    n_max: int = typer.Option(16, "--n", min=1, help="Largest n (samples drawn per prompt)."),
+    num_prompts: int = typer.Option(64, "--num-prompts", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Best-of-n with the unbiased estimator over n = 1..N: proxy and gold reward against KL (Coste et al. 2023)."""
+    import json
+
+    from pydantic import ValidationError
+
+    from aligntool.eval.bon import best_of_n
+    from aligntool.recipe.schema import RewardConfig
+
+    reward = list(reward or [])
+    try:
+        cfg = RewardConfig(source=reward[0] if len(reward) == 1 else "gold", ensemble=reward if len(reward) > 1 else None,
+                           aggregate=aggregate, uwo_lambda=uwo_lambda)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise UserError(f"--reward/--aggregate: {e['msg']}") from None
+    result = best_of_n(model, cfg, n_max, num_prompts, seed=seed)
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{'n':>4} {'KL bound':>9} {'proxy':>8} {'gold':>8}")
+    for row in result["curve"]:
+        print(f"{row['n']:>4} {row['kl_bound']:>9.3f} {row['proxy']:>8.3f} {row['gold']:>8.3f}")
+
+
+@app.command()
 def recipes():
     """List every algorithm with a one-line description and its recipe file."""
     from rich.console import Console

@@ -54,3 +54,45 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
             model.config.pad_token_id = pad_token_id
         return model
     return _wrap(key, path, transformers.AutoModelForCausalLM.from_pretrained, path, **kwargs)
+
+
+def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str = "ref_model.soup", log=print) -> Path:
+    """Write the weight-space average of ``paths`` (identical architectures and shapes) to ``out`` as a model folder
+    that transformers loads; the tokenizer and config are the first model's. Returns ``out``."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from aligntool.losses.online import soup
+
+    weights = weights or [1 / len(paths)] * len(paths)
+    folders = [Path(resolve(p, key=key, log=log)) for p in paths]
+    configs = [json.loads((f / "config.json").read_text()) for f in folders]
+    for f, c in zip(folders[1:], configs[1:]):
+        if c.get("architectures") != configs[0].get("architectures"):
+            raise UserError(f"{key}: {f} is a {c.get('architectures')}, {folders[0]} a {configs[0].get('architectures')}; "
+                            "a soup needs one architecture")
+    states = []
+    for f in folders:
+        files = sorted(f.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{key}: {f}: no safetensors weights")
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        states.append(state)
+    try:
+        averaged = soup(states, weights)
+    except ValueError as exc:
+        raise UserError(f"{key}: {exc}") from None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folders[0], tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
+                                                                      "checkpoints", "tensorboard", "*.jsonl", "*.bin"))
+    save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "soup.json").write_text(json.dumps({"models": [str(f) for f in folders], "weights": weights}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

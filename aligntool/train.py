@@ -115,6 +115,7 @@ class Run:
     eval_dataset: object = None
     tokenizer: object = None
     model_path: str = ""
+    ref_path: str | None = None  # set when the reference is built (e.g. a soup)
     resume: bool = False
 
     @property
@@ -194,9 +195,9 @@ class Run:
     def reference(self):
         """The explicit reference model, or None (TRL then makes a frozen copy of the policy)."""
         ref = self.recipe.ref_model
-        if ref is None or ref.name_or_path is None:
+        if self.ref_path is None and (ref is None or ref.name_or_path is None):
             return None
-        path = models.resolve(ref.name_or_path, key="ref_model.name_or_path", log=log)
+        path = self.ref_path or models.resolve(ref.name_or_path, key="ref_model.name_or_path", log=log)
         m = self.recipe.model
         return models.load_model(path, ref.dtype, m.trust_remote_code, key="ref_model.name_or_path")
 
@@ -220,6 +221,17 @@ def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
 
     run = Run(loaded, out, resume=resume)
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
+    if recipe.ref_model is not None and recipe.ref_model.soup:
+        from accelerate import PartialState
+
+        soup_dir = out / "soup"
+        with PartialState(cpu=not _cuda()).main_process_first():
+            if is_main_process():
+                models.make_soup(recipe.ref_model.soup, recipe.ref_model.soup_weights, soup_dir, log=log)
+                log(f"Reference: soup of {len(recipe.ref_model.soup)} models -> {soup_dir}")
+        run.ref_path = str(soup_dir)
+        if recipe.ref_model.policy_from_soup:
+            run.model_path = str(soup_dir)
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data)
     start = time.time()

@@ -39,6 +39,24 @@ class RefModelConfig(Strict):
         None, description="Reference model for KL-regularised methods; defaults to a frozen copy of `model`."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    soup: list[str] | None = Field(
+        None, min_length=2, description="SALSA: average these models' weights into the reference (Chegini et al. 2024)."
+    )
+    soup_weights: list[float] | None = Field(None, description="Weights of the soup (default: equal); sum to 1.")
+    policy_from_soup: bool = Field(False, description="Also start the policy from the soup (SALSA's initialisation).")
+
+    @model_validator(mode="after")
+    def _soup(self):
+        if self.soup and self.name_or_path:
+            raise ValueError("set either name_or_path or soup, not both")
+        if self.soup_weights is not None:
+            if not self.soup or len(self.soup_weights) != len(self.soup):
+                raise ValueError("soup_weights needs one weight per soup model")
+            if abs(sum(self.soup_weights) - 1) > 1e-6 or min(self.soup_weights) < 0:
+                raise ValueError(f"soup_weights must be non-negative and sum to 1, got {self.soup_weights}")
+        if self.policy_from_soup and not self.soup:
+            raise ValueError("policy_from_soup needs a soup")
+        return self
 
 
 class ToyDataConfig(Strict):
