@@ -178,3 +178,50 @@ def test_rso_needs_prompts_and_cpl_needs_pairs(capsys, recipe_file, tmp_path):
                  "prompt", "found: text")
     expect_error(capsys, ["train", "--recipe", "cpl", f"dataset.path={data}", f"output_dir={tmp_path}/o"],
                  "chosen+rejected", "found: text")
+
+
+def test_online_bad_inputs(capsys, tmp_path, tiny_path):
+    expect_error(capsys, ["train", "--recipe", "ppo", f"reward.source={tiny_path}", f"output_dir={tmp_path}/o"],
+                 "reward.source", "not a reward model")
+    expect_error(capsys, ["train", "--recipe", "ppo", "reward.source=aligntool.nope:fn", f"output_dir={tmp_path}/o"],
+                 "reward.source", "cannot import")
+    expect_error(capsys, ["train", "--recipe", "ppo", "ref_model.soup=[tiny]"], "ref_model.soup", "at least 2")
+    expect_error(capsys, ["train", "--recipe", "ppo", "ref_model.soup=[tiny, tiny]", "ref_model.soup_weights=[0.5, 0.6]"],
+                 "sum to 1")
+    expect_error(capsys, ["train", "--recipe", "ppo", "reward.aggregate=wco"], "aggregate applies to an ensemble only")
+    expect_error(capsys, ["train", "--recipe", "p3o", "algo.variant=both"], "algo.variant")
+
+
+def bad_reward(prompts, completions):
+    return [float("nan")] * len(completions)
+
+
+def short_reward(prompts, completions):
+    return [1.0]
+
+
+@pytest.mark.parametrize("fn", ["bad_reward", "short_reward"])
+def test_reward_function_returning_nan_or_wrong_length(capsys, tmp_path, tiny_path, fn, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    expect_error(capsys, ["train", "--recipe", "remax", f"reward.source=test_bad_input:{fn}", "train.max_steps=1",
+                          "train.per_device_train_batch_size=2", "algo.max_new_tokens=4", f"output_dir={tmp_path}/o"],
+                 "reward", "one finite number each")
+
+
+def test_soup_of_different_shapes(capsys, tmp_path, tiny_path):
+    import json as js
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_path, other)
+    state = load_file(str(other / "model.safetensors"))
+    key = next(iter(state))
+    state[key] = state[key][:1]
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    expect_error(capsys, ["soup", str(tiny_path), str(other), "--out", str(tmp_path / "s")], "soup", "shape")
+    cfg = js.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (other / "config.json").write_text(js.dumps(cfg))
+    expect_error(capsys, ["soup", str(tiny_path), str(other), "--out", str(tmp_path / "s")], "one architecture")

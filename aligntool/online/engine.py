@@ -277,6 +277,26 @@ class Engine:
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, self.state["iteration"])
 
+    def _iteration(self, rng: random.Random) -> dict:
+        from aligntool.train import latest_checkpoint
+
+        prompts = rng.sample(self.prompts, min(self.batch_size, len(self.prompts)))
+        try:
+            stats = self.method.step(self, prompts)
+        except FloatingPointError:
+            ckpt = latest_checkpoint(self._checkpoint_dir())
+            raise UserError(f"training diverged (non-finite loss) at iteration {self.state['iteration'] + 1}; "
+                            f"last checkpoint kept: {ckpt or 'none'}") from None
+        self.state["iteration"] += 1
+        stats = {k: float(v) for k, v in stats.items()}
+        stats["kl_coef"] = self.state["kl_coef"]
+        stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        if self.state["iteration"] % max(1, self.args.logging_steps) == 0 or self.state["iteration"] == 1:
+            self.log(stats)
+        if self.args.save_steps and self.state["iteration"] % int(self.args.save_steps) == 0:
+            self.save_checkpoint()
+        return stats
+
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
@@ -287,28 +307,12 @@ class Engine:
             log(f"Resuming from {ckpt} (iteration {self.state['iteration']})")
         rng = random.Random(self.args.seed + 7919 * self.rank + self.state["iteration"])
         start, last = time.time(), {}
-        bar = tqdm(total=self.iterations, initial=self.state["iteration"], disable=not self.accelerator.is_main_process,
-                   desc=self.run.loaded.spec.name)
-        while self.state["iteration"] < self.iterations:
-            prompts = rng.sample(self.prompts, min(self.batch_size, len(self.prompts)))
-            try:
-                stats = self.method.step(self, prompts)
-            except FloatingPointError:
-                ckpt = latest_checkpoint(self._checkpoint_dir())
-                raise UserError(f"training diverged (non-finite loss) at iteration {self.state['iteration'] + 1}; "
-                                f"last checkpoint kept: {ckpt or 'none'}") from None
-            self.state["iteration"] += 1
-            stats = {k: float(v) for k, v in stats.items()}
-            stats["kl_coef"] = self.state["kl_coef"]
-            stats["learning_rate"] = self.scheduler.get_last_lr()[0]
-            last = stats
-            if self.state["iteration"] % max(1, self.args.logging_steps) == 0 or self.state["iteration"] == 1:
-                self.log(stats)
-            if self.args.save_steps and self.state["iteration"] % int(self.args.save_steps) == 0:
-                self.save_checkpoint()
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
-        bar.close()
+        with tqdm(total=self.iterations, initial=self.state["iteration"], desc=self.run.loaded.spec.name,
+                  disable=not self.accelerator.is_main_process) as bar:  # closed before any error message
+            while self.state["iteration"] < self.iterations:
+                last = self._iteration(rng)
+                bar.update(1)
+                bar.set_postfix(reward=f"{last['reward']:.2f}", kl=f"{last['kl']:.2f}")
         wall = time.time() - start
         if self.accelerator.is_main_process:
             self.policy_lm.save_pretrained(self.out, safe_serialization=True)
