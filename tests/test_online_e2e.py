@@ -30,10 +30,18 @@ def test_online_recipe_runs_logs_and_checkpoints(name, tmp_path, tiny_path):
         assert "clipfrac" in rows[-1] and "value_loss" in rows[-1]
 
 
-def test_online_resume_continues_from_the_checkpoint(tmp_path, tiny_path):
-    args = [*QUICK, f"output_dir={tmp_path}"]
-    train(load_recipe(REPO / "recipes" / "remax.yaml", [*args, "train.max_steps=2"]))
-    summary = train(load_recipe(REPO / "recipes" / "remax.yaml", [*args, "train.max_steps=4"]), resume=True)
+@pytest.mark.parametrize("name,extra", [("remax", []), ("ppo", ["algo.critic=separate"])])
+def test_online_resume_continues_from_the_checkpoint(name, extra, tmp_path, tiny_path):
+    from safetensors.torch import load_file
+
+    args = [*QUICK, *extra, f"output_dir={tmp_path}"]
+    train(load_recipe(REPO / "recipes" / f"{name}.yaml", [*args, "train.max_steps=2"]))
+    if name == "ppo":  # the separate critic is saved beside the policy and trained (no longer equal to it)
+        critic = load_file(str(tmp_path / "checkpoints" / "checkpoint-2" / "value_head.safetensors"))
+        policy = load_file(str(tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors"))
+        key = "model.layers.0.mlp.down_proj.weight"
+        assert f"critic_lm.{key}" in critic and not critic[f"critic_lm.{key}"].equal(policy[key])
+    summary = train(load_recipe(REPO / "recipes" / f"{name}.yaml", [*args, "train.max_steps=4"]), resume=True)
     assert summary["global_step"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -98,3 +106,17 @@ def test_bon_command_json(capsys, tiny_path):
     assert [r["n"] for r in curve] == [1, 2, 3]
     golds = [r["gold"] for r in curve]
     assert golds == sorted(golds)  # proxy = gold here: best-of-n can only go up with n
+
+
+def test_p3o_with_two_processes(tmp_path, tiny_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "p3o.yaml"), "--nproc", "2",
+           *QUICK, f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 3
+    assert (out / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()

@@ -48,22 +48,41 @@ class OnlineConfig(Strict):
 
 
 class PolicyWithValue(nn.Module):
-    """A causal LM plus an optional scalar value head on its last hidden state (shared backbone), as one module so
-    DDP syncs both."""
+    """A causal LM plus an optional scalar value head, as one module so DDP syncs both. The head reads the policy's
+    own last hidden state (``critic="shared"``, trlx style) or that of a separate critic LM initialised as a copy of
+    the policy (``critic="separate"``, InstructGPT / OpenRLHF style: twice the weights, no policy-value interference)."""
 
-    def __init__(self, lm, value_head: bool):
+    def __init__(self, lm, value_head: bool, critic: str = "shared"):
         super().__init__()
         self.lm = lm
+        self.critic_lm = None
         self.value_head = nn.Linear(lm.config.hidden_size, 1) if value_head else None
         if self.value_head is not None:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
+            if critic == "separate":
+                import copy
+
+                self.critic_lm = copy.deepcopy(lm)
 
     def forward(self, input_ids, attention_mask, position_ids):
+        shared = self.value_head is not None and self.critic_lm is None
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=self.value_head is not None, use_cache=False)
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1) if self.value_head is not None else None
+                      output_hidden_states=shared, use_cache=False)
+        values = None
+        if self.value_head is not None:
+            hidden = out.hidden_states[-1] if shared else self.critic_lm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, use_cache=False).hidden_states[-1]
+            values = self.value_head(hidden.float()).squeeze(-1)
         return out.logits, values
+
+    def value_state(self) -> dict:
+        """Everything of the critic that is not the policy (saved beside the policy in checkpoints)."""
+        state = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
+        if self.critic_lm is not None:
+            state.update({f"critic_lm.{k}": v for k, v in self.critic_lm.state_dict().items()})
+        return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
 @dataclass
@@ -97,7 +116,7 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_widt
 
 
 class Engine:
-    def __init__(self, run, method, value_head: bool = False):
+    def __init__(self, run, method, value_head: bool = False, critic: str = "shared"):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
@@ -110,7 +129,7 @@ class Engine:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         torch.manual_seed(self.args.seed + self.rank)
         self.tokenizer = run.tokenizer
-        self.model = PolicyWithValue(run.policy(), value_head)
+        self.model = PolicyWithValue(run.policy(), value_head, critic)
         self.ref = (run.reference() or models.load_model(run.model_path, run.recipe.model.dtype,
                                                          run.recipe.model.trust_remote_code)).eval()
         self.ref.requires_grad_(False)
@@ -231,10 +250,11 @@ class Engine:
             tmp.mkdir(parents=True)
             model = self.accelerator.unwrap_model(self.model)
             model.lm.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)  # a checkpoint is a loadable model folder (aligntool eval)
             if model.value_head is not None:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+                save_file(model.value_state(), str(tmp / "value_head.safetensors"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(self.state))
@@ -259,7 +279,11 @@ class Engine:
         weights = load_file(str(path / "model.safetensors"))
         model.lm.load_state_dict(weights, strict=False)
         if model.value_head is not None and (path / "value_head.safetensors").is_file():
-            model.value_head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+            result = model.load_state_dict(load_file(str(path / "value_head.safetensors")), strict=False)
+            if result.unexpected_keys or any(not k.startswith("lm.") for k in result.missing_keys):
+                raise UserError(f"{path / 'value_head.safetensors'}: does not match the critic of this recipe "
+                                f"(algo.critic); unexpected {result.unexpected_keys[:3]}, missing "
+                                f"{[k for k in result.missing_keys if not k.startswith('lm.')][:3]}")
         state = torch.load(path / "optimizer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -289,6 +313,10 @@ class Engine:
                             f"last checkpoint kept: {ckpt or 'none'}") from None
         self.state["iteration"] += 1
         stats = {k: float(v) for k, v in stats.items()}
+        if self.world > 1:  # log the mean over all processes' prompts, not rank 0's alone
+            keys = sorted(stats)
+            mean = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.accelerator.device), "mean")
+            stats = dict(zip(keys, mean.tolist()))
         stats["kl_coef"] = self.state["kl_coef"]
         stats["learning_rate"] = self.scheduler.get_last_lr()[0]
         if self.state["iteration"] % max(1, self.args.logging_steps) == 0 or self.state["iteration"] == 1:

@@ -2,7 +2,7 @@
 
 Per iteration: roll out one response per prompt; per-token rewards are -kl_coef * (log pi - log pi_ref) on every
 token plus the reward-source score on the last one; a value head on the policy's last hidden state (shared backbone)
-gives V_t; GAE(gamma, lam) gives advantages (whitened) and returns; then ``ppo_epochs`` passes over
+(or on a separate critic copy, ``critic: separate``) gives V_t; GAE(gamma, lam) gives advantages (whitened) and returns; then ``ppo_epochs`` passes over
 ``num_minibatches`` minibatches minimise
 
     L = -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) + vf_coef * 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
@@ -12,6 +12,8 @@ Defaults follow Coste et al.'s trlx config (gamma 1, lam 0.95, clip 0.2, 4 epoch
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -30,6 +32,8 @@ class AlgoConfig(OnlineConfig):
     ppo_epochs: int = Field(4, ge=1)
     num_minibatches: int = Field(1, ge=1)
     whiten_advantages: bool = True
+    critic: Literal["shared", "separate"] = Field(
+        "shared", description="Value head on the policy's backbone (shared) or on a separate copy of it (separate).")
 
 
 class PPO:
@@ -75,4 +79,4 @@ class PPO:
 def pipeline(run) -> dict:
     from aligntool.online.engine import Engine
 
-    return Engine(run, PPO(run.algo), value_head=True).train()
+    return Engine(run, PPO(run.algo), value_head=True, critic=run.algo.critic).train()
