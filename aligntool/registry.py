@@ -91,6 +91,16 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("remax", "ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
                       "2023).", "online-rl", "aligntool.trainers.remax", "transformers:TrainingArguments", "prompt",
                       "recipes/remax.yaml", samples=True),
+        # Online and iterative preference optimization: pairs labelled by a preference source (aligntool/preferences.py)
+        AlgorithmSpec("online_dpo", "Online DPO: two policy samples per prompt, labelled by the preference source, any "
+                      "TRL DPO loss (Guo et al. 2024).", "online-preference", "aligntool.trainers.online_dpo",
+                      "transformers:TrainingArguments", "prompt", "recipes/online_dpo.yaml", samples=True),
+        AlgorithmSpec("xpo", "XPO: online DPO on a policy vs a reference sample + alpha * log pi(reference sample) "
+                      "exploration (Xie et al. 2024).", "online-preference", "aligntool.trainers.xpo",
+                      "transformers:TrainingArguments", "prompt", "recipes/xpo.yaml", samples=True),
+        AlgorithmSpec("inpo", "INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the reference "
+                      "and the last iterate (Zhang et al. 2024).", "pipeline", "aligntool.trainers.inpo",
+                      "trl:DPOConfig", "prompt", "recipes/inpo.yaml", samples=True),
     ]
 }
 

@@ -80,6 +80,9 @@ def function_scorer(spec: str, key: str = "reward.source") -> Scorer:
 
 def load(config: RewardConfig) -> Scorer:
     """The scorer a recipe's ``reward`` section names; each call checks it returns one finite float per completion."""
+    if config.judge:
+        raise UserError("reward.judge: a pairwise judge compares two completions and gives no score; this method needs "
+                        "reward.source or reward.ensemble")
     if config.ensemble:
         check_same_tokenizer(config.ensemble)
         members = [reward_model_scorer(p, config.batch_size, key="reward.ensemble") for p in config.ensemble]

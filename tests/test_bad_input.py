@@ -225,3 +225,34 @@ def test_soup_of_different_shapes(capsys, tmp_path, tiny_path):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (other / "config.json").write_text(js.dumps(cfg))
     expect_error(capsys, ["soup", str(tiny_path), str(other), "--out", str(tmp_path / "s")], "one architecture")
+
+
+def judge_out_of_range(prompts, a, b):
+    return [1.5] * len(a)
+
+
+def judge_wrong_length(prompts, a, b):
+    return [0.5]
+
+
+@pytest.mark.parametrize("recipe,overrides,needles", [
+    ("inpo", ["algo.eta=0"], ["algo.eta", "greater than 0"]),
+    ("inpo", ["algo.num_samples=1"], ["algo.num_samples", "greater than or equal to 2"]),
+    ("inpo", ["algo.iterations=0"], ["algo.iterations", "greater than or equal to 1"]),
+    ("xpo", ["algo.alpha=-1"], ["algo.alpha", ">= 0"]),
+    ("online_dpo", ["algo.loss_type=sigmoidd"], ["algo.loss_type", "unknown loss type"]),
+    ("online_dpo", ["reward.judge=x:y", "reward.source=runs/rm"], ["judge or a score source"]),
+    ("ppo", ["reward.judge=test_bad_input:judge_out_of_range"], ["reward.judge", "gives no score"]),
+    ("inpo", ["reward.judge=test_bad_input:judge_out_of_range", "algo.pairing=best_worst"], ["algo.pairing", "tournament"]),
+])
+def test_online_preference_options(capsys, tmp_path, tiny_path, recipe, overrides, needles, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    expect_error(capsys, ["train", "--recipe", recipe, *overrides, f"output_dir={tmp_path}/o"], *needles)
+
+
+@pytest.mark.parametrize("fn,needle", [("judge_out_of_range", "e.g. 1.5"), ("judge_wrong_length", "returned 1 values")])
+def test_judge_returning_values_outside_0_1_or_the_wrong_shape(capsys, tmp_path, tiny_path, fn, needle, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    expect_error(capsys, ["train", "--recipe", "online_dpo", f"reward.judge=test_bad_input:{fn}", "train.max_steps=1",
+                          "train.per_device_train_batch_size=2", "algo.max_new_tokens=4", f"output_dir={tmp_path}/o"],
+                 "reward.judge", needle, "in [0, 1]")

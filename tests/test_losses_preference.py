@@ -144,3 +144,119 @@ def test_hypo_rloo_gradient_is_unbiased_for_kl():
 def test_spo_ssl_cross_entropy_by_hand():
     got = L.spo_ssl_loss(torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0, 2]))
     assert got.tolist() == pytest.approx([math.log(1 + 2 * math.exp(-2)), math.log(3)])
+
+
+# ---------------------------------------------------------------------------------------- online preference (issue 7)
+# shared pairs of ALGORITHMS.md §0: lp(c), lp(r), lp_ref(c), lp_ref(r)
+PAIRS = [(-10.0, -12.0, -10.5, -11.5), (-8.0, -7.5, -8.2, -7.0)]
+T64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+
+def shared(col):
+    return T64(*[p[col] for p in PAIRS])
+
+
+def dpo_per_pair(beta=0.1):
+    return T64(*[-math.log(sig(beta * ((c - rc) - (r - rr)))) for c, r, rc, rr in PAIRS])
+
+
+def test_dpo_family_sigmoid_matches_the_shared_vector():
+    lens = T64(4, 5)
+    got = L.dpo_family_loss("sigmoid", 0.1, shared(0), shared(1), shared(2), shared(3), lens, lens)
+    assert got.tolist() == pytest.approx([0.6443967, 0.6587596], abs=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                                       "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "aot", "aot_unpaired"])
+def test_dpo_family_loss_types_by_plain_math(loss_type):
+    b, eps, tau = 0.5, 0.1, 0.05
+    len_w, len_l = [4, 2], [5, 3]
+    lp_w, lp_l = [-10.0, -8.0], [-12.0, -7.5]
+    ref_w, ref_l = [-10.5, -8.2], [-11.5, -7.0]
+    lrw = [a - c for a, c in zip(lp_w, ref_w)]  # [0.5, 0.2]
+    lrl = [a - c for a, c in zip(lp_l, ref_l)]  # [-0.5, -0.5]
+    lsig = lambda z: math.log(sig(z))  # noqa: E731
+    expected = []
+    for i in range(2):
+        d = lrw[i] - lrl[i]
+        z = b * d
+        expected.append({
+            "hinge": max(0.0, 1 - z),
+            "ipo": (lrw[i] / len_w[i] - lrl[i] / len_l[i] - 1 / (2 * b)) ** 2,
+            "robust": (-(1 - eps) * lsig(z) + eps * lsig(-z)) / (1 - 2 * eps),
+            "exo_pair": sig(z) * (lsig(z) - math.log(1 - eps)) + sig(-z) * (lsig(-z) - math.log(eps)),
+            "nca_pair": -lsig(b * lrw[i]) - 0.5 * lsig(-b * lrw[i]) - 0.5 * lsig(-b * lrl[i]),
+            "bco_pair": -lsig(b * lrw[i]) - lsig(-b * lrl[i]),
+            "sppo_hard": (lrw[i] - 1 / (2 * b)) ** 2 + (lrl[i] + 1 / (2 * b)) ** 2,
+            "apo_zero": 1 - sig(b * lrw[i]) + sig(b * lrl[i]),
+            "apo_down": sig(b * lrw[i]) + 1 - sig(z),
+            "discopop": (1 - sig(z / tau)) * -lsig(z) + sig(z / tau) * math.exp(-z),
+            "sft": -lp_w[i] / len_w[i],
+            "sigmoid_norm": -lsig(b * (lrw[i] / len_w[i] - lrl[i] / len_l[i])),
+        }.get(loss_type))
+    if loss_type == "aot":  # sorted policy margins [-0.5, 2.0] minus sorted reference margins [-1.2, 1.0]
+        expected = [-(1 - eps) * lsig(b * d) - eps * lsig(-b * d) for d in (-0.5 + 1.2, 2.0 - 1.0)]
+    if loss_type == "aot_unpaired":  # sorted lr_w [0.2, 0.5] minus sorted lr_l [-0.5, -0.5]
+        expected = [-(1 - eps) * lsig(b * d) - eps * lsig(-b * d) for d in (0.7, 1.0)]
+    got = L.dpo_family_loss(loss_type, b, T64(*lp_w), T64(*lp_l), T64(*ref_w), T64(*ref_l), T64(*len_w), T64(*len_l),
+                            label_smoothing=eps, discopop_tau=tau)
+    assert got.tolist() == pytest.approx(expected, abs=1e-9)
+
+
+def test_dpo_family_loss_is_finite_at_extreme_log_ratios():
+    big = T64(-1e4, 0.0)
+    for t in L.DPO_LOSS_TYPES:
+        if t in ("discopop",):  # exp(-z) is unbounded by design when the policy prefers the rejected answer
+            continue
+        got = L.dpo_family_loss(t, 0.1, big, -big, T64(0.0, 0.0), T64(0.0, 0.0), T64(3, 3), T64(3, 3),
+                                label_smoothing=0.1)
+        assert torch.isfinite(got).all(), t
+
+
+def test_xpo_loss_vectors_of_algorithms_md():
+    # log pi_theta(reference sample) = [-9, -11], given per token with padding that must not count
+    tokens = T64(-4.0, -5.0, -99.0), T64(-6.0, -5.0, 0.0)
+    mask = T64(1, 1, 0), T64(1, 1, 1)
+    got = L.xpo_loss(dpo_per_pair(), torch.stack(tokens), torch.stack(mask), alpha=0.1)
+    assert got.tolist() == pytest.approx([-0.2556033, -0.4412404], abs=1e-7)
+    assert got.mean().item() == pytest.approx(-0.3484219, abs=1e-7)
+    small = L.xpo_loss(dpo_per_pair(), torch.stack(tokens), torch.stack(mask), alpha=1e-5)
+    assert small.mean().item() == pytest.approx(0.6514781, abs=1e-7)
+
+
+def test_inpo_loss_vectors_of_algorithms_md_and_a_batch():
+    last_w, last_l = T64(-10.2, -8.0), T64(-11.8, -7.0)
+    args = (shared(0), shared(1), shared(2), shared(3), last_w, last_l)
+    assert L.inpo_loss(*args, eta=0.005, ratio=1 / 3)[0].item() == pytest.approx(9880.36, abs=1e-6)
+    assert L.inpo_loss(*args, eta=0.1, ratio=1 / 3)[0].item() == pytest.approx(19.36, abs=1e-9)
+    assert L.inpo_loss(*args, eta=0.1, ratio=0.0)[0].item() == pytest.approx(21.16, abs=1e-9)
+    # pair 2 by hand: policy margin -0.5, reference margin -1.2, last margin -1.0
+    h2 = -0.5 - (1 / 3) * (-1.2) - (2 / 3) * (-1.0)
+    assert L.inpo_loss(*args, eta=0.1, ratio=1 / 3)[1].item() == pytest.approx((h2 - 5) ** 2, abs=1e-9)
+    # at pi = pi_ref = pi_t (the first step of iteration 1), h = 0 and L = (1/(2 eta))^2
+    zero = T64(-3.0, -4.0)
+    assert L.inpo_loss(zero, zero, zero, zero, zero, zero, eta=0.1, ratio=0.3).tolist() == pytest.approx([25.0, 25.0])
+
+
+def test_knockout_tournament_finds_the_best_and_the_worst():
+    from aligntool.preferences import knockout
+
+    rng = random.Random(0)
+    for n in (2, 3, 5, 8):
+        for _ in range(20):
+            scores = rng.sample(range(100), n)
+            best, worst = knockout(n, lambda i, j: scores[i] > scores[j])
+            assert scores[best] == max(scores)
+            if n >= 4:  # the minimum loses its first match and every loser-bracket match
+                assert scores[worst] == min(scores) or n % 2 == 1
+    # 8 players: the loser bracket is the four first-round losers only (INPO code)
+    scores = [5, 6, 1, 2, 7, 8, 3, 4]  # first-round losers: 0, 2, 4, 6 -> worst is 2 (score 1)
+    assert knockout(8, lambda i, j: scores[i] > scores[j]) == (5, 2)
+
+
+def test_bt_probability():
+    from aligntool.preferences import bt_probability
+
+    assert bt_probability(2.0, 1.0, 0.0) == 1.0 and bt_probability(1.0, 2.0, 0.0) == 0.0
+    assert bt_probability(1.0, 1.0, 0.0) == 0.5
+    assert bt_probability(2.0, 1.0, 0.5) == pytest.approx(1 / (1 + math.exp(-2.0)))

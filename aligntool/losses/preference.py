@@ -169,3 +169,92 @@ def spo_ssl_loss(logits: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:
     """SPO's self-supervised term (Li et al. 2024, arXiv 2409.17791): cross-entropy of the predicted preference degree
     (how much key content was removed, as a class index) against the true one. Per-example values."""
     return F.cross_entropy(logits, degree, reduction="none")
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+def dpo_family_loss(loss_type: str, beta: float, lp_w: torch.Tensor, lp_l: torch.Tensor, ref_w: torch.Tensor,
+                    ref_l: torch.Tensor, len_w: torch.Tensor, len_l: torch.Tensor, label_smoothing: float = 0.0,
+                    discopop_tau: float = 0.05) -> torch.Tensor:
+    """Per-pair loss of one TRL DPO loss type on sequence log-probs, for trainers that build pairs online.
+
+    TRL 1.16 computes these inside ``DPOTrainer._compute_loss`` on its own batches, so they cannot be called on a
+    rollout; this restates TRL's formulas (same names, same conventions) on sequence sums. With
+    lr_w = lp_w - ref_w, lr_l = lp_l - ref_l and delta = lr_w - lr_l:
+        sigmoid   -log s(beta delta)              hinge     relu(1 - beta delta)
+        ipo       (lr_w/|y_w| - lr_l/|y_l| - 1/(2 beta))^2   (TRL's per-token normalisation)
+        robust    [-(1-e) log s(beta delta) + e log s(-beta delta)] / (1 - 2e)       e = label_smoothing
+        exo_pair  q_w (log q_w - log(1-e)) + q_l (log q_l - log e),  q_w = s(beta delta), q_l = s(-beta delta)
+        nca_pair  -log s(beta lr_w) - 1/2 log s(-beta lr_w) - 1/2 log s(-beta lr_l)
+        bco_pair  -log s(beta lr_w) - log s(-beta lr_l)
+        sppo_hard (lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2
+        aot       label-smoothed sigmoid on sort(lp_w - lp_l) - sort(ref_w - ref_l) over the batch
+        aot_unpaired  the same on sort(lr_w) - sort(lr_l)
+        apo_zero  (1 - s(beta lr_w)) + s(beta lr_l);   apo_down  s(beta lr_w) + (1 - s(beta delta))
+        discopop  (1 - m) (-log s(z)) + m exp(-z),  z = beta delta, m = s(z / tau)
+        sft       -lp_w / |y_w|  (per pair; TRL averages over the batch's tokens)
+        sigmoid_norm  -log s(beta (lr_w/|y_w| - lr_l/|y_l|))
+    s = sigmoid; all tensors (B,); lengths are completion token counts."""
+    s, ls = torch.sigmoid, F.logsigmoid
+    lr_w, lr_l = lp_w - ref_w, lp_l - ref_l
+    delta, eps = lr_w - lr_l, label_smoothing
+    n_w, n_l = len_w.clamp(min=1).to(lp_w.dtype), len_l.clamp(min=1).to(lp_l.dtype)
+    if loss_type == "sigmoid":
+        return -ls(beta * delta)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":
+        return (lr_w / n_w - lr_l / n_l - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":
+        return (-(1 - eps) * ls(beta * delta) + eps * ls(-beta * delta)) / (1 - 2 * eps)
+    if loss_type == "exo_pair":
+        z = beta * delta
+        return s(z) * (ls(z) - math.log1p(-eps)) + s(-z) * (ls(-z) - math.log(eps))
+    if loss_type == "nca_pair":
+        return -ls(beta * lr_w) - 0.5 * ls(-beta * lr_w) - 0.5 * ls(-beta * lr_l)
+    if loss_type == "bco_pair":
+        return -ls(beta * lr_w) - ls(-beta * lr_l)
+    if loss_type == "sppo_hard":
+        return (lr_w - 0.5 / beta) ** 2 + (lr_l + 0.5 / beta) ** 2
+    if loss_type in ("aot", "aot_unpaired"):
+        if loss_type == "aot":
+            d = torch.sort(lp_w - lp_l).values - torch.sort(ref_w - ref_l).values
+        else:
+            d = torch.sort(lr_w).values - torch.sort(lr_l).values
+        return -(1 - eps) * ls(beta * d) - eps * ls(-beta * d)
+    if loss_type == "apo_zero":
+        return (1 - s(beta * lr_w)) + s(beta * lr_l)
+    if loss_type == "apo_down":
+        return s(beta * lr_w) + (1 - s(beta * delta))
+    if loss_type == "discopop":
+        z = beta * delta
+        m = s(z / discopop_tau)
+        return (1 - m) * -ls(z) + m * torch.exp(-z)
+    if loss_type == "sft":
+        return -lp_w / n_w
+    if loss_type == "sigmoid_norm":
+        return -ls(beta * (lr_w / n_w - lr_l / n_l))
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+
+
+def xpo_loss(dpo_per_pair: torch.Tensor, ref_sample_logps: torch.Tensor, ref_sample_mask: torch.Tensor,
+             alpha: float) -> torch.Tensor:
+    """XPO (Xie et al. 2024, arXiv 2405.21046; TRL's XPOTrainer): L = DPO-family loss on the pair built from a policy
+    sample and a reference sample + alpha * sum_t log pi_theta(y~_t | x, y~_<t) of the *reference* sample y~.
+    Minimising the second term lowers the policy's likelihood of what the reference would say: the exploration bonus.
+    ``dpo_per_pair`` (B,); ``ref_sample_logps`` per-token log-probs (B, T) under pi_theta, ``ref_sample_mask`` (B, T)
+    marks the response tokens. Returns per-pair losses (B,)."""
+    return dpo_per_pair + alpha * (ref_sample_logps * ref_sample_mask).sum(-1)
+
+
+def inpo_loss(lp_w: torch.Tensor, lp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, last_w: torch.Tensor,
+              last_l: torch.Tensor, eta: float, ratio: float) -> torch.Tensor:
+    """INPO (Zhang et al. 2024, arXiv 2407.00617), round t with previous iterate pi_t and reference pi_ref:
+        h = [log pi(y_w) - log pi(y_l)] - (tau/eta) [log pi_ref(y_w) - log pi_ref(y_l)]
+            - ((eta - tau)/eta) [log pi_t(y_w) - log pi_t(y_l)]
+        L = (h - 1/(2 eta))^2,        ratio = tau/eta (the authors' code: 1/3, eta 0.005).
+    Per pair, shapes (B,)."""
+    h = (lp_w - lp_l) - ratio * (ref_w - ref_l) - (1 - ratio) * (last_w - last_l)
+    return (h - 1 / (2 * eta)) ** 2

@@ -39,7 +39,6 @@ class OnlineConfig(Strict):
     max_new_tokens: int = Field(48, gt=0, description="Response length limit.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (1 = on-policy).")
     top_p: float = Field(1.0, gt=0, le=1)
-    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL(pi || pi_ref) penalty.")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of responses cut off "
                                               "before EOS.")
 
@@ -93,7 +92,7 @@ class Rollout:
     mask: torch.Tensor  # (B, R) response tokens
     logp: torch.Tensor  # (B, R) under the policy that sampled
     logp_ref: torch.Tensor  # (B, R)
-    score: torch.Tensor  # (B,) reward source
+    score: torch.Tensor | None  # (B,) reward source; None when the method labels pairs with a preference source
     values: torch.Tensor | None
     texts: list[str]
     prompts: list[str]
@@ -102,7 +101,7 @@ class Rollout:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
         return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_width, self.mask[idx], self.logp[idx],
-                       self.logp_ref[idx], self.score[idx], pick(self.values), [self.texts[i] for i in idx_list],
+                       self.logp_ref[idx], pick(self.score), pick(self.values), [self.texts[i] for i in idx_list],
                        [self.prompts[i] for i in idx_list])
 
 
@@ -141,7 +140,7 @@ class Engine:
                                        num_training_steps=self.iterations * method.updates_per_iteration)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.ref.to(self.accelerator.device)
-        self.scorer = rewards.load(run.recipe.reward or RewardConfig())
+        self.scorer = None if getattr(method, "uses_preferences", False) else rewards.load(run.recipe.reward or RewardConfig())
         all_prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
         self.prompts = all_prompts[self.rank :: self.world]
         self.batch_size = self.args.per_device_train_batch_size
@@ -187,12 +186,13 @@ class Engine:
         return logp, entropy, values
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], greedy: bool = False, score_only: bool = False) -> Rollout:
+    def rollout(self, prompts: list[str], greedy: bool = False, score_only: bool = False, from_reference: bool = False,
+                score: bool = True) -> Rollout:
         from aligntool.sampling import generate_from_ids, trim
 
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        lm = self.policy_lm
+        lm = self.ref if from_reference else self.policy_lm  # XPO samples the reference too
         lm.eval()
         if greedy:
             ids, attn, _, P = self._pack(prompt_ids, [[] for _ in prompts])
@@ -205,8 +205,12 @@ class Engine:
                                           temperature=cfg.temperature, top_p=cfg.top_p)
         ids, attn, mask, P = self._pack(prompt_ids, responses)
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-        score = torch.tensor(self.scorer(prompts, texts), device=ids.device)
-        if cfg.missing_eos_penalty:
+        # methods that compare two samples with a preference source take score=False and label pairs themselves
+        if not score:
+            score = None
+        else:
+            score = torch.tensor(self.scorer(prompts, texts), device=ids.device)
+        if score is not None and cfg.missing_eos_penalty:
             score = score - cfg.missing_eos_penalty * torch.tensor(
                 [tok.eos_token_id not in r for r in responses], device=ids.device, dtype=score.dtype)
         ro = Rollout(ids, attn, P, mask, None, None, score, None, texts, prompts)
@@ -231,8 +235,9 @@ class Engine:
 
     def rollout_stats(self, ro: Rollout) -> dict:
         kl = ((ro.logp - ro.logp_ref) * ro.mask).sum(-1)
-        return {"reward": ro.score.mean().item(), "reward_std": ro.score.std().item() if len(ro.score) > 1 else 0.0,
-                "kl": kl.mean().item(), "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
+        scored = {} if ro.score is None else {
+            "reward": ro.score.mean().item(), "reward_std": ro.score.std().item() if len(ro.score) > 1 else 0.0}
+        return {**scored, "kl": kl.mean().item(), "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
                 "response_length": ro.mask.sum(-1).float().mean().item()}
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -340,7 +345,7 @@ class Engine:
             while self.state["iteration"] < self.iterations:
                 last = self._iteration(rng)
                 bar.update(1)
-                bar.set_postfix(reward=f"{last['reward']:.2f}", kl=f"{last['kl']:.2f}")
+                bar.set_postfix({k: f"{last[k]:.2f}" for k in ("reward", "loss", "kl") if k in last})
         wall = time.time() - start
         if self.accelerator.is_main_process:
             self.policy_lm.save_pretrained(self.out, safe_serialization=True)

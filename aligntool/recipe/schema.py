@@ -129,11 +129,21 @@ class RewardConfig(Strict):
         0, description="Variance estimator of UWO: 0 = population (authors' best-of-n code), 1 = unbiased (their PPO code)."
     )
     batch_size: int = Field(64, gt=0)
+    judge: str | None = Field(
+        None, description="Methods that compare two samples (online_dpo, xpo, inpo): a pairwise judge "
+        "'module:function' fn(prompts, completions_a, completions_b) -> list of P(a > b) in [0, 1]; instead of a score."
+    )
+    bt_temperature: float = Field(
+        0.0, ge=0, description="Pairwise use of a score source: P(a > b) = sigmoid((r_a - r_b)/T), the label drawn from "
+        "it (Bradley-Terry noise); 0 = the higher score wins."
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
         if self.ensemble and self.source != "gold":
             raise ValueError("set either source or ensemble, not both")
+        if self.judge and (self.ensemble or self.source != "gold"):
+            raise ValueError("set either judge or a score source (source / ensemble), not both")
         if not self.ensemble and self.aggregate != "mean":
             raise ValueError("aggregate applies to an ensemble only")
         return self

@@ -23,7 +23,13 @@ class RefLogpsCache:
             cached = Dataset.from_parquet(str(path))
             if len(cached) == len(dataset):
                 return concatenate_datasets([dataset, cached], axis=1)
-        out = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.num_processes > 1:
+            # TRL's pass shares a datasets cache file between ranks, which an in-memory dataset (toy data, pipeline
+            # stages) does not have on the other ranks: each rank scores every row itself instead.
+            chosen, rejected = self.logps_pass(dataset, self.ref_model or self.model, batch_size)
+            out = dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+        else:
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
         if self.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -31,6 +37,20 @@ class RefLogpsCache:
             os.replace(tmp, path)
         return out
 
+    def logps_pass(self, dataset, model, batch_size: int) -> tuple[list[float], list[float]]:
+        """Sequence log-probs of every row's chosen and rejected completion under ``model``, through TRL's own
+        collator and ``compute_ref_log_probs`` (the same tokens and masking as training), on this process alone."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        collator = getattr(self.data_collator, "inner", self.data_collator)
+        chosen, rejected = [], []
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False):
+            batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            c, r = self.compute_ref_log_probs(model, batch)
+            chosen += c.float().tolist()
+            rejected += r.float().tolist()
+        return chosen, rejected
 
 
 def with_ref_cache(trainer_cls):

@@ -1,0 +1,164 @@
+"""INPO: Iterative Nash Policy Optimization (Zhang et al. 2024, arXiv 2407.00617), as the authors' pipeline runs it.
+
+For each iteration t = 1..T (a disjoint part of the prompts per iteration, as the authors use a fresh prompt set):
+    1. sample K responses per prompt from the current iterate pi_t                         -> iter-t/samples.jsonl
+    2. pick one pair per prompt with the preference source (recipe ``reward`` section):
+         best_worst  chosen = highest score, rejected = lowest (needs a score source)
+         tournament  the authors' knockout: winner bracket to the champion (chosen), the first-round losers' bracket
+                     down to the worst (rejected); a match is won with P(i > j) > 1/2
+       a pair is kept only if P(chosen > rejected) > 1/2 (the authors' final check)
+    3. precompute log-probs of both responses under pi_ref (fixed: the starting model or ``ref_model``) and under
+       pi_t, then train pi_{t+1} from pi_t on
+           h = [log pi(y_w) - log pi(y_l)] - ratio [log pi_ref(y_w) - log pi_ref(y_l)]
+               - (1 - ratio) [log pi_t(y_w) - log pi_t(y_l)],      L = (h - 1/(2 eta))^2,    ratio = tau/eta
+                                                                                              -> iter-t/ (model, metrics)
+Each iteration's data and model are kept; ``iter-t/iteration.done`` marks a finished one, so a rerun (or --resume)
+continues at the next iteration. Authors' defaults: eta 0.005, ratio 1/3, K 8, T 3, temperature 1.0; the toy recipe
+uses a larger eta (a smaller margin target 1/(2 eta)) for a 1 M-parameter model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from aligntool.recipe.schema import Strict
+
+
+class AlgoConfig(Strict):
+    iterations: int = Field(3, ge=1, description="Iterations T (authors: 3).")
+    num_samples: int = Field(8, ge=2, description="K responses per prompt (authors: 8); K >= 2.")
+    eta: float = Field(0.005, gt=0, description="eta: the margin target of h is 1/(2 eta) (authors: 0.005).")
+    ratio: float = Field(1 / 3, ge=0, le=1, description="tau/eta: weight of pi_ref against the last iterate (1/3).")
+    pairing: Literal["tournament", "best_worst"] = Field("tournament", description="How each prompt's pair is chosen.")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, gt=0)
+    seed: int = 0
+
+    def trl_kwargs(self) -> dict:
+        return {"precompute_ref_log_probs": True}
+
+
+def preference_matrices(source, prompts: list[str], texts: list[str], k: int) -> list[list[list[float]]]:
+    """P[i][j] = P(response i > response j) for each prompt's K responses (P[i][i] = 1/2)."""
+    from aligntool.preferences import bt_probability
+
+    n = len(prompts) // k
+    scores = source.scores(prompts, texts)
+    if scores is not None:
+        t = source.config.bt_temperature
+        return [[[bt_probability(scores[g * k + i], scores[g * k + j], t) for j in range(k)] for i in range(k)]
+                for g in range(n)]
+    pairs = [(g, i, j) for g in range(n) for i in range(k) for j in range(i + 1, k)]
+    p = source.probabilities([prompts[g * k] for g, _, _ in pairs], [texts[g * k + i] for g, i, _ in pairs],
+                             [texts[g * k + j] for g, _, j in pairs])
+    mats = [[[0.5] * k for _ in range(k)] for _ in range(n)]
+    for (g, i, j), x in zip(pairs, p):
+        mats[g][i][j], mats[g][j][i] = x, 1 - x
+    return mats
+
+
+def select_pair(matrix: list[list[float]], scores: list[float] | None, pairing: str) -> tuple[int, int] | None:
+    from aligntool.preferences import knockout
+
+    if pairing == "best_worst":
+        w, l = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+    else:
+        w, l = knockout(len(matrix), lambda i, j: matrix[i][j] > 0.5)
+    return (w, l) if w != l and matrix[w][l] > 0.5 else None
+
+
+def pipeline(run) -> dict:
+    import datasets
+    from aligntool import models
+    from aligntool.errors import UserError
+    from aligntool.losses.preference import inpo_loss
+    from aligntool.preferences import PreferenceSource
+    from aligntool.recipe.schema import RewardConfig
+    from aligntool.sampling import sample
+    from aligntool.train import is_main_process, log
+    from aligntool.trainers.pairwise import PairLossTrainer
+    from aligntool.trainers.stages import cached_stage
+
+    cfg: AlgoConfig = run.algo
+    prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
+    if len(prompts) < cfg.iterations:
+        raise UserError(f"algo.iterations: {cfg.iterations} iterations need at least as many prompts, got {len(prompts)}")
+    reward_cfg = run.recipe.reward or RewardConfig()
+    if cfg.pairing == "best_worst" and reward_cfg.judge:
+        raise UserError("algo.pairing: best_worst needs scores; with reward.judge use pairing: tournament")
+    source = None
+    ref_path = str(run.ref_path or (models.resolve(run.recipe.ref_model.name_or_path, key="ref_model.name_or_path")
+                                    if run.recipe.ref_model and run.recipe.ref_model.name_or_path else run.model_path))
+
+    class INPOTrainer(PairLossTrainer):
+        extra_columns = ("last_chosen_logps", "last_rejected_logps")
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # pi_t's log-probs, through TRL's own tokenisation: the policy *is* pi_t until the first update
+            chosen, rejected = self.logps_pass(self.train_dataset, self.model, self.args.per_device_train_batch_size)
+            self.train_dataset = self.train_dataset.add_column("last_chosen_logps", chosen).add_column(
+                "last_rejected_logps", rejected)
+
+        def pair_loss(self, b):
+            loss = inpo_loss(b["chosen_logps"], b["rejected_logps"], b["ref_chosen_logps"], b["ref_rejected_logps"],
+                             b["last_chosen_logps"], b["last_rejected_logps"], cfg.eta, cfg.ratio)
+            h_margin = (b["chosen_logps"] - b["rejected_logps"]) - (b["last_chosen_logps"] - b["last_rejected_logps"])
+            lr_w, lr_l = b["chosen_logps"] - b["ref_chosen_logps"], b["rejected_logps"] - b["ref_rejected_logps"]
+            return loss, {"rewards/accuracies": (lr_w > lr_l).float(), "rewards/margins": lr_w - lr_l,
+                          "inpo/margin_vs_last": h_margin}
+
+    policy_path, summaries = run.model_path, []
+    for t in range(1, cfg.iterations + 1):
+        stage = run.stage(f"iter-{t}", model_path=policy_path)
+        if (stage.output_dir / "iteration.done").is_file():
+            log(f"inpo: iteration {t} already finished; reusing {stage.output_dir}")
+            policy_path = str(stage.output_dir)
+            continue
+        part = prompts[t - 1 :: cfg.iterations]
+        settings = {"policy": policy_path, "prompts": part, **cfg.model_dump(exclude={"iterations"}),
+                    "reward": reward_cfg.model_dump()}
+
+        def do_sample():
+            nonlocal source
+            policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
+            k = cfg.num_samples
+            repeated = [p for p in part for _ in range(k)]
+            texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
+                              seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
+            source = source or PreferenceSource(reward_cfg, seed=cfg.seed + t)
+            scores = source.scores(repeated, texts) if cfg.pairing == "best_worst" else None
+            rows = []
+            for g, (p, m) in enumerate(zip(part, preference_matrices(source, repeated, texts, k))):
+                pair = select_pair(m, scores[g * k : (g + 1) * k] if scores else None, cfg.pairing)
+                if pair:
+                    w, l = pair
+                    rows.append({"prompt": p, "chosen": texts[g * k + w], "rejected": texts[g * k + l],
+                                 "p_chosen_over_rejected": m[w][l]})
+            return rows
+
+        rows = cached_stage(stage.output_dir, "samples", settings, do_sample, log=log)
+        if not rows:
+            raise UserError(f"inpo: iteration {t}: no prompt gave a pair the preference source prefers (all ties?)")
+        log(f"inpo: iteration {t}/{cfg.iterations}: {len(rows)} pairs from {len(part)} prompts")
+        stage.train_dataset = datasets.Dataset.from_list(
+            [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+        reference = models.load_model(ref_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
+        trainer = INPOTrainer(model=stage.policy(), ref_model=reference, args=stage.trl_config(),
+                              train_dataset=stage.train_dataset, processing_class=run.tokenizer)
+        summary = stage.fit(trainer)
+        summary["iteration"], summary["pairs"] = t, len(rows)
+        summaries.append(summary)
+        if is_main_process():
+            (stage.output_dir / "iteration.done").write_text("")
+        policy_path = str(stage.output_dir)
+
+    final = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
+    if is_main_process():
+        final.save_pretrained(run.output_dir, safe_serialization=True)
+        run.tokenizer.save_pretrained(run.output_dir)
+    return {"algorithm": "inpo", "iterations": cfg.iterations, "final_policy": policy_path, "per_iteration": summaries,
+            "global_step": sum(s["global_step"] for s in summaries)}
