@@ -122,25 +122,10 @@ def main() -> None:
     models.resolve(a.model)  # build the tiny model outside the timed runs
     with tempfile.TemporaryDirectory() as scaled:
         if a.hidden_size:
+            from aligntool.toy.tiny import widened_copy
+
             a.model = widened_copy(str(models.resolve(a.model)), a.hidden_size, a.layers, scaled)
         compare(a)
-
-
-def widened_copy(path: str, hidden: int, layers: int, out: str) -> str:
-    """A random-init Llama with the tiny model's tokenizer and vocabulary, `hidden` wide and `layers` deep."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    cfg = AutoConfig.from_pretrained(path)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = hidden, 3 * hidden, layers
-    cfg.num_attention_heads = cfg.num_key_value_heads = hidden // cfg.head_dim
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(path).save_pretrained(out)
-    print(f"model: random-init {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
-          f"(hidden {hidden}, {layers} layers)")
-    return out
 
 
 def compare(a) -> None:

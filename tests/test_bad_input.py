@@ -165,6 +165,7 @@ def test_eval_of_missing_model(capsys, tmp_path):
         ("hypo", ["algo.kl_samples=1"], ["algo.kl_samples", "greater than or equal to 2"]),
         ("cpl", ["algo.contrastive_bias=0"], ["algo.contrastive_bias", "greater than 0"]),
         ("spo", ["algo.removal_ratios=[0.5, 0.2]"], ["algo.removal_ratios", "increasing"]),
+        ("dpo", ["train.optim=AdamW9bit"], ["train.optim", "unknown optimizer 'AdamW9bit'", "AdamW8bit"]),
     ],
 )
 def test_options_that_do_not_fit_the_algorithm(capsys, recipe, overrides, needles):

@@ -132,8 +132,12 @@ class Engine:
         self.ref = (run.reference() or models.load_model(run.model_path, run.recipe.model.dtype,
                                                          run.recipe.model.trust_remote_code)).eval()
         self.ref.requires_grad_(False)
-        decay = self.args.weight_decay
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.args.learning_rate, weight_decay=decay)
+        from transformers import Trainer
+
+        # the optimizer train.optim names (AdamW, bitsandbytes 8-bit, Lion, ...), built as the Trainer builds it
+        optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model.lm)
+        optim_kwargs = {**optim_kwargs, "lr": self.args.learning_rate}
+        self.optimizer = optim_cls(self.model.parameters(), weight_decay=self.args.weight_decay, **optim_kwargs)
         self.iterations = self.args.max_steps if self.args.max_steps > 0 else 100
         self.scheduler = get_scheduler(self.args.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=self.args.get_warmup_steps(self.iterations * method.updates_per_iteration),

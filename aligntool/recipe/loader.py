@@ -137,7 +137,10 @@ def _explain(err: ValidationError, root: type[BaseModel], prefix: tuple, source:
         return UserError(f"{at}: unknown key {key!r}{hint}{valid}")
     if e["type"] == "missing":
         return UserError(f"{at}: missing required key {key!r}")
-    return UserError(f"{at}: {key}: {e['msg'].lower()} (got {e.get('input')!r})")
+    msg = e["msg"]
+    msg = msg.removeprefix("Value error, ")  # our validators' own words, kept as written (names are case-sensitive)
+    msg = msg[:1].lower() + msg[1:]
+    return UserError(f"{at}: {key}: {msg} (got {e.get('input')!r})")
 
 
 def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source: str, lines: dict) -> None:

@@ -11,8 +11,13 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator,
+    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
+    model_validator,
 )
+
+# bitsandbytes class names accepted for train.optim, mapped to transformers' optimizer names
+OPTIM_ALIASES = {"AdamW": "adamw_torch", "AdamW8bit": "adamw_8bit", "PagedAdamW8bit": "paged_adamw_8bit",
+                 "Lion8bit": "lion_8bit", "PagedLion8bit": "paged_lion_8bit", "Lion": "lion_32bit"}
 
 
 class Strict(BaseModel):
@@ -108,11 +113,28 @@ class TrainConfig(BaseModel):
     lr_scheduler_type: str | None = None
     weight_decay: NonNegativeFloat | None = None
     max_grad_norm: NonNegativeFloat | None = None
-    optim: str | None = None
+    optim: str | None = Field(None, description="Optimizer: any transformers name (adamw_torch, adamw_8bit, "
+                              "paged_adamw_8bit, lion_8bit, ...) or AdamW8bit / PagedAdamW8bit / Lion8bit (bitsandbytes).")
     bf16: bool | None = None
     fp16: bool | None = None
     gradient_checkpointing: bool | None = None
     report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
+
+    @field_validator("optim")
+    @classmethod
+    def _optim(cls, v):
+        if v is None:
+            return v
+        from transformers.training_args import OptimizerNames
+
+        v = OPTIM_ALIASES.get(v, v)
+        names = [o.value for o in OptimizerNames]
+        if v not in names:
+            raise ValueError(f"unknown optimizer {v!r}; expected one of {', '.join(OPTIM_ALIASES)} or a transformers "
+                             f"optimizer name such as adamw_torch, adamw_8bit, paged_adamw_8bit, lion_8bit, sgd")
+        if ("8bit" in v or "bnb" in v or v.startswith(("lion", "paged"))) and not _has("bitsandbytes"):
+            raise ValueError(f"{v} needs bitsandbytes: bash scripts/install.sh --extras bitsandbytes")
+        return v
 
 
 class RewardConfig(Strict):
@@ -163,3 +185,9 @@ class Recipe(Strict):
     def trl_kwargs(self, algo_config: BaseModel) -> dict:
         """The keyword arguments for the algorithm's TRL config: set ``train.*`` keys plus every ``algo.*`` key."""
         return {**self.train.model_dump(exclude_none=True), **algo_config.trl_kwargs()}
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

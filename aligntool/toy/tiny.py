@@ -117,3 +117,21 @@ def build_tiny_model(out: Path) -> None:
     model.generation_config.eos_token_id = eos
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def widened_copy(path: str, hidden: int, layers: int, out: str) -> str:
+    """A random-init Llama with ``path``'s tokenizer and vocabulary, ``hidden`` wide and ``layers`` deep (head size
+    kept), saved to ``out`` -- for benchmarks where the tiny model's memory would be dwarfed by the runtime's."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(path)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = hidden, 3 * hidden, layers
+    cfg.num_attention_heads = cfg.num_key_value_heads = hidden // cfg.head_dim
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    print(f"model: random-init {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
+          f"(hidden {hidden}, {layers} layers)")
+    return out
