@@ -43,7 +43,13 @@ def train(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or a built-in recipe name (dpo, sft, ...)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. train.max_steps=50."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in output_dir."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (torchrun)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this node (torchrun): GPUs, or CPU ranks."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes taking part (each runs this command)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0..nnodes-1."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Host of node 0 (multi-node)."),
+    master_port: int = typer.Option(29500, "--master-port", min=1, max=65535),
+    slurm: bool = typer.Option(False, "--slurm", help="Inside a SLURM job step (the `aligntool slurm` script): take "
+                               "nodes, node rank and main address from SLURM, resume if a checkpoint exists."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
     """Train a model as the recipe says; outputs go to the recipe's output_dir."""
@@ -52,29 +58,83 @@ def train(
 
     overrides = list(overrides or [])
     loaded = load_recipe(recipe, overrides)  # validate before spawning anything
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        raise typer.Exit(_launch(loaded, recipe, overrides, resume, nproc))
+    if slurm:
+        from pathlib import Path
+
+        from aligntool.launch.slurm import slurm_env
+        from aligntool.train import latest_checkpoint
+
+        if "LOCAL_RANK" not in os.environ:
+            nnodes, node_rank, master_addr, master_port = slurm_env()
+        out = Path(loaded.recipe.output_dir).expanduser()
+        resume = resume or latest_checkpoint(out / "checkpoints") is not None or any(out.glob("iter-*/iteration.done"))
+    if "LOCAL_RANK" not in os.environ:
+        _check_processes(nproc, nnodes, node_rank, master_addr)
+        if nproc > 1 or nnodes > 1:
+            from aligntool import models
+            from aligntool.launch.torchrun import run_forwarding_signals, torchrun_command
+
+            # Build the tiny model once here, not racing in every rank.
+            models.resolve(loaded.recipe.model.name_or_path, log=lambda m: print(m, file=sys.stderr))
+            argv = ["train", "--recipe", recipe, *overrides, *(["--resume"] if resume else []),
+                    *(["--debug"] if _DEBUG["on"] else [])]
+            if nnodes == 1:
+                master_addr = None  # one node: torchrun's standalone rendezvous
+            raise typer.Exit(run_forwarding_signals(torchrun_command(argv, nproc, nnodes, node_rank, master_addr,
+                                                                     master_port)))
     from aligntool.train import train as run_train
 
     run_train(loaded, resume=resume)
 
 
-def _launch(loaded, recipe: str, overrides: list[str], resume: bool, nproc: int) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes (gloo on CPU, NCCL on GPUs)."""
-    import subprocess
+def _check_processes(nproc: int, nnodes: int, node_rank: int, master_addr: Optional[str]) -> None:
+    import torch
 
-    from aligntool import models
+    if torch.cuda.is_available():
+        if nproc > torch.cuda.device_count():
+            raise UserError(f"--nproc: {nproc} processes but this node has {torch.cuda.device_count()} GPUs")
+    elif nproc > (os.cpu_count() or 1):
+        raise UserError(f"--nproc: {nproc} processes but this machine has {os.cpu_count()} CPU cores")
+    if node_rank >= nnodes:
+        raise UserError(f"--node-rank: {node_rank} is not below --nnodes {nnodes}")
+    if nnodes > 1 and not master_addr:
+        raise UserError("--master-addr: needed with --nnodes > 1 (the host of node 0)")
 
-    # Build the tiny model once here, not racing in every rank.
-    models.resolve(loaded.recipe.model.name_or_path, log=lambda m: print(m, file=sys.stderr))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "aligntool.cli", "train", "--recipe", recipe, *overrides]
-    if resume:
-        cmd.append("--resume")
-    if _DEBUG["on"]:
-        cmd.append("--debug")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+
+@app.command()
+def slurm(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe file or algorithm name."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides passed to every node."),
+    nodes: int = typer.Option(1, "--nodes", min=1),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node", min=0, help="GPUs (= processes) per node."),
+    time_limit: str = typer.Option(..., "--time", help="SLURM time limit, HH:MM:SS or D-HH:MM:SS."),
+    partition: Optional[str] = typer.Option(None, "--partition"),
+    account: Optional[str] = typer.Option(None, "--account"),
+    cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", min=1),
+    signal_lead: int = typer.Option(120, "--signal-lead", min=10, help="Seconds before the limit to checkpoint."),
+    out: Optional[str] = typer.Option(None, "--out", help="Script path (default: OUTPUT_DIR/slurm.sbatch)."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Write an sbatch script: srun + torchrun on every node, --requeue, checkpoint-and-requeue on the warning signal."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    from pathlib import Path
+
+    from aligntool.launch.slurm import check_time, sbatch_script
+    from aligntool.recipe.loader import load_recipe
+
+    check_time(time_limit)
+    overrides = list(overrides or [])
+    loaded = load_recipe(recipe, overrides)
+    output_dir = str(Path(loaded.recipe.output_dir).expanduser())
+    script = sbatch_script(recipe, overrides, nodes, gpus_per_node, time_limit, output_dir,
+                           job_name=f"aligntool-{loaded.spec.name}", partition=partition, account=account,
+                           cpus_per_task=cpus_per_task, signal_lead=signal_lead)
+    path = Path(out) if out else Path(output_dir) / "slurm.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    print(path)
+    print(f"submit with: sbatch {path}", file=sys.stderr)
 
 
 @app.command("eval")
@@ -211,9 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aligntool: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # click usage errors and friends
+    except Exception as exc:  # preemption, click usage errors and friends
         import click
 
+        from aligntool.launch.preemption import Preempted
+
+        if isinstance(exc, Preempted):  # a checkpoint was written: resumable, not failed
+            print(f"aligntool: {exc}", file=sys.stderr)
+            return 0
         if isinstance(exc, click.exceptions.Abort):
             return 1
         if isinstance(exc, click.ClickException):

@@ -90,7 +90,9 @@ def _callbacks(metrics_file: Path, stage: str | None):
                 if ckpt.is_dir():
                     write_atomic(ckpt / COMPLETE_MARKER, f"{state.global_step}\n")
 
-    return [MetricsJsonl(), MarkComplete()]
+    from aligntool.launch import preemption
+
+    return [MetricsJsonl(), MarkComplete(), preemption.callback()]
 
 
 def _cuda() -> bool:
@@ -175,6 +177,11 @@ class Run:
         start = time.time()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         wall = time.time() - start
+        from aligntool.launch import preemption
+
+        if preemption.requested():  # the callback saved a checkpoint at the step end; no final model, no summary
+            trainer.accelerator.wait_for_everyone()
+            raise preemption.Preempted(trainer.state.global_step, latest_checkpoint(out / "checkpoints"))
         metrics = dict(result.metrics)
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
@@ -204,8 +211,12 @@ class Run:
 
 def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
     """Run the recipe to the end; returns the summary written to summary.json."""
+    from aligntool.launch import preemption
+
     recipe, spec = loaded.recipe, loaded.spec
     out = Path(recipe.output_dir).expanduser()
+    preemption.reset()
+    preemption.install()
     if is_main_process():
         prepare_output_dir(out)
     module = spec.load()

@@ -33,3 +33,88 @@ def test_online_engine_uses_the_recipes_optimizer(tmp_path, tiny_path):
         "train.per_device_train_batch_size=2", "algo.max_new_tokens=8", "dataset.toy.size=8"]))
     states = quant_state(tmp_path / "checkpoints" / "checkpoint-2")
     assert any(t.dtype == torch.uint8 for s in states for t in s.values() if torch.is_tensor(t))
+
+
+def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weights(tmp_path, tiny_path):
+    """Data order, RNG states, scheduler and optimizer are restored: on CPU the resumed run is bitwise equal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["train.max_steps=40", "train.save_steps=5", "train.per_device_train_batch_size=8", "train.logging_steps=5",
+            "dataset.toy.size=320", "train.seed=3"]
+    full = tmp_path / "full"
+    train(load_recipe(REPO / "recipes" / "dpo.yaml", [*args, f"output_dir={full}"]))
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "dpo.yaml"), *args,
+           f"output_dir={cut}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = cut / "checkpoints" / "checkpoint-10" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.is_file() and not (cut / "summary.json").is_file(), "the run was not cut mid-training"
+
+    summary = train(load_recipe(REPO / "recipes" / "dpo.yaml", [*args, f"output_dir={cut}"]), resume=True)
+    assert summary["global_step"] == 40 and summary["resumed_from"].startswith(str(cut / "checkpoints" / "checkpoint-"))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_slurm_script_preemption_checkpoints_requeues_and_resumes(tmp_path, tiny_path):
+    """The generated sbatch script, run by bash with stand-ins for srun/scontrol and a SLURM-like environment:
+    2 processes train; SIGUSR1 to the batch shell (SLURM's warning) -> checkpoint at a step end, clean exit, requeue;
+    running the script again (the requeued job) resumes and finishes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from aligntool.cli import main
+
+    out = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    overrides = [f"output_dir={out}", "train.max_steps=60", "train.save_steps=1000", "train.logging_steps=1",
+                 "train.per_device_train_batch_size=4", "dataset.toy.size=480"]
+    assert main(["slurm", "--recipe", "dpo", *overrides, "--nodes", "1", "--gpus-per-node", "2", "--time", "00:30:00",
+                 "--out", str(script)]) == 0
+    text = script.read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text and "--slurm" in text
+
+    log = tmp_path / "scontrol.log"
+    env = dict(os.environ, PATH=f"{REPO / 'tests' / 'fake_slurm'}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="node0", FAKE_SLURM_LOG=str(log))
+    job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and job.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert job.poll() is None, job.stdout.read()[-3000:]
+    os.kill(job.pid, signal.SIGUSR1)
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output[-3000:]
+    assert "scontrol requeue 4242" in log.read_text()
+    ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "COMPLETE").is_file()]
+    assert len(ckpts) == 1, output[-3000:]
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 3 <= stopped_at < 60 and not (out / "summary.json").exists()
+    assert "preempted" in output
+
+    again = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 60 and summary["world_size"] == 2
+    assert summary["resumed_from"].endswith(f"checkpoint-{stopped_at}")

@@ -337,6 +337,7 @@ class Engine:
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
+        from aligntool.launch import preemption
         from aligntool.train import latest_checkpoint, log
 
         if self.run.resume and (ckpt := latest_checkpoint(self._checkpoint_dir())):
@@ -349,6 +350,9 @@ class Engine:
             while self.state["iteration"] < self.iterations:
                 last = self._iteration(rng)
                 bar.update(1)
+                if preemption.requested():
+                    ckpt = self.save_checkpoint()
+                    raise preemption.Preempted(self.state["iteration"], str(ckpt))
                 bar.set_postfix({k: f"{last[k]:.2f}" for k in ("reward", "loss", "kl") if k in last})
         wall = time.time() - start
         if self.accelerator.is_main_process:
