@@ -101,6 +101,31 @@ def _check_processes(nproc: int, nnodes: int, node_rank: int, master_addr: Optio
         raise UserError("--master-addr: needed with --nnodes > 1 (the host of node 0)")
 
 
+@app.command("merge-lora")
+def merge_lora(
+    adapter: str = typer.Argument(..., help="A LoRA adapter folder (a run with a peft section)."),
+    out: str = typer.Option(..., "--out", help="Where to write the merged model."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Merge a LoRA adapter into its base model and save a plain transformers model folder (safetensors)."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    from pathlib import Path
+
+    from aligntool import models
+
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"merge-lora: {adapter}: no adapter_config.json (expected a LoRA adapter folder)")
+    from aligntool.eval.toy import is_reward_model
+
+    head = "reward" if is_reward_model(str(path)) else "causal_lm"
+    model = models.merged_adapter(str(path), key="merge-lora", head=head)
+    target = Path(out).expanduser()
+    model.save_pretrained(target, safe_serialization=True)
+    models.load_tokenizer(str(path), key="merge-lora").save_pretrained(target)
+    print(target)
+
+
 @app.command()
 def slurm(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe file or algorithm name."),

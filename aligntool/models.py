@@ -17,8 +17,9 @@ def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> st
         return str(tiny_model_path(log=log))
     local = Path(name_or_path).expanduser()
     if local.exists():
-        if not (local / "config.json").is_file():
-            raise UserError(f"{key}: {name_or_path}: folder has no config.json (expected a transformers model folder)")
+        if not (local / "config.json").is_file() and not (local / "adapter_config.json").is_file():
+            raise UserError(f"{key}: {name_or_path}: folder has no config.json (expected a transformers model folder "
+                            "or a LoRA adapter folder)")
         return str(local)
     parts = name_or_path.split("/")
     if name_or_path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
@@ -43,11 +44,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
 
 
 def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
-               head: str = "causal_lm", pad_token_id: int | None = None, key="model.name_or_path"):
-    """A causal LM, or a one-output sequence classifier (``head='reward'``) for reward models."""
+               head: str = "causal_lm", pad_token_id: int | None = None, key="model.name_or_path",
+               quantization_config=None):
+    """A causal LM, or a one-output sequence classifier (``head='reward'``) for reward models. A LoRA adapter folder
+    (a peft run's output) loads as its base with the adapter merged."""
     import transformers
 
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        return merged_adapter(path, dtype, trust_remote_code, key=key, head=head, pad_token_id=pad_token_id)
     kwargs = dict(dtype=DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code, revision=revision)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if head == "reward":
         model = _wrap(key, path, transformers.AutoModelForSequenceClassification.from_pretrained, path, num_labels=1, **kwargs)
         if pad_token_id is not None and model.config.pad_token_id is None:
@@ -96,3 +103,48 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def merged_adapter(path: str, dtype: str = "auto", trust_remote_code: bool = False, key: str = "ADAPTER",
+                   head: str = "causal_lm", pad_token_id: int | None = None):
+    """The base model named in a LoRA adapter folder's adapter_config.json, with the adapter merged into its weights."""
+    import json
+
+    from peft import PeftModel
+
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    base_path = cfg.get("base_model_name_or_path")
+    if not base_path:
+        raise UserError(f"{key}: {path}/adapter_config.json names no base_model_name_or_path")
+    base = load_model(resolve(base_path, key=key, log=lambda m: None), dtype, trust_remote_code, key=key, head=head,
+                      pad_token_id=pad_token_id)
+    return _wrap(key, path, PeftModel.from_pretrained, base, path).merge_and_unload()
+
+
+def check_target_modules(peft, model, key: str = "peft.target_modules") -> None:
+    """Every LoRA target module of the recipe must exist in ``model``; the error lists its linear modules."""
+    from torch import nn
+
+    targets = peft.target_modules
+    if targets == "all-linear":
+        return
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"{key}: {', '.join(map(repr, missing))} matches no module of the model; its linear modules "
+                        f"are: {', '.join(linear)}")
+
+
+def four_bit_config(peft):
+    """bitsandbytes 4-bit loading of the frozen base (QLoRA); a clear error where there is no CUDA GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("peft.load_in_4bit: 4-bit loading (QLoRA) needs a CUDA GPU with bitsandbytes; this machine has "
+                        "none -- drop load_in_4bit to train LoRA on the full-precision base")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft.bnb_4bit_quant_type, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)

@@ -28,6 +28,9 @@ from aligntool.errors import UserError
 from aligntool.recipe.loader import LoadedRecipe
 
 COMPLETE_MARKER = "COMPLETE"
+# algorithms whose trainers pass ``peft_config`` to TRL (the reference is then the adapter-disabled base)
+PEFT_ALGORITHMS = {"sft", "reward", "dpo", "ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl", "rso", "sppo",
+                   "inpo"}
 
 
 def is_main_process() -> bool:
@@ -151,9 +154,34 @@ class Run:
             raise UserError(f"{self.loaded.source}: train/algo: {str(exc).strip().splitlines()[0]}") from None
 
     def policy(self, head: str = "causal_lm"):
-        m = self.recipe.model
-        return models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
-                                 pad_token_id=self.tokenizer.pad_token_id)
+        m, peft = self.recipe.model, self.recipe.peft
+        quant = None
+        if peft is not None:
+            self.peft_config(head)  # unsupported algorithm -> a clear error before loading anything
+            quant = models.four_bit_config(peft) if peft.load_in_4bit else None
+        model = models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
+                                  pad_token_id=self.tokenizer.pad_token_id, quantization_config=quant)
+        if peft is not None:
+            models.check_target_modules(peft, model)
+            if quant is not None:
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model)
+        return model
+
+    def peft_config(self, head: str = "causal_lm"):
+        """The LoRA config TRL wraps the policy with (``peft_config=``), or None without a ``peft`` section."""
+        peft = self.recipe.peft
+        if peft is None:
+            return None
+        name = self.loaded.spec.name
+        if name not in PEFT_ALGORITHMS:
+            raise UserError(f"peft: not supported by {name!r} yet; LoRA works with {', '.join(sorted(PEFT_ALGORITHMS))}")
+        from peft import LoraConfig
+
+        targets = peft.target_modules
+        return LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout, target_modules=targets,
+                          task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
 
     def stage(self, name: str, **changes) -> "Run":
         """The same run, writing into ``output_dir/name`` (a pipeline stage or iteration)."""

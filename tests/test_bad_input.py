@@ -257,3 +257,15 @@ def test_judge_returning_values_outside_0_1_or_the_wrong_shape(capsys, tmp_path,
     expect_error(capsys, ["train", "--recipe", "online_dpo", f"reward.judge=test_bad_input:{fn}", "train.max_steps=1",
                           "train.per_device_train_batch_size=2", "algo.max_new_tokens=4", f"output_dir={tmp_path}/o"],
                  "reward.judge", needle, "in [0, 1]")
+
+
+def test_lora_and_launch_bad_inputs(capsys, tmp_path, tiny_path):
+    expect_error(capsys, ["train", "--recipe", "dpo", "peft.target_modules=[qkv_proj]", f"output_dir={tmp_path}/o"],
+                 "peft.target_modules", "'qkv_proj' matches no module", "q_proj")
+    expect_error(capsys, ["train", "--recipe", "dpo", "peft.load_in_4bit=true", f"output_dir={tmp_path}/o"],
+                 "peft.load_in_4bit", "needs a CUDA GPU")
+    expect_error(capsys, ["train", "--recipe", "ppo", "peft.r=4", f"output_dir={tmp_path}/o"],
+                 "peft", "not supported by 'ppo'")
+    expect_error(capsys, ["train", "--recipe", "dpo", "--nproc", "64"], "--nproc", "64 processes")
+    expect_error(capsys, ["slurm", "--recipe", "dpo", "--time", "4h"], "--time", "HH:MM:SS")
+    expect_error(capsys, ["merge-lora", str(tiny_path), "--out", str(tmp_path / "m")], "merge-lora", "adapter_config.json")

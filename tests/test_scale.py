@@ -118,3 +118,50 @@ def test_slurm_script_preemption_checkpoints_requeues_and_resumes(tmp_path, tiny
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 60 and summary["world_size"] == 2
     assert summary["resumed_from"].endswith(f"checkpoint-{stopped_at}")
+
+
+def test_lora_dpo_reference_is_the_adapter_disabled_base_and_merge_lora_round_trips(tmp_path, tiny_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from aligntool import data, models
+    from aligntool.cli import main
+    from aligntool.train import Run
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "peft.r=4", "peft.target_modules=[q_proj, v_proj]",
+                 "train.max_steps=3", "train.per_device_train_batch_size=4", "dataset.toy.size=32",
+                 "train.learning_rate=1e-2"]
+    loaded = load_recipe(REPO / "recipes" / "dpo.yaml", overrides)
+    run = Run(loaded, tmp_path / "run")
+    run.model_path = models.resolve("tiny")
+    run.tokenizer = models.load_tokenizer(run.model_path)
+    run.train_dataset, run.eval_dataset = data.load_for_recipe(loaded.recipe, loaded.spec.data)
+    trainer = loaded.spec.load().build(run)
+    assert isinstance(trainer.model, PeftModel) and trainer.ref_model is None  # no second copy of the model
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    run.fit(trainer)
+    adapter = tmp_path / "run"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+
+    assert main(["merge-lora", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    live = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), str(adapter)).eval()
+    ids = torch.tensor([[2, 10, 20, 30, 40, 50]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, live(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_path)(ids).logits
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, base, atol=1e-4)
+
+
+def test_lora_reward_model_and_eval_of_an_adapter_folder(tmp_path, tiny_path, capsys):
+    import json
+
+    from aligntool.cli import main
+
+    train(load_recipe(REPO / "recipes" / "reward.yaml", [
+        f"output_dir={tmp_path}", "peft.r=4", "train.max_steps=2", "train.per_device_train_batch_size=4",
+        "dataset.toy.size=16", "dataset.toy.eval_size=0", "train.eval_strategy=no"]))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert main(["eval", "--model", str(tmp_path), "--num-prompts", "8", "--json"]) == 0
+    assert "pairwise_accuracy" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

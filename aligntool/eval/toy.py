@@ -29,6 +29,9 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
 
 
 def is_reward_model(path: str) -> bool:
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file() and not (Path(path) / "config.json").is_file():
+        return json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS"
     config = Path(path) / "config.json"
     if not config.is_file():
         return False

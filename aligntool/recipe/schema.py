@@ -171,6 +171,21 @@ class RewardConfig(Strict):
         return self
 
 
+class PeftConfig(Strict):
+    """LoRA (Hu et al. 2021) through peft; with ``load_in_4bit`` the frozen base is loaded in 4 bits (QLoRA, Dettmers et
+    al. 2023) through bitsandbytes, which needs a CUDA GPU. The reference of KL-regularised methods is then the base
+    with the adapter disabled, not a second copy of the model."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = lora_alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names (suffixes) to adapt, e.g. [q_proj, v_proj]; 'all-linear' = every "
+        "linear layer but the output head.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bits (CUDA + bitsandbytes).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+
+
 class Recipe(Strict):
     algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
@@ -180,6 +195,7 @@ class Recipe(Strict):
     reward: RewardConfig | None = Field(None, description="Reward source of methods that sample (default: gold).")
     output_dir: str | None = Field(None, description="Where everything the run makes goes; default runs/<algorithm>.")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    peft: PeftConfig | None = Field(None, description="LoRA / QLoRA adapters instead of full fine-tuning.")
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
 
     def trl_kwargs(self, algo_config: BaseModel) -> dict:

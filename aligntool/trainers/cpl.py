@@ -50,4 +50,5 @@ def build(run):
             return loss, metrics
 
     return CPLTrainer(model=run.policy(), args=run.trl_config(), train_dataset=run.train_dataset,
-                      eval_dataset=run.eval_dataset, processing_class=run.tokenizer)
+                      eval_dataset=run.eval_dataset, processing_class=run.tokenizer,
+                      peft_config=run.peft_config())

@@ -91,4 +91,5 @@ def build(run):
         train_dataset=run.train_dataset,
         eval_dataset=run.eval_dataset,
         processing_class=run.tokenizer,
+        peft_config=run.peft_config(),
     )

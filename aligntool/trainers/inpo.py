@@ -148,7 +148,8 @@ def pipeline(run) -> dict:
             [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
         reference = models.load_model(ref_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
         trainer = INPOTrainer(model=stage.policy(), ref_model=reference, args=stage.trl_config(),
-                              train_dataset=stage.train_dataset, processing_class=run.tokenizer)
+                              train_dataset=stage.train_dataset, processing_class=run.tokenizer,
+                              peft_config=stage.peft_config())
         summary = stage.fit(trainer)
         summary["iteration"], summary["pairs"] = t, len(rows)
         summaries.append(summary)

@@ -128,7 +128,8 @@ def pipeline(run) -> dict:
 
     run.train_dataset = datasets.Dataset.from_list(pairs)
     trainer = DPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(),
-                         train_dataset=run.train_dataset, processing_class=run.tokenizer)
+                         train_dataset=run.train_dataset, processing_class=run.tokenizer,
+                         peft_config=run.peft_config())
     summary = run.fit(trainer)
     summary["pairs"] = len(pairs)
     return summary

@@ -108,7 +108,7 @@ def pipeline(run) -> dict:
         stage.train_dataset = datasets.Dataset.from_list(rows)
         # the reference is this iteration's starting policy: TRL loads it from the policy's folder
         trainer = SPPOTrainer(model=stage.policy(), args=stage.trl_config(), train_dataset=stage.train_dataset,
-                              processing_class=run.tokenizer)
+                              processing_class=run.tokenizer, peft_config=stage.peft_config())
         summary = stage.fit(trainer)
         summary["iteration"], summary["pairs"] = t, len(rows)
         summaries.append(summary)
