@@ -136,6 +136,9 @@ class Run:
         cls = self.loaded.spec.trl_config_class()
         kwargs = self.recipe.trl_kwargs(self.algo)
         kwargs["output_dir"] = str(self.output_dir / "checkpoints")
+        from aligntool.launch.configs import training_kwargs
+
+        kwargs.update(training_kwargs(self.recipe.distributed, self.output_dir, write=is_main_process()))
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.output_dir / "tensorboard")  # read when the trainer is built
         kwargs.update(overrides)
         report_to = kwargs.get("report_to") or []
@@ -230,7 +233,13 @@ class Run:
     def reference(self):
         """The explicit reference model, or None (TRL then makes a frozen copy of the policy)."""
         ref = self.recipe.ref_model
+        d = self.recipe.distributed
         if self.ref_path is None and (ref is None or ref.name_or_path is None):
+            if d.backend == "deepspeed" and d.zero_stage == 3 and self.recipe.peft is None:
+                # TRL would build the copy inside ZeRO-3's init context, which fails before DeepSpeed's own process
+                # group exists; a copy loaded here is sharded by TRL's DeepSpeed preparation instead
+                m = self.recipe.model
+                return models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision)
             return None
         path = self.ref_path or models.resolve(ref.name_or_path, key="ref_model.name_or_path", log=log)
         m = self.recipe.model

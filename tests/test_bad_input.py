@@ -269,3 +269,12 @@ def test_lora_and_launch_bad_inputs(capsys, tmp_path, tiny_path):
     expect_error(capsys, ["train", "--recipe", "dpo", "--nproc", "64"], "--nproc", "64 processes")
     expect_error(capsys, ["slurm", "--recipe", "dpo", "--time", "4h"], "--time", "HH:MM:SS")
     expect_error(capsys, ["merge-lora", str(tiny_path), "--out", str(tmp_path / "m")], "merge-lora", "adapter_config.json")
+
+
+def test_distributed_bad_inputs(capsys, tmp_path):
+    expect_error(capsys, ["train", "--recipe", "dpo", "distributed.backend=deepspeed", "distributed.zero_stage=4"],
+                 "distributed.zero_stage", "2 or 3")
+    expect_error(capsys, ["train", "--recipe", "dpo", "distributed.offload_optimizer=true"], "backend: deepspeed")
+    expect_error(capsys, ["train", "--recipe", "dpo", "distributed.backend=horovod"], "distributed.backend")
+    expect_error(capsys, ["train", "--recipe", "ppo", "distributed.backend=fsdp", "train.max_steps=1",
+                          f"output_dir={tmp_path}/o"], "distributed.backend", "ddp only")

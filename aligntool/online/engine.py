@@ -123,6 +123,9 @@ class Engine:
         from aligntool.recipe.schema import RewardConfig
 
         self.run, self.method, self.cfg = run, method, run.algo
+        if run.recipe.distributed.backend != "ddp":
+            raise UserError(f"distributed.backend: the online methods run with ddp only for now, not "
+                            f"{run.recipe.distributed.backend}")
         self.args = run.trl_config()  # transformers.TrainingArguments: lr, max_steps (= iterations), batch, seed, ...
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes

@@ -186,6 +186,28 @@ class PeftConfig(Strict):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
 
 
+class DistributedConfig(Strict):
+    """How several processes share the work (``--nproc``/``--nnodes`` start them). aligntool writes the DeepSpeed and
+    accelerate configs it derives from this section into the output folder (deepspeed.json, accelerate_config.yaml)."""
+
+    backend: Literal["ddp", "deepspeed", "fsdp"] = Field(
+        "ddp", description="ddp: a full replica per process; deepspeed: ZeRO sharding; fsdp: PyTorch FSDP sharding.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also "
+                                      "the parameters.")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer state in CPU memory.")
+    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep parameters in CPU memory.")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
+        "full_shard", description="FSDP: full_shard (like ZeRO-3), shard_grad_op (like ZeRO-2), hybrid_shard.")
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.backend != "deepspeed" and (self.offload_optimizer or self.offload_params):
+            raise ValueError("offload_optimizer / offload_params apply to backend: deepspeed")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        return self
+
+
 class Recipe(Strict):
     algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
@@ -196,6 +218,7 @@ class Recipe(Strict):
     output_dir: str | None = Field(None, description="Where everything the run makes goes; default runs/<algorithm>.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     peft: PeftConfig | None = Field(None, description="LoRA / QLoRA adapters instead of full fine-tuning.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
 
     def trl_kwargs(self, algo_config: BaseModel) -> dict:

@@ -1,0 +1,47 @@
+"""The DeepSpeed / FSDP settings of a recipe's ``distributed`` section, as TrainingArguments keywords, plus the
+equivalent accelerate config file (written beside them for users who launch with ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def deepspeed_config(d) -> dict:
+    zero = {"stage": d.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if d.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_pretrained gets whole weights
+    # "auto" values are filled by transformers from the TrainingArguments, so the two never disagree
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+            "gradient_clipping": "auto", "zero_optimization": zero, "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"}}
+
+
+def training_kwargs(d, out: Path, write: bool) -> dict:
+    """TrainingArguments keywords for the backend; writes deepspeed.json / accelerate_config.yaml when ``write``."""
+    if d.backend == "ddp":
+        return {}
+    import yaml
+
+    acc = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": 1,
+           "mixed_precision": "no", "main_training_function": "main"}
+    if d.backend == "deepspeed":
+        path = out / "deepspeed.json"
+        if write:
+            path.write_text(json.dumps(deepspeed_config(d), indent=2) + "\n")
+        acc.update(distributed_type="DEEPSPEED", deepspeed_config={"deepspeed_config_file": str(path)})
+        kwargs = {"deepspeed": str(path)}
+    else:
+        kwargs = {"fsdp": f"{d.fsdp_sharding} auto_wrap", "fsdp_config": {"use_orig_params": True}}
+        acc.update(distributed_type="FSDP", fsdp_config={
+            "fsdp_sharding_strategy": d.fsdp_sharding.upper(), "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_use_orig_params": True})
+    if write:
+        (out / "accelerate_config.yaml").write_text(
+            "# accelerate launch --config_file THIS --num_processes N -m aligntool.cli train --recipe ...\n"
+            + yaml.safe_dump(acc, sort_keys=False))
+    return kwargs
