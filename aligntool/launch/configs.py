@@ -15,6 +15,10 @@ def deepspeed_config(d) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if d.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_pretrained gets whole weights
+        # bucket sizes from the model's hidden size (transformers fills "auto"); DeepSpeed's defaults (5e8 elements)
+        # are sized for billion-parameter models and would dominate the memory of smaller ones
+        zero.update(reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto",
+                    stage3_param_persistence_threshold="auto")
     # "auto" values are filled by transformers from the TrainingArguments, so the two never disagree
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
             "gradient_clipping": "auto", "zero_optimization": zero, "bf16": {"enabled": "auto"},
