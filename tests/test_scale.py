@@ -209,3 +209,17 @@ def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_proc
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # whole weights, also after ZeRO-3 / FSDP sharding
+
+
+@pytest.mark.parametrize("recipe", ["cpl", "hypo", "srpo", "sppo", "inpo", "rso"])
+def test_lora_runs_with_the_other_preference_methods(tmp_path, tiny_path, recipe):
+    short = ["algo.max_new_tokens=8"]
+    extra = {"sppo": ["algo.iterations=1", "algo.num_samples=2", *short],
+             "inpo": ["algo.iterations=1", "algo.num_samples=2", *short],
+             "rso": ["algo.num_candidates=4", "algo.num_samples=2", *short], "hypo": short}.get(recipe, [])
+    summary = train(load_recipe(REPO / "recipes" / f"{recipe}.yaml", [
+        f"output_dir={tmp_path}", "peft.r=4", "train.max_steps=2", "train.per_device_train_batch_size=4",
+        "dataset.toy.size=16", *extra]))
+    assert summary["global_step"] >= 1
+    adapters = list(tmp_path.rglob("adapter_model.safetensors"))
+    assert adapters, "a LoRA run writes an adapter"

@@ -66,7 +66,12 @@ def build(run):
             samples = generate_from_ids(policy, repeated, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens)
             logp = sequence_logprobs(model, tok, repeated, samples, batch_size=len(repeated), grad=True)
             with torch.no_grad():
-                logp_ref = sequence_logprobs(self.ref_model, tok, repeated, samples, batch_size=len(repeated), grad=True)
+                if self.ref_model is None and hasattr(policy, "disable_adapter"):  # LoRA: the reference is the base
+                    with policy.disable_adapter():
+                        logp_ref = sequence_logprobs(policy, tok, repeated, samples, batch_size=len(repeated), grad=True)
+                else:
+                    logp_ref = sequence_logprobs(self.ref_model, tok, repeated, samples, batch_size=len(repeated),
+                                                 grad=True)
             logratio = (logp - logp_ref).view(len(prompts), cfg.kl_samples)
             kl_loss, kl = rloo_kl_loss(logp.view(len(prompts), cfg.kl_samples), logratio)
             self._metrics[mode]["hypo/kl"].append(self.accelerator.gather_for_metrics(kl.reshape(1)).mean().item())
@@ -75,4 +80,5 @@ def build(run):
             return loss + cfg.kl_coef * kl_loss
 
     return HyPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(),
-                       train_dataset=run.train_dataset, eval_dataset=run.eval_dataset, processing_class=tok)
+                       train_dataset=run.train_dataset, eval_dataset=run.eval_dataset, processing_class=tok,
+                       peft_config=run.peft_config())

@@ -66,7 +66,8 @@ class PairLossTrainer(RefLogpsCache, DPOTrainer):
             if self.precompute_ref_logps:
                 ref = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
-                ref = self.compute_ref_log_probs(self.ref_model, inputs)  # no_grad inside
+                # no_grad inside; with LoRA and no reference model TRL disables the adapter on the policy
+                ref = self.compute_ref_log_probs(self.model if self.ref_model is None else self.ref_model, inputs)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref
         for key in self.extra_columns:
             batch[key] = inputs[key].to(logps.dtype)

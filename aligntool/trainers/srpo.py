@@ -102,5 +102,5 @@ def build(run):
                           "srpo/revision_margin": cfg.beta * (h_w_given_l - h_l_given_l)}
 
     return SRPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(), train_dataset=train_data,
-                       eval_dataset=eval_data, processing_class=tok)
+                       eval_dataset=eval_data, processing_class=tok, peft_config=run.peft_config())
 
