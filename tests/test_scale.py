@@ -223,3 +223,18 @@ def test_lora_runs_with_the_other_preference_methods(tmp_path, tiny_path, recipe
     assert summary["global_step"] >= 1
     adapters = list(tmp_path.rglob("adapter_model.safetensors"))
     assert adapters, "a LoRA run writes an adapter"
+
+
+def test_lora_online_rl_uses_the_adapter_disabled_policy_as_reference_and_resumes(tmp_path, tiny_path):
+    import json
+
+    args = [f"output_dir={tmp_path}", "peft.r=4", "train.save_steps=2", "train.per_device_train_batch_size=4",
+            "train.logging_steps=1", "algo.max_new_tokens=8", "dataset.toy.size=16", "train.learning_rate=1e-2"]
+    train(load_recipe(REPO / "recipes" / "ppo.yaml", [*args, "train.max_steps=2"]))
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    summary = train(load_recipe(REPO / "recipes" / "ppo.yaml", [*args, "train.max_steps=4"]), resume=True)
+    assert summary["global_step"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # a fresh adapter is the base: KL to it is 0
+    assert rows[-1]["kl"] != 0.0  # the resumed adapter was trained, not re-initialised

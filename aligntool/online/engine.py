@@ -131,10 +131,20 @@ class Engine:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         torch.manual_seed(self.args.seed + self.rank)
         self.tokenizer = run.tokenizer
-        self.model = PolicyWithValue(run.policy(), value_head, critic)
-        self.ref = (run.reference() or models.load_model(run.model_path, run.recipe.model.dtype,
-                                                         run.recipe.model.trust_remote_code)).eval()
-        self.ref.requires_grad_(False)
+        lm, lora = run.policy(), run.peft_config()
+        if lora is not None:
+            from peft import get_peft_model
+
+            if critic == "separate":
+                raise UserError("algo.critic: a separate critic is not supported with LoRA; use critic: shared")
+            lm = get_peft_model(lm, lora)
+        self.model = PolicyWithValue(lm, value_head, critic)
+        # with LoRA and no explicit reference, the reference is the policy with its adapter disabled (no second copy)
+        explicit = run.reference()
+        self.ref = None if lora is not None and explicit is None else (explicit or models.load_model(
+            run.model_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)).eval()
+        if self.ref is not None:
+            self.ref.requires_grad_(False)
         from transformers import Trainer
 
         # the optimizer train.optim names (AdamW, bitsandbytes 8-bit, Lion, ...), built as the Trainer builds it
@@ -146,7 +156,8 @@ class Engine:
                                        num_warmup_steps=self.args.get_warmup_steps(self.iterations * method.updates_per_iteration),
                                        num_training_steps=self.iterations * method.updates_per_iteration)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.ref.to(self.accelerator.device)
+        if self.ref is not None:
+            self.ref.to(self.accelerator.device)
         self.scorer = None if getattr(method, "uses_preferences", False) else rewards.load(run.recipe.reward or RewardConfig())
         all_prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
         self.prompts = all_prompts[self.rank :: self.world]
@@ -164,6 +175,14 @@ class Engine:
     @property
     def policy_lm(self):
         return self.accelerator.unwrap_model(self.model).lm
+
+    def reference(self):
+        """(reference model, context to run it in): the frozen copy, or the LoRA policy with its adapter disabled."""
+        import contextlib
+
+        if self.ref is not None:
+            return self.ref, contextlib.nullcontext()
+        return self.policy_lm, self.policy_lm.disable_adapter()
 
     def _pack(self, prompt_ids: list[list[int]], responses: list[list[int]]):
         pad = self.tokenizer.pad_token_id
@@ -192,24 +211,29 @@ class Engine:
             values = values[:, ro.prompt_width - 1 : -1]
         return logp, entropy, values
 
-    @torch.no_grad()
-    def rollout(self, prompts: list[str], greedy: bool = False, score_only: bool = False, from_reference: bool = False,
-                score: bool = True) -> Rollout:
+    def _generate(self, lm, prompt_ids: list[list[int]], greedy: bool) -> list[list[int]]:
         from aligntool.sampling import generate_from_ids, trim
 
         tok, cfg = self.tokenizer, self.cfg
+        if not greedy:
+            return generate_from_ids(lm, prompt_ids, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens,
+                                     temperature=cfg.temperature, top_p=cfg.top_p)
+        ids, attn, _, P = self._pack(prompt_ids, [[] for _ in prompt_ids])
+        out = lm.generate(input_ids=ids[:, :P], attention_mask=attn[:, :P], do_sample=False,
+                          max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return [trim(r, tok.eos_token_id, tok.pad_token_id) or [tok.eos_token_id] for r in out[:, P:].tolist()]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], greedy: bool = False, score_only: bool = False, from_reference: bool = False,
+                score: bool = True) -> Rollout:
+        import contextlib
+
+        tok, cfg = self.tokenizer, self.cfg
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        lm = self.ref if from_reference else self.policy_lm  # XPO samples the reference too
+        lm, context = self.reference() if from_reference else (self.policy_lm, contextlib.nullcontext())
         lm.eval()
-        if greedy:
-            ids, attn, _, P = self._pack(prompt_ids, [[] for _ in prompts])
-            out = lm.generate(input_ids=ids[:, :P], attention_mask=attn[:, :P], do_sample=False,
-                              max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-            responses = [trim(r, tok.eos_token_id, tok.pad_token_id) or [tok.eos_token_id] for r in out[:, P:].tolist()]
-        else:
-            responses = generate_from_ids(lm, prompt_ids, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens,
-                                          temperature=cfg.temperature, top_p=cfg.top_p)
+        with context:  # XPO samples the reference too
+            responses = self._generate(lm, prompt_ids, greedy)
         ids, attn, mask, P = self._pack(prompt_ids, responses)
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
         # methods that compare two samples with a preference source take score=False and label pairs themselves
@@ -224,7 +248,9 @@ class Engine:
         if score_only:  # e.g. ReMax's greedy baseline: only its reward is used
             return ro
         ro.logp, _, ro.values = self.forward(ro, model=self.accelerator.unwrap_model(self.model))
-        ref_logits = self.ref(input_ids=ids, attention_mask=attn, position_ids=self.positions(attn)).logits
+        ref, context = self.reference()
+        with context:
+            ref_logits = ref(input_ids=ids, attention_mask=attn, position_ids=self.positions(attn)).logits
         ro.logp_ref, _ = response_logprobs(ref_logits, ids, P)
         ro.logp, ro.logp_ref = ro.logp * mask, ro.logp_ref * mask
         return ro
@@ -288,8 +314,12 @@ class Engine:
         from safetensors.torch import load_file
 
         model = self.accelerator.unwrap_model(self.model)
-        weights = load_file(str(path / "model.safetensors"))
-        model.lm.load_state_dict(weights, strict=False)
+        if (path / "adapter_model.safetensors").is_file():  # a LoRA policy: only the adapter was saved
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model.lm, load_file(str(path / "adapter_model.safetensors")))
+        else:
+            model.lm.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
         if model.value_head is not None and (path / "value_head.safetensors").is_file():
             result = model.load_state_dict(load_file(str(path / "value_head.safetensors")), strict=False)
             if result.unexpected_keys or any(not k.startswith("lm.") for k in result.missing_keys):
