@@ -30,7 +30,7 @@ from aligntool.recipe.loader import LoadedRecipe
 COMPLETE_MARKER = "COMPLETE"
 # algorithms whose trainers pass ``peft_config`` to TRL (the reference is then the adapter-disabled base)
 PEFT_ALGORITHMS = {"sft", "reward", "dpo", "ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl", "rso", "sppo",
-                   "inpo", "hypo", "srpo", "ppo", "p3o", "remax", "online_dpo", "xpo"}
+                   "inpo", "hypo", "srpo", "ppo", "p3o", "remax", "online_dpo", "xpo", "spo"}
 
 
 def is_main_process() -> bool:

@@ -264,8 +264,6 @@ def test_lora_and_launch_bad_inputs(capsys, tmp_path, tiny_path):
                  "peft.target_modules", "'qkv_proj' matches no module", "q_proj")
     expect_error(capsys, ["train", "--recipe", "dpo", "peft.load_in_4bit=true", f"output_dir={tmp_path}/o"],
                  "peft.load_in_4bit", "needs a CUDA GPU")
-    expect_error(capsys, ["train", "--recipe", "spo", "peft.r=4", f"output_dir={tmp_path}/o"],
-                 "peft", "not supported by 'spo'")
     expect_error(capsys, ["train", "--recipe", "dpo", "--nproc", "64"], "--nproc", "64 processes")
     expect_error(capsys, ["slurm", "--recipe", "dpo", "--time", "4h"], "--time", "HH:MM:SS")
     expect_error(capsys, ["merge-lora", str(tiny_path), "--out", str(tmp_path / "m")], "merge-lora", "adapter_config.json")

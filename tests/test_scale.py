@@ -211,7 +211,7 @@ def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_proc
     AutoModelForCausalLM.from_pretrained(out)  # whole weights, also after ZeRO-3 / FSDP sharding
 
 
-@pytest.mark.parametrize("recipe", ["cpl", "hypo", "srpo", "sppo", "inpo", "rso"])
+@pytest.mark.parametrize("recipe", ["cpl", "hypo", "srpo", "spo", "sppo", "inpo", "rso"])
 def test_lora_runs_with_the_other_preference_methods(tmp_path, tiny_path, recipe):
     short = ["algo.max_new_tokens=8"]
     extra = {"sppo": ["algo.iterations=1", "algo.num_samples=2", *short],

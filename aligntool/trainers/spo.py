@@ -159,4 +159,4 @@ def build(run):
                           f"{output_dir}/spo_head.safetensors")
 
     return SPOTrainer(model=policy, ref_model=run.reference(), args=run.trl_config(), train_dataset=train_data,
-                      eval_dataset=eval_data, processing_class=tok)
+                      eval_dataset=eval_data, processing_class=tok, peft_config=run.peft_config())
