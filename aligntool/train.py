@@ -151,6 +151,12 @@ class Run:
             kwargs["bf16"] = False
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
             kwargs.setdefault("use_cpu", True)  # without it accelerate sees no GPUs and skips the gloo process group
+            if self.recipe.distributed.backend != "ddp" and is_main_process():
+                # accelerate's CPU mode (MULTI_CPU) takes precedence over DeepSpeed / FSDP: the run is plain data
+                # parallel; the written configs take effect on GPUs
+                log(f"note: distributed.backend={self.recipe.distributed.backend} runs as plain multi-process CPU "
+                    "training without a GPU (accelerate's CPU mode has no DeepSpeed/FSDP sharding); "
+                    "deepspeed.json / accelerate_config.yaml apply on GPU machines")
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:

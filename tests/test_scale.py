@@ -189,7 +189,9 @@ def losses(out):
                                      ["distributed.backend=fsdp"]], ids=["ddp", "zero2", "zero3", "fsdp"])
 def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_process_losses, backend):
     """2 ranks x batch 4 see the same 8 rows per step as 1 rank x batch 8 (accelerate shards each global batch), and
-    the gradient is the mean over ranks: the loss curves agree to float32 reduction-order noise (tolerance 1e-4)."""
+    the gradient is the mean over ranks: the loss curves agree to float32 reduction-order noise (tolerance 1e-4).
+    On a CPU-only machine accelerate runs the deepspeed and fsdp backends in its MULTI_CPU mode (no sharding): here
+    these cases check the config files, the launch path and the saved weights; sharding itself needs GPUs."""
     import json
     import subprocess
     import sys
@@ -206,6 +208,10 @@ def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_proc
     if "deepspeed" in backend[0]:
         ds = json.loads((out / "deepspeed.json").read_text())
         assert ds["zero_optimization"]["stage"] == int(backend[1][-1])
+    if "ddp" not in backend[0]:
+        assert "distributed_type" in (out / "accelerate_config.yaml").read_text()
+        if not torch.cuda.is_available():
+            assert "runs as plain multi-process CPU training" in proc.stderr
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # whole weights, also after ZeRO-3 / FSDP sharding
