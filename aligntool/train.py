@@ -149,14 +149,21 @@ class Run:
             if kwargs.get("bf16"):
                 raise UserError(f"{self.loaded.source}: train.bf16: this machine has no bf16 support (no GPU found)")
             kwargs["bf16"] = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
+        backend = self.recipe.distributed.backend
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and backend == "deepspeed":
+            # accelerate only starts a CPU process group in its MULTI_CPU mode, which drops DeepSpeed; so configure
+            # the shared state ourselves (gloo + DeepSpeed, DeepSpeed's CPU accelerator) and let the Trainer reuse it
+            from accelerate import PartialState
+
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            PartialState(backend="gloo")
+            kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
             kwargs.setdefault("use_cpu", True)  # without it accelerate sees no GPUs and skips the gloo process group
-            if self.recipe.distributed.backend != "ddp" and is_main_process():
-                # accelerate's CPU mode (MULTI_CPU) takes precedence over DeepSpeed / FSDP: the run is plain data
-                # parallel; the written configs take effect on GPUs
-                log(f"note: distributed.backend={self.recipe.distributed.backend} runs as plain multi-process CPU "
-                    "training without a GPU (accelerate's CPU mode has no DeepSpeed/FSDP sharding); "
-                    "deepspeed.json / accelerate_config.yaml apply on GPU machines")
+            if backend != "ddp" and is_main_process():
+                # accelerate's CPU mode (MULTI_CPU) has no FSDP: the run is plain data parallel
+                log(f"note: distributed.backend={backend} runs as plain multi-process CPU training without a GPU "
+                    "(accelerate's CPU mode has no FSDP sharding); accelerate_config.yaml applies on GPU machines")
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:

@@ -190,15 +190,15 @@ def losses(out):
 def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_process_losses, backend):
     """2 ranks x batch 4 see the same 8 rows per step as 1 rank x batch 8 (accelerate shards each global batch), and
     the gradient is the mean over ranks: the loss curves agree to float32 reduction-order noise (tolerance 1e-4).
-    On a CPU-only machine accelerate runs the deepspeed and fsdp backends in its MULTI_CPU mode (no sharding): here
-    these cases check the config files, the launch path and the saved weights; sharding itself needs GPUs."""
+    DeepSpeed runs for real on CPU (its CPU accelerator, gloo): its checkpoints are DeepSpeed's (global_stepN). FSDP
+    runs in accelerate's MULTI_CPU mode without a GPU (no sharding): that case checks config, launch and weights."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "dpo.yaml"), "--nproc", "2",
-           *SINGLE, "train.per_device_train_batch_size=4", *backend, f"output_dir={out}"]
+           *SINGLE, "train.per_device_train_batch_size=4", "train.save_steps=4", *backend, f"output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
@@ -210,8 +210,10 @@ def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_proc
         assert ds["zero_optimization"]["stage"] == int(backend[1][-1])
     if "ddp" not in backend[0]:
         assert "distributed_type" in (out / "accelerate_config.yaml").read_text()
-        if not torch.cuda.is_available():
-            assert "runs as plain multi-process CPU training" in proc.stderr
+    if "deepspeed" in backend[0]:  # the DeepSpeed engine wrote this checkpoint (ZeRO-partitioned states)
+        assert (out / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()
+    if "fsdp" in backend[0] and not torch.cuda.is_available():
+        assert "runs as plain multi-process CPU training" in proc.stderr
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # whole weights, also after ZeRO-3 / FSDP sharding
