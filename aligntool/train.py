@@ -28,9 +28,6 @@ from aligntool.errors import UserError
 from aligntool.recipe.loader import LoadedRecipe
 
 COMPLETE_MARKER = "COMPLETE"
-# algorithms whose trainers pass ``peft_config`` to TRL (the reference is then the adapter-disabled base)
-PEFT_ALGORITHMS = {"sft", "reward", "dpo", "ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl", "rso", "sppo",
-                   "inpo", "hypo", "srpo", "ppo", "p3o", "remax", "online_dpo", "xpo", "spo"}
 
 
 def is_main_process() -> bool:
@@ -172,9 +169,8 @@ class Run:
     def policy(self, head: str = "causal_lm"):
         m, peft = self.recipe.model, self.recipe.peft
         quant = None
-        if peft is not None:
-            self.peft_config(head)  # unsupported algorithm -> a clear error before loading anything
-            quant = models.four_bit_config(peft) if peft.load_in_4bit else None
+        if peft is not None and peft.load_in_4bit:
+            quant = models.four_bit_config(peft)
         model = models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
                                   pad_token_id=self.tokenizer.pad_token_id, quantization_config=quant)
         if peft is not None:
@@ -190,13 +186,10 @@ class Run:
         peft = self.recipe.peft
         if peft is None:
             return None
-        name = self.loaded.spec.name
-        if name not in PEFT_ALGORITHMS:
-            raise UserError(f"peft: not supported by {name!r} yet; LoRA works with {', '.join(sorted(PEFT_ALGORITHMS))}")
         from peft import LoraConfig
 
-        targets = peft.target_modules
-        return LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout, target_modules=targets,
+        return LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
+                          target_modules=peft.target_modules,
                           task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
 
     def stage(self, name: str, **changes) -> "Run":

@@ -7,7 +7,7 @@ import pytest
 from aligntool.cli import main
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO
+from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -109,14 +109,7 @@ def test_bon_command_json(capsys, tiny_path):
 
 
 def test_p3o_with_two_processes(tmp_path, tiny_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "p3o.yaml"), "--nproc", "2",
-           *QUICK, f"output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 3
+    summary, _ = train_two_processes("p3o", out, *QUICK)
+    assert summary["global_step"] == 3
     assert (out / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()

@@ -1,14 +1,12 @@
 """Online DPO, XPO and INPO on the tiny model: pairs from a preference source, the shared rollout engine, iterations."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO
+from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -80,10 +78,5 @@ def test_inpo_iterations_first_loss_resume_and_saved_stages(tmp_path, tiny_path)
 
 
 def test_xpo_with_two_processes(tmp_path, tiny_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "xpo.yaml"), "--nproc", "2",
-           *QUICK, f"output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 4
+    summary, _ = train_two_processes("xpo", tmp_path / "ddp", *QUICK)
+    assert summary["global_step"] == 4

@@ -5,7 +5,7 @@ import torch
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO
+from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -193,15 +193,10 @@ def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_proc
     DeepSpeed runs for real on CPU (its CPU accelerator, gloo): its checkpoints are DeepSpeed's (global_stepN). FSDP
     runs in accelerate's MULTI_CPU mode without a GPU (no sharding): that case checks config, launch and weights."""
     import json
-    import subprocess
-    import sys
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "dpo.yaml"), "--nproc", "2",
-           *SINGLE, "train.per_device_train_batch_size=4", "train.save_steps=4", *backend, f"output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    _, stderr = train_two_processes("dpo", out, *SINGLE, "train.per_device_train_batch_size=4", "train.save_steps=4",
+                                    *backend)
     got = losses(out)
     assert len(got) == len(single_process_losses) == 4
     assert got == pytest.approx(single_process_losses, abs=1e-4)
@@ -213,7 +208,7 @@ def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_proc
     if "deepspeed" in backend[0]:  # the DeepSpeed engine wrote this checkpoint (ZeRO-partitioned states)
         assert (out / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()
     if "fsdp" in backend[0] and not torch.cuda.is_available():
-        assert "runs as plain multi-process CPU training" in proc.stderr
+        assert "runs as plain multi-process CPU training" in stderr
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # whole weights, also after ZeRO-3 / FSDP sharding

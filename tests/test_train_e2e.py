@@ -1,15 +1,13 @@
 """End to end on the real TRL stack with the built-in tiny model: outputs, resume, file data, 2 processes, eval."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from aligntool.cli import main
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import latest_checkpoint, train
-from conftest import REPO
+from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +26,9 @@ def check_outputs(out, steps):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == list(range(1, steps + 1))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["global_step"] == steps and summary["wall_time_s"] > 0 and summary["peak_memory_mb"] > 0
-    assert summary["train_samples_per_second"] > 0
+    assert summary["global_step"] == steps
+    for key in ("wall_time_s", "train_samples_per_second", "peak_memory_mb"):  # reported, not judged (noisy)
+        assert isinstance(summary[key], float), key
     assert latest_checkpoint(out / "checkpoints").name == f"checkpoint-{steps}"
     return logs, summary
 
@@ -95,13 +94,8 @@ def test_dpo_from_a_conversational_jsonl_file_with_an_explicit_reference(tmp_pat
 
 
 def test_dpo_with_two_processes(tmp_path, tiny_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "dpo.yaml"), "--nproc", "2",
-           *FAST, f"output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 4
+    summary, _ = train_two_processes("dpo", tmp_path / "ddp", *FAST)
+    assert summary["global_step"] == 4
     # each of the 2 ranks takes its own 4 rows per step: 4 steps x 8 rows = one epoch of the 32 rows
     assert summary["final_metrics"]["epoch"] == pytest.approx(1.0)
 

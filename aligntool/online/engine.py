@@ -225,7 +225,7 @@ class Engine:
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], greedy: bool = False, score_only: bool = False, from_reference: bool = False,
-                score: bool = True) -> Rollout:
+                score: bool = True, policy_logp: bool = True) -> Rollout:
         import contextlib
 
         tok, cfg = self.tokenizer, self.cfg
@@ -247,13 +247,22 @@ class Engine:
         ro = Rollout(ids, attn, P, mask, None, None, score, None, texts, prompts)
         if score_only:  # e.g. ReMax's greedy baseline: only its reward is used
             return ro
-        ro.logp, _, ro.values = self.forward(ro, model=self.accelerator.unwrap_model(self.model))
+        if policy_logp:  # methods that take one gradient step right away reuse that forward instead (fill_logp)
+            ro.logp, _, ro.values = self.forward(ro, model=self.accelerator.unwrap_model(self.model))
+            ro.logp = ro.logp * mask
         ref, context = self.reference()
         with context:
             ref_logits = ref(input_ids=ids, attention_mask=attn, position_ids=self.positions(attn)).logits
         ro.logp_ref, _ = response_logprobs(ref_logits, ids, P)
-        ro.logp, ro.logp_ref = ro.logp * mask, ro.logp_ref * mask
+        ro.logp_ref = ro.logp_ref * mask
         return ro
+
+    def forward_with_grad(self, ro: Rollout) -> torch.Tensor:
+        """Per-token log-probs with grad of a rollout made with ``policy_logp=False``; also fills ``ro.logp`` (the
+        policy has not changed since sampling, so these are the sampling log-probs too)."""
+        logp, _, _ = self.forward(ro)
+        ro.logp = logp.detach() * ro.mask
+        return logp
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         if not torch.isfinite(loss):
@@ -301,8 +310,6 @@ class Engine:
             os.replace(tmp, final)
             limit = self.args.save_total_limit
             if limit:
-                from aligntool.train import latest_checkpoint  # noqa: F401 - same marker rules
-
                 done = sorted((p for p in self._checkpoint_dir().glob("checkpoint-*") if p.name[11:].isdigit()),
                               key=lambda p: int(p.name[11:]))
                 for old in done[:-limit]:

@@ -71,21 +71,16 @@ def select_pair(matrix: list[list[float]], scores: list[float] | None, pairing: 
 
 
 def pipeline(run) -> dict:
-    import datasets
     from aligntool import models
     from aligntool.errors import UserError
     from aligntool.losses.preference import inpo_loss
     from aligntool.preferences import PreferenceSource
     from aligntool.recipe.schema import RewardConfig
     from aligntool.sampling import sample
-    from aligntool.train import is_main_process, log
     from aligntool.trainers.pairwise import PairLossTrainer
-    from aligntool.trainers.stages import cached_stage
+    from aligntool.trainers.stages import iterate
 
     cfg: AlgoConfig = run.algo
-    prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
-    if len(prompts) < cfg.iterations:
-        raise UserError(f"algo.iterations: {cfg.iterations} iterations need at least as many prompts, got {len(prompts)}")
     reward_cfg = run.recipe.reward or RewardConfig()
     if cfg.pairing == "best_worst" and reward_cfg.judge:
         raise UserError("algo.pairing: best_worst needs scores; with reward.judge use pairing: tournament")
@@ -111,55 +106,29 @@ def pipeline(run) -> dict:
             return loss, {"rewards/accuracies": (lr_w > lr_l).float(), "rewards/margins": lr_w - lr_l,
                           "inpo/margin_vs_last": h_margin}
 
-    policy_path, summaries = run.model_path, []
-    for t in range(1, cfg.iterations + 1):
-        stage = run.stage(f"iter-{t}", model_path=policy_path)
-        if (stage.output_dir / "iteration.done").is_file():
-            log(f"inpo: iteration {t} already finished; reusing {stage.output_dir}")
-            policy_path = str(stage.output_dir)
-            continue
-        part = prompts[t - 1 :: cfg.iterations]
-        settings = {"policy": policy_path, "prompts": part, **cfg.model_dump(exclude={"iterations"}),
-                    "reward": reward_cfg.model_dump()}
+    def make_rows(t, policy_path, part):
+        nonlocal source
+        policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
+        k = cfg.num_samples
+        repeated = [p for p in part for _ in range(k)]
+        texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
+                          seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
+        source = source or PreferenceSource(reward_cfg, seed=cfg.seed + t)
+        scores = source.scores(repeated, texts) if cfg.pairing == "best_worst" else None
+        rows = []
+        for g, (p, m) in enumerate(zip(part, preference_matrices(source, repeated, texts, k))):
+            pair = select_pair(m, scores[g * k : (g + 1) * k] if scores else None, cfg.pairing)
+            if pair:
+                w, l = pair
+                rows.append({"prompt": p, "chosen": texts[g * k + w], "rejected": texts[g * k + l],
+                             "p_chosen_over_rejected": m[w][l]})
+        return rows
 
-        def do_sample():
-            nonlocal source
-            policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
-            k = cfg.num_samples
-            repeated = [p for p in part for _ in range(k)]
-            texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
-                              seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
-            source = source or PreferenceSource(reward_cfg, seed=cfg.seed + t)
-            scores = source.scores(repeated, texts) if cfg.pairing == "best_worst" else None
-            rows = []
-            for g, (p, m) in enumerate(zip(part, preference_matrices(source, repeated, texts, k))):
-                pair = select_pair(m, scores[g * k : (g + 1) * k] if scores else None, cfg.pairing)
-                if pair:
-                    w, l = pair
-                    rows.append({"prompt": p, "chosen": texts[g * k + w], "rejected": texts[g * k + l],
-                                 "p_chosen_over_rejected": m[w][l]})
-            return rows
-
-        rows = cached_stage(stage.output_dir, "samples", settings, do_sample, log=log)
-        if not rows:
-            raise UserError(f"inpo: iteration {t}: no prompt gave a pair the preference source prefers (all ties?)")
-        log(f"inpo: iteration {t}/{cfg.iterations}: {len(rows)} pairs from {len(part)} prompts")
-        stage.train_dataset = datasets.Dataset.from_list(
-            [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    def make_trainer(stage):
         reference = models.load_model(ref_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
-        trainer = INPOTrainer(model=stage.policy(), ref_model=reference, args=stage.trl_config(),
-                              train_dataset=stage.train_dataset, processing_class=run.tokenizer,
-                              peft_config=stage.peft_config())
-        summary = stage.fit(trainer)
-        summary["iteration"], summary["pairs"] = t, len(rows)
-        summaries.append(summary)
-        if is_main_process():
-            (stage.output_dir / "iteration.done").write_text("")
-        policy_path = str(stage.output_dir)
+        return INPOTrainer(model=stage.policy(), ref_model=reference, args=stage.trl_config(),
+                           train_dataset=stage.train_dataset, processing_class=run.tokenizer,
+                           peft_config=stage.peft_config())
 
-    final = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
-    if is_main_process():
-        final.save_pretrained(run.output_dir, safe_serialization=True)
-        run.tokenizer.save_pretrained(run.output_dir)
-    return {"algorithm": "inpo", "iterations": cfg.iterations, "final_policy": policy_path, "per_iteration": summaries,
-            "global_step": sum(s["global_step"] for s in summaries)}
+    settings = {**cfg.model_dump(exclude={"iterations"}), "reward": reward_cfg.model_dump()}
+    return iterate(run, "inpo", cfg.iterations, settings, make_rows, make_trainer)

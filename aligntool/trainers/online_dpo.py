@@ -84,7 +84,8 @@ class OnlineDPO:
 
     def samples(self, engine, prompts):
         """The two rollouts compared per prompt."""
-        return engine.rollout(prompts, score=False), engine.rollout(prompts, score=False)
+        return (engine.rollout(prompts, score=False, policy_logp=False),
+                engine.rollout(prompts, score=False, policy_logp=False))
 
     def alpha(self, engine) -> float:
         return 0.0
@@ -98,8 +99,7 @@ class OnlineDPO:
         a, b = self.samples(engine, prompts)
         a_wins, prob = self.preferences.prefer(prompts, a.texts, b.texts)
         win = torch.tensor(a_wins, device=a.mask.device)
-        lp_a, _, _ = engine.forward(a)
-        lp_b, _, _ = engine.forward(b)
+        lp_a, lp_b = engine.forward_with_grad(a), engine.forward_with_grad(b)
         seq = lambda lp, ro: (lp * ro.mask).sum(-1)  # noqa: E731
         la, lb, ra, rb = seq(lp_a, a), seq(lp_b, b), a.logp_ref.sum(-1), b.logp_ref.sum(-1)
         na, nb = a.mask.sum(-1), b.mask.sum(-1)
@@ -125,7 +125,8 @@ class XPO(OnlineDPO):
     explore = True
 
     def samples(self, engine, prompts):
-        return engine.rollout(prompts, score=False), engine.rollout(prompts, score=False, from_reference=True)
+        return (engine.rollout(prompts, score=False, policy_logp=False),
+                engine.rollout(prompts, score=False, from_reference=True, policy_logp=False))
 
     def alpha(self, engine) -> float:
         alpha = self.cfg.alpha

@@ -35,11 +35,11 @@ class ReMax:
         from aligntool.losses.online import remax_returns, remax_loss
 
         cfg = self.cfg
-        ro = engine.rollout(prompts)
+        ro = engine.rollout(prompts, policy_logp=False)
         greedy = engine.rollout(prompts, greedy=True, score_only=True)
+        logp = engine.forward_with_grad(ro)  # one policy forward: its detached values enter the returns' KL term
         returns = remax_returns(ro.logp, ro.logp_ref, ro.mask, ro.score, greedy.score, cfg.kl_coef, cfg.gamma,
                                 cfg.reward_clip)
-        logp, _, _ = engine.forward(ro)
         loss = remax_loss(logp, returns, ro.mask)
         grad_norm = engine.optimizer_step(loss)
         return {**engine.rollout_stats(ro), "loss": loss.item(), "greedy_reward": greedy.score.mean().item(),

@@ -48,21 +48,14 @@ def win_rate_rows(prompt: str, completions: list[str], scores: list[float]) -> l
 
 
 def pipeline(run) -> dict:
-    import datasets
-
     from aligntool import models, rewards
-    from aligntool.errors import UserError
     from aligntool.losses.preference import sppo_loss
     from aligntool.recipe.schema import RewardConfig
     from aligntool.sampling import sample
-    from aligntool.train import is_main_process, log
     from aligntool.trainers.pairwise import PairLossTrainer
-    from aligntool.trainers.stages import cached_stage
+    from aligntool.trainers.stages import iterate
 
     cfg: AlgoConfig = run.algo
-    prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
-    if len(prompts) < cfg.iterations:
-        raise UserError(f"algo.iterations: {cfg.iterations} iterations need at least as many prompts, got {len(prompts)}")
     reward_cfg = run.recipe.reward or RewardConfig()
     scorer = None
 
@@ -77,48 +70,23 @@ def pipeline(run) -> dict:
                           "rewards/accuracies": (lr_w > lr_l).float(), "rewards/margins": cfg.beta * (lr_w - lr_l),
                           "sppo/p_chosen": b["p_chosen"], "sppo/p_rejected": b["p_rejected"]}
 
-    policy_path, summaries = run.model_path, []
-    for t in range(1, cfg.iterations + 1):
-        stage = run.stage(f"iter-{t}", model_path=policy_path)
-        if (stage.output_dir / "iteration.done").is_file():
-            log(f"sppo: iteration {t} already finished; reusing {stage.output_dir}")
-            policy_path = str(stage.output_dir)
-            continue
-        part = prompts[t - 1 :: cfg.iterations]
-        settings = {"policy": policy_path, "prompts": part, **cfg.model_dump(exclude={"iterations"}),
-                    "reward": reward_cfg.model_dump()}
+    def make_rows(t, policy_path, part):
+        nonlocal scorer
+        policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
+        repeated = [p for p in part for _ in range(cfg.num_samples)]
+        texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
+                          seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
+        scorer = scorer or rewards.load(reward_cfg)
+        scores = scorer(repeated, texts)
+        k, rows = cfg.num_samples, []
+        for i, p in enumerate(part):
+            rows.extend(win_rate_rows(p, texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k]))
+        return rows
 
-        def do_sample():
-            nonlocal scorer
-            policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
-            repeated = [p for p in part for _ in range(cfg.num_samples)]
-            texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
-                              seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
-            scorer = scorer or rewards.load(reward_cfg)
-            scores = scorer(repeated, texts)
-            k, rows = cfg.num_samples, []
-            for i, p in enumerate(part):
-                rows.extend(win_rate_rows(p, texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k]))
-            return rows
-
-        rows = cached_stage(stage.output_dir, "samples", settings, do_sample, log=log)
-        if not rows:
-            raise UserError(f"sppo: iteration {t}: every prompt's {cfg.num_samples} samples tied under the reward source")
-        log(f"sppo: iteration {t}/{cfg.iterations}: {len(rows)} prompts with a preference signal")
-        stage.train_dataset = datasets.Dataset.from_list(rows)
+    def make_trainer(stage):
         # the reference is this iteration's starting policy: TRL loads it from the policy's folder
-        trainer = SPPOTrainer(model=stage.policy(), args=stage.trl_config(), train_dataset=stage.train_dataset,
-                              processing_class=run.tokenizer, peft_config=stage.peft_config())
-        summary = stage.fit(trainer)
-        summary["iteration"], summary["pairs"] = t, len(rows)
-        summaries.append(summary)
-        if is_main_process():
-            (stage.output_dir / "iteration.done").write_text("")
-        policy_path = str(stage.output_dir)
+        return SPPOTrainer(model=stage.policy(), args=stage.trl_config(), train_dataset=stage.train_dataset,
+                           processing_class=run.tokenizer, peft_config=stage.peft_config())
 
-    final = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
-    if is_main_process():
-        final.save_pretrained(run.output_dir, safe_serialization=True)
-        run.tokenizer.save_pretrained(run.output_dir)
-    return {"algorithm": "sppo", "iterations": cfg.iterations, "final_policy": policy_path, "per_iteration": summaries,
-            "global_step": sum(s["global_step"] for s in summaries)}
+    settings = {**cfg.model_dump(exclude={"iterations"}), "reward": reward_cfg.model_dump()}
+    return iterate(run, "sppo", cfg.iterations, settings, make_rows, make_trainer)

@@ -54,3 +54,47 @@ def cached_stage(folder: Path, name: str, settings: dict, compute: Callable[[], 
         tmp.write_text(json.dumps(done, indent=2) + "\n")
         os.replace(tmp, index)
         return rows
+
+
+def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_trainer) -> dict:
+    """Iterative self-play (SPPO, INPO): for t = 1..T on a disjoint part of the prompts, rows from the current iterate
+    (``make_rows(t, policy_path, prompts)``, cached as ``iter-t/samples.jsonl``), then ``make_trainer(stage)`` trains
+    the next iterate into ``iter-t/``; ``iter-t/iteration.done`` marks a finished iteration, which a rerun skips.
+    The last iterate is also saved in ``output_dir``; returns the run summary."""
+    import datasets
+
+    from aligntool import models
+    from aligntool.errors import UserError
+    from aligntool.train import is_main_process, log
+
+    prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
+    if len(prompts) < iterations:
+        raise UserError(f"algo.iterations: {iterations} iterations need at least as many prompts, got {len(prompts)}")
+    policy_path, summaries = run.model_path, []
+    for t in range(1, iterations + 1):
+        stage = run.stage(f"iter-{t}", model_path=policy_path)
+        if (stage.output_dir / "iteration.done").is_file():
+            log(f"{name}: iteration {t} already finished; reusing {stage.output_dir}")
+            policy_path = str(stage.output_dir)
+            continue
+        part = prompts[t - 1 :: iterations]
+        rows = cached_stage(stage.output_dir, "samples", {"policy": policy_path, "prompts": part, **settings},
+                            lambda: make_rows(t, policy_path, part), log=log)
+        if not rows:
+            raise UserError(f"{name}: iteration {t}: no prompt gave a preference pair (its samples all tied under "
+                            "the reward source)")
+        log(f"{name}: iteration {t}/{iterations}: {len(rows)} pairs from {len(part)} prompts")
+        stage.train_dataset = datasets.Dataset.from_list(rows)
+        summary = stage.fit(make_trainer(stage))
+        summary["iteration"], summary["pairs"] = t, len(rows)
+        summaries.append(summary)
+        if is_main_process():
+            (stage.output_dir / "iteration.done").write_text("")
+        policy_path = str(stage.output_dir)
+
+    final = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
+    if is_main_process():
+        final.save_pretrained(run.output_dir, safe_serialization=True)
+        run.tokenizer.save_pretrained(run.output_dir)
+    return {"algorithm": name, "iterations": iterations, "final_policy": policy_path, "per_iteration": summaries,
+            "global_step": sum(s["global_step"] for s in summaries)}
