@@ -118,6 +118,7 @@ class Run:
     tokenizer: object = None
     model_path: str = ""
     ref_path: str | None = None  # set when the reference is built (e.g. a soup)
+    _zero3_args: object = None  # TrainingArguments kept alive while ZeRO-3 models load (see policy())
     resume: bool = False
 
     @property
@@ -141,11 +142,14 @@ class Run:
         report_to = kwargs.get("report_to") or []
         report_to = [report_to] if isinstance(report_to, str) else list(report_to)
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
-        if not _bf16_supported():
-            # TRL turns bf16 on by default; where the hardware lacks it, say fp32 rather than fail.
+        if not _bf16_supported() and not (kwargs.get("bf16") and not _cuda()):
+            # TRL turns bf16 on by default; where the hardware lacks it, say fp32 rather than fail. On a CPU an
+            # explicit train.bf16=true is honoured (torch's CPU autocast): slow, but it mirrors a GPU run's memory.
             if kwargs.get("bf16"):
-                raise UserError(f"{self.loaded.source}: train.bf16: this machine has no bf16 support (no GPU found)")
+                raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
             kwargs["bf16"] = False
+        elif kwargs.get("bf16") and not _cuda():
+            kwargs["use_cpu"] = True  # transformers only accepts bf16 without a GPU when told it is a CPU run
         backend = self.recipe.distributed.backend
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and backend == "deepspeed":
             # accelerate only starts a CPU process group in its MULTI_CPU mode, which drops DeepSpeed; so configure
@@ -171,8 +175,16 @@ class Run:
         quant = None
         if peft is not None and peft.load_in_4bit:
             quant = models.four_bit_config(peft)
+        d = self.recipe.distributed
+        if d.backend == "deepspeed" and d.zero_stage == 3 and quant is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # while a TrainingArguments with the ZeRO-3 config is alive, transformers builds the model inside
+            # deepspeed.zero.Init: each rank only ever holds its shard of the weights, never the whole model
+            self._zero3_args = self.trl_config()
         model = models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
                                   pad_token_id=self.tokenizer.pad_token_id, quantization_config=quant)
+        if self._zero3_args is not None and is_main_process():
+            sharded = all(hasattr(p, "ds_id") for p in model.parameters())
+            log(f"ZeRO-3: {'weights loaded sharded (deepspeed.zero.Init)' if sharded else 'weights loaded whole'}")
         if peft is not None:
             models.check_target_modules(peft, model)
             if quant is not None:

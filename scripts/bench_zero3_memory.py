@@ -38,25 +38,63 @@ def worker(a) -> None:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
+    import aligntool.train as train_mod
     from aligntool.recipe.loader import load_recipe
-    from aligntool.train import train
+
+    tensors = TensorBytes()
+    callbacks = train_mod._callbacks
+    train_mod._callbacks = lambda *args: [*callbacks(*args), tensors]  # measure inside the real run
 
     loaded = load_recipe(REPO / "recipes" / "sft.yaml", [
         f"output_dir={a.out}/run", f"model.name_or_path={a.model}", f"train.max_steps={a.steps}",
         f"train.per_device_train_batch_size={a.batch_size}", "train.eval_strategy=no", "train.save_steps=100000",
-        "train.logging_steps=1", "dataset.toy.eval_size=0", *BACKENDS[a.worker]])
+        "train.logging_steps=1", "dataset.toy.eval_size=0", f"train.bf16={str(a.bf16).lower()}", *BACKENDS[a.worker]])
     baseline = rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
-    train(loaded)
+    train_mod.train(loaded)
     rank = int(os.environ.get("RANK", "0"))
     Path(a.out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "train_mb": rss_mb("VmHWM") - baseline,
-                                                           "process_mb": rss_mb("VmHWM")}))
+                                                           "process_mb": rss_mb("VmHWM"), "state_mb": tensors.peak_mb}))
+
+
+def live_tensor_mb() -> float:
+    """Bytes of every torch storage alive in the process (views counted once): parameters, gradients, optimizer
+    state, DDP's gradient buckets, DeepSpeed's flat buffers - what torch.cuda.memory_allocated() counts on a GPU."""
+    import gc
+
+    import torch
+
+    seen = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                st = obj.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        except Exception:  # noqa: BLE001 - some tensor subclasses have no plain storage
+            continue
+    return sum(seen.values()) / 2**20
+
+
+def TensorBytes():
+    from transformers import TrainerCallback
+
+    class _TensorBytes(TrainerCallback):
+        peak_mb = 0.0
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):  # gradients are alive here
+            self.peak_mb = max(self.peak_mb, live_tensor_mb())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.peak_mb = max(self.peak_mb, live_tensor_mb())
+
+    return _TensorBytes()
 
 
 def side(name: str, a, model: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               "--worker", name, "--out", out, "--model", model, "--steps", str(a.steps), "--batch-size", str(a.batch_size)]
+               "--worker", name, "--out", out, "--model", model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+               *(["--bf16"] if a.bf16 else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -69,6 +107,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides (the usual GPU setting)")
     ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -82,14 +121,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = widened_copy(str(models.resolve("tiny")), a.hidden_size, a.layers, tmp)
         rows = {name: side(name, a, model) for name in BACKENDS}
-    print(f"SFT, 2 ranks, batch {a.batch_size} per rank, {a.steps} steps")
-    print(f"{'side':>6} {'rank':>4} {'training +MB':>13} {'process peak MB':>16}")
+    print(f"SFT, 2 ranks, batch {a.batch_size} per rank, {a.steps} steps, {'bf16 mixed precision' if a.bf16 else 'fp32'}")
+    print(f"{'side':>6} {'rank':>4} {'live tensors MB':>23} {'training +MB (RSS)':>19} {'process peak MB':>16}")
     for name, ranks in rows.items():
         for r in ranks:
-            print(f"{name:>6} {r['rank']:>4} {r['train_mb']:>13.0f} {r['process_mb']:>16.0f}")
-    mean = {n: sum(r["train_mb"] for r in rs) / len(rs) for n, rs in rows.items()}
-    ratio = mean["zero3"] / mean["ddp"]
-    print(f"per-rank training memory ZeRO-3/DDP = {ratio:.3f}  (target <= 0.55: {'met' if ratio <= 0.55 else 'NOT met'})")
+            print(f"{name:>6} {r['rank']:>4} {r['state_mb']:>23.0f} {r['train_mb']:>19.0f} {r['process_mb']:>16.0f}")
+    for key, what in (("state_mb", "model states (peak live tensors around the optimizer step)"), ("train_mb", "training RSS high-water")):
+        mean = {n: sum(r[key] for r in rs) / len(rs) for n, rs in rows.items()}
+        ratio = mean["zero3"] / mean["ddp"]
+        print(f"per-rank {what} ZeRO-3/DDP = {ratio:.3f}  (target <= 0.55: {'met' if ratio <= 0.55 else 'NOT met'})")
 
 
 if __name__ == "__main__":
