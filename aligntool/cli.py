@@ -162,6 +162,46 @@ def slurm(
     print(f"submit with: sbatch {path}", file=sys.stderr)
 
 
+@app.command()
+def compress(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Compress recipe YAML, or a built-in name (compress_sparsity, "
+                               "compress_quant, compress_depth, compress_jlcm)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. compress.sparsity=0.6."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted EvoPress search from its saved state."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    """Compress a model after training (EvoPress per-layer search, uniform baseline, JLCM codebooks); writes a model
+    folder transformers loads, its packed form, compression_report.json and levels.png."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    from aligntool.compress.recipe import load_compress_recipe
+    from aligntool.compress.run import compress as run_compress
+
+    loaded = load_compress_recipe(recipe, list(overrides or []))
+    report = run_compress(loaded, resume=resume)
+    b, h = report["bytes"], report["heldout"]
+    print(f"budget: {report['budget']}", file=sys.stderr)
+    print(f"held-out perplexity {h['ppl_dense']:.3f} -> {h['ppl']:.3f}, KL(dense||compressed) {h['kl']:.4f}; "
+          f"compressed layers {b['compressed_layers_dense']} -> {b['compressed_layers_packed']} bytes "
+          f"({b['compressed_layers_ratio']:.3f})", file=sys.stderr)
+    print(loaded.output_dir)
+
+
+@app.command()
+def unpack(
+    packed_dir: Path = typer.Argument(..., metavar="PACKED", help="A packed folder (OUTPUT_DIR/packed of a compress run)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the rebuilt model to."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Rebuild a model folder from the packed compressed form (checksum checked)."""
+    from aligntool.compress.packed import load_packed
+    from aligntool.models import load_tokenizer
+
+    model = load_packed(packed_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(str(packed_dir), key="PACKED").save_pretrained(out)
+    print(out)
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Option(..., "--model", "-m", help="Model folder (a train output_dir), 'tiny', or a hub id."),

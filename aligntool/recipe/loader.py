@@ -140,7 +140,9 @@ def _explain(err: ValidationError, root: type[BaseModel], prefix: tuple, source:
     msg = e["msg"]
     msg = msg.removeprefix("Value error, ")  # our validators' own words, kept as written (names are case-sensitive)
     msg = msg[:1].lower() + msg[1:]
-    return UserError(f"{at}: {key}: {msg} (got {e.get('input')!r})")
+    got = e.get("input")
+    got = "" if isinstance(got, dict) else f" (got {got!r})"  # a whole section is too long to echo
+    return UserError(f"{at}: {key + ': ' if key else ''}{msg}{got}")
 
 
 def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source: str, lines: dict) -> None:

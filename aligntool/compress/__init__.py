@@ -1,0 +1,1 @@
+"""Post-training compression: EvoPress search and JLCM codebooks."""

@@ -1,0 +1,144 @@
+"""The packed (really compressed) form of a compressed model, and the loader that rebuilds the model from it.
+
+``packed/`` holds ``packed.safetensors``, ``manifest.json``, the model config and the tokenizer. Each compressed
+linear weight is stored in its own encoding (tensor names ``<weight name>::<part>``):
+
+* ``sparse``: ``mask`` (1 bit per weight, ``quantizers.pack_mask``) + ``values`` (the kept weights, row-major, in the
+  model's dtype);
+* ``rtn``: ``codes`` (``bits`` per weight, bit-packed) + ``scale`` and ``zero`` (fp16, one per group);
+* ``jlcm``: ``codes`` (bit-packed) + ``codebooks`` (fp16, one per row group) + ``perm`` (row order);
+* ``dropped``: nothing (the weight is zero; so is its bias, if any).
+
+Every other tensor is stored as it is (tied tensors once). ``manifest.json`` records each entry's shape and settings
+and the SHA-256 of ``packed.safetensors``, checked on load: a corrupted file is an error, never a wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from aligntool.compress import quantizers
+from aligntool.errors import UserError
+
+FORMAT = "aligntool-packed-v1"
+
+
+def encode_sparse(weight: torch.Tensor, keep: torch.Tensor) -> tuple[dict, dict]:
+    return {"mask": quantizers.pack_mask(keep), "values": weight[keep].contiguous()}, {}
+
+
+def encode_rtn(res: quantizers.RTNResult) -> tuple[dict, dict]:
+    return ({"codes": quantizers.pack_bits(res.codes, res.bits), "scale": res.scale, "zero": res.zero},
+            {"bits": res.bits, "group_size": res.group_size})
+
+
+def encode_jlcm(res: quantizers.JLCMResult) -> tuple[dict, dict]:
+    return ({"codes": quantizers.pack_bits(res.codes, res.bits), "codebooks": res.codebooks, "perm": res.perm},
+            {"bits": res.bits, "bounds": list(res.bounds)})
+
+
+def _decode(kind: str, parts: dict, meta: dict, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    numel = shape[0] * shape[1] if len(shape) == 2 else int(torch.tensor(shape).prod())
+    if kind == "sparse":
+        keep = quantizers.unpack_mask(parts["mask"], numel).view(shape)
+        out = torch.zeros(shape, dtype=dtype)
+        out[keep] = parts["values"].to(dtype)
+        return out
+    if kind == "dropped":
+        return torch.zeros(shape, dtype=dtype)
+    codes = quantizers.unpack_bits(parts["codes"], meta["bits"], numel).to(torch.uint8).view(shape)
+    if kind == "rtn":
+        res = quantizers.RTNResult(codes, parts["scale"], parts["zero"], meta["bits"], meta["group_size"])
+    elif kind == "jlcm":
+        res = quantizers.JLCMResult(parts["perm"], meta["bounds"], parts["codebooks"], codes, meta["bits"])
+    else:
+        raise ValueError(kind)
+    return res.dequantize().to(dtype)
+
+
+def write_packed(model, tokenizer, encoded: dict[str, tuple[str, dict, dict]], out: Path) -> int:
+    """Write ``out/`` (see the module docstring); ``encoded`` maps a weight name to (kind, tensors, settings).
+    Returns the bytes of packed.safetensors + manifest.json."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, entries, aliases, seen = {}, {}, {}, {}
+    state = model.state_dict()
+    for key, t in state.items():
+        base = key.removesuffix(".weight").removesuffix(".bias")
+        weight_key = base + ".weight"
+        if weight_key in encoded:
+            kind, parts, meta = encoded[weight_key]
+            if key.endswith(".bias"):
+                if kind != "dropped":  # biases of compressed layers are kept whole; dropped ones are zero
+                    tensors[key] = t.contiguous()
+                else:
+                    entries[key] = {"kind": "dropped", "shape": list(t.shape)}
+                continue
+            for name, part in parts.items():
+                tensors[f"{key}::{name}"] = part.contiguous()
+            entries[key] = {"kind": kind, "shape": list(t.shape), **meta}
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.shape == state[seen[ptr]].shape:  # tied (e.g. embeddings and lm_head): stored once
+            aliases[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        tensors[key] = t.detach().contiguous()
+    save_file(tensors, str(out / "packed.safetensors"))
+    digest = hashlib.sha256((out / "packed.safetensors").read_bytes()).hexdigest()
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    manifest = {"format": FORMAT, "dtype": dtype, "sha256": digest, "entries": entries, "aliases": aliases}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return (out / "packed.safetensors").stat().st_size + (out / "manifest.json").stat().st_size
+
+
+def load_packed(path: str | Path):
+    """Rebuild the model from a packed folder (a ``transformers`` causal LM in eval mode)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not a packed model (no manifest.json)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path / 'manifest.json'}: corrupted ({exc.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path / 'manifest.json'}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    blob = path / "packed.safetensors"
+    if not blob.is_file():
+        raise UserError(f"{blob}: missing")
+    if hashlib.sha256(blob.read_bytes()).hexdigest() != manifest["sha256"]:
+        raise UserError(f"{blob}: checksum mismatch: the file is corrupted or was changed after packing")
+    try:
+        stored = load_file(str(blob))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{blob}: unreadable ({exc})") from None
+    dtype = getattr(torch, manifest["dtype"])
+    state = {k: v for k, v in stored.items() if "::" not in k}
+    for key, entry in manifest["entries"].items():
+        parts = {k.split("::", 1)[1]: v for k, v in stored.items() if k.startswith(key + "::")}
+        meta = {k: v for k, v in entry.items() if k not in ("kind", "shape")}
+        state[key] = _decode(entry["kind"], parts, meta, entry["shape"], dtype)
+    for key, target in manifest["aliases"].items():
+        state[key] = state[target]
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: packed tensors do not fit the config (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()

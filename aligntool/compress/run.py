@@ -1,0 +1,249 @@
+"""``aligntool compress``: load the model and calibration text, compress (EvoPress search, uniform levels or JLCM), score
+the result, write the output folder in one piece.
+
+The output folder is a model folder transformers loads (compressed weights stored dense in safetensors), plus
+``packed/`` (the real compressed form, see ``packed.py``), ``compression_report.json`` and ``levels.png``. It is
+assembled beside its final place and renamed into it at the end, so an interrupted run never leaves half of one; the
+search state lives in ``.<output>.search.json`` beside it until the run ends (``--resume`` continues from it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from aligntool import models
+from aligntool.compress import calibration, evopress, levels, packed, quantizers
+from aligntool.errors import UserError
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_weights(path: str) -> None:
+    local = Path(path)
+    if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+        raise UserError(f"model.name_or_path: {path} has no weights (expected model.safetensors or pytorch_model.bin)")
+
+
+@torch.no_grad()
+def log_probs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = [model(input_ids=windows[b: b + batch_size]).logits.float().log_softmax(-1)
+           for b in range(0, len(windows), batch_size)]
+    lp = torch.cat(out)
+    return lp if lp.numel() <= 2**28 else lp.half()  # above 1 GiB keep fp16 (EvoPress also caches dense logits)
+
+
+@torch.no_grad()
+def scores(model, windows: torch.Tensor, dense: torch.Tensor | None, batch_size: int) -> dict:
+    """Mean per-token KL(dense || model) over the vocabulary (if ``dense`` log-probs are given) and perplexity of
+    next-token prediction."""
+    kl = nll = 0.0
+    for b in range(0, len(windows), batch_size):
+        ids = windows[b: b + batch_size]
+        lq = model(input_ids=ids).logits.float().log_softmax(-1)
+        if dense is not None:
+            lp = dense[b: b + batch_size].float()
+            kl += float((lp.exp() * (lp - lq)).sum())
+        nll -= float(lq[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+    out = {"ppl": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))}
+    if dense is not None:
+        out["kl"] = kl / windows.numel()
+    return out
+
+
+def _space(model, cfg, norms):
+    if cfg.mode == "depth":
+        space = levels.DepthSpace(model, cfg.drop, cfg.drop_unit)
+    elif cfg.mode == "sparsity":
+        space = levels.SparsitySpace(levels.compressible_linears(model, cfg.layers), norms, cfg.sparsity,
+                                     cfg.sparsity_levels, cfg.sparsity_step)
+    else:
+        space = levels.QuantSpace(levels.compressible_linears(model, cfg.layers), cfg.bits, cfg.bits_min, cfg.bits_max,
+                                  cfg.group_size)
+    space.n_initial = cfg.evopress.initial_candidates
+    return space
+
+
+def _encode(space, chosen) -> tuple[dict, list[dict]]:
+    """Packed encodings of the chosen levels and the per-unit rows of the report."""
+    encoded, rows = {}, []
+    for i, (unit, level) in enumerate(zip(space.units, chosen)):
+        packed_bytes = 0
+        for name, module in unit.linears.items():
+            w = space.dense[name][0]
+            if space.mode == "sparsity":
+                kind, parts, meta = ("sparse", *packed.encode_sparse(w, space.mask(i, level)))
+            elif space.mode == "quant":
+                kind, parts, meta = ("rtn", *packed.encode_rtn(space.rtn(i, level)))
+            elif level:
+                kind, parts, meta = "dropped", {}, {}
+            else:
+                packed_bytes += w.numel() * w.element_size()
+                continue
+            encoded[name + ".weight"] = (kind, parts, meta)
+            packed_bytes += sum(p.numel() * p.element_size() for p in parts.values())
+        dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in unit.linears.values())
+        rows.append({"name": unit.name, "weights": unit.numel, **space.describe(i, level),
+                     "bytes_dense": dense_bytes, "bytes_packed": packed_bytes})
+    return encoded, rows
+
+
+def _jlcm(model, cfg, inputs) -> tuple[dict, list[dict]]:
+    from tqdm import tqdm
+
+    encoded, rows = {}, []
+    linears = levels.compressible_linears(model, cfg.layers)
+    bits = int(cfg.bits)
+    for name, module in tqdm(linears.items(), desc="JLCM", unit="layer"):
+        w = module.weight.detach()
+        try:
+            res = quantizers.jlcm_quantize(w, bits, groups=min(cfg.jlcm_groups, w.shape[0]), inputs=inputs[name],
+                                           steps=cfg.jlcm_steps, lr=cfg.jlcm_lr, seed=cfg.seed)
+        except ValueError as exc:
+            raise UserError(f"compress: {name}: {exc}") from None
+        with torch.no_grad():
+            module.weight.copy_(res.dequantize().to(w.dtype))
+        encoded[name + ".weight"] = ("jlcm", *packed.encode_jlcm(res))
+        rows.append({"name": name, "weights": w.numel(), "level": bits, "bits": bits,
+                     "bits_per_weight": res.bits_per_weight(), "bytes_dense": w.numel() * w.element_size(),
+                     "bytes_packed": res.nbytes()})
+    return encoded, rows
+
+
+def _plot(rows: list[dict], mode: str, method: str, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed; levels.png skipped (pip install 'aligntool[plots]')")
+        return False
+    key = {"sparsity": "sparsity", "quant": "bits", "depth": "dropped"}[mode]
+    values = [float(r[key]) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(rows)), 3.2))
+    ax.bar(range(len(rows)), values, color="tab:blue")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["name"].replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+                        for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel(key)
+    ax.set_title(f"{method} {mode}: per-layer levels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _fingerprint(recipe, model_path: str) -> str:
+    data = recipe.model_dump(mode="json")
+    data.pop("output_dir", None)
+    data["compress"]["evopress"].pop("generations", None)  # more generations continue the same search
+    return hashlib.sha256(json.dumps([data, model_path], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
+    """Run a compress recipe end to end; returns the report (also written to compression_report.json)."""
+    cfg = recipe.compress
+    out = Path(recipe.output_dir).expanduser()
+    if out.exists() and any(out.iterdir()) and not (out / "compression_report.json").is_file():
+        raise UserError(f"output_dir: {out} exists and is not a compress output; choose another folder")
+    state_path = out.with_name(f".{out.name}.search.json")
+    if resume and not state_path.is_file():
+        raise UserError(f"--resume: no search state at {state_path}")
+    m = recipe.model
+    path = models.resolve(m.name_or_path, log=log)
+    _check_weights(path)
+    tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision)
+    model = models.load_model(path, m.dtype, m.trust_remote_code, m.revision).eval()
+    torch.manual_seed(cfg.seed)
+    calib, heldout = calibration.load_windows(recipe.calibration, tokenizer)
+    bs = cfg.eval_batch_size
+    start = time.time()
+    dense_calib = log_probs(model, calib, bs)
+    dense_heldout = log_probs(model, heldout, bs)
+    dense_scores = scores(model, heldout, None, bs)
+    log(f"Compressing {path} ({cfg.method}, {cfg.mode}) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+
+    search_info = None
+    if cfg.method == "jlcm":
+        linears = levels.compressible_linears(model, cfg.layers)
+        _, inputs = levels.input_stats(model, linears, calib, bs, keep_tokens=min(cfg.jlcm_tokens, calib.numel()),
+                                       seed=cfg.seed)
+        encoded, rows = _jlcm(model, cfg, inputs)
+        achieved = {"bits": cfg.bits, "bits_per_weight": 8 * sum(r["bytes_packed"] for r in rows)
+                    / sum(r["weights"] for r in rows), "groups": cfg.jlcm_groups}
+    else:
+        norms = {}
+        if cfg.mode == "sparsity":
+            norms, _ = levels.input_stats(model, levels.compressible_linears(model, cfg.layers), calib, bs)
+        space = _space(model, cfg, norms)
+        if cfg.method == "evopress":
+            def fitness(candidate, idx):
+                space.apply(candidate)
+                ids = calib[idx]
+                return scores(model, ids, dense_calib[idx] if cfg.evopress.fitness == "kl" else None, bs)[
+                    cfg.evopress.fitness]
+
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state = evopress.search(space, fitness, len(calib), calib.shape[1], cfg.evopress, cfg.seed, state_path,
+                                    resume, _fingerprint(recipe, path), log=log, progress=progress)
+            chosen = tuple(state["parent"])
+            search_info = {"generations": state["generation"], "history": state["history"]}
+        else:
+            chosen = space.uniform()
+        space.check(chosen)
+        space.apply(chosen)
+        encoded, rows = _encode(space, chosen)
+        achieved = space.achieved(chosen)
+    compress_time = time.time() - start
+
+    calib_scores = scores(model, calib, dense_calib, bs)
+    held_scores = scores(model, heldout, dense_heldout, bs)
+    dense_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        packed_bytes = packed.write_packed(model, tokenizer, encoded, tmp / "packed")
+        layer_dense = sum(r["bytes_dense"] for r in rows)
+        layer_packed = sum(r["bytes_packed"] for r in rows)
+        report = {
+            "model": path, "method": cfg.method, "mode": cfg.mode, "budget": achieved,
+            "bytes": {"model_file_dense": dense_bytes, "packed": packed_bytes,
+                      "ratio": round(packed_bytes / dense_bytes, 4) if dense_bytes else None,
+                      "compressed_layers_dense": layer_dense, "compressed_layers_packed": layer_packed,
+                      "compressed_layers_ratio": round(layer_packed / layer_dense, 4)},
+            "calibration": {"windows": calib.shape[0], "seq_len": calib.shape[1], "kl": calib_scores["kl"]},
+            "heldout": {"windows": heldout.shape[0], "kl": held_scores["kl"], "ppl": held_scores["ppl"],
+                        "ppl_dense": dense_scores["ppl"]},
+            "search": search_info, "compress_time_s": round(compress_time, 2), "layers": rows,
+        }
+        (tmp / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _plot(rows, cfg.mode, cfg.method, tmp / "levels.png")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    state_path.unlink(missing_ok=True)
+    log(f"held-out ppl {dense_scores['ppl']:.3f} -> {held_scores['ppl']:.3f}, KL {held_scores['kl']:.4f}; "
+        f"{dense_bytes or '?'} -> {packed_bytes} bytes; written to {out}")
+    return report
