@@ -16,7 +16,7 @@ import torch
 
 from aligntool.cli import main
 from aligntool.compress import evopress, levels
-from tests.conftest import REPO
+from conftest import REPO
 
 SMALL = ["calibration.seq_len=32", "calibration.num_sequences=32", "calibration.heldout_sequences=8",
          "compress.evopress.generations=3", "compress.evopress.offspring=4", "compress.evopress.survivors=[2,1]",
@@ -302,3 +302,8 @@ def test_short_calibration_file_and_corrupted_packed_file(capsys, tmp_path, tiny
     data[-5] ^= 0xFF
     blob.write_bytes(bytes(data))
     expect_error(capsys, ["unpack", str(out / "packed"), "--out", str(tmp_path / "u")], "checksum mismatch")
+
+
+def test_train_and_compress_recipes_are_not_mixed_up(capsys):
+    expect_error(capsys, ["train", "--recipe", "compress_quant"], "compress recipe", "aligntool compress")
+    expect_error(capsys, ["compress", "--recipe", "dpo"], "training recipe", "aligntool train")

@@ -40,3 +40,12 @@ def test_bench_remax_vs_ppo_prints_ratios(tiny_path):
         assert re.search(rf"^\s+1\s+{side}\s+[\d.]+\s+", out, re.M), out
     for side in ("ppo", "ppo-critic"):
         assert re.search(rf"ReMax/{side}\s+time per iteration [\d.]+\s+training memory ([\d.]+|nan)", out), out
+
+
+def test_bench_compress_prints_both_comparisons(tiny_path):
+    out = run_script("bench_compress.py", "--quick", "--models", "tiny")
+    for what, first, second in (("sparsity", "EvoPress", "uniform"), ("quant", "EvoPress", "uniform RTN"),
+                                ("codebook", "JLCM", "RTN")):
+        for label in (first, second):  # one row per run; the figures themselves are not judged
+            assert re.search(rf"^\s+tiny\s+{what}\s+{label}\s+[\d.]+\s+[\d.]+", out, re.M), out
+        assert re.search(rf"tiny {first}/{second} \({what}\): KL ratio [\d.]+, ppl ratio [\d.]+", out), out

@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from aligntool.errors import UserError
-from aligntool.recipe.loader import _explain, _key_lines, apply_override, parse_override, resolve_recipe_path, safe_load
+from aligntool.recipe.loader import _explain, read_recipe
 from aligntool.recipe.schema import ModelConfig, Strict
 
 DEFAULT_LAYERS = r".*layers\.\d+\..*(q|k|v|o|gate|up|down)_proj$"
@@ -139,23 +138,9 @@ class CompressRecipe(Strict):
 
 
 def load_compress_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> CompressRecipe:
-    path = resolve_recipe_path(str(recipe))
-    source = str(recipe)
-    text = path.read_text()
-    try:
-        data = safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{source}: YAML error: {str(exc).splitlines()[0]}") from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping of recipe keys at the top level, got {type(data).__name__}")
+    data, source, lines = read_recipe(recipe, overrides)
     if "algorithm" in data:
         raise UserError(f"{source}: is a training recipe (it has 'algorithm'); run it with `aligntool train`")
-    lines = _key_lines(text, source)
-    for override in overrides:
-        parts, value = parse_override(override)
-        apply_override(data, parts, value, override)
-        lines[tuple(parts)] = f"override {override!r}"
     try:
         parsed = CompressRecipe.model_validate(data)
     except ValidationError as exc:

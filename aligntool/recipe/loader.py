@@ -158,7 +158,9 @@ def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source
             raise UserError(f"{at}: unknown key 'train.{name}'{hint}; train.* takes fields of {spec.trl_config.split(':')[1]}")
 
 
-def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> LoadedRecipe:
+def read_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> tuple[dict, str, dict]:
+    """The recipe file's mapping with the overrides applied, its name for messages, and ``file:line`` (or the
+    override) of every key -- shared by ``train`` and ``compress`` recipes."""
     path = resolve_recipe_path(str(recipe))
     source = str(recipe)
     text = path.read_text()
@@ -181,6 +183,14 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     for text_override in overrides:  # an overridden key is reported as the override, not the file line it replaced
         parts = tuple(parse_override(text_override)[0])
         lines[parts] = f"override {text_override!r}"
+    return data, source, lines
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> LoadedRecipe:
+    data, source, lines = read_recipe(recipe, overrides)
+    if "algorithm" not in data and "compress" in data:
+        raise UserError(f"{source}: is a compress recipe (it has 'compress', no 'algorithm'); run it with "
+                        "`aligntool compress`")
     if "algorithm" not in data:
         raise UserError(f"{source}: missing required key 'algorithm'; known: {', '.join(registry.ALGORITHMS)}")
     name = data["algorithm"]
