@@ -91,6 +91,9 @@ def search(space, fitness: Callable[[Levels, list[int]], float], num_windows: in
             child = mutate(parent, space, rng, cfg.max_flips)
             if child != parent and child not in offspring:
                 offspring.append(child)
+        if not offspring:
+            raise UserError("compress: no level switch keeps the budget from this starting point (e.g. bits equal to "
+                            "bits_min or bits_max, or a single layer); widen the levels or use method: uniform")
         candidates = offspring
         for k, (keep, tokens) in enumerate(stages):
             idx = rng.sample(range(num_windows), tokens // seq_len)

@@ -46,6 +46,9 @@ def compressible_linears(model, pattern: str) -> dict[str, torch.nn.Linear]:
     found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.fullmatch(n)}
     if not found:
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        if not linear or linear == ["lm_head"]:
+            raise UserError("compress: the model has no torch.nn.Linear layers to compress (GPT-2-style Conv1D "
+                            "projections are not supported)")
         raise UserError(f"compress.layers: {pattern!r} matches no linear layer; the model has: {', '.join(linear[:12])}"
                         + (" ..." if len(linear) > 12 else ""))
     return found
@@ -106,8 +109,9 @@ class Space:
 
 
 def default_step(sparsity: float, num_levels: int, numel: int) -> int:
-    """Weights removed per level step: the authors' default ``int(0.5 * min(s, 1-s) / L * hidden^2)``, with the
-    smallest compressed layer's size in place of ``hidden^2``."""
+    """Weights removed per level step: the authors' default ``int(0.5 * min(s, 1-s) / L * hidden^2)`` (``numel`` =
+    hidden^2; the smallest compressed layer's size when the config has no hidden size). Layers too small for all
+    ``L`` steps get fewer levels (``level_range``)."""
     return max(1, int(0.5 * min(sparsity, 1 - sparsity) / num_levels * numel))
 
 
@@ -122,10 +126,11 @@ class SparsitySpace(Space):
     mode = "sparsity"
 
     def __init__(self, linears: dict[str, torch.nn.Linear], input_norms: dict[str, torch.Tensor], sparsity: float,
-                 num_levels: int, step: int | None):
+                 num_levels: int, step: int | None, hidden_size: int | None = None):
         super().__init__([Unit(n, {n: m}, m.weight.numel()) for n, m in linears.items()])
         self.target = sparsity
-        self.step = step or default_step(sparsity, num_levels, min(u.numel for u in self.units))
+        size = hidden_size**2 if hidden_size else min(u.numel for u in self.units)
+        self.step = step or default_step(sparsity, num_levels, size)
         self.base = [round(sparsity * u.numel) for u in self.units]
         ranges = [level_range(u.numel, sparsity, self.step, num_levels) for u in self.units]
         self.lo, self.hi = [r[0] for r in ranges], [r[1] for r in ranges]
@@ -134,7 +139,8 @@ class SparsitySpace(Space):
         for u in self.units:  # ascending Wanda score: the first k are pruned at k
             w = self.dense[u.name][0].float()
             score = w.abs() * input_norms[u.name].float()[None, :]
-            self.order[u.name] = torch.argsort(score.view(-1), stable=True)
+            order = torch.argsort(score.view(-1), stable=True)
+            self.order[u.name] = order.int() if u.numel < 2**31 else order  # half the memory of int64
 
     def pruned(self, i: int, level: int) -> int:
         return self.base[i] + level * self.step
@@ -240,6 +246,8 @@ class DepthSpace(Space):
             for name, module in parts:
                 linears = {f"{name}.{n}" if n else name: m for n, m in module.named_modules()
                            if isinstance(m, torch.nn.Linear)}
+                if not linears:
+                    raise UserError(f"compress.mode depth: {name} holds no torch.nn.Linear layer to drop")
                 units.append(Unit(name, linears, sum(m.weight.numel() for m in linears.values())))
         if drop >= len(units):
             raise UserError(f"compress.drop: {drop} units asked, the model has {len(units)} {unit} units; "
@@ -292,7 +300,8 @@ def _decoder_blocks(model) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _sub_blocks(prefix: str, block) -> list[tuple[str, torch.nn.Module]]:
-    children = dict(block.named_children())
+    # only children holding linear layers (GPT-NeoX registers post_attention_layernorm before attention)
+    children = {n: m for n, m in block.named_children() if any(isinstance(x, torch.nn.Linear) for x in m.modules())}
     attn = next((n for n in children if "attn" in n or "attention" in n), None)
     mlp = next((n for n in children if "mlp" in n or "feed_forward" in n), None)
     if attn is None or mlp is None:

@@ -60,6 +60,17 @@ def _decode(kind: str, parts: dict, meta: dict, shape: list[int], dtype: torch.d
     return res.dequantize().to(dtype)
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _digest(folder: Path, manifest: dict) -> str:
+    """SHA-256 over everything the rebuild reads: the tensors, the manifest's settings and the model config."""
+    h = hashlib.sha256((folder / "packed.safetensors").read_bytes())
+    h.update(json.dumps({k: manifest.get(k) for k in ("format", "dtype", "entries", "aliases")}, sort_keys=True).encode())
+    h.update((folder / "config.json").read_bytes())
+    return h.hexdigest()
+
+
 def write_packed(model, tokenizer, encoded: dict[str, tuple[str, dict, dict]], out: Path) -> int:
     """Write ``out/`` (see the module docstring); ``encoded`` maps a weight name to (kind, tensors, settings).
     Returns the bytes of packed.safetensors + manifest.json."""
@@ -83,18 +94,18 @@ def write_packed(model, tokenizer, encoded: dict[str, tuple[str, dict, dict]], o
                 tensors[f"{key}::{name}"] = part.contiguous()
             entries[key] = {"kind": kind, "shape": list(t.shape), **meta}
             continue
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.shape == state[seen[ptr]].shape:  # tied (e.g. embeddings and lm_head): stored once
+        ptr = (t.data_ptr(), tuple(t.shape), t.stride())
+        if ptr in seen:  # tied (e.g. embeddings and lm_head): the same tensor, stored once
             aliases[key] = seen[ptr]
             continue
         seen[ptr] = key
         tensors[key] = t.detach().contiguous()
     save_file(tensors, str(out / "packed.safetensors"))
-    digest = hashlib.sha256((out / "packed.safetensors").read_bytes()).hexdigest()
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    manifest = {"format": FORMAT, "dtype": dtype, "sha256": digest, "entries": entries, "aliases": aliases}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     model.config.save_pretrained(out)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    manifest = {"format": FORMAT, "dtype": dtype, "entries": entries, "aliases": aliases}
+    manifest["sha256"] = _digest(out, manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
@@ -118,25 +129,29 @@ def load_packed(path: str | Path):
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path / 'manifest.json'}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
     blob = path / "packed.safetensors"
-    if not blob.is_file():
-        raise UserError(f"{blob}: missing")
-    if hashlib.sha256(blob.read_bytes()).hexdigest() != manifest["sha256"]:
-        raise UserError(f"{blob}: checksum mismatch: the file is corrupted or was changed after packing")
+    for needed in (blob, path / "config.json"):
+        if not needed.is_file():
+            raise UserError(f"{needed}: missing")
+    if not isinstance(manifest.get("entries"), dict) or manifest.get("dtype") not in DTYPES:
+        raise UserError(f"{path / 'manifest.json'}: corrupted (no entries, or dtype not one of {', '.join(DTYPES)})")
+    if _digest(path, manifest) != manifest.get("sha256"):
+        raise UserError(f"{path}: checksum mismatch: packed.safetensors, manifest.json or config.json is corrupted "
+                        "or was changed after packing")
     try:
         stored = load_file(str(blob))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{blob}: unreadable ({exc})") from None
-    dtype = getattr(torch, manifest["dtype"])
-    state = {k: v for k, v in stored.items() if "::" not in k}
-    for key, entry in manifest["entries"].items():
-        parts = {k.split("::", 1)[1]: v for k, v in stored.items() if k.startswith(key + "::")}
-        meta = {k: v for k, v in entry.items() if k not in ("kind", "shape")}
-        state[key] = _decode(entry["kind"], parts, meta, entry["shape"], dtype)
-    for key, target in manifest["aliases"].items():
-        state[key] = state[target]
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        dtype = DTYPES[manifest["dtype"]]
+        state = {k: v for k, v in stored.items() if "::" not in k}
+        for key, entry in manifest["entries"].items():
+            parts = {k.split("::", 1)[1]: v for k, v in stored.items() if k.startswith(key + "::")}
+            meta = {k: v for k, v in entry.items() if k not in ("kind", "shape")}
+            state[key] = _decode(entry["kind"], parts, meta, entry["shape"], dtype)
+        for key, target in manifest["aliases"].items():
+            state[key] = state[target]
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: cannot rebuild the model ({str(exc).strip().splitlines()[0]})") from None
     if missing or unexpected:
         raise UserError(f"{path}: packed tensors do not fit the config (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")

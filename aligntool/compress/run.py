@@ -37,10 +37,13 @@ def _check_weights(path: str) -> None:
 
 @torch.no_grad()
 def log_probs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    out = [model(input_ids=windows[b: b + batch_size]).logits.float().log_softmax(-1)
-           for b in range(0, len(windows), batch_size)]
-    lp = torch.cat(out)
-    return lp if lp.numel() <= 2**28 else lp.half()  # above 1 GiB keep fp16 (EvoPress also caches dense logits)
+    # above 1 GiB keep fp16 (EvoPress also caches the dense logits), converted batch by batch
+    half = windows.numel() * model.config.vocab_size > 2**28
+    out = []
+    for b in range(0, len(windows), batch_size):
+        lp = model(input_ids=windows[b: b + batch_size]).logits.float().log_softmax(-1)
+        out.append(lp.half() if half else lp)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -66,7 +69,7 @@ def _space(model, cfg, norms):
         space = levels.DepthSpace(model, cfg.drop, cfg.drop_unit)
     elif cfg.mode == "sparsity":
         space = levels.SparsitySpace(levels.compressible_linears(model, cfg.layers), norms, cfg.sparsity,
-                                     cfg.sparsity_levels, cfg.sparsity_step)
+                                     cfg.sparsity_levels, cfg.sparsity_step, getattr(model.config, "hidden_size", None))
     else:
         space = levels.QuantSpace(levels.compressible_linears(model, cfg.layers), cfg.bits, cfg.bits_min, cfg.bits_max,
                                   cfg.group_size)
