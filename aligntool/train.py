@@ -107,6 +107,19 @@ def _bf16_supported() -> bool:
     return _cuda() and torch.cuda.is_bf16_supported()
 
 
+def _cpu_fsdp_state(config) -> None:
+    """accelerate's CPU mode (MULTI_CPU) has no FSDP, though PyTorch's FSDP2 shards over gloo on CPUs: start the CPU
+    state, then switch it to FSDP with the plugin the TrainingArguments describe; the Trainer reuses that state."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+    state = Accelerator(cpu=True, mixed_precision=precision).state
+    if state.distributed_type != DistributedType.FSDP:
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**config.fsdp_plugin_args)
+        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+
+
 @dataclass
 class Run:
     """What a trainer module's ``build(run)`` gets: the validated recipe and the loaders it may call."""
@@ -161,14 +174,18 @@ class Run:
             kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
             kwargs.setdefault("use_cpu", True)  # without it accelerate sees no GPUs and skips the gloo process group
-            if backend != "ddp" and is_main_process():
-                # accelerate's CPU mode (MULTI_CPU) has no FSDP: the run is plain data parallel
-                log(f"note: distributed.backend={backend} runs as plain multi-process CPU training without a GPU "
-                    "(accelerate's CPU mode has no FSDP sharding); accelerate_config.yaml applies on GPU machines")
+            if backend == "fsdp":
+                from accelerate import PartialState
+
+                PartialState(cpu=True)  # the gloo process group; switched to FSDP below, once the config exists
+                kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except (ValueError, TypeError) as exc:
             raise UserError(f"{self.loaded.source}: train/algo: {str(exc).strip().splitlines()[0]}") from None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and backend == "fsdp":
+            _cpu_fsdp_state(config)
+        return config
 
     def policy(self, head: str = "causal_lm"):
         m, peft = self.recipe.model, self.recipe.peft
@@ -226,6 +243,9 @@ class Run:
         start = time.time()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         wall = time.time() - start
+        if getattr(trainer, "is_fsdp_enabled", False):
+            placements = getattr(next(trainer.model_wrapped.parameters()), "placements", None)
+            log(f"FSDP: parameters sharded over {trainer.args.world_size} processes ({placements})")
         from aligntool.launch import preemption
 
         if preemption.requested():  # the callback saved a checkpoint at the step end; no final model, no summary

@@ -5,7 +5,7 @@ deepspeed with ``zero_stage: 3``; same model, data, batch, steps and seed. Each 
 that training adds: VmHWM, reset through /proc/self/clear_refs after the libraries are imported, minus the resident
 memory at that moment (model, gradients, optimizer state, activations, DeepSpeed buffers). The model is a random-init
 widened copy of the tiny model (``--hidden-size``, ``--layers``; default ~28 M parameters), so that model states
-dominate over the runtime. Prints each rank, then the ratio ZeRO-3 / DDP of the mean per-rank figure (target <= 0.55).
+dominate over the runtime. Prints each rank, then the ratio ZeRO-3 / DDP of the mean per-rank figure (target <= 0.55), and FSDP2 / DDP.
 On CPU the ranks share one machine's RAM; the figure is per process, as it would be per GPU.
 
     python scripts/bench_zero3_memory.py [--hidden-size 512] [--layers 8] [--steps 6] [--batch-size 4]
@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BACKENDS = {"ddp": ["distributed.backend=ddp"], "zero3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"]}
+BACKENDS = {"ddp": ["distributed.backend=ddp"], "zero3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"],
+            "fsdp": ["distributed.backend=fsdp"]}
 
 
 def rss_mb(field: str) -> float:
@@ -129,7 +130,8 @@ def main() -> None:
     for key, what in (("state_mb", "model states (peak live tensors around the optimizer step)"), ("train_mb", "training RSS high-water")):
         mean = {n: sum(r[key] for r in rs) / len(rs) for n, rs in rows.items()}
         ratio = mean["zero3"] / mean["ddp"]
-        print(f"per-rank {what} ZeRO-3/DDP = {ratio:.3f}  (target <= 0.55: {'met' if ratio <= 0.55 else 'NOT met'})")
+        print(f"per-rank {what} ZeRO-3/DDP = {ratio:.3f}  (target <= 0.55: {'met' if ratio <= 0.55 else 'NOT met'}); "
+              f"FSDP2/DDP = {mean['fsdp'] / mean['ddp']:.3f}")
 
 
 if __name__ == "__main__":

@@ -40,10 +40,12 @@ def training_kwargs(d, out: Path, write: bool) -> dict:
         acc.update(distributed_type="DEEPSPEED", deepspeed_config={"deepspeed_config_file": str(path)})
         kwargs = {"deepspeed": str(path)}
     else:
-        kwargs = {"fsdp": f"{d.fsdp_sharding} auto_wrap", "fsdp_config": {"use_orig_params": True}}
+        # FSDP2 (per-parameter sharding, PyTorch's fully_shard): transformers' default, and the one that runs on CPUs
+        kwargs = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": d.fsdp_sharding == "full_shard",
+                                                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
         acc.update(distributed_type="FSDP", fsdp_config={
-            "fsdp_sharding_strategy": d.fsdp_sharding.upper(), "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_use_orig_params": True})
+            "fsdp_version": 2, "fsdp_reshard_after_forward": d.fsdp_sharding != "shard_grad_op",
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
     if write:
         (out / "accelerate_config.yaml").write_text(
             "# accelerate launch --config_file THIS --num_processes N -m aligntool.cli train --recipe ...\n"

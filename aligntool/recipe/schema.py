@@ -196,8 +196,9 @@ class DistributedConfig(Strict):
                                       "the parameters.")
     offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer state in CPU memory.")
     offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep parameters in CPU memory.")
-    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
-        "full_shard", description="FSDP: full_shard (like ZeRO-3), shard_grad_op (like ZeRO-2), hybrid_shard.")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard", description="FSDP2: full_shard (parameters resharded after forward, like ZeRO-3) or shard_grad_op "
+        "(kept gathered between forward and backward, like ZeRO-2).")
 
     @model_validator(mode="after")
     def _fits(self):
