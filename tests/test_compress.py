@@ -347,3 +347,21 @@ def test_bf16_gqa_untied_model_with_biases_round_trips(tmp_path, tiny_path, caps
 def test_train_and_compress_recipes_are_not_mixed_up(capsys):
     expect_error(capsys, ["train", "--recipe", "compress_quant"], "compress recipe", "aligntool compress")
     expect_error(capsys, ["compress", "--recipe", "dpo"], "training recipe", "aligntool train")
+
+
+def test_calibration_from_a_jsonl_table_and_a_text_file(tmp_path, tiny_path, capsys):
+    from aligntool.compress.calibration import _toy_texts
+
+    texts = _toy_texts(400, "train", 3)
+    table = tmp_path / "calib.jsonl"
+    table.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    expect_error(capsys, ["compress", "--recipe", "compress_quant", f"output_dir={tmp_path / 'x'}", *SMALL,
+                          f"calibration.path={table}"], "calibration.text_column", "'text'", "body")
+    report = run_compress(capsys, tmp_path / "q", "compress_quant", "compress.method=uniform", "compress.group_size=64",
+                          f"calibration.path={table}", "calibration.text_column=body")
+    assert report["calibration"]["windows"] == 32 and report["heldout"]["windows"] == 8
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(texts))
+    report = run_compress(capsys, tmp_path / "t", "compress_quant", "compress.method=uniform", "compress.group_size=64",
+                          f"calibration.path={text}")
+    assert report["calibration"]["windows"] == 32
