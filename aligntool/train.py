@@ -155,35 +155,36 @@ class Run:
         report_to = kwargs.get("report_to") or []
         report_to = [report_to] if isinstance(report_to, str) else list(report_to)
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
-        if not _bf16_supported() and not (kwargs.get("bf16") and not _cuda()):
-            # TRL turns bf16 on by default; where the hardware lacks it, say fp32 rather than fail. On a CPU an
-            # explicit train.bf16=true is honoured (torch's CPU autocast): slow, but it mirrors a GPU run's memory.
-            if kwargs.get("bf16"):
-                raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
-            kwargs["bf16"] = False
-        elif kwargs.get("bf16") and not _cuda():
-            kwargs["use_cpu"] = True  # transformers only accepts bf16 without a GPU when told it is a CPU run
+        if _cuda() and not _bf16_supported() and kwargs.get("bf16"):
+            raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
+        if not _cuda() and kwargs.get("bf16"):
+            # an explicit train.bf16=true on a CPU is honoured (torch's CPU autocast): slow, but a GPU run's memory;
+            # transformers only accepts it when told this is a CPU run
+            kwargs["use_cpu"] = True
+        elif not _bf16_supported():
+            kwargs["bf16"] = False  # TRL turns bf16 on by default; where the hardware lacks it, say fp32 rather than fail
         backend = self.recipe.distributed.backend
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and backend == "deepspeed":
-            # accelerate only starts a CPU process group in its MULTI_CPU mode, which drops DeepSpeed; so configure
-            # the shared state ourselves (gloo + DeepSpeed, DeepSpeed's CPU accelerator) and let the Trainer reuse it
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda()
+        if multi_cpu:
+            # accelerate only starts a CPU process group in its MULTI_CPU mode, which has neither DeepSpeed nor FSDP;
+            # so aligntool configures the shared state itself (gloo + DeepSpeed's CPU accelerator, or gloo + FSDP2,
+            # switched over in _cpu_fsdp_state once the config exists) and the Trainer reuses it
             from accelerate import PartialState
 
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            PartialState(backend="gloo")
-            kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
-            kwargs.setdefault("use_cpu", True)  # without it accelerate sees no GPUs and skips the gloo process group
-            if backend == "fsdp":
-                from accelerate import PartialState
-
-                PartialState(cpu=True)  # the gloo process group; switched to FSDP below, once the config exists
+            if backend == "deepspeed":
+                os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+                PartialState(backend="gloo")
+            else:
+                kwargs.setdefault("use_cpu", True)  # without it accelerate sees no GPUs and skips the gloo group
+                if backend == "fsdp":
+                    PartialState(cpu=True)
+            if backend != "ddp":
                 kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
         try:
             config = cls(**kwargs)
         except (ValueError, TypeError) as exc:
             raise UserError(f"{self.loaded.source}: train/algo: {str(exc).strip().splitlines()[0]}") from None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and backend == "fsdp":
+        if multi_cpu and backend == "fsdp":
             _cpu_fsdp_state(config)
         return config
 

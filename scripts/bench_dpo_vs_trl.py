@@ -18,11 +18,10 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchlib import run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = dict(learning_rate=5e-4, max_length=64, logging_steps=10, seed=0)
@@ -88,12 +87,7 @@ def worker_trl(steps: int, batch: int, out: str) -> list[float]:
 
 
 def run_side(side: str, steps: int, batch: int) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--worker", side, "--steps", str(steps), "--batch-size", str(batch), "--out", out]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, side, "--steps", str(steps), "--batch-size", str(batch))
 
 
 def main() -> None:

@@ -24,11 +24,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]), "ppo-critic": ("ppo", ["algo.critic=separate"])}
@@ -88,14 +88,8 @@ def worker(side: str, a, out: str) -> dict:
 
 
 def run_side(side: str, a) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--worker", side, "--out", out, "--iterations", str(a.iterations),
-               "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens), "--model", a.model,
-               "--ppo-epochs", str(a.ppo_epochs)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, side, "--iterations", str(a.iterations), "--batch-size", str(a.batch_size),
+                      "--max-new-tokens", str(a.max_new_tokens), "--model", a.model, "--ppo-epochs", str(a.ppo_epochs))
 
 
 def main() -> None:

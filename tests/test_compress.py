@@ -231,8 +231,7 @@ def test_a_killed_compress_run_leaves_no_output_folder_and_resumes(tmp_path, tin
            *SMALL, "compress.evopress.generations=50"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while not state.exists() and time.time() < deadline and proc.poll() is None:
+        while not state.exists() and proc.poll() is None:  # the search ends by itself: no clock needed
             time.sleep(0.5)
         assert state.exists(), "the search state never appeared"
     finally:

@@ -55,8 +55,7 @@ def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weight
            f"output_dir={cut}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = cut / "checkpoints" / "checkpoint-10" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+    while not marker.is_file() and proc.poll() is None:  # the run ends by itself: no clock needed
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -96,15 +95,14 @@ def test_slurm_script_preemption_checkpoints_requeues_and_resumes(tmp_path, tiny
                SLURM_NNODES="1", SLURM_JOB_NODELIST="node0", FAKE_SLURM_LOG=str(log))
     job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
     metrics = out / "metrics.jsonl"
-    while time.time() < deadline and job.poll() is None:
+    while job.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
     assert job.poll() is None, job.stdout.read()[-3000:]
     os.kill(job.pid, signal.SIGUSR1)
-    output = job.communicate(timeout=300)[0]
+    output = job.communicate()[0]
     assert job.returncode == 0, output[-3000:]
     assert "scontrol requeue 4242" in log.read_text()
     ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "COMPLETE").is_file()]

@@ -46,6 +46,15 @@ def log_probs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _nll(log_probs: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of ``ids`` under per-position ``log_probs``."""
+    return -float(log_probs[:, :-1].float().gather(-1, ids[:, 1:, None]).sum())
+
+
+def _ppl(nll: float, windows: torch.Tensor) -> float:
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
 @torch.no_grad()
 def scores(model, windows: torch.Tensor, dense: torch.Tensor | None, batch_size: int) -> dict:
     """Mean per-token KL(dense || model) over the vocabulary (if ``dense`` log-probs are given) and perplexity of
@@ -57,8 +66,8 @@ def scores(model, windows: torch.Tensor, dense: torch.Tensor | None, batch_size:
         if dense is not None:
             lp = dense[b: b + batch_size].float()
             kl += float((lp.exp() * (lp - lq)).sum())
-        nll -= float(lq[:, :-1].gather(-1, ids[:, 1:, None]).sum())
-    out = {"ppl": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))}
+        nll += _nll(lq, ids)
+    out = {"ppl": _ppl(nll, windows)}
     if dense is not None:
         out["kl"] = kl / windows.numel()
     return out
@@ -182,7 +191,7 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
     start = time.time()
     dense_calib = log_probs(model, calib, bs)
     dense_heldout = log_probs(model, heldout, bs)
-    dense_scores = scores(model, heldout, None, bs)
+    dense_ppl = _ppl(_nll(dense_heldout, heldout), heldout)  # from the cached log-probs: no second pass
     log(f"Compressing {path} ({cfg.method}, {cfg.mode}) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
 
     search_info = None
@@ -238,7 +247,7 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
                       "compressed_layers_ratio": round(layer_packed / layer_dense, 4)},
             "calibration": {"windows": calib.shape[0], "seq_len": calib.shape[1], "kl": calib_scores["kl"]},
             "heldout": {"windows": heldout.shape[0], "kl": held_scores["kl"], "ppl": held_scores["ppl"],
-                        "ppl_dense": dense_scores["ppl"]},
+                        "ppl_dense": dense_ppl},
             "search": search_info, "compress_time_s": round(compress_time, 2), "layers": rows,
         }
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -247,6 +256,6 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     state_path.unlink(missing_ok=True)
-    log(f"held-out ppl {dense_scores['ppl']:.3f} -> {held_scores['ppl']:.3f}, KL {held_scores['kl']:.4f}; "
+    log(f"held-out ppl {dense_ppl:.3f} -> {held_scores['ppl']:.3f}, KL {held_scores['kl']:.4f}; "
         f"{dense_bytes or '?'} -> {packed_bytes} bytes; written to {out}")
     return report

@@ -41,11 +41,11 @@ def training_kwargs(d, out: Path, write: bool) -> dict:
         kwargs = {"deepspeed": str(path)}
     else:
         # FSDP2 (per-parameter sharding, PyTorch's fully_shard): transformers' default, and the one that runs on CPUs
-        kwargs = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": d.fsdp_sharding == "full_shard",
+        reshard = d.fsdp_sharding == "full_shard"
+        kwargs = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": reshard,
                                                 "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
         acc.update(distributed_type="FSDP", fsdp_config={
-            "fsdp_version": 2, "fsdp_reshard_after_forward": d.fsdp_sharding != "shard_grad_op",
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
+            "fsdp_version": 2, "fsdp_reshard_after_forward": reshard, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
     if write:
         (out / "accelerate_config.yaml").write_text(
             "# accelerate launch --config_file THIS --num_processes N -m aligntool.cli train --recipe ...\n"
