@@ -1,4 +1,4 @@
-"""Independent test vectors (plain math, by hand, ALGORITHMS.md §1-4) for the online RL family."""
+"""Independent test vectors (plain math, by hand, from the papers and the authors' code) for the online RL family."""
 
 import math
 
@@ -75,6 +75,21 @@ def test_p3o_vectors():
         assert (a.grad.item(), b.grad.item()) == pytest.approx((-0.4, 0.4))
     # shifting both rewards by the same delta(x) changes nothing
     assert L.p3o_loss(lr1, lr2, r1 + 7, r2 + 7, 0.2, "separate").item() == pytest.approx(-0.1180650, abs=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["separate", "joint"])
+def test_p3o_is_finite_with_whole_sequence_ratios_past_the_float32_range(variant):
+    """A sequence log-ratio of 200 (exp overflows float32 past ~88) with a negative advantage: the unclamped ratio
+    made the loss inf and its gradient NaN."""
+    for lr1, lr2 in ((200.0, 0.0), (0.0, 200.0), (-200.0, 150.0)):
+        a = torch.tensor(lr1, requires_grad=True)
+        b = torch.tensor(lr2, requires_grad=True)
+        loss = L.p3o_loss(a, b, torch.tensor(0.0), torch.tensor(2.0), 0.2, variant)  # A = (r1 - r2)/2 = -1
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(a.grad) and torch.isfinite(b.grad), (lr1, lr2, loss)
+    # inside the clamp nothing changes: rho = e^3 with A = -1 -> the unclipped branch, -J = rho
+    loss = L.p3o_loss(T(3.0), T(0.0), T(0.0), T(2.0), 0.2, "separate")
+    assert loss.item() == pytest.approx(math.exp(3.0) - 1.0)  # + j2: min(1 * 1, clip(1) * 1) = 1 -> -(-e^3 + 1)
 
 
 def test_remax_official_vector():

@@ -1,4 +1,4 @@
-"""Independent test vectors (plain math, by hand, ALGORITHMS.md) for the preference losses TRL lacks."""
+"""Independent test vectors (plain math, by hand, from the papers' formulas) for the preference losses TRL lacks."""
 
 import math
 import random
@@ -13,7 +13,7 @@ softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731
 
 
 class Draws:
-    """A stand-in for random.Random that returns fixed uniform draws (the ALGORITHMS.md §5 example)."""
+    """A stand-in for random.Random that returns fixed uniform draws (the worked example of RSO's Algorithm 1)."""
 
     def __init__(self, values):
         self.values = list(values)
@@ -23,7 +23,7 @@ class Draws:
 
 
 def test_f_alpha_maps_the_papers_alpha_onto_trls_coefficient():
-    # ALGORITHMS.md §6: alpha_paper = 0.3 on the shared pairs gives delta [1.0037542, 0.7335657], mean loss 0.6506799
+    # f-DPO (Wang et al. 2023), alpha-divergence: alpha_paper = 0.3 on the shared pairs gives delta [1.0037542, 0.7335657], mean loss 0.6506799
     a = L.f_alpha_to_trl_coef(0.3)
     assert a == pytest.approx(0.7)
     trl_score = lambda lr: (math.exp((a - 1) * lr) - 1) / (a - 1)  # noqa: E731 - TRL 1.x's alpha_divergence form
@@ -89,9 +89,10 @@ def test_sppo_loss_vector_batch_and_extremes():
     p_w, p_l = 0.7039519, 0.2960481
     got = L.sppo_loss(torch.tensor([0.5, 0.0]), torch.tensor([-0.5, 0.0]), torch.tensor([p_w, 0.5]),
                       torch.tensor([p_l, 0.5]), beta=0.1)
-    assert got.tolist() == pytest.approx([4.7402366, 0.0], abs=1e-5)
-    # by hand: (0.5 - 2.039519)^2 = 2.3701183 for each half
+    # by hand: (0.5 - 2.039519)^2 = 2.3701183 for each squared term; the authors' trainer (uclaml/SPPO,
+    # sppo/trainer.py) halves their sum: (2.3701183 + 2.3701183) / 2 (unhalved it would be 4.7402366)
     assert (0.5 - (p_w - 0.5) / 0.1) ** 2 == pytest.approx(2.3701183, abs=1e-6)
+    assert got.tolist() == pytest.approx([2.3701183, 0.0], abs=1e-5)
     big = L.sppo_loss(torch.tensor([1e4]), torch.tensor([-1e4]), torch.tensor([1.0]), torch.tensor([0.0]), 0.001)
     assert torch.isfinite(big).all()
 
@@ -119,7 +120,7 @@ def test_hypo_rloo_kl_value_advantages_and_gradient():
     logratio = torch.tensor([[0.8, 0.2]])
     loss, kl = L.rloo_kl_loss(logp, logratio)
     assert kl.item() == pytest.approx(0.5) and loss.item() == pytest.approx(0.5)
-    assert 0.6515781 + 0.01 * loss.item() == pytest.approx(0.6565781, abs=1e-7)  # ALGORITHMS.md §8
+    assert 0.6515781 + 0.01 * loss.item() == pytest.approx(0.6565781, abs=1e-7)  # HyPO: DPO + 0.01 KL
     assert L.rloo_advantages(-logratio).tolist() == [pytest.approx([-0.6, 0.6])]
     loss.backward()
     # d/d logp_i of -(1/(P k)) sum A_i logp_i = -A_i / 2
@@ -147,7 +148,7 @@ def test_spo_ssl_cross_entropy_by_hand():
 
 
 # ---------------------------------------------------------------------------------------- online preference (issue 7)
-# shared pairs of ALGORITHMS.md §0: lp(c), lp(r), lp_ref(c), lp_ref(r)
+# two shared example pairs: lp(c), lp(r), lp_ref(c), lp_ref(r)
 PAIRS = [(-10.0, -12.0, -10.5, -11.5), (-8.0, -7.5, -8.2, -7.0)]
 T64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -182,7 +183,7 @@ def test_dpo_family_loss_types_by_plain_math(loss_type):
         z = b * d
         expected.append({
             "hinge": max(0.0, 1 - z),
-            "ipo": (lrw[i] / len_w[i] - lrl[i] / len_l[i] - 1 / (2 * b)) ** 2,
+            "ipo": (d - 1 / (2 * b)) ** 2,  # IPO eq. 17 on sequence log-ratios (TRL's online trainers)
             "robust": (-(1 - eps) * lsig(z) + eps * lsig(-z)) / (1 - 2 * eps),
             "exo_pair": sig(z) * (lsig(z) - math.log(1 - eps)) + sig(-z) * (lsig(-z) - math.log(eps)),
             "nca_pair": -lsig(b * lrw[i]) - 0.5 * lsig(-b * lrw[i]) - 0.5 * lsig(-b * lrl[i]),
@@ -191,7 +192,7 @@ def test_dpo_family_loss_types_by_plain_math(loss_type):
             "apo_zero": 1 - sig(b * lrw[i]) + sig(b * lrl[i]),
             "apo_down": sig(b * lrw[i]) + 1 - sig(z),
             "discopop": (1 - sig(z / tau)) * -lsig(z) + sig(z / tau) * math.exp(-z),
-            "sft": -lp_w[i] / len_w[i],
+            "sft": -lp_w[i] * 2 / sum(len_w),  # per pair, so that the mean is TRL's token mean over the batch
             "sigmoid_norm": -lsig(b * (lrw[i] / len_w[i] - lrl[i] / len_l[i])),
         }.get(loss_type))
     if loss_type == "aot":  # sorted policy margins [-0.5, 2.0] minus sorted reference margins [-1.2, 1.0]
@@ -203,17 +204,48 @@ def test_dpo_family_loss_types_by_plain_math(loss_type):
     assert got.tolist() == pytest.approx(expected, abs=1e-9)
 
 
-def test_dpo_family_loss_is_finite_at_extreme_log_ratios():
-    big = T64(-1e4, 0.0)
+def test_dpo_family_sft_is_one_token_mean_over_the_batch():
+    """TRL (DPOTrainer, loss 'sft') averages the chosen NLL over all chosen tokens of the batch: chosen log-probs
+    summing to -4 over 1 token and -10 over 4 tokens give 14/5 = 2.8 (a mean of per-pair token means gives 3.25)."""
+    zero = T64(0.0, 0.0)
+    got = L.dpo_family_loss("sft", 0.1, T64(-4.0, -10.0), zero, zero, zero, T64(1, 4), T64(1, 1))
+    assert got.mean().item() == pytest.approx(2.8)
+
+
+def test_dpo_family_ipo_is_the_papers_sequence_form_and_per_token_on_request():
+    # pair 1 of the shared example: lr_w = 0.5 over 4 tokens, lr_l = -0.5 over 5 tokens, beta (tau) 0.1
+    args = (T64(-10.0), T64(-12.0), T64(-10.5), T64(-11.5), T64(4), T64(5))
+    assert L.dpo_family_loss("ipo", 0.1, *args).item() == pytest.approx((1.0 - 5.0) ** 2)  # 16: IPO eq. 17
+    per_token = L.dpo_family_loss("ipo", 0.1, *args, ipo_length_normalized=True).item()
+    assert per_token == pytest.approx((0.5 / 4 + 0.5 / 5 - 5.0) ** 2)  # 22.800625: TRL DPOTrainer's form
+
+
+def test_dpo_family_loss_is_finite_with_finite_gradients_at_extreme_log_ratios():
+    """Every loss type, discopop included: m * exp(-z) at z = -2000 is 0 * inf = NaN unless computed stably."""
     for t in L.DPO_LOSS_TYPES:
-        if t in ("discopop",):  # exp(-z) is unbounded by design when the policy prefers the rejected answer
-            continue
-        got = L.dpo_family_loss(t, 0.1, big, -big, T64(0.0, 0.0), T64(0.0, 0.0), T64(3, 3), T64(3, 3),
-                                label_smoothing=0.1)
-        assert torch.isfinite(got).all(), t
+        for sign in (1.0, -1.0):
+            lp_w = T64(sign * -1e4, 0.0).float().requires_grad_()
+            got = L.dpo_family_loss(t, 0.1, lp_w, T64(sign * 1e4, 0.0).float(), torch.zeros(2), torch.zeros(2),
+                                    T64(3, 3), T64(3, 3), label_smoothing=0.1)
+            got.sum().backward()
+            assert torch.isfinite(got).all() and torch.isfinite(lp_w.grad).all(), (t, sign, got, lp_w.grad)
 
 
-def test_xpo_loss_vectors_of_algorithms_md():
+def test_discopop_matches_the_plain_formula_where_it_is_finite_and_its_limit_beyond():
+    b, tau = 0.1, 0.05
+    zero, one = T64(0.0), T64(1)
+    for delta in (-30.0, -1.0, 0.0, 2.0, 40.0):
+        z = b * delta
+        m = sig(z / tau)
+        plain = (1 - m) * -math.log(sig(z)) + m * math.exp(-z)
+        got = L.dpo_family_loss("discopop", b, T64(delta), zero, zero, zero, one, one, discopop_tau=tau)
+        assert got.item() == pytest.approx(plain, rel=1e-9), delta
+    # z = -2000: m = sigmoid(-40000) underflows, exp(2000) overflows; the limit is -log sigmoid(z) = 2000
+    far = L.dpo_family_loss("discopop", b, T64(-2e4), zero, zero, zero, one, one, discopop_tau=tau)
+    assert far.item() == pytest.approx(2000.0)
+
+
+def test_xpo_loss_vectors():
     # log pi_theta(reference sample) = [-9, -11], given per token with padding that must not count
     tokens = T64(-4.0, -5.0, -99.0), T64(-6.0, -5.0, 0.0)
     mask = T64(1, 1, 0), T64(1, 1, 1)
@@ -224,7 +256,7 @@ def test_xpo_loss_vectors_of_algorithms_md():
     assert small.mean().item() == pytest.approx(0.6514781, abs=1e-7)
 
 
-def test_inpo_loss_vectors_of_algorithms_md_and_a_batch():
+def test_inpo_loss_vectors_and_a_batch():
     last_w, last_l = T64(-10.2, -8.0), T64(-11.8, -7.0)
     args = (shared(0), shared(1), shared(2), shared(3), last_w, last_l)
     assert L.inpo_loss(*args, eta=0.005, ratio=1 / 3)[0].item() == pytest.approx(9880.36, abs=1e-6)
@@ -238,20 +270,72 @@ def test_inpo_loss_vectors_of_algorithms_md_and_a_batch():
     assert L.inpo_loss(zero, zero, zero, zero, zero, zero, eta=0.1, ratio=0.3).tolist() == pytest.approx([25.0, 25.0])
 
 
-def test_knockout_tournament_finds_the_best_and_the_worst():
-    from aligntool.preferences import knockout
+def authors_selection(n, pref):
+    """INPO's get_pref_single.py (XuHuang441/Multi-player-Nash-Policy-Optimization, INPO_server/annotate_data), as
+    written there, with get_pref(a, b) = pref[a][b] thresholded the authors' way (1 / 0.5 / 0) and use_tournament on.
+    Returns (win_id, lose_id) or None where the authors' final check drops the prompt."""
+    def get_pref(a, b):
+        p = pref[a][b]
+        return 0.5 if p == 0.5 else float(p > 0.5)
+
+    def get_match_res(id_0, id_1):
+        return (id_0, id_1) if get_pref(id_0, id_1) >= 0.5 else (id_1, id_0)
+
+    if n == 8:
+        win_1, lose_1 = get_match_res(0, 1)
+        win_2, lose_2 = get_match_res(2, 3)
+        win_3, lose_3 = get_match_res(4, 5)
+        win_4, lose_4 = get_match_res(6, 7)
+        win_5, _ = get_match_res(win_1, win_2)
+        win_6, _ = get_match_res(win_3, win_4)
+        win_id, _ = get_match_res(win_5, win_6)
+        _, lose_5 = get_match_res(lose_1, lose_2)
+        _, lose_6 = get_match_res(lose_3, lose_4)
+        _, lose_id = get_match_res(lose_5, lose_6)
+    else:
+        win_id = 0
+        for i in range(1, n):
+            if get_pref(win_id, i) < 0.5:
+                win_id = i
+        lose_id = 1 if win_id == 0 else 0
+        for i in range(n):
+            if i == win_id or i == lose_id:
+                continue
+            if get_pref(lose_id, i) >= 0.5:
+                lose_id = i
+    return win_id, lose_id
+
+
+def test_inpo_selection_is_the_authors_for_every_k_ties_included():
+    from aligntool.preferences import select_best_and_worst
 
     rng = random.Random(0)
-    for n in (2, 3, 5, 8):
-        for _ in range(20):
+    for n in (2, 3, 4, 5, 7, 8):
+        for _ in range(200):
+            scores = [rng.choice([0, 1, 2, 3]) for _ in range(n)]  # many ties
+            pref = [[1.0 if a > b else 0.5 if a == b else 0.0 for b in scores] for a in scores]
+            got = select_best_and_worst(n, lambda i, j: pref[i][j] >= 0.5)
+            assert got == authors_selection(n, pref), (n, scores)
+        for _ in range(50):  # distinct scores: the best and the worst, also for odd n (no bye)
             scores = rng.sample(range(100), n)
-            best, worst = knockout(n, lambda i, j: scores[i] > scores[j])
-            assert scores[best] == max(scores)
-            if n >= 4:  # the minimum loses its first match and every loser-bracket match
-                assert scores[worst] == min(scores) or n % 2 == 1
-    # 8 players: the loser bracket is the four first-round losers only (INPO code)
+            best, worst = select_best_and_worst(n, lambda i, j: scores[i] >= scores[j])
+            assert scores[best] == max(scores) and scores[worst] == min(scores), scores
+
+
+def test_inpo_selection_examples():
+    from aligntool.preferences import select_best_and_worst
+    from aligntool.trainers.inpo import select_pair
+
+    # K = 3: the last sample is the worst; a bracket with a bye for it never rejects it
+    scores = [-0.02, 2.73, -15.46]
+    assert select_best_and_worst(3, lambda i, j: scores[i] >= scores[j]) == (1, 2)
+    # 8 players: the loser bracket is the four first-round losers only
     scores = [5, 6, 1, 2, 7, 8, 3, 4]  # first-round losers: 0, 2, 4, 6 -> worst is 2 (score 1)
-    assert knockout(8, lambda i, j: scores[i] > scores[j]) == (5, 2)
+    assert select_best_and_worst(8, lambda i, j: scores[i] >= scores[j]) == (5, 2)
+    # all tied: the first player keeps every match, so (0, K-1) is selected, and the final check drops the prompt
+    tie = [[0.5] * 3 for _ in range(3)]
+    assert select_best_and_worst(3, lambda i, j: tie[i][j] >= 0.5) == (0, 2)
+    assert select_pair(tie, None, "tournament") is None
 
 
 def test_bt_probability():

@@ -1,8 +1,8 @@
 """Pure functions of the online RL family: PPO (GAE, clipped losses, adaptive KL), P3O, ReMax, SALSA soups,
 reward-model ensembles (mean / WCO / UWO) and the unbiased best-of-n estimator.
 
-Token tensors are (batch, T) with a 0/1 ``mask`` over response tokens. Formulas and defaults:
-``shared/reference/ALGORITHMS.md`` §1-4.
+Token tensors are (batch, T) with a 0/1 ``mask`` over response tokens. Each docstring states the formula and cites
+the paper (and the authors' code where it settles a detail).
 """
 
 from __future__ import annotations
@@ -23,6 +23,19 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
+
+
+MAX_LOG_RATIO = 20.0
+
+
+def ratio_from_log(logratio: torch.Tensor) -> torch.Tensor:
+    """exp(log rho) with log rho clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO] (as verl's policy loss clamps it).
+
+    A whole-sequence ratio (P3O) is a sum of per-token log-ratios and can pass float32's exp range (~88) after a few
+    large updates; unclamped, exp gives inf, and inf times a negative advantage makes the loss inf and its gradient
+    NaN. Clamped, rho <= e^20 ~ 4.9e8: the loss and its gradient stay finite (the gradient is 0 beyond the clamp,
+    where the unclipped branch would otherwise explode). Inside the clamp nothing changes."""
+    return torch.exp(logratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
 # ------------------------------------------------------------------------------------------------------------- PPO
@@ -47,9 +60,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float):
-    """PPO-clip: L = -mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t), rho_t = exp(logp_t - old_logp_t).
-    Returns (loss, fraction of tokens where the clip was active)."""
-    ratio = torch.exp(logp - old_logp)
+    """PPO-clip: L = -mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t), rho_t = exp(logp_t - old_logp_t)
+    (log rho_t clamped, see ``ratio_from_log``). Returns (loss, fraction of tokens where the clip was active)."""
+    ratio = ratio_from_log(logp - old_logp)
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv
     loss = -masked_mean(torch.min(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped < unclipped).float(), mask)
@@ -96,15 +109,16 @@ def p3o_loss(logratio_1: torch.Tensor, logratio_2: torch.Tensor, r1: torch.Tenso
     V2, ``joint``:    J = min(R A, clip(R) A),  R = rho1 / rho2 — a reconstruction from the paper's description
                       ("clip the ratio of ratios"); its exact equation was not available to us.
     Both have the pairwise policy gradient (r1 - r2) grad(log pi(y1) - log pi(y2)) / 2 at theta = theta_old.
-    Returns per-pair losses -J."""
+    The ratios are whole-sequence and can overflow float32: their logs are clamped (``ratio_from_log``), so the loss
+    and its gradient stay finite for any input. Returns per-pair losses -J."""
     adv = (r1 - r2) / 2
     if variant == "separate":
-        rho1, rho2 = torch.exp(logratio_1), torch.exp(logratio_2)
+        rho1, rho2 = ratio_from_log(logratio_1), ratio_from_log(logratio_2)
         j1 = torch.min(rho1 * adv, torch.clamp(rho1, 1 - clip, 1 + clip) * adv)
         j2 = torch.min(rho2 * -adv, torch.clamp(rho2, 1 - clip, 1 + clip) * -adv)
         return -(j1 + j2)
     if variant == "joint":
-        ratio = torch.exp(logratio_1 - logratio_2)
+        ratio = ratio_from_log(logratio_1 - logratio_2)
         return -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
     raise ValueError(f"unknown P3O variant {variant!r}")
 

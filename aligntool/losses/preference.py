@@ -3,7 +3,7 @@
 Inputs are sequence log-probs summed over completion tokens (prompt and padding masked out):
 ``lp`` under the policy, ``lp_ref`` under the reference, and log-ratios ``lr = lp - lp_ref``. Every function
 returns per-example values (no reduction) unless its name says otherwise; trainers take the mean.
-Formulas and defaults: ``shared/reference/ALGORITHMS.md`` (section numbers below).
+Each docstring states the formula and cites the paper (and the authors' code where it settles a detail).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
-# --------------------------------------------------------------------------------------------------- f-DPO (§6)
+# -------------------------------------------------------------------------------------------------------- f-DPO
 def f_alpha_to_trl_coef(alpha: float) -> float:
     """The paper's alpha-divergence alpha -> TRL 1.x's ``f_alpha_divergence_coef``.
 
@@ -29,7 +29,7 @@ def f_alpha_to_trl_coef(alpha: float) -> float:
     return 1.0 - alpha
 
 
-# ------------------------------------------------------------------------------------------------------ RSO (§5)
+# ---------------------------------------------------------------------------------------------------------- RSO
 def rso_rejection_sample(rewards: Sequence[float], beta: float, num_samples: int, rng: random.Random) -> list[int]:
     """Statistical rejection sampling, Algorithm 1 of RSO (Liu et al. 2023, arXiv 2309.06657).
 
@@ -97,7 +97,7 @@ def rso_tournament_pairs(indices: Sequence[int], rewards: Sequence[float], rng: 
     return pairs
 
 
-# ----------------------------------------------------------------------------------------------------- SPPO (§12)
+# --------------------------------------------------------------------------------------------------------- SPPO
 def sppo_win_rates(scores: torch.Tensor) -> torch.Tensor:
     """P_i = (1/K) sum_j sigmoid(s_i - s_j) over the K responses of one prompt, the self-pair (1/2) included
     (SPPO, Wu et al. 2024, arXiv 2405.00675; official ``scripts/compute_prob.py``). ``scores``: (..., K)."""
@@ -105,12 +105,18 @@ def sppo_win_rates(scores: torch.Tensor) -> torch.Tensor:
 
 
 def sppo_loss(lr_w: torch.Tensor, lr_l: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
-    """Soft SPPO: L = (lr_w - (P_w - 1/2)/beta)^2 + (lr_l - (P_l - 1/2)/beta)^2, with beta = 1/eta
-    (SPPO eq. 4.8, official ``sppo/trainer.py``; neither the paper's code nor TRL halves the sum)."""
-    return (lr_w - (p_w - 0.5) / beta) ** 2 + (lr_l - (p_l - 0.5) / beta) ** 2
+    """Soft SPPO (Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment", eq. 4.8), with
+    beta = 1/eta and the sum halved as in the authors' trainer (uclaml/SPPO, ``sppo/trainer.py``, loss ``sppo``:
+    ``losses = (loss_w + loss_l) / 2``):
+
+        L = [(lr_w - (P_w - 1/2)/beta)^2 + (lr_l - (P_l - 1/2)/beta)^2] / 2
+
+    The halving leaves the optimum unchanged; it makes the logged loss and the gradient (so gradient clipping) equal
+    to the authors'. (TRL's hard-label ``sppo_hard`` does not halve.)"""
+    return ((lr_w - (p_w - 0.5) / beta) ** 2 + (lr_l - (p_l - 0.5) / beta) ** 2) / 2
 
 
-# ------------------------------------------------------------------------------------------------------ CPL (§14)
+# ---------------------------------------------------------------------------------------------------------- CPL
 def cpl_loss(lp_pos: torch.Tensor, lp_neg: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
     """CPL (Hejna et al. 2023, arXiv 2310.13639): L = -log exp(A+) / (exp(A+) + exp(lam A-)) = softplus(-(A+ - lam A-)),
     with A = alpha * sum_t log pi(a_t | s_t) over the response and lam in (0, 1] the conservative bias.
@@ -118,7 +124,7 @@ def cpl_loss(lp_pos: torch.Tensor, lp_neg: torch.Tensor, alpha: float, lam: floa
     return F.softplus(-(alpha * lp_pos - lam * alpha * lp_neg))
 
 
-# ----------------------------------------------------------------------------------------------------- SRPO (§10)
+# --------------------------------------------------------------------------------------------------------- SRPO
 def srpo_loss(h_w: torch.Tensor, h_l: torch.Tensor, h_w_given_l: torch.Tensor, h_l_given_l: torch.Tensor,
               h_w_given_w: torch.Tensor, h_l_given_w: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
     """SRPO (Choi et al. 2024, arXiv 2406.01660), with h(a|b) = log pi(a|x,b) - log pi_ref(a|x,b) (revision of b into a)
@@ -137,7 +143,7 @@ def srpo_loss(h_w: torch.Tensor, h_l: torch.Tensor, h_w_given_l: torch.Tensor, h
     return (1 - alpha) * l_gen + alpha * (given_rejected + given_chosen)
 
 
-# ----------------------------------------------------------------------------------------------------- HyPO (§8)
+# --------------------------------------------------------------------------------------------------------- HyPO
 def rloo_kl_loss(logp: torch.Tensor, logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """HyPO's KL(pi || pi_ref) term (Song et al. 2024, arXiv 2406.01462) from k >= 2 fresh samples per prompt.
 
@@ -164,7 +170,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
 
 
-# ------------------------------------------------------------------------------------------------------ SPO (§7)
+# ---------------------------------------------------------------------------------------------------------- SPO
 def spo_ssl_loss(logits: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:
     """SPO's self-supervised term (Li et al. 2024, arXiv 2409.17791): cross-entropy of the predicted preference degree
     (how much key content was removed, as a class index) against the true one. Per-example values."""
@@ -177,14 +183,17 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 
 def dpo_family_loss(loss_type: str, beta: float, lp_w: torch.Tensor, lp_l: torch.Tensor, ref_w: torch.Tensor,
                     ref_l: torch.Tensor, len_w: torch.Tensor, len_l: torch.Tensor, label_smoothing: float = 0.0,
-                    discopop_tau: float = 0.05) -> torch.Tensor:
+                    discopop_tau: float = 0.05, ipo_length_normalized: bool = False) -> torch.Tensor:
     """Per-pair loss of one TRL DPO loss type on sequence log-probs, for trainers that build pairs online.
 
     TRL 1.16 computes these inside ``DPOTrainer._compute_loss`` on its own batches, so they cannot be called on a
     rollout; this restates TRL's formulas (same names, same conventions) on sequence sums. With
     lr_w = lp_w - ref_w, lr_l = lp_l - ref_l and delta = lr_w - lr_l:
         sigmoid   -log s(beta delta)              hinge     relu(1 - beta delta)
-        ipo       (lr_w/|y_w| - lr_l/|y_l| - 1/(2 beta))^2   (TRL's per-token normalisation)
+        ipo       (delta - 1/(2 beta))^2          IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand
+                  Learning from Human Preferences", eq. 17) on sequence log-ratios, as TRL's OnlineDPOTrainer and
+                  XPOTrainer compute it; ``ipo_length_normalized=True`` gives DPOTrainer's per-token form
+                  (lr_w/|y_w| - lr_l/|y_l| - 1/(2 beta))^2
         robust    [-(1-e) log s(beta delta) + e log s(-beta delta)] / (1 - 2e)       e = label_smoothing
         exo_pair  q_w (log q_w - log(1-e)) + q_l (log q_l - log e),  q_w = s(beta delta), q_l = s(-beta delta)
         nca_pair  -log s(beta lr_w) - 1/2 log s(-beta lr_w) - 1/2 log s(-beta lr_l)
@@ -193,8 +202,11 @@ def dpo_family_loss(loss_type: str, beta: float, lp_w: torch.Tensor, lp_l: torch
         aot       label-smoothed sigmoid on sort(lp_w - lp_l) - sort(ref_w - ref_l) over the batch
         aot_unpaired  the same on sort(lr_w) - sort(lr_l)
         apo_zero  (1 - s(beta lr_w)) + s(beta lr_l);   apo_down  s(beta lr_w) + (1 - s(beta delta))
-        discopop  (1 - m) (-log s(z)) + m exp(-z),  z = beta delta, m = s(z / tau)
-        sft       -lp_w / |y_w|  (per pair; TRL averages over the batch's tokens)
+        discopop  (1 - m) (-log s(z)) + m exp(-z),  z = beta delta, m = s(z / tau); the second term is computed as
+                  exp(log s(z / tau) - z), which is finite where m underflows to 0 and exp(-z) overflows
+        sft       the NLL of the chosen tokens averaged over all chosen tokens of the batch, as TRL does:
+                  -sum_i lp_w,i / sum_i |y_w,i|; returned per pair as -lp_w,i * B / sum_j |y_w,j| so that the batch
+                  mean (what trainers take) is exactly that token mean
         sigmoid_norm  -log s(beta (lr_w/|y_w| - lr_l/|y_l|))
     s = sigmoid; all tensors (B,); lengths are completion token counts."""
     s, ls = torch.sigmoid, F.logsigmoid
@@ -206,7 +218,8 @@ def dpo_family_loss(loss_type: str, beta: float, lp_w: torch.Tensor, lp_l: torch
     if loss_type == "hinge":
         return torch.relu(1 - beta * delta)
     if loss_type == "ipo":
-        return (lr_w / n_w - lr_l / n_l - 1 / (2 * beta)) ** 2
+        margin = lr_w / n_w - lr_l / n_l if ipo_length_normalized else delta
+        return (margin - 1 / (2 * beta)) ** 2
     if loss_type == "robust":
         return (-(1 - eps) * ls(beta * delta) + eps * ls(-beta * delta)) / (1 - 2 * eps)
     if loss_type == "exo_pair":
@@ -230,10 +243,9 @@ def dpo_family_loss(loss_type: str, beta: float, lp_w: torch.Tensor, lp_l: torch
         return s(beta * lr_w) + (1 - s(beta * delta))
     if loss_type == "discopop":
         z = beta * delta
-        m = s(z / discopop_tau)
-        return (1 - m) * -ls(z) + m * torch.exp(-z)
+        return (1 - s(z / discopop_tau)) * -ls(z) + torch.exp(ls(z / discopop_tau) - z)
     if loss_type == "sft":
-        return -lp_w / n_w
+        return -lp_w * len(lp_w) / n_w.sum()
     if loss_type == "sigmoid_norm":
         return -ls(beta * (lr_w / n_w - lr_l / n_l))
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")

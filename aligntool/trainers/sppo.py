@@ -7,7 +7,8 @@ prompt set per iteration):
            P_i = (1/K) sum_j sigmoid(s_i - s_j)          (the self-pair j = i contributes 1/2)
        chosen = argmax s, rejected = argmin s; prompts whose K scores are all equal are skipped (no signal)
     3. train pi_{t+1} from pi_t with pi_t as the reference (refreshed every iteration):
-           L = (lr(y_w) - (P_w - 1/2)/beta)^2 + (lr(y_l) - (P_l - 1/2)/beta)^2,   beta = 1/eta
+           L = [(lr(y_w) - (P_w - 1/2)/beta)^2 + (lr(y_l) - (P_l - 1/2)/beta)^2] / 2,   beta = 1/eta
+       (halved as in the authors' trainer, uclaml/SPPO ``sppo/trainer.py``)
                                                                                        -> iter-t/ (model, metrics)
 The last iterate is also saved in output_dir. ``--resume`` skips finished iterations. The official default beta is
 0.001 with PairRM scores; the toy recipe uses a larger beta (smaller log-ratio targets) for a 1 M-parameter model.
@@ -72,7 +73,8 @@ def pipeline(run) -> dict:
 
     def make_rows(t, policy_path, part):
         nonlocal scorer
-        policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
+        m = run.recipe.model
+        policy = models.load_model(policy_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
         repeated = [p for p in part for _ in range(cfg.num_samples)]
         texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
                           seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
