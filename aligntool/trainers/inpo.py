@@ -4,9 +4,12 @@ For each iteration t = 1..T (a disjoint part of the prompts per iteration, as th
     1. sample K responses per prompt from the current iterate pi_t                         -> iter-t/samples.jsonl
     2. pick one pair per prompt with the preference source (recipe ``reward`` section):
          best_worst  chosen = highest score, rejected = lowest (needs a score source)
-         tournament  the authors' knockout: winner bracket to the champion (chosen), the first-round losers' bracket
-                     down to the worst (rejected); a match is won with P(i > j) > 1/2
-       a pair is kept only if P(chosen > rejected) > 1/2 (the authors' final check)
+         tournament  the authors' selection (``get_pref_single.py``): for K = 8 their knockout -- winner bracket to
+                     the champion (chosen), the first-round losers' bracket down to the worst (rejected); for any
+                     other K their linear scans for the best and the worst. A match is won by the first player with
+                     P(i > j) >= 1/2 (ties to the first player, as theirs)
+       a pair is kept only if P(chosen > rejected) > 1/2 (the authors' final check; for K = 2 the authors keep a tie
+       as a 'tie' row, which carries no preference direction: aligntool drops it)
     3. precompute log-probs of both responses under pi_ref (fixed: the starting model or ``ref_model``) and under
        pi_t, then train pi_{t+1} from pi_t on
            h = [log pi(y_w) - log pi(y_l)] - ratio [log pi_ref(y_w) - log pi_ref(y_l)]
@@ -31,7 +34,9 @@ class AlgoConfig(Strict):
     num_samples: int = Field(8, ge=2, description="K responses per prompt (authors: 8); K >= 2.")
     eta: float = Field(0.005, gt=0, description="eta: the margin target of h is 1/(2 eta) (authors: 0.005).")
     ratio: float = Field(1 / 3, ge=0, le=1, description="tau/eta: weight of pi_ref against the last iterate (1/3).")
-    pairing: Literal["tournament", "best_worst"] = Field("tournament", description="How each prompt's pair is chosen.")
+    pairing: Literal["tournament", "best_worst"] = Field(
+        "tournament", description="How each prompt's pair is chosen: tournament = the authors' selection (knockout "
+        "bracket for K = 8, linear best/worst scans otherwise); best_worst = highest/lowest score.")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(48, gt=0)
@@ -61,12 +66,12 @@ def preference_matrices(source, prompts: list[str], texts: list[str], k: int) ->
 
 
 def select_pair(matrix: list[list[float]], scores: list[float] | None, pairing: str) -> tuple[int, int] | None:
-    from aligntool.preferences import knockout
+    from aligntool.preferences import select_best_and_worst
 
     if pairing == "best_worst":
         w, l = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
     else:
-        w, l = knockout(len(matrix), lambda i, j: matrix[i][j] > 0.5)
+        w, l = select_best_and_worst(len(matrix), lambda i, j: matrix[i][j] >= 0.5)
     return (w, l) if w != l and matrix[w][l] > 0.5 else None
 
 
@@ -108,7 +113,8 @@ def pipeline(run) -> dict:
 
     def make_rows(t, policy_path, part):
         nonlocal source
-        policy = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
+        m = run.recipe.model
+        policy = models.load_model(policy_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
         k = cfg.num_samples
         repeated = [p for p in part for _ in range(k)]
         texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,

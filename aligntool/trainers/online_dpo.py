@@ -4,10 +4,17 @@ Per iteration, for each prompt x:
 - online_dpo: two samples y_1, y_2 ~ pi_theta; the preference source (recipe ``reward`` section, aligntool/
   preferences.py) labels the pair; loss = a DPO-family loss (any TRL loss type, or a weighted list) on
   (chosen, rejected) with the frozen reference:            L = l_DPO(pi_theta, pi_ref; y_w, y_l)
+  With hard labels (a score source, ``bt_temperature`` 0) a tie goes to the first sample, as TRL's ``>=``.
 - xpo: one sample y ~ pi_theta and one y~ ~ pi_ref; labelled the same way; the exploration term lowers the policy's
   likelihood of the reference's sample:                    L = l_DPO(...) + alpha * sum_t log pi_theta(y~_t | x, y~_<t)
   ``alpha`` is a number or a list: with k values, value i applies to the i-th k-th of the iterations (TRL takes one
   value per epoch). TRL's default 1e-5; the paper leaves alpha open.
+
+Conventions, as TRL's OnlineDPOTrainer / XPOTrainer: ``ipo`` is the IPO paper's loss on sequence log-ratios,
+(delta - 1/(2 beta))^2 (eq. 17 of Azar et al. 2023); ``ipo_length_normalized: true`` gives DPOTrainer's per-token form.
+``sft`` is the token mean of the chosen NLL over the batch. ``missing_eos_penalty`` lowers the preference score of a
+sample cut off before EOS before the pair is labelled (score sources only; a judge gives no score).
+``label_smoothing`` is the epsilon of robust / exo_pair / aot / aot_unpaired and is refused for the other losses.
 
 The losses are aligntool.losses.preference.dpo_family_loss / xpo_loss; the samples' log-probs under pi_ref come from
 the rollout (one reference forward), those under pi_theta from one forward with grad, so each iteration is one
@@ -25,8 +32,12 @@ class AlgoConfig(OnlineConfig):
     beta: float = Field(0.1, gt=0, description="beta of the DPO-family loss (tau for ipo).")
     loss_type: str | list[str] = Field("sigmoid", description="Any TRL DPO loss type, or a list mixed by loss_weights.")
     loss_weights: list[float] | None = Field(None, description="Weights of a loss_type list (default: all 1).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="epsilon of robust / exo_pair / aot.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="epsilon of robust / exo_pair / aot / aot_unpaired "
+                                   "(refused for the other losses).")
     discopop_tau: float = Field(0.05, gt=0)
+    ipo_length_normalized: bool = Field(
+        False, description="ipo: false = the IPO paper's loss on sequence log-ratios (TRL's OnlineDPO/XPO trainers); "
+        "true = DPOTrainer's per-token-normalised form.")
     temperature: float = Field(0.9, gt=0, description="Sampling temperature (TRL's online DPO / XPO default 0.9).")
     max_new_tokens: int = Field(48, gt=0)
 
@@ -47,6 +58,10 @@ class AlgoConfig(OnlineConfig):
             raise ValueError(f"loss_weights needs one weight per loss_type ({len(types)}), got {len(self.loss_weights)}")
         if "exo_pair" in types and self.label_smoothing <= 0:
             raise ValueError("exo_pair needs label_smoothing > 0 (its epsilon)")
+        from aligntool.trainers.dpo import SMOOTHED_LOSSES
+
+        if self.label_smoothing > 0 and not set(types) & set(SMOOTHED_LOSSES):
+            raise ValueError(f"label_smoothing applies only to loss_type {', '.join(SMOOTHED_LOSSES)}, not {types}")
         return self
 
     def losses(self) -> list[tuple[str, float]]:
@@ -71,7 +86,7 @@ def pair_loss(cfg: AlgoConfig, lp_w, lp_l, ref_w, ref_l, len_w, len_l):
     from aligntool.losses.preference import dpo_family_loss
 
     return sum(w * dpo_family_loss(t, cfg.beta, lp_w, lp_l, ref_w, ref_l, len_w, len_l, cfg.label_smoothing,
-                                   cfg.discopop_tau) for t, w in cfg.losses())
+                                   cfg.discopop_tau, cfg.ipo_length_normalized) for t, w in cfg.losses())
 
 
 class OnlineDPO:
@@ -90,6 +105,15 @@ class OnlineDPO:
     def alpha(self, engine) -> float:
         return 0.0
 
+    def label(self, prompts, a, b) -> tuple[list[bool], list[float]]:
+        """(first sample wins?, P(first > second)) per prompt; ``missing_eos_penalty`` lowers the preference score
+        of a sample cut off before EOS (TRL: ``rewards[~contain_eos_token] -= missing_eos_penalty``)."""
+        penalty = self.cfg.missing_eos_penalty
+        if not penalty:
+            return self.preferences.prefer(prompts, a.texts, b.texts)
+        pa, pb = ([penalty * float(m) for m in ro.missing_eos.tolist()] for ro in (a, b))
+        return self.preferences.prefer(prompts, a.texts, b.texts, pa, pb)
+
     def step(self, engine, prompts):
         import torch
 
@@ -97,7 +121,7 @@ class OnlineDPO:
         from aligntool.online.engine import check_finite
 
         a, b = self.samples(engine, prompts)
-        a_wins, prob = self.preferences.prefer(prompts, a.texts, b.texts)
+        a_wins, prob = self.label(prompts, a, b)
         win = torch.tensor(a_wins, device=a.mask.device)
         lp_a, lp_b = engine.forward_with_grad(a), engine.forward_with_grad(b)
         seq = lambda lp, ro: (lp * ro.mask).sum(-1)  # noqa: E731
@@ -137,10 +161,17 @@ class XPO(OnlineDPO):
 
 
 def pipeline(run) -> dict:
+    from aligntool import models
     from aligntool.online.engine import Engine
     from aligntool.preferences import PreferenceSource
     from aligntool.recipe.schema import RewardConfig
 
+    from aligntool.errors import UserError
+
     method = XPO if isinstance(run.algo, XPOConfig) else OnlineDPO
-    preferences = PreferenceSource(run.recipe.reward or RewardConfig(), seed=run.trl_config().seed)
+    reward = run.recipe.reward or RewardConfig()
+    if run.algo.missing_eos_penalty and reward.judge:
+        raise UserError(f"{run.loaded.source}: algo.missing_eos_penalty applies to score sources (reward.source / "
+                        "reward.ensemble); a reward.judge gives probabilities, not scores")
+    preferences = PreferenceSource(reward, seed=run.trl_config().seed, device=models.run_device())
     return Engine(run, method(run.algo, preferences)).train()
