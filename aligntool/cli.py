@@ -116,7 +116,7 @@ def merge_lora(
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"merge-lora: {adapter}: no adapter_config.json (expected a LoRA adapter folder)")
-    from aligntool.eval.toy import is_reward_model
+    from aligntool.rewards import is_reward_model
 
     head = "reward" if is_reward_model(str(path)) else "causal_lm"
     model = models.merged_adapter(str(path), key="merge-lora", head=head)

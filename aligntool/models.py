@@ -27,6 +27,31 @@ def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> st
     return name_or_path  # hub id: transformers downloads it (or finds it in the HF cache)
 
 
+def run_device():
+    """The device this process computes on: its own GPU (``LOCAL_RANK``) when there is one, else the CPU."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere in ``model``, as TRL's trainers do by default (``disable_dropout``): TRL's
+    ``disable_dropout_in_model`` zeroes every ``nn.Dropout`` (LoRA's ``lora_dropout`` included), and the float
+    ``attention_dropout`` / ``dropout`` that attention modules of Llama, Qwen, Mistral, ... apply functionally in
+    training mode are set to 0 too (TRL's helper misses those)."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def _wrap(key: str, name: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)

@@ -27,31 +27,49 @@ def gold(prompts: list[str], completions: list[str]) -> list[float]:
     return [world.gold_reward(c) for c in completions]
 
 
-def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.source") -> Scorer:
+def is_reward_model(path: str) -> bool:
+    """A sequence-classifier folder, or a LoRA adapter folder of one (task_type SEQ_CLS)."""
+    adapter, config = Path(path) / "adapter_config.json", Path(path) / "config.json"
+    if adapter.is_file() and not config.is_file():
+        return json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS"
+    if not config.is_file():
+        return False
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.source", device=None,
+                        dtype: str = "auto") -> Scorer:
+    """Scores from a reward-model folder (a one-output sequence classifier), in eval mode, on ``device`` (default: this
+    process's GPU, else the CPU) in ``dtype``, ``batch_size`` texts per forward. The model is ``scorer.model``."""
     import torch
 
     from aligntool import models
 
     config = Path(path) / "config.json"
-    if not config.is_file():
+    if not config.is_file() and not (Path(path) / "adapter_config.json").is_file():
         raise UserError(f"{key}: {path}: not a reward-model folder (no config.json)")
-    archs = json.loads(config.read_text()).get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise UserError(f"{key}: {path}: not a reward model (architectures {archs}; expected a *ForSequenceClassification "
-                        "with one output, e.g. from `algorithm: reward`)")
+    if not is_reward_model(path):
+        what = (f"architectures {json.loads(config.read_text()).get('architectures')}" if config.is_file()
+                else "a LoRA adapter of a causal LM")
+        raise UserError(f"{key}: {path}: not a reward model ({what}; expected a *ForSequenceClassification with one "
+                        "output, e.g. from `algorithm: reward`)")
     tokenizer = models.load_tokenizer(path, key=key)
     tokenizer.padding_side = "right"
-    model = models.load_model(path, head="reward", pad_token_id=tokenizer.pad_token_id, key=key).eval()
+    device = torch.device(device) if device is not None else models.run_device()
+    model = models.load_model(path, dtype, head="reward", pad_token_id=tokenizer.pad_token_id, key=key)
+    model = model.to(device).eval().requires_grad_(False)
 
     def score(prompts: list[str], completions: list[str]) -> list[float]:
         texts = [p + c for p, c in zip(prompts, completions)]
         out: list[float] = []
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
             with torch.no_grad():
                 out.extend(model(**batch).logits[:, 0].float().tolist())
         return out
 
+    score.model = model
     return score
 
 
@@ -78,14 +96,16 @@ def function_scorer(spec: str, key: str = "reward.source") -> Scorer:
     return fn
 
 
-def load(config: RewardConfig) -> Scorer:
-    """The scorer a recipe's ``reward`` section names; each call checks it returns one finite float per completion."""
+def load(config: RewardConfig, device=None) -> Scorer:
+    """The scorer a recipe's ``reward`` section names; each call checks it returns one finite float per completion.
+    Reward models run on ``device`` (default: this process's GPU, else the CPU) in ``reward.dtype``."""
     if config.judge:
         raise UserError("reward.judge: a pairwise judge compares two completions and gives no score; this method needs "
                         "reward.source or reward.ensemble")
     if config.ensemble:
         check_same_tokenizer(config.ensemble)
-        members = [reward_model_scorer(p, config.batch_size, key="reward.ensemble") for p in config.ensemble]
+        members = [reward_model_scorer(p, config.batch_size, "reward.ensemble", device, config.dtype)
+                   for p in config.ensemble]
 
         def inner(prompts, completions):
             import torch
@@ -99,7 +119,7 @@ def load(config: RewardConfig) -> Scorer:
     elif ":" in config.source and not Path(config.source).exists():
         inner = function_scorer(config.source)
     else:
-        inner = reward_model_scorer(config.source, config.batch_size)
+        inner = reward_model_scorer(config.source, config.batch_size, "reward.source", device, config.dtype)
 
     def checked(prompts: list[str], completions: list[str]) -> list[float]:
         import math

@@ -28,17 +28,6 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def is_reward_model(path: str) -> bool:
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.is_file() and not (Path(path) / "config.json").is_file():
-        return json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS"
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    archs = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in archs)
-
-
 def _load_lm(path_or_name: str, key: str):
     from aligntool import models
 
@@ -49,26 +38,14 @@ def _load_lm(path_or_name: str, key: str):
 
 
 def evaluate_reward_model(path: str, num_pairs: int, batch_size: int, seed: int) -> dict:
-    import torch
-
-    from aligntool import models
+    from aligntool.rewards import reward_model_scorer
     from aligntool.toy import world
 
-    tokenizer = models.load_tokenizer(path, key="--model")
-    model = models.load_model(path, head="reward", pad_token_id=tokenizer.pad_token_id, key="--model").eval()
-    tokenizer.padding_side = "right"
+    score = reward_model_scorer(path, batch_size, key="--model")
     pairs = world.preference_pairs(num_pairs, seed=seed + 1000, split="eval", bt_temperature=0.0)
-
-    def score(texts):
-        scores = []
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
-            with torch.no_grad():
-                scores.extend(model(**batch).logits[:, 0].float().tolist())
-        return scores
-
-    chosen = score([r["prompt"] + r["chosen"] for r in pairs])
-    rejected = score([r["prompt"] + r["rejected"] for r in pairs])
+    prompts = [r["prompt"] for r in pairs]
+    chosen = score(prompts, [r["chosen"] for r in pairs])
+    rejected = score(prompts, [r["rejected"] for r in pairs])
     correct = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
     acc, err = _mean_stderr(correct)
     return {"model": path, "kind": "reward_model", "num_pairs": len(pairs), "pairwise_accuracy": acc,
@@ -97,6 +74,8 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
     samples are not revised (they are the baseline)."""
     from aligntool import models
     from aligntool.toy import world
+
+    from aligntool.rewards import is_reward_model
 
     path = models.resolve(model, key="--model", log=lambda m: None)
     if is_reward_model(path):

@@ -40,7 +40,10 @@ class OnlineConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (1 = on-policy).")
     top_p: float = Field(1.0, gt=0, le=1)
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of responses cut off "
-                                              "before EOS.")
+                                              "before EOS (for online_dpo / xpo: from the preference scores, as TRL).")
+    disable_dropout: bool = Field(True, description="Dropout off in the policy (LoRA's included) and the reference, as "
+                                  "TRL's trainers default: rollouts are scored in eval mode and updated in train mode, "
+                                  "so with dropout the PPO/P3O ratio would not be 1 at the sampling policy.")
 
     def trl_kwargs(self) -> dict:
         return {}
@@ -96,13 +99,30 @@ class Rollout:
     values: torch.Tensor | None
     texts: list[str]
     prompts: list[str]
+    missing_eos: torch.Tensor | None = None  # (B,) bool: the response was cut off before EOS
 
     def select(self, idx) -> "Rollout":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
         return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_width, self.mask[idx], self.logp[idx],
                        self.logp_ref[idx], pick(self.score), pick(self.values), [self.texts[i] for i in idx_list],
-                       [self.prompts[i] for i in idx_list])
+                       [self.prompts[i] for i in idx_list], pick(self.missing_eos))
+
+
+def pack(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, device="cpu"):
+    """The rollout layout: prompts left-padded to width P, responses right-padded to width R (at least 1), so response
+    token j of every row sits at position P + j. Returns (input_ids, attention_mask, response mask (B, R), P)."""
+    P, R = max(map(len, prompt_ids)), max(1, max(map(len, responses)))
+    ids = torch.full((len(prompt_ids), P + R), pad_id)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros(len(prompt_ids), R)
+    for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        attn[i, P - len(p) : P + len(r)] = 1
+        if r:
+            ids[i, P : P + len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+    return ids.to(device), attn.to(device), mask.to(device), P
 
 
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int):
@@ -145,6 +165,10 @@ class Engine:
             run.model_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)).eval()
         if self.ref is not None:
             self.ref.requires_grad_(False)
+        if getattr(self.cfg, "disable_dropout", True):
+            models.disable_dropout(self.model)
+            if self.ref is not None:
+                models.disable_dropout(self.ref)
         from transformers import Trainer
 
         # the optimizer train.optim names (AdamW, bitsandbytes 8-bit, Lion, ...), built as the Trainer builds it
@@ -158,7 +182,8 @@ class Engine:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if self.ref is not None:
             self.ref.to(self.accelerator.device)
-        self.scorer = None if getattr(method, "uses_preferences", False) else rewards.load(run.recipe.reward or RewardConfig())
+        self.scorer = None if getattr(method, "uses_preferences", False) else rewards.load(
+            run.recipe.reward or RewardConfig(), device=self.accelerator.device)
         all_prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
         self.prompts = all_prompts[self.rank :: self.world]
         self.batch_size = self.args.per_device_train_batch_size
@@ -185,19 +210,7 @@ class Engine:
         return self.policy_lm, self.policy_lm.disable_adapter()
 
     def _pack(self, prompt_ids: list[list[int]], responses: list[list[int]]):
-        pad = self.tokenizer.pad_token_id
-        P, R = max(map(len, prompt_ids)), max(1, max(map(len, responses)))
-        ids = torch.full((len(prompt_ids), P + R), pad)
-        attn = torch.zeros_like(ids)
-        mask = torch.zeros(len(prompt_ids), R)
-        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-            ids[i, P - len(p) : P] = torch.tensor(p)
-            attn[i, P - len(p) : P + len(r)] = 1
-            if r:
-                ids[i, P : P + len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
-        dev = self.accelerator.device
-        return ids.to(dev), attn.to(dev), mask.to(dev), P
+        return pack(prompt_ids, responses, self.tokenizer.pad_token_id, self.accelerator.device)
 
     @staticmethod
     def positions(attn: torch.Tensor) -> torch.Tensor:
@@ -236,15 +249,15 @@ class Engine:
             responses = self._generate(lm, prompt_ids, greedy)
         ids, attn, mask, P = self._pack(prompt_ids, responses)
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+        missing_eos = torch.tensor([tok.eos_token_id not in r for r in responses], device=ids.device)
         # methods that compare two samples with a preference source take score=False and label pairs themselves
         if not score:
             score = None
         else:
             score = torch.tensor(self.scorer(prompts, texts), device=ids.device)
         if score is not None and cfg.missing_eos_penalty:
-            score = score - cfg.missing_eos_penalty * torch.tensor(
-                [tok.eos_token_id not in r for r in responses], device=ids.device, dtype=score.dtype)
-        ro = Rollout(ids, attn, P, mask, None, None, score, None, texts, prompts)
+            score = score - cfg.missing_eos_penalty * missing_eos.to(score.dtype)
+        ro = Rollout(ids, attn, P, mask, None, None, score, None, texts, prompts, missing_eos)
         if score_only:  # e.g. ReMax's greedy baseline: only its reward is used
             return ro
         if policy_logp:  # methods that take one gradient step right away reuse that forward instead (fill_logp)
@@ -280,7 +293,8 @@ class Engine:
         scored = {} if ro.score is None else {
             "reward": ro.score.mean().item(), "reward_std": ro.score.std().item() if len(ro.score) > 1 else 0.0}
         return {**scored, "kl": kl.mean().item(), "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
-                "response_length": ro.mask.sum(-1).float().mean().item()}
+                "response_length": ro.mask.sum(-1).float().mean().item(),
+                "missing_eos": ro.missing_eos.float().mean().item()}
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _checkpoint_dir(self) -> Path:

@@ -150,7 +150,10 @@ class RewardConfig(Strict):
     uwo_ddof: Literal[0, 1] = Field(
         0, description="Variance estimator of UWO: 0 = population (authors' best-of-n code), 1 = unbiased (their PPO code)."
     )
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Completions per reward-model forward.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype of reward models ('auto' keeps the checkpoint's own); they run on the run's "
+        "device (this process's GPU when there is one).")
     judge: str | None = Field(
         None, description="Methods that compare two samples (online_dpo, xpo, inpo): a pairwise judge "
         "'module:function' fn(prompts, completions_a, completions_b) -> list of P(a > b) in [0, 1]; instead of a score."

@@ -86,7 +86,8 @@ def pipeline(run) -> dict:
                        "k": cfg.top_k, "len": cfg.max_new_tokens, "seed": cfg.seed}
 
     def do_sample():
-        policy = models.load_model(run.model_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code).eval()
+        m = run.recipe.model
+        policy = models.load_model(run.model_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
         repeated = [p for p in prompts for _ in range(cfg.num_candidates)]
         texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
                           top_k=cfg.top_k)
