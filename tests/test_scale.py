@@ -35,8 +35,10 @@ def test_online_engine_uses_the_recipes_optimizer(tmp_path, tiny_path):
     assert any(t.dtype == torch.uint8 for s in states for t in s.values() if torch.is_tensor(t))
 
 
-def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weights(tmp_path, tiny_path):
-    """Data order, RNG states, scheduler and optimizer are restored: on CPU the resumed run is bitwise equal."""
+@pytest.mark.parametrize("recipe", ["dpo", "spo"])
+def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weights(tmp_path, tiny_path, recipe):
+    """Data order, RNG states, scheduler and optimizer are restored: on CPU the resumed run is bitwise equal. For SPO
+    the degree head (whose gradient also reaches the policy) is restored from the checkpoint too."""
     import os
     import signal
     import subprocess
@@ -47,11 +49,13 @@ def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weight
 
     args = ["train.max_steps=40", "train.save_steps=5", "train.per_device_train_batch_size=8", "train.logging_steps=5",
             "dataset.toy.size=320", "train.seed=3"]
+    if recipe == "spo":  # half the steps: each SPO step runs a second forward for the degree head
+        args = [a.replace("max_steps=40", "max_steps=20") for a in args]
     full = tmp_path / "full"
-    train(load_recipe(REPO / "recipes" / "dpo.yaml", [*args, f"output_dir={full}"]))
+    train(load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*args, f"output_dir={full}"]))
 
     cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "dpo.yaml"), *args,
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / f"{recipe}.yaml"), *args,
            f"output_dir={cut}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = cut / "checkpoints" / "checkpoint-10" / "COMPLETE"
@@ -61,12 +65,15 @@ def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weight
     proc.wait()
     assert marker.is_file() and not (cut / "summary.json").is_file(), "the run was not cut mid-training"
 
-    summary = train(load_recipe(REPO / "recipes" / "dpo.yaml", [*args, f"output_dir={cut}"]), resume=True)
-    assert summary["global_step"] == 40 and summary["resumed_from"].startswith(str(cut / "checkpoints" / "checkpoint-"))
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    summary = train(load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*args, f"output_dir={cut}"]), resume=True)
+    steps = 20 if recipe == "spo" else 40
+    assert summary["global_step"] == steps and summary["resumed_from"].startswith(str(cut / "checkpoints" / "checkpoint-"))
+    files = ["model.safetensors"] + (["spo_head.safetensors"] if recipe == "spo" else [])
+    for name in files:
+        a, b = load_file(str(full / name)), load_file(str(cut / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
 
 
 def test_slurm_script_preemption_checkpoints_requeues_and_resumes(tmp_path, tiny_path):
@@ -212,6 +219,25 @@ def test_two_processes_match_the_single_process_loss_curve(tmp_path, single_proc
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # whole weights, also after ZeRO-3 / FSDP sharding
+
+
+def test_spo_head_is_trained_on_the_global_batch_with_two_processes(tmp_path, tiny_path):
+    """SPO's degree head is a module of the policy, so DDP averages its gradients like any weight: 2 processes x 4 rows
+    give the single-process loss curve (8 rows) and the same head. A head outside the model would train on each rank's
+    4 rows alone and drift apart from the single-process one."""
+    from safetensors.torch import load_file
+
+    overrides = ["train.max_steps=3", "train.logging_steps=1", "dataset.toy.size=48", "train.seed=1",
+                 "train.max_length=48"]
+    single = tmp_path / "single"
+    train(load_recipe(REPO / "recipes" / "spo.yaml", [*overrides, "train.per_device_train_batch_size=8",
+                                                        f"output_dir={single}"]))
+    double = tmp_path / "double"
+    train_two_processes("spo", double, *overrides, "train.per_device_train_batch_size=4")
+    assert losses(double) == pytest.approx(losses(single), abs=1e-4)
+    one, two = load_file(str(single / "spo_head.safetensors")), load_file(str(double / "spo_head.safetensors"))
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
 
 
 @pytest.mark.parametrize("recipe", ["cpl", "hypo", "srpo", "spo", "sppo", "inpo", "rso"])

@@ -13,8 +13,10 @@ explicit here and exposed as an option:
 - degree d removes the fraction ``removal_ratios[d]`` of those words (default 0, 1/2, 1: D = 3 classes), chosen with
   a per-example seeded RNG so the degraded data is deterministic;
 - degraded versions are made of the chosen response (``degrade: chosen``) or of both responses (``both``);
-- the head is one linear layer on the last-token hidden state, trained jointly, saved as ``spo_head.safetensors``
-  beside the model (the model folder itself stays a plain causal LM);
+- the head is one linear layer on the last-token hidden state, trained jointly. It is registered on the policy
+  (``policy.spo_head``), so DDP averages its gradients, the optimizer and DeepSpeed/FSDP see it like any weight;
+  every save (checkpoints and the final folder) writes it to ``spo_head.safetensors`` and keeps it out of the model
+  weights (the model folder stays a plain causal LM), and ``--resume`` restores it from there;
 - the alignment loss is TRL's DPO loss of ``loss_type`` (any type TRL offers) and ``beta``; lam = ``ssl_weight``.
 """
 
@@ -73,15 +75,8 @@ class AlgoConfig(Strict):
 
 
 def build(run):
-    import torch
-    from safetensors.torch import save_file
-    from trl import DPOTrainer
-
-    from aligntool.losses.preference import spo_ssl_loss
-
     cfg: AlgoConfig = run.algo
     tok = run.tokenizer
-    degrees = len(cfg.removal_ratios)
     sources = ["chosen"] if cfg.degrade == "chosen" else ["chosen", "rejected"]
     if not isinstance(run.train_dataset[0]["chosen"], str):
         from aligntool.errors import UserError
@@ -97,66 +92,11 @@ def build(run):
                 out[f"spo_{src}_{d}"] = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         return out
 
-    columns = [f"spo_{src}_{d}" for src in sources for d in range(degrees)]
+    columns = [f"spo_{src}_{d}" for src in sources for d in range(len(cfg.removal_ratios))]
     train_data = run.train_dataset.map(add_degraded, with_indices=True, desc="SPO degraded responses")
     eval_data = run.eval_dataset.map(add_degraded, with_indices=True) if run.eval_dataset is not None else None
-    policy = run.policy()
-    head = torch.nn.Linear(policy.config.hidden_size, degrees)
+    from aligntool.trainers.spo_trainer import SPOTrainer
 
-    class SPOTrainer(DPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            inner = self.data_collator
-
-            def collate(examples):
-                batch = inner(examples)
-                batch["spo"] = [[e[c] for c in columns] for e in examples]
-                batch["spo_prompt"] = [e["prompt_ids"] for e in examples]
-                return batch
-
-            self.data_collator = collate
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            self._signature_columns = list(self._signature_columns) + columns
-
-        def create_optimizer(self, *args, **kwargs):
-            # the head trains with the policy, in the same optimizer (its own group: no weight decay)
-            opt = super().create_optimizer(*args, **kwargs)
-            opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
-            return opt
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            spo, prompts = inputs.pop("spo"), inputs.pop("spo_prompt")
-            loss = super()._compute_loss(model, inputs, False)
-            if cfg.ssl_weight == 0:
-                return loss
-            seqs, labels = [], []
-            for prompt, variants in zip(prompts, spo):
-                for j, completion in enumerate(variants):
-                    seqs.append(prompt + completion)
-                    labels.append(j % degrees)
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), tok.pad_token_id)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-            device = inputs["input_ids"].device
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-            last = out.hidden_states[-1][torch.arange(len(seqs)), mask.sum(1).to(device) - 1]
-            logits = head.to(device)(last.float())
-            target = torch.tensor(labels, device=device)
-            ssl = spo_ssl_loss(logits, target).mean()
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["spo/ssl_loss"].append(ssl.item())
-            self._metrics[mode]["spo/degree_accuracy"].append((logits.argmax(-1) == target).float().mean().item())
-            return loss + cfg.ssl_weight * ssl
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            super().save_model(output_dir, _internal_call)
-            if output_dir and self.is_world_process_zero():
-                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                          f"{output_dir}/spo_head.safetensors")
-
-    return SPOTrainer(model=policy, ref_model=run.reference(), args=run.trl_config(), train_dataset=train_data,
-                      eval_dataset=eval_data, processing_class=tok, peft_config=run.peft_config())
+    return SPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(),
+                      train_dataset=train_data, eval_dataset=eval_data, processing_class=tok,
+                      peft_config=run.peft_config(), spo_config=cfg, spo_columns=columns)
