@@ -25,7 +25,7 @@ LINEAR = r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 
 
 def test_sparsity_levels_match_the_evopress_test_vector():
-    # ALGORITHMS.md section 15: numel 4096^2, s 0.5, weights_diff 1e6, L 8 -> levels -8..8, sparsity 0.0231628..0.9768372
+    # EvoPress (Sieberling et al. 2025), the authors' level arithmetic (IST-DASLab/EvoPress): numel 4096^2, s 0.5, weights_diff 1e6, L 8 -> levels -8..8, sparsity 0.0231628..0.9768372
     n = 4096 * 4096
     lo, hi = levels.level_range(n, 0.5, 1_000_000, 8)
     assert (lo, hi) == (-8, 8)

@@ -1,6 +1,7 @@
 """Online DPO, XPO and INPO on the tiny model: pairs from a preference source, the shared rollout engine, iterations."""
 
 import json
+import math
 
 import pytest
 
@@ -27,16 +28,22 @@ def soft_judge(prompts, a, b):
     return [1 / (1 + math.exp(world.gold_reward(y) - world.gold_reward(x))) for x, y in zip(a, b)]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "[ipo, sft]"])
-def test_online_dpo_runs_with_any_loss_type(tmp_path, tiny_path, loss_type):
+@pytest.mark.parametrize("loss_type,first_loss", [("sigmoid", math.log(2)), ("ipo", 25.0), ("[ipo, sft]", None)])
+def test_online_dpo_runs_with_any_loss_type(tmp_path, tiny_path, loss_type, first_loss):
+    """At the first step the policy is the reference: every log-ratio is 0, so sigmoid gives -log sigmoid(0) = log 2
+    and IPO (1/(2 beta))^2 = 25 at beta 0.1, whatever the samples and their labels."""
     extra = ["algo.loss_weights=[1.0, 0.1]"] if "," in loss_type else []
     summary = train(load_recipe(REPO / "recipes" / "online_dpo.yaml",
                                 [*QUICK, f"output_dir={tmp_path}", f"algo.loss_type={loss_type}", *extra]))
     assert summary["global_step"] == 4
     got = rows(tmp_path)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
-    for r in got:
-        assert 0 <= r["preference_prob"] <= 1 and r["loss"] == r["loss"]  # not NaN
+    assert got[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    if first_loss is not None:
+        assert got[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
+    else:  # 25 plus 0.1 x the chosen samples' token-mean NLL (> 0)
+        assert got[0]["loss"] > 25.0
+    assert got[-1]["loss"] != got[0]["loss"]
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()
 
 
@@ -53,7 +60,9 @@ def test_xpo_alpha_schedule_and_reference_samples(tmp_path, tiny_path):
     got = rows(tmp_path)
     assert [r["alpha"] for r in got] == [0.1, 0.1, 0.0, 0.0]  # two values over four iterations
     assert all(r["ref_sample_logp"] < 0 for r in got)
-    assert all(0 <= r["policy_sample_wins"] <= 1 for r in got)
+    # step 1: policy = reference, so the DPO part is log 2 and the loss log 2 + alpha * mean log pi(reference sample)
+    assert got[0]["loss"] == pytest.approx(math.log(2) + 0.1 * got[0]["ref_sample_logp"], rel=1e-5)
+    assert got[2]["alpha"] == 0.0 and got[2]["loss"] != pytest.approx(math.log(2) + 0.1 * got[2]["ref_sample_logp"])
 
 
 def test_inpo_iterations_first_loss_resume_and_saved_stages(tmp_path, tiny_path):

@@ -52,8 +52,8 @@ def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
 
 def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
     args = ["dataset.toy.size=24", "algo.iterations=2", "algo.num_samples=3", "algo.max_new_tokens=24",
-            "train.per_device_train_batch_size=4", "train.num_train_epochs=1", "train.logging_steps=1",
-            f"output_dir={tmp_path}"]
+            "train.per_device_train_batch_size=16", "train.num_train_epochs=2", "train.logging_steps=1",
+            "algo.beta=0.1", f"output_dir={tmp_path}"]
     summary = train(load_recipe(REPO / "recipes" / "sppo.yaml", args))
     assert [s["iteration"] for s in summary["per_iteration"]] == [1, 2]
     for t in (1, 2):
@@ -67,6 +67,13 @@ def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
     assert {r.get("stage") for r in logs} >= {"iter-1", "iter-2"}
     first = [r for r in logs if r.get("stage") == "iter-2" and "loss" in r][0]
     assert first["rewards/margins"] == pytest.approx(0.0, abs=0.05)  # the policy equals its new reference at first
+    # iteration 1's first batch holds all its rows (<= 12 prompts, batch 16) and the policy is its reference, so
+    # lr = 0 and the loss is the authors' halved sum: mean of ((P_w - 1/2)^2 + (P_l - 1/2)^2) / (2 beta^2)
+    rows1 = [json.loads(line) for line in (tmp_path / "iter-1" / "samples.jsonl").read_text().splitlines()]
+    first1 = [r for r in logs if r.get("stage") == "iter-1" and "loss" in r][0]
+    beta = 0.1
+    expected = sum(((r["p_chosen"] - 0.5) ** 2 + (r["p_rejected"] - 0.5) ** 2) / (2 * beta**2) for r in rows1) / len(rows1)
+    assert first1["loss"] == pytest.approx(expected, rel=1e-4)
     again = train(load_recipe(REPO / "recipes" / "sppo.yaml", args), resume=True)  # both iterations are done
     assert again["per_iteration"] == []
 

@@ -53,7 +53,20 @@ def test_reward_model_trains_and_evaluates(tmp_path, tiny_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(tmp_path), "--num-prompts", "16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["kind"] == "reward_model" and 0 <= result["pairwise_accuracy"] <= 1
+    assert result["kind"] == "reward_model"
+    # the same held-out pairs scored one at a time by transformers directly (no padding, no batching)
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from aligntool.toy import world
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    pairs = world.preference_pairs(16, seed=1000, split="eval", bt_temperature=0.0)
+    with torch.no_grad():
+        score = lambda text: model(**tok(text, return_tensors="pt")).logits[0, 0].item()  # noqa: E731
+        correct = [score(r["prompt"] + r["chosen"]) > score(r["prompt"] + r["rejected"]) for r in pairs]
+    assert result["pairwise_accuracy"] == pytest.approx(sum(correct) / len(correct))
 
 
 def test_dpo_moves_the_policy_and_resume_continues(tmp_path, tiny_path):
@@ -101,13 +114,15 @@ def test_dpo_with_two_processes(tmp_path, tiny_path):
 
 
 def test_eval_against_a_reference_reports_every_key(tmp_path, tiny_path, capsys):
-    assert main(["eval", "--model", "tiny", "--reference", str(tiny_path), "--num-prompts", "8", "--json",
+    assert main(["eval", "--model", "tiny", "--reference", str(tiny_path), "--num-prompts", "64", "--json",
                  "--max-new-tokens", "16"]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("gold_reward", "gold_reward_stderr", "reference_gold_reward", "kl_to_reference", "win_rate"):
         assert isinstance(result[key], float), key
     assert result["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # same model: log-ratio is exactly 0
-    assert 0 <= result["win_rate"] <= 1
+    # same model, independent samples: P(win) = 1/2 (ties count 1/2); 64 prompts -> s.e. <= 0.0625, a 4-s.e. band
+    assert abs(result["win_rate"] - 0.5) < 0.25
+    assert result["gold_reward_gain"] == pytest.approx(result["gold_reward"] - result["reference_gold_reward"])
 
 
 def test_quickstart_raises_gold_reward_by_three_standard_errors(tmp_path, tiny_path):

@@ -7,7 +7,7 @@ per prompt (temperature 1, no top-k/top-p, so the samples are exactly on-policy)
 summed over the sequence, and the RLOO score-function gradient with a leave-one-out baseline
 (aligntool.losses.preference.rloo_kl_loss). No reward model and no labels are needed online.
 
-Open details (no official code; ALGORITHMS.md §8): the KL is sequence-level; lam and k are options (defaults
+Open details (the paper publishes no code): the KL is sequence-level; lam and k are options (defaults
 lam = 0.05, k = 2); the DPO part is TRL's sigmoid loss with ``beta``. With ``num_kl_prompts`` the KL term uses only
 the first prompts of each batch, to bound generation cost.
 """
