@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
 
 
 def _toy_texts(n_docs: int, split: str, seed: int) -> list[str]:
@@ -38,7 +38,7 @@ def _file_texts(cal) -> list[str]:
         else:
             ds = datasets.load_dataset(path, split=cal.split)
     except (OSError, ValueError, FileNotFoundError) as exc:
-        raise UserError(f"calibration.path: could not load {path!r}: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"calibration.path: could not load {path!r}: {first_line(exc)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if cal.split not in ds:
             raise UserError(f"calibration.split: {path} has no split {cal.split!r} (has {', '.join(ds)})")

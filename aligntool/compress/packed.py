@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from aligntool.compress import quantizers
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
 
 FORMAT = "aligntool-packed-v1"
 
@@ -151,7 +151,7 @@ def load_packed(path: str | Path):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: cannot rebuild the model ({str(exc).strip().splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot rebuild the model ({first_line(exc)})") from None
     if missing or unexpected:
         raise UserError(f"{path}: packed tensors do not fit the config (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
 
 DATA_KINDS: dict[str, list[tuple[str, ...]]] = {
     "language_modeling": [("text",), ("messages",), ("prompt", "completion")],
@@ -41,12 +41,20 @@ def toy_rows(kind: str, size: int, seed: int, split: str, bt_temperature: float)
 def _check_jsonl(path: Path) -> None:
     """datasets' own error for a bad line is a long traceback without the line number: find the line first."""
     with path.open("rb") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except ValueError as exc:
-                    raise UserError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected one JSON object per line, got a {type(row).__name__}")
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -65,10 +73,12 @@ def load_any(path: str, split: str, key: str):
             raise UserError(f"{key}: {path}: unsupported file type {local.suffix!r}; expected one of {', '.join(FILE_LOADERS)}")
         if local.suffix.lower() == ".jsonl":
             _check_jsonl(local)
+        if local.stat().st_size == 0 or (loader in ("json", "csv") and not local.read_bytes().strip()):
+            raise UserError(f"{key}: {path}: the file is empty")
         try:
             return datasets.load_dataset(loader, data_files=str(local), split="train")
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
-            raise UserError(f"{key}: {path}: could not read as {loader}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"{key}: {path}: could not read as {loader}: {first_line(exc)}") from None
     if local.is_dir():
         try:
             data = datasets.load_from_disk(str(local))
@@ -84,20 +94,92 @@ def load_any(path: str, split: str, key: str):
     try:
         return datasets.load_dataset(path, split=split)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{key}: could not load hub dataset {path!r} (split {split!r}): {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{key}: could not load hub dataset {path!r} (split {split!r}): {first_line(exc)}") from None
 
 
-def check_columns(data, kind: str, where: str) -> None:
+def check_columns(data, kind: str, where: str) -> tuple[str, ...]:
+    """The columns of ``kind`` that ``data`` has (the first option that fits); an error names what is missing."""
     if len(data) == 0:
         raise UserError(f"{where}: dataset is empty")
     options = DATA_KINDS[kind]
-    if not any(all(c in data.column_names for c in cols) for cols in options):
-        wanted = " or ".join("+".join(cols) for cols in options)
-        raise UserError(f"{where}: missing column(s) for {kind} data: expected {wanted}; found: {', '.join(data.column_names)}")
+    for cols in options:
+        if all(c in data.column_names for c in cols):
+            return (*cols, *(["prompt"] if kind == "preference" and "prompt" in data.column_names else []))
+    wanted = " or ".join("+".join(cols) for cols in options)
+    raise UserError(f"{where}: missing column(s) for {kind} data: expected {wanted}; found: {', '.join(data.column_names)}")
 
 
-def load_for_recipe(recipe, kind: str):
-    """(train, eval or None) datasets for a validated recipe and a data kind."""
+def _cell_kind(value) -> str | None:
+    """'text', 'conversation' (a list of {role, content} messages) or None for anything else."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        return "conversation"
+    return None
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list that is not {role, content} messages"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({value!r:.40})"
+
+
+def invalid_rows(data, columns: tuple[str, ...]) -> list[tuple[int, str, str]]:
+    """(row index, column, what is wrong) for every bad cell: null, not a string nor a conversation, or a format that
+    differs from the column's first valid cell (a conversation among strings, or the reverse)."""
+    bad = []
+    for col in columns:
+        values = data[col]
+        first = next((k for k in map(_cell_kind, values) if k is not None), None)
+        for i, value in enumerate(values):
+            kind = _cell_kind(value)
+            if kind is None:
+                bad.append((i, col, f"is {_describe(value)}; expected a string or a list of {{role, content}} messages"))
+            elif kind != first:
+                bad.append((i, col, f"is a {kind} but earlier rows hold {'strings' if first == 'text' else 'conversations'}"))
+    return sorted(bad)
+
+
+def check_rows(data, columns: tuple[str, ...], where: str, drop: bool, log=print):
+    """Every cell of ``columns`` must be a string or a conversation, one format per column. A bad cell is an error
+    naming the row (1-based) and the column, or with ``dataset.drop_invalid_rows`` the row is dropped and counted."""
+    bad = invalid_rows(data, columns)
+    if not bad:
+        return data
+    i, col, what = bad[0]
+    rows = sorted({b[0] for b in bad})
+    if not drop:
+        more = f" ({len(rows)} bad rows in all)" if len(rows) > 1 else ""
+        raise UserError(f"{where}: row {i + 1}: column {col!r} {what}{more}; fix the data or set "
+                        "dataset.drop_invalid_rows: true to skip such rows")
+    kept = data.select(sorted(set(range(len(data))) - set(rows)))
+    log(f"{where}: dropped {len(rows)} of {len(data)} rows with invalid cells (first: row {i + 1}, column {col!r} "
+        f"{what})")
+    if len(kept) == 0:
+        raise UserError(f"{where}: every row has an invalid cell (first: row {i + 1}, column {col!r} {what})")
+    return kept
+
+
+def prompts_as_text(data, tokenizer, where: str):
+    """Conversational prompts (lists of messages) become text through the tokenizer's chat template with the
+    generation prompt, as TRL does for the offline methods; the sampling methods then work on strings."""
+    if "prompt" not in data.column_names or _cell_kind(data[0]["prompt"]) != "conversation":
+        return data
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{where}: conversational prompts need a chat template, and the model's tokenizer has none; "
+                        "give plain-text prompts")
+    return data.map(lambda row: {"prompt": tokenizer.apply_chat_template(row["prompt"], tokenize=False,
+                                                                          add_generation_prompt=True)})
+
+
+def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
+    """(train, eval or None) datasets for a validated recipe and a data kind, checked row by row. ``eval_fraction``
+    carves a held-out split off the training rows when there is no eval set; with a tokenizer, conversational
+    prompts of the sampling methods become text."""
     import datasets
 
     cfg = recipe.dataset
@@ -115,7 +197,20 @@ def load_for_recipe(recipe, kind: str):
         evald = load_any(cfg.eval_path, cfg.eval_split, "dataset.eval_path")
     if cfg.max_samples is not None and len(train) > cfg.max_samples:
         train = train.select(range(cfg.max_samples))
-    check_columns(train, kind, f"dataset.path {cfg.path}")
+    where = f"dataset.path {cfg.path}"
+    columns = check_columns(train, kind, where)
+    train = check_rows(train, columns, where, cfg.drop_invalid_rows, log)
     if evald is not None:
-        check_columns(evald, kind, f"dataset.eval_path {cfg.eval_path or 'toy'}")
+        where_eval = f"dataset.eval_path {cfg.eval_path or 'toy'}"
+        evald = check_rows(evald, check_columns(evald, kind, where_eval), where_eval, cfg.drop_invalid_rows, log)
+    elif cfg.eval_fraction:
+        n_eval = max(1, round(cfg.eval_fraction * len(train)))
+        if n_eval >= len(train):
+            raise UserError(f"dataset.eval_fraction: {cfg.eval_fraction} of {len(train)} rows leaves none to train on")
+        split = train.train_test_split(test_size=n_eval, seed=cfg.toy.seed, shuffle=True)
+        train, evald = split["train"], split["test"]
+        log(f"dataset.eval_fraction: {len(evald)} of {len(train) + len(evald)} rows held out for evaluation")
+    if tokenizer is not None and kind == "prompt":
+        train = prompts_as_text(train, tokenizer, where)
+        evald = prompts_as_text(evald, tokenizer, where) if evald is not None else None
     return train, evald

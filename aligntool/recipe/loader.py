@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from aligntool import registry
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
 from aligntool.recipe.schema import Recipe, TrainConfig
 from aligntool.recipe.suggest import did_you_mean
 
@@ -37,6 +37,29 @@ SafeLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping that names one key twice (YAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let the base constructor report it
+            break
+        if first is not None:
+            raise DuplicateKeyError(problem=f"duplicate key {key!r} (first at line {first.line + 1}); a key may appear "
+                                    "once", problem_mark=key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, lambda loader, node: dict(
+    _mapping_without_duplicates(loader, node, deep=True)))
 
 
 def safe_load(text: str):
@@ -150,12 +173,36 @@ def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source
     extras = dict(train.model_extra or {})
     if not extras:
         return
-    fields = {f.name for f in dataclasses.fields(spec.trl_config_class())}
-    for name in extras:
+    cls = spec.trl_config_class()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for name, value in extras.items():
+        at = lines.get(("train", name), source)
         if name not in fields:
-            at = lines.get(("train", name), source)
             hint = did_you_mean(name, fields | set(TrainConfig.model_fields))
             raise UserError(f"{at}: unknown key 'train.{name}'{hint}; train.* takes fields of {spec.trl_config.split(':')[1]}")
+        expected = _scalar_type(cls, name)
+        if expected is not None and value is not None and not _fits(value, expected):
+            raise UserError(f"{at}: train.{name}: expected {expected.__name__}, got {value!r}")
+
+
+def _scalar_type(cls, name: str) -> type | None:
+    """bool / int / float / str when the TRL config field is one of those (or Optional of one), else None."""
+    import typing
+
+    try:
+        hint = typing.get_type_hints(cls)[name]
+    except Exception:  # noqa: BLE001 - forward references of other libraries
+        return None
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) else [hint]
+    return options[0] if len(options) == 1 and options[0] in (bool, int, float, str) else None
+
+
+def _fits(value, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
 
 
 def read_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> tuple[dict, str, dict]:
@@ -163,15 +210,30 @@ def read_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> tuple[
     override) of every key -- shared by ``train`` and ``compress`` recipes."""
     path = resolve_recipe_path(str(recipe))
     source = str(recipe)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{source}: not a text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} is not "
+                        "UTF-8); a recipe is a YAML text file") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    if "\x00" in text:
+        raise UserError(f"{source}: not a text file (it contains NUL bytes); a recipe is a YAML text file")
     try:
         data = safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        if isinstance(exc, DuplicateKeyError):
+            raise UserError(f"{source}{where}: {exc.problem}") from None
+        if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in (exc.problem or ""):
+            found = re.search(r"'([^']+)'", exc.problem or "")
+            tag = (found.group(1) if found else "?").replace("tag:yaml.org,2002:", "!!")
+            raise UserError(f"{source}{where}: YAML tag {tag!r} is not allowed: a recipe is plain data (strings, "
+                            "numbers, lists, mappings)") from None
         raise UserError(f"{source}{where}: YAML syntax error: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{source}: YAML error: {exc}") from None
+        raise UserError(f"{source}: YAML error: {first_line(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -216,4 +278,6 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
         raise UserError(f"{at}: reward: does not apply to algorithm {spec.name!r}, which trains on given data only")
     if parsed.output_dir is None:
         parsed.output_dir = f"runs/{spec.name}"
+    if parsed.reward is not None:
+        parsed.reward._base_dir = str(resolve_recipe_path(str(recipe)).resolve().parent)
     return LoadedRecipe(parsed, algo, spec, source)

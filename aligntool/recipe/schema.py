@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
-    model_validator,
+    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, PrivateAttr,
+    field_validator, model_validator,
 )
 
 # bitsandbytes class names accepted for train.optim, mapped to transformers' optimizer names
@@ -23,7 +23,7 @@ OPTIM_ALIASES = {"AdamW": "adamw_torch", "AdamW8bit": "adamw_8bit", "PagedAdamW8
 class Strict(BaseModel):
     """Base of every recipe section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     def trl_kwargs(self) -> dict:
         """The keyword arguments this section contributes to the TRL config (override to rename or convert)."""
@@ -83,6 +83,12 @@ class DatasetConfig(Strict):
     eval_path: str | None = Field(None, description="Held-out data, same formats as `path`.")
     eval_split: str = Field("test", description="Split of `eval_path` to evaluate on (hub datasets and DatasetDicts).")
     max_samples: PositiveInt | None = Field(None, description="Keep only the first N training rows.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Without an eval set (eval_path, toy.eval_size): hold out this fraction of the "
+        "training rows (seeded) for evaluation. With no eval set at all, evaluation is off and the log says so.")
+    drop_invalid_rows: bool = Field(
+        False, description="Drop rows with a null, non-text or mixed-format cell in a used column (counted in the "
+        "log) instead of stopping with an error that names the first one.")
     toy: ToyDataConfig = Field(default_factory=ToyDataConfig, description="Settings of the generated toy data.")
 
 
@@ -93,7 +99,7 @@ class TrainConfig(BaseModel):
     and the TRL additions) is also accepted and checked against that class when the run starts.
     """
 
-    model_config = ConfigDict(extra="allow", validate_default=False)
+    model_config = ConfigDict(extra="allow", validate_default=False, allow_inf_nan=False)
 
     learning_rate: PositiveFloat | None = None
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides num_train_epochs.")
@@ -120,6 +126,15 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool | None = None
     report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
 
+    @model_validator(mode="after")
+    def _finite_extras(self):
+        import math
+
+        for name, value in (self.model_extra or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name}: {value} is not a finite number")
+        return self
+
     @field_validator("optim")
     @classmethod
     def _optim(cls, v):
@@ -138,7 +153,17 @@ class TrainConfig(BaseModel):
 
 
 class RewardConfig(Strict):
-    """What scores sampled completions, for methods that sample their own data (see aligntool/rewards.py)."""
+    """What scores sampled completions, for methods that sample their own data (see aligntool/rewards.py).
+
+    ``source`` / ``judge`` may name Python code (``module:function``): a recipe from elsewhere can run code, like a
+    script. The module is found in the recipe's own folder first, then the working directory, then the installed
+    packages."""
+
+    _base_dir: str | None = PrivateAttr(None)  # the recipe's folder, set by the loader
+
+    @property
+    def base_dir(self) -> str | None:
+        return self._base_dir
 
     source: str = Field("gold", description="'gold' (toy gold reward), a reward-model folder, or 'module:function'.")
     ensemble: list[str] | None = Field(None, min_length=2, description="Reward-model folders to combine.")
