@@ -1,13 +1,8 @@
 """`aligntool train`: recipe -> registry -> models + data -> TRL trainer -> outputs.
 
-Everything a run makes goes under ``output_dir``:
-
-    recipe.yaml      the fully resolved recipe (every default filled in)
-    metrics.jsonl    one JSON object per logging (and eval) step
-    summary.json     final metrics, wall time, samples/s, peak memory
-    tensorboard/     TensorBoard event files
-    checkpoints/     checkpoint-<step>/ folders; only those marked COMPLETE are resumed from
-    model.safetensors, config.json, tokenizer files: the final model
+Everything a run makes goes under ``output_dir`` (see aligntool/outputs.py for the files and their rules):
+recipe.yaml, metrics.jsonl, summary.json, tensorboard/, checkpoints/ (only those marked COMPLETE, and whose files read
+back, are resumed from), and the final model.
 """
 
 from __future__ import annotations
@@ -24,42 +19,9 @@ import yaml
 
 from aligntool import data as data_mod
 from aligntool import models
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
+from aligntool.outputs import COMPLETE_MARKER, is_main_process, latest_checkpoint, log, prepare_output_dir, write_atomic
 from aligntool.recipe.loader import LoadedRecipe
-
-COMPLETE_MARKER = "COMPLETE"
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def log(msg: str) -> None:
-    if is_main_process():
-        print(msg, file=sys.stderr, flush=True)
-
-
-def prepare_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output_dir: {path}: cannot write there ({exc.strerror or exc})") from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint that finished writing; a run killed mid-save leaves one without the marker."""
-    done = [p for p in checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:]), default=None)
-
 
 def peak_memory_mb() -> float:
     import torch
@@ -67,6 +29,22 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _non_finite(logs: dict) -> str | None:
+    import math
+
+    for key in ("loss", "grad_norm", "eval_loss"):
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"{key} {value}"
+    return None
+
+
+def _finite_weights(model) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel())
 
 
 def _callbacks(metrics_file: Path, stage: str | None):
@@ -81,18 +59,44 @@ def _callbacks(metrics_file: Path, stage: str | None):
                 with metrics_file.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
 
-    class MarkComplete(TrainerCallback):
-        """Trainer writes trainer_state.json last; on_save runs after it, so the marker means 'fully written'."""
+    def diverged(args, state, control, what: str) -> None:
+        """Stop at this step end (the Trainer closes its progress bar); Run.fit then reports the error."""
+        if divergence.error is None:
+            last = latest_checkpoint(Path(args.output_dir), log=lambda m: None)
+            divergence.error = UserError(f"training diverged: {what} at step {state.global_step}; last good "
+                                         f"checkpoint: {last or 'none'} (lower train.learning_rate, or check the data)")
+        control.should_training_stop, control.should_save = True, False
 
-        def on_save(self, args, state, control, **kwargs):
+    class StopOnNonFinite(TrainerCallback):
+        """A NaN/inf loss or gradient norm stops the run with the step and the last good checkpoint (the Trainer
+        itself would train on and say "Done"; aligntool also turns off its NaN filter of the logged loss)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and (what := _non_finite(logs)):
+                diverged(args, state, control, what)
+
+    class MarkComplete(TrainerCallback):
+        """Trainer writes trainer_state.json last; on_save runs after it, so the marker means 'fully written'. A
+        checkpoint whose weights are not finite is never marked (and the run stops)."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
+                if model is not None and not _finite_weights(model):
+                    diverged(args, state, control, "non-finite weights")
+                elif ckpt.is_dir():
                     write_atomic(ckpt / COMPLETE_MARKER, f"{state.global_step}\n")
 
     from aligntool.launch import preemption
 
-    return [MetricsJsonl(), MarkComplete(), preemption.callback()]
+    divergence = Divergence()
+    return [MetricsJsonl(), StopOnNonFinite(), MarkComplete(), preemption.callback()], divergence
+
+
+class Divergence:
+    """Set by the non-finite checks during training; raised by Run.fit once the Trainer has stopped."""
+
+    error: UserError | None = None
 
 
 def _cuda() -> bool:
@@ -133,6 +137,7 @@ class Run:
     ref_path: str | None = None  # set when the reference is built (e.g. a soup)
     _zero3_args: object = None  # TrainingArguments kept alive while ZeRO-3 models load (see policy())
     resume: bool = False
+    _eval_off_logged: bool = False
 
     @property
     def recipe(self):
@@ -151,7 +156,17 @@ class Run:
 
         kwargs.update(training_kwargs(self.recipe.distributed, self.output_dir, write=is_main_process()))
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.output_dir / "tensorboard")  # read when the trainer is built
+        kwargs.setdefault("logging_nan_inf_filter", False)  # a NaN loss must show (StopOnNonFinite), not be averaged away
         kwargs.update(overrides)
+        if kwargs.get("eval_strategy", "no") != "no" and self.eval_dataset is None:
+            # the recipe evaluates, but this run (the user's own data, or a pipeline stage) has no eval set
+            if not self._eval_off_logged:
+                log(f"note: no eval set (dataset.eval_path, dataset.eval_fraction or dataset.toy.eval_size): "
+                    f"train.eval_strategy {kwargs['eval_strategy']!r} is switched off")
+                self._eval_off_logged = True
+            kwargs["eval_strategy"] = "no"
+            kwargs.pop("eval_on_start", None)
+            kwargs.pop("load_best_model_at_end", None)
         report_to = kwargs.get("report_to") or []
         report_to = [report_to] if isinstance(report_to, str) else list(report_to)
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
@@ -183,7 +198,7 @@ class Run:
         try:
             config = cls(**kwargs)
         except (ValueError, TypeError) as exc:
-            raise UserError(f"{self.loaded.source}: train/algo: {str(exc).strip().splitlines()[0]}") from None
+            raise UserError(f"{self.loaded.source}: train/algo: {first_line(exc)}") from None
         if multi_cpu and backend == "fsdp":
             _cpu_fsdp_state(config)
         return config
@@ -238,8 +253,10 @@ class Run:
             log(f"Resuming from {checkpoint}")
         root = self.loaded.recipe.output_dir
         stage = str(out.relative_to(Path(root).expanduser())) if out != Path(root).expanduser() else None
-        for cb in _callbacks(Path(root).expanduser() / "metrics.jsonl", stage):
+        callbacks, divergence = _callbacks(Path(root).expanduser() / "metrics.jsonl", stage)
+        for cb in callbacks:
             trainer.add_callback(cb)
+        self._check_rows_left(trainer)
         log(f"Training {self.loaded.spec.name} on {len(trainer.train_dataset)} rows -> {out}")
         start = time.time()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -249,6 +266,8 @@ class Run:
             log(f"FSDP: parameters sharded over {trainer.args.world_size} processes ({placements})")
         from aligntool.launch import preemption
 
+        if divergence.error is not None:
+            raise divergence.error
         if preemption.requested():  # the callback saved a checkpoint at the step end; no final model, no summary
             trainer.accelerator.wait_for_everyone()
             raise preemption.Preempted(trainer.state.global_step, latest_checkpoint(out / "checkpoints"))
@@ -269,6 +288,19 @@ class Run:
             "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}),
         }
 
+    def _check_rows_left(self, trainer) -> None:
+        """TRL drops rows that truncation leaves without a completion: say how many, and stop if none is left."""
+        max_length = getattr(trainer.args, "max_length", None)
+        why = f"no completion token left within train.max_length={max_length}" if max_length else "TRL's filtering"
+        for name, given, kept in (("training", self.train_dataset, trainer.train_dataset),
+                                  ("eval", self.eval_dataset, trainer.eval_dataset)):
+            if given is None or kept is None or len(kept) == len(given):
+                continue
+            if len(kept) == 0:
+                raise UserError(f"{self.loaded.source}: train.max_length: all {len(given)} {name} rows were dropped "
+                                f"({why}); raise train.max_length or shorten the prompts")
+            log(f"note: {len(given) - len(kept)} of {len(given)} {name} rows were dropped ({why})")
+
     def reference(self):
         """The explicit reference model, or None (TRL then makes a frozen copy of the policy)."""
         ref = self.recipe.ref_model
@@ -285,26 +317,37 @@ class Run:
         return models.load_model(path, ref.dtype, m.trust_remote_code, key="ref_model.name_or_path")
 
 
-def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
-    """Run the recipe to the end; returns the summary written to summary.json."""
+def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the recipe to the end; returns the summary written to summary.json. A folder holding a previous run is
+    refused unless ``resume`` (continue it) or ``overwrite`` (replace it); a folder another run is writing to is
+    refused always."""
+    import contextlib
+
+    from aligntool.outputs import RunLock, clear_previous_run, previous_run
+
+    out = Path(loaded.recipe.output_dir).expanduser()
+    if is_main_process():
+        prepare_output_dir(out)
+    with RunLock(out) if is_main_process() else contextlib.nullcontext():
+        if is_main_process():
+            previous = previous_run(out)
+            if previous and not resume and not overwrite:
+                raise UserError(f"output_dir: {out} already holds {previous}; pass --resume to continue it, "
+                                "--overwrite to replace it, or choose another output_dir")
+            if previous and overwrite and not resume:
+                log(f"note: --overwrite: replacing {previous} in {out}")
+                clear_previous_run(out)
+        return _train(loaded, out, resume)
+
+
+def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     from aligntool.launch import preemption
 
     recipe, spec = loaded.recipe, loaded.spec
-    out = Path(recipe.output_dir).expanduser()
-    preemption.reset()
-    preemption.install()
-    if is_main_process():
-        prepare_output_dir(out)
     module = spec.load()
     pipeline = getattr(module, "pipeline", None)
     if resume and pipeline is None and latest_checkpoint(out / "checkpoints") is None:
         raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-    if not resume and is_main_process() and latest_checkpoint(out / "checkpoints"):
-        log(f"note: {out} already holds checkpoints; starting over (pass --resume to continue instead)")
-    if is_main_process():
-        write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
-        if not resume:
-            (out / "metrics.jsonl").write_text("")
 
     run = Run(loaded, out, resume=resume)
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
@@ -320,7 +363,14 @@ def train(loaded: LoadedRecipe, resume: bool = False) -> dict:
         if recipe.ref_model.policy_from_soup:
             run.model_path = str(soup_dir)
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision)
-    run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data)
+    run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log)
+    if is_main_process():  # written once the inputs are known to be good
+        write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
+        if not resume:
+            (out / "metrics.jsonl").write_text("")
+    # SIGUSR1/SIGTERM from here on mean "checkpoint at the step end and stop"; before, they stop the process at once
+    preemption.reset()
+    preemption.install()
     start = time.time()
     if pipeline is not None:  # multi-stage methods (sample -> score -> select -> train, iterations) drive run.fit
         summary = pipeline(run)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -29,7 +30,7 @@ from torch import nn
 
 from pydantic import Field
 
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
 from aligntool.recipe.schema import Strict
 
 
@@ -301,7 +302,7 @@ class Engine:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        from aligntool.train import COMPLETE_MARKER
+        from aligntool.outputs import COMPLETE_MARKER
 
         it = self.state["iteration"]
         final = self._checkpoint_dir() / f"checkpoint-{it}"
@@ -324,9 +325,9 @@ class Engine:
             os.replace(tmp, final)
             limit = self.args.save_total_limit
             if limit:
-                done = sorted((p for p in self._checkpoint_dir().glob("checkpoint-*") if p.name[11:].isdigit()),
-                              key=lambda p: int(p.name[11:]))
-                for old in done[:-limit]:
+                from aligntool.outputs import complete_checkpoints
+
+                for old in complete_checkpoints(self._checkpoint_dir())[limit:]:
                     shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
@@ -347,7 +348,11 @@ class Engine:
                 raise UserError(f"{path / 'value_head.safetensors'}: does not match the critic of this recipe "
                                 f"(algo.critic); unexpected {result.unexpected_keys[:3]}, missing "
                                 f"{[k for k in result.missing_keys if not k.startswith('lm.')][:3]}")
-        state = torch.load(path / "optimizer.pt", weights_only=False)
+        try:  # tensors, numbers, lists and dicts only: a checkpoint from elsewhere cannot run code when loaded
+            state = torch.load(path / "optimizer.pt", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"{path / 'optimizer.pt'}: refused: it holds objects other than tensors, numbers and "
+                            f"containers ({first_line(exc)[:120]}); it is not an aligntool checkpoint") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -365,7 +370,7 @@ class Engine:
                 self.tb.add_scalar(f"train/{k}", v, self.state["iteration"])
 
     def _iteration(self, rng: random.Random) -> dict:
-        from aligntool.train import latest_checkpoint
+        from aligntool.outputs import latest_checkpoint
 
         prompts = rng.sample(self.prompts, min(self.batch_size, len(self.prompts)))
         try:
@@ -392,7 +397,7 @@ class Engine:
         from tqdm.auto import tqdm
 
         from aligntool.launch import preemption
-        from aligntool.train import latest_checkpoint, log
+        from aligntool.outputs import latest_checkpoint, log
 
         if self.run.resume and (ckpt := latest_checkpoint(self._checkpoint_dir())):
             self.load_checkpoint(ckpt)

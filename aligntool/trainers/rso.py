@@ -74,7 +74,7 @@ def pipeline(run) -> dict:
     from aligntool import models, rewards
     from aligntool.recipe.schema import RewardConfig
     from aligntool.sampling import sample
-    from aligntool.train import log
+    from aligntool.outputs import log
 
     cfg: AlgoConfig = run.algo
     folder = run.output_dir
@@ -127,7 +127,7 @@ def pipeline(run) -> dict:
 
     from trl import DPOTrainer
 
-    run.train_dataset = datasets.Dataset.from_list(pairs)
+    run.train_dataset, run.eval_dataset = datasets.Dataset.from_list(pairs), None  # the recipe's eval rows are prompts
     trainer = DPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(),
                          train_dataset=run.train_dataset, processing_class=run.tokenizer,
                          peft_config=run.peft_config())

@@ -65,7 +65,7 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
 
     from aligntool import models
     from aligntool.errors import UserError
-    from aligntool.train import is_main_process, log
+    from aligntool.outputs import is_main_process, log
 
     prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
     if len(prompts) < iterations:
@@ -84,7 +84,7 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
             raise UserError(f"{name}: iteration {t}: no prompt gave a preference pair (its samples all tied under "
                             "the reward source)")
         log(f"{name}: iteration {t}/{iterations}: {len(rows)} pairs from {len(part)} prompts")
-        stage.train_dataset = datasets.Dataset.from_list(rows)
+        stage.train_dataset, stage.eval_dataset = datasets.Dataset.from_list(rows), None
         summary = stage.fit(make_trainer(stage))
         summary["iteration"], summary["pairs"] = t, len(rows)
         summaries.append(summary)

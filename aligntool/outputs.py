@@ -1,0 +1,204 @@
+"""Everything a run writes into its ``output_dir``, and the rules that keep it safe to stop, rerun and resume.
+
+    recipe.yaml      the fully resolved recipe
+    metrics.jsonl    one JSON object per logging (and eval) step
+    summary.json     final metrics, wall time, peak memory
+    checkpoints/     checkpoint-<step>/ folders; a COMPLETE file marks one that finished writing
+    .aligntool.lock  held (flock) by the run writing here; a second run into the same folder is refused
+    model files      the final model (safetensors + config + tokenizer)
+
+Files are written atomically (temp file + rename). Before a resume every checkpoint is checked, newest first, and one
+with a missing, truncated or unreadable file is skipped with a note; a full disk ends in one line naming the folder
+and the space a checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+from aligntool.errors import UserError
+
+COMPLETE_MARKER = "COMPLETE"
+LOCK_FILE = ".aligntool.lock"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output_dir: {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_step(path: Path) -> int | None:
+    """N of a ``checkpoint-N`` folder, else None."""
+    name = path.name
+    return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() else None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints marked COMPLETE, newest first."""
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None
+             and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a missing marker, a truncated or unreadable file), or None. Structural
+    checks that read little: safetensors headers and sizes, the zip directory of torch files, JSON parses."""
+    if not (path / COMPLETE_MARKER).is_file():
+        return "not marked COMPLETE (cut while writing)"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path)
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), "pt") as fh:
+                    fh.keys()
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as zf:
+                    for info in zf.infolist():
+                        if info.header_offset + info.compress_size > file.stat().st_size:
+                            return f"{rel}: truncated"
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            return f"{rel}: unreadable ({type(exc).__name__})"
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type
+            return f"{rel}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
+
+
+def latest_checkpoint(folder: Path, log=log) -> Path | None:
+    """The newest checkpoint that finished writing and whose files read back; each one skipped is logged with its
+    reason (a run killed mid-save leaves one without the marker; a disk fault can truncate a file)."""
+    for ckpt in complete_checkpoints(folder):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"note: skipping {ckpt}: {problem}")
+    return None
+
+
+def checkpoint_bytes(folder: Path) -> int | None:
+    """Size of the newest complete checkpoint under ``folder``, if any."""
+    ckpts = complete_checkpoints(folder)
+    if not ckpts:
+        return None
+    return sum(f.stat().st_size for f in ckpts[0].rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------- reruns and concurrent runs
+class RunLock:
+    """An exclusive ``flock`` on ``output_dir/.aligntool.lock`` for the life of a run; the file names the holder
+    (pid, host, command). The kernel drops the lock when the process dies, so a crash leaves no stale lock."""
+
+    def __init__(self, out: Path):
+        self.path, self.fh = out / LOCK_FILE, None
+
+    def __enter__(self):
+        import fcntl
+        import socket
+
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise UserError(f"output_dir: {self.path.parent} is in use by another aligntool run ({holder}); wait "
+                            "for it to end or choose another output_dir") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[:6])}")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        self.path.unlink(missing_ok=True)  # a finished run leaves no lock file behind
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def previous_run(out: Path) -> str | None:
+    """What in ``out`` a new run would replace: a finished run, or checkpoints / iterations of an unfinished one."""
+    if (out / "summary.json").is_file():
+        return "a finished run (summary.json)"
+    ckpts = [p for p in (out / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
+    if ckpts:
+        return f"checkpoints of an unfinished run ({max(ckpts, key=checkpoint_step).name})"
+    iters = sorted(p.name for p in out.glob("iter-*") if p.is_dir())
+    if iters:
+        return f"iterations of an unfinished run ({', '.join(iters)})"
+    return None
+
+
+def clear_previous_run(out: Path) -> None:
+    """``--overwrite``: remove what a new run replaces -- the summary, metrics, checkpoints and iteration folders --
+    so that nothing of the old run can be resumed from or mistaken for the new one. Stage files of pipelines
+    (``stages.json`` and the ``*.jsonl`` it lists) stay: each is reused only when its settings hash still matches."""
+    for name in ("summary.json", "metrics.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for folder in out.glob("iter-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- disk faults
+def _is_disk_full(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(out: Path, exc: BaseException) -> UserError | None:
+    """A one-line error for a write that failed on a full disk under ``out`` (None if ``exc`` is something else).
+    torch and safetensors report ENOSPC in their own words, so the free space is checked too."""
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        free = None
+    ckpt = checkpoint_bytes(out / "checkpoints")
+    if not _is_disk_full(exc) and not (free is not None and ckpt and free < ckpt
+                                       and "write" in str(exc).lower()):
+        return None
+    last = latest_checkpoint(out / "checkpoints", log=lambda m: None)
+    need = f"a checkpoint here takes {ckpt / 2**20:.1f} MB" if ckpt else "a checkpoint takes about 3x the model's size"
+    have = f"{free / 2**20:.1f} MB free" if free is not None else "free space unknown"
+    kept = f"the last complete checkpoint {last.name} is intact" if last else "no complete checkpoint yet"
+    return UserError(f"output_dir: {out}: no space left on the device ({have}; {need}); {kept} -- free space, then "
+                     "rerun with --resume")
