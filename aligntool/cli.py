@@ -43,6 +43,8 @@ def train(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or a built-in recipe name (dpo, sft, ...)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. train.max_steps=50."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the previous run in output_dir (its summary, "
+                                   "metrics, checkpoints and iterations); without it such a folder is refused."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this node (torchrun): GPUs, or CPU ranks."),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes taking part (each runs this command)."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0..nnodes-1."),
@@ -59,10 +61,8 @@ def train(
     overrides = list(overrides or [])
     loaded = load_recipe(recipe, overrides)  # validate before spawning anything
     if slurm:
-        from pathlib import Path
-
         from aligntool.launch.slurm import slurm_env
-        from aligntool.train import latest_checkpoint
+        from aligntool.outputs import latest_checkpoint
 
         if "LOCAL_RANK" not in os.environ:
             nnodes, node_rank, master_addr, master_port = slurm_env()
@@ -77,14 +77,26 @@ def train(
             # Build the tiny model once here, not racing in every rank.
             models.resolve(loaded.recipe.model.name_or_path, log=lambda m: print(m, file=sys.stderr))
             argv = ["train", "--recipe", recipe, *overrides, *(["--resume"] if resume else []),
-                    *(["--debug"] if _DEBUG["on"] else [])]
+                    *(["--overwrite"] if overwrite else []), *(["--debug"] if _DEBUG["on"] else [])]
             if nnodes == 1:
                 master_addr = None  # one node: torchrun's standalone rendezvous
-            raise typer.Exit(run_forwarding_signals(torchrun_command(argv, nproc, nnodes, node_rank, master_addr,
-                                                                     master_port)))
+            out = Path(loaded.recipe.output_dir).expanduser()
+            raise typer.Exit(run_forwarding_signals(
+                torchrun_command(argv, nproc, nnodes, node_rank, master_addr, master_port),
+                finished=lambda: (out / "summary.json").is_file()))
+    from aligntool.outputs import disk_full_error
     from aligntool.train import train as run_train
 
-    run_train(loaded, resume=resume)
+    out = Path(loaded.recipe.output_dir).expanduser()
+    try:
+        run_train(loaded, resume=resume, overwrite=overwrite)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        error = disk_full_error(out, exc) if out.is_dir() else None
+        if error is None or _DEBUG["on"]:
+            raise
+        raise error from None
 
 
 def _check_processes(nproc: int, nnodes: int, node_rank: int, master_addr: Optional[str]) -> None:
@@ -109,8 +121,6 @@ def merge_lora(
 ):
     """Merge a LoRA adapter into its base model and save a plain transformers model folder (safetensors)."""
     _DEBUG["on"] = _DEBUG["on"] or debug
-    from pathlib import Path
-
     from aligntool import models
 
     path = Path(adapter).expanduser()
@@ -142,8 +152,6 @@ def slurm(
 ):
     """Write an sbatch script: srun + torchrun on every node, --requeue, checkpoint-and-requeue on the warning signal."""
     _DEBUG["on"] = _DEBUG["on"] or debug
-    from pathlib import Path
-
     from aligntool.launch.slurm import check_time, sbatch_script
     from aligntool.recipe.loader import load_recipe
 
@@ -193,8 +201,12 @@ def unpack(
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Rebuild a model folder from the packed compressed form (checksum checked)."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
     from aligntool.compress.packed import load_packed
     from aligntool.models import load_tokenizer
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file; give a folder to write the model to")
 
     model = load_packed(packed_dir)
     model.save_pretrained(out, safe_serialization=True)
@@ -308,6 +320,26 @@ def recipes():
 
 
 @app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Versions, devices, threads and caches, and the incompatibilities aligntool can detect (for bug reports)."""
+    import json
+
+    from aligntool.doctor import report
+
+    rows, warnings = report()
+    if as_json:
+        print(json.dumps({"environment": dict(rows), "warnings": warnings}))
+        return
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for w in warnings:
+        print(f"warning: {w}")
+    if not warnings:
+        print("no known incompatibility found")
+
+
+@app.command()
 def tiny():
     """Build (first time, ~1 min) or find the built-in tiny model and print its folder."""
     from aligntool.toy.tiny import tiny_model_path
@@ -341,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from aligntool.launch.preemption import Preempted
 
-        if isinstance(exc, Preempted):  # a checkpoint was written: resumable, not failed
-            print(f"aligntool: {exc}", file=sys.stderr)
-            return 0
+        if isinstance(exc, Preempted):  # a checkpoint was written: resumable, but not finished
+            if os.environ.get("RANK", "0") == "0":
+                print(f"aligntool: {exc}", file=sys.stderr)
+            # under torchrun a rank exits 0 (any other code is a failure to torchrun); the launcher exits 75
+            return 0 if "LOCAL_RANK" in os.environ else Preempted.exit_code
         if isinstance(exc, click.exceptions.Abort):
             return 1
         if isinstance(exc, click.ClickException):

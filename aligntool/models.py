@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -56,7 +56,58 @@ def _wrap(key: str, name: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{key}: could not load {name!r}: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"{key}: could not load {name!r}: {first_line(exc)}") from None
+
+
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def check_weights(path: str, key: str) -> None:
+    """A local model folder must hold weights that read back: a missing or truncated safetensors file (a run that was
+    cut, a disk fault) is named in one line instead of failing deep inside transformers."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: transformers checks its own downloads
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise UserError(f"{key}: {path}: no model weights here (no *.safetensors file); a run that did not finish?")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type
+            raise UserError(f"{key}: {file}: truncated or corrupted safetensors file ({first_line(exc)})") from None
+
+
+def architectures(path: str, trust_remote_code: bool = False, revision: str | None = None) -> list[str]:
+    """The ``architectures`` a model's config declares ([] if it declares none)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            return list(json.loads(config.read_text()).get("architectures") or [])
+        except ValueError:
+            raise UserError(f"{config}: not valid JSON") from None
+    if Path(path).is_dir():
+        return []
+    from transformers import AutoConfig
+
+    cfg = _wrap("model", path, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code, revision=revision)
+    return list(getattr(cfg, "architectures", None) or [])
+
+
+def check_head(path: str, head: str, key: str, trust_remote_code: bool = False, revision: str | None = None) -> None:
+    """A causal LM where one is needed: a reward model (a sequence classifier) given as the policy or the reference
+    would load with a freshly initialised LM head and train on noise."""
+    if head != "causal_lm":
+        return
+    archs = architectures(path, trust_remote_code, revision)
+    if archs and all(a.endswith(CLASSIFIER_SUFFIXES) for a in archs):
+        raise UserError(f"{key}: {path} is a {archs[0]} (a reward or classifier model); this needs a causal language "
+                        "model (a ...ForCausalLM)")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None, key="model.name_or_path"):
@@ -77,6 +128,8 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
 
     if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
         return merged_adapter(path, dtype, trust_remote_code, key=key, head=head, pad_token_id=pad_token_id)
+    check_weights(path, key)
+    check_head(path, head, key, trust_remote_code, revision)
     kwargs = dict(dtype=DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code, revision=revision)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -108,6 +161,7 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
                             "a soup needs one architecture")
     states = []
     for f in folders:
+        check_weights(str(f), key)
         files = sorted(f.glob("*.safetensors"))
         if not files:
             raise UserError(f"{key}: {f}: no safetensors weights")
@@ -143,6 +197,7 @@ def merged_adapter(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
         raise UserError(f"{key}: {path}/adapter_config.json names no base_model_name_or_path")
     base = load_model(resolve(base_path, key=key, log=lambda m: None), dtype, trust_remote_code, key=key, head=head,
                       pad_token_id=pad_token_id)
+    check_weights(path, key)
     return _wrap(key, path, PeftModel.from_pretrained, base, path).merge_and_unload()
 
 

@@ -74,7 +74,14 @@ def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.sour
 
 
 def check_same_tokenizer(paths: list[str], key: str = "reward.ensemble") -> None:
-    """Ensemble members must read text the same way: compare their tokenizer files."""
+    """Ensemble members must read text the same way: compare their tokenizer files (after checking that each is a
+    whole model folder: a half-written one is named as such, not as a tokenizer mismatch)."""
+    from aligntool import models
+
+    for p in paths:
+        if not (Path(p) / "config.json").is_file() and not (Path(p) / "adapter_config.json").is_file():
+            raise UserError(f"{key}: {p}: no model here (no config.json)")
+        models.check_weights(p, key)
     first = None
     for p in paths:
         tok = Path(p) / "tokenizer.json"
@@ -85,15 +92,33 @@ def check_same_tokenizer(paths: list[str], key: str = "reward.ensemble") -> None
             raise UserError(f"{key}: {p} has a different tokenizer than {first[0]}; ensemble members must share one")
 
 
-def function_scorer(spec: str, key: str = "reward.source") -> Scorer:
+def function_scorer(spec: str, key: str = "reward.source", search_dirs: tuple[str, ...] = ()) -> Scorer:
+    """``module:function`` imported as Python code -- by design: a recipe naming a function runs that code, as a
+    script would. The module is looked up in ``search_dirs`` (the recipe's folder, then the working directory) before
+    the installed packages."""
+    import sys
+
     module, _, name = spec.partition(":")
+    added = [d for d in dict.fromkeys(search_dirs) if d and d not in sys.path]
+    sys.path[:0] = added
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise UserError(f"{key}: cannot import {spec!r} ({exc})") from None
+        where = f" (looked in {', '.join(added)} and the installed packages)" if added else ""
+        raise UserError(f"{key}: cannot import {spec!r}{where}: {exc}") from None
+    finally:
+        for d in added:
+            sys.path.remove(d)
     if not callable(fn):
         raise UserError(f"{key}: {spec!r} is not callable")
     return fn
+
+
+def search_dirs(config: RewardConfig) -> tuple[str, ...]:
+    """Where ``module:function`` sources of a recipe are looked up first: its own folder, then the working directory."""
+    import os
+
+    return tuple(d for d in (config.base_dir, os.getcwd()) if d)
 
 
 def load(config: RewardConfig, device=None) -> Scorer:
@@ -117,7 +142,7 @@ def load(config: RewardConfig, device=None) -> Scorer:
     elif config.source == "gold":
         inner = gold
     elif ":" in config.source and not Path(config.source).exists():
-        inner = function_scorer(config.source)
+        inner = function_scorer(config.source, "reward.source", search_dirs(config))
     else:
         inner = reward_model_scorer(config.source, config.batch_size, "reward.source", device, config.dtype)
 

@@ -14,7 +14,11 @@ _requested: dict[str, int | None] = {"signum": None}
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint is written; the CLI reports it and exits 0 (the run is resumable, not failed)."""
+    """Raised after the checkpoint is written; the CLI reports it and exits with ``exit_code`` 75 (EX_TEMPFAIL: try
+    again), so ``aligntool train ... && aligntool eval ...`` does not evaluate a half-trained model; the SLURM script
+    requeues the job on the signal whatever the code."""
+
+    exit_code = 75
 
     def __init__(self, step: int, checkpoint: str | None):
         super().__init__(f"preempted: stopped after step {step}; checkpoint {checkpoint} written; continue with --resume")
