@@ -31,7 +31,8 @@ class PreferenceSource:
 
         self.config, self.rng = config, random.Random(seed)
         self.scorer = None if config.judge else rewards.load(config, device)
-        self.judge = rewards.function_scorer(config.judge, key="reward.judge") if config.judge else None
+        self.judge = (rewards.function_scorer(config.judge, "reward.judge", rewards.search_dirs(config))
+                      if config.judge else None)
 
     def scores(self, prompts: list[str], completions: list[str]) -> list[float] | None:
         """Scores when the source has them (best-vs-worst pairing needs them), else None."""

@@ -43,10 +43,10 @@ def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
     assert summary["pairs"] == len(pairs) and 0 < len(pairs) <= 12 * 2  # first-round: num_samples/2 pairs per prompt
     assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
     stamp = (tmp_path / "candidates.jsonl").stat().st_mtime_ns
-    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.pairing=tournament"]))  # only select + train redo
+    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.pairing=tournament"]), overwrite=True)  # select+train
     assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns == stamp
     assert len(read_jsonl(tmp_path / "pairs.jsonl")) > len(pairs) / 2
-    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.start_from=sample"]))
+    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.start_from=sample"]), overwrite=True)
     assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns != stamp
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from aligntool.cli import main
 from aligntool.recipe.loader import load_recipe
-from aligntool.train import latest_checkpoint, train
+from aligntool.outputs import latest_checkpoint
+from aligntool.train import train
 from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
@@ -15,8 +16,8 @@ FAST = ["train.max_steps=4", "train.per_device_train_batch_size=4", "train.loggi
         "train.max_length=48", "dataset.toy.size=32", "dataset.toy.eval_size=0", "train.eval_strategy=no"]
 
 
-def run(recipe, tmp_path, *overrides):
-    return train(load_recipe(recipe, [*FAST, f"output_dir={tmp_path}", *overrides]))
+def run(recipe, tmp_path, *overrides, overwrite=False):
+    return train(load_recipe(recipe, [*FAST, f"output_dir={tmp_path}", *overrides]), overwrite=overwrite)
 
 
 def check_outputs(out, steps):
@@ -76,10 +77,15 @@ def test_dpo_moves_the_policy_and_resume_continues(tmp_path, tiny_path):
     first = load_file(tmp_path / "model.safetensors")
     base = load_file(tiny_path / "model.safetensors")
     assert any(not first[k].equal(base[k]) for k in base)
-    # a checkpoint without the COMPLETE marker (a run killed mid-save) is never resumed from
-    (tmp_path / "checkpoints" / "checkpoint-3").mkdir()
-    summary = run("dpo", tmp_path, "train.max_steps=4")  # not resumed: starts over
+    # the folder holds a finished run: a rerun is refused unless it resumes or overwrites
+    from aligntool.errors import UserError
+
+    with pytest.raises(UserError, match="already holds a finished run.*--resume.*--overwrite"):
+        run("dpo", tmp_path, "train.max_steps=4")
+    summary = run("dpo", tmp_path, "train.max_steps=4", overwrite=True)  # starts over
     assert summary["resumed_from"] is None
+    # a checkpoint without the COMPLETE marker (a run killed mid-save) is never resumed from
+    (tmp_path / "checkpoints" / "checkpoint-5").mkdir()
     summary = train(load_recipe("dpo", [*FAST, f"output_dir={tmp_path}", "train.max_steps=6"]), resume=True)
     assert summary["resumed_from"].endswith("checkpoint-4") and summary["global_step"] == 6
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -145,7 +151,7 @@ def test_reference_log_probs_are_computed_once_and_cached(tmp_path, tiny_path):
     cached = datasets.Dataset.from_parquet(str(files[0]))
     assert len(cached) == 32 and all(v < 0 for v in cached["ref_chosen_logps"])
     stamp = files[0].stat().st_mtime_ns
-    run("dpo", tmp_path, "algo.precompute_ref_log_probs=true")  # same data and reference: reused
+    run("dpo", tmp_path, "algo.precompute_ref_log_probs=true", overwrite=True)  # same data and reference: reused
     assert files[0].stat().st_mtime_ns == stamp
-    run("dpo", tmp_path, "algo.precompute_ref_log_probs=true", "dataset.toy.seed=7")  # other data: a new entry
+    run("dpo", tmp_path, "algo.precompute_ref_log_probs=true", "dataset.toy.seed=7", overwrite=True)  # a new entry
     assert len(list((tmp_path / "ref_logps").glob("train-*.parquet"))) == 2
