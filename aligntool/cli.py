@@ -71,6 +71,9 @@ def train(
     if "LOCAL_RANK" not in os.environ:
         _check_processes(nproc, nnodes, node_rank, master_addr)
         if nproc > 1 or nnodes > 1:
+            from aligntool.outputs import check_previous_run
+
+            check_previous_run(Path(loaded.recipe.output_dir).expanduser(), resume, overwrite)  # before any rank starts
             from aligntool import models
             from aligntool.launch.torchrun import run_forwarding_signals, torchrun_command
 

@@ -162,6 +162,15 @@ def previous_run(out: Path) -> str | None:
     return None
 
 
+def check_previous_run(out: Path, resume: bool, overwrite: bool) -> str | None:
+    """What a new run in ``out`` would replace (None if nothing); an error unless ``resume`` or ``overwrite``."""
+    previous = previous_run(out) if out.is_dir() else None
+    if previous and not resume and not overwrite:
+        raise UserError(f"output_dir: {out} already holds {previous}; pass --resume to continue it, --overwrite to "
+                        "replace it, or choose another output_dir")
+    return previous
+
+
 def clear_previous_run(out: Path) -> None:
     """``--overwrite``: remove what a new run replaces -- the summary, metrics, checkpoints and iteration folders --
     so that nothing of the old run can be resumed from or mistaken for the new one. Stage files of pipelines

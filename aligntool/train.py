@@ -59,21 +59,26 @@ def _callbacks(metrics_file: Path, stage: str | None):
                 with metrics_file.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
 
-    def diverged(args, state, control, what: str) -> None:
-        """Stop at this step end (the Trainer closes its progress bar); Run.fit then reports the error."""
+    def diverged(args, state, what: str) -> None:
+        """Recorded on the main process; StopOnNonFinite stops every rank at the next step end (the Trainer then
+        closes its progress bar) and Run.fit reports the error."""
         if divergence.error is None:
             last = latest_checkpoint(Path(args.output_dir), log=lambda m: None)
             divergence.error = UserError(f"training diverged: {what} at step {state.global_step}; last good "
                                          f"checkpoint: {last or 'none'} (lower train.learning_rate, or check the data)")
-        control.should_training_stop, control.should_save = True, False
 
     class StopOnNonFinite(TrainerCallback):
         """A NaN/inf loss or gradient norm stops the run with the step and the last good checkpoint (the Trainer
-        itself would train on and say "Done"; aligntool also turns off its NaN filter of the logged loss)."""
+        itself would train on and say "Done"; aligntool also turns off its NaN filter of the logged loss). The main
+        process judges what it logs; the decision is shared at each step end so that all ranks stop together."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and (what := _non_finite(logs)):
-                diverged(args, state, control, what)
+            if state.is_world_process_zero and logs and (what := _non_finite(logs)):
+                diverged(args, state, what)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if divergence.stop():
+                control.should_training_stop, control.should_save = True, False
 
     class MarkComplete(TrainerCallback):
         """Trainer writes trainer_state.json last; on_save runs after it, so the marker means 'fully written'. A
@@ -83,7 +88,7 @@ def _callbacks(metrics_file: Path, stage: str | None):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if model is not None and not _finite_weights(model):
-                    diverged(args, state, control, "non-finite weights")
+                    diverged(args, state, "non-finite weights")
                 elif ckpt.is_dir():
                     write_atomic(ckpt / COMPLETE_MARKER, f"{state.global_step}\n")
 
@@ -94,9 +99,17 @@ def _callbacks(metrics_file: Path, stage: str | None):
 
 
 class Divergence:
-    """Set by the non-finite checks during training; raised by Run.fit once the Trainer has stopped."""
+    """Set by the non-finite checks on the main process during training; ``stop()`` shares it with every rank."""
 
     error: UserError | None = None
+
+    def stop(self) -> bool:
+        """True on every rank once the main process recorded an error (collective: all ranks call it together)."""
+        from aligntool.launch.preemption import any_rank
+
+        if any_rank(self.error is not None) and self.error is None:
+            self.error = UserError("training diverged (see the main process's message)")
+        return self.error is not None
 
 
 def _cuda() -> bool:
@@ -266,7 +279,7 @@ class Run:
             log(f"FSDP: parameters sharded over {trainer.args.world_size} processes ({placements})")
         from aligntool.launch import preemption
 
-        if divergence.error is not None:
+        if divergence.stop():  # collective: every rank raises, none waits for the others at a barrier
             raise divergence.error
         if preemption.requested():  # the callback saved a checkpoint at the step end; no final model, no summary
             trainer.accelerator.wait_for_everyone()
@@ -323,17 +336,14 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
     refused always."""
     import contextlib
 
-    from aligntool.outputs import RunLock, clear_previous_run, previous_run
+    from aligntool.outputs import RunLock, check_previous_run, clear_previous_run
 
     out = Path(loaded.recipe.output_dir).expanduser()
     if is_main_process():
         prepare_output_dir(out)
     with RunLock(out) if is_main_process() else contextlib.nullcontext():
         if is_main_process():
-            previous = previous_run(out)
-            if previous and not resume and not overwrite:
-                raise UserError(f"output_dir: {out} already holds {previous}; pass --resume to continue it, "
-                                "--overwrite to replace it, or choose another output_dir")
+            previous = check_previous_run(out, resume, overwrite)
             if previous and overwrite and not resume:
                 log(f"note: --overwrite: replacing {previous} in {out}")
                 clear_previous_run(out)

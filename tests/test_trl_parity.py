@@ -49,7 +49,7 @@ def test_every_trl_dpo_loss_type_matches_trls_dpo_trainer(tmp_path, tiny_path):
             p.add_(0.02 * torch.randn_like(p))
     policy = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     beta, eps, tau = 0.5, 0.1, 0.05
-    batch = ours = None
+    batch = None
     for loss_type in trl_loss_types():
         args = DPOConfig(output_dir=str(tmp_path), loss_type=[loss_type], beta=beta, label_smoothing=eps,
                          discopop_tau=tau, per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False,

@@ -37,10 +37,9 @@ def reset() -> None:
     _requested["signum"] = None
 
 
-def requested() -> bool:
-    """True on every rank once any rank received the signal (collective under torch.distributed: call it on all ranks
-    at the same point)."""
-    flag = _requested["signum"] is not None
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (collective under torch.distributed: call it on all ranks at the
+    same point), so that all ranks stop after the same step."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -48,9 +47,15 @@ def requested() -> bool:
 
         t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = bool(t.item())
-        if flag:
-            _requested["signum"] = _requested["signum"] or int(signal.SIGTERM)
+        return bool(t.item())
+    return flag
+
+
+def requested() -> bool:
+    """True on every rank once any rank received the signal (collective: see any_rank)."""
+    flag = any_rank(_requested["signum"] is not None)
+    if flag:
+        _requested["signum"] = _requested["signum"] or int(signal.SIGTERM)
     return flag
 
 
