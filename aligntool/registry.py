@@ -1,8 +1,15 @@
 """The single table of algorithms: recipe name -> where its trainer lives, what data it needs, its default recipe.
 
-Adding an algorithm = one module under ``aligntool/trainers/`` (an ``AlgoConfig`` pydantic model and a
-``build(run)`` function returning a ready ``transformers.Trainer``), one line here, one YAML under ``recipes/``.
-Trainer modules import TRL inside ``build`` only, so this table and ``aligntool --help`` stay fast.
+Each algorithm is one of three kinds, and its module (``aligntool/trainers/<name>.py``, beside its ``AlgoConfig``)
+provides the entry point of that kind:
+
+    trl       build(run) -> a transformers/TRL Trainer, which train.py fits (sft, reward, the DPO family, ...)
+    pipeline  pipeline(run) -> summary: stages (sample, score, select) that end in run.fit, once or per iteration
+    online    method(run) -> an object with step(engine, prompts), run on aligntool.online.engine.Engine
+
+Adding an algorithm = one module under ``aligntool/trainers/`` (an ``AlgoConfig`` and the entry point; a trainer class
+of its own goes in ``<name>_trainer.py``), one line here, one YAML under ``recipes/``. Modules import TRL only inside
+their entry point or in ``*_trainer.py``, so this table, recipe checks and ``aligntool --help`` stay fast.
 """
 
 from __future__ import annotations
@@ -15,17 +22,25 @@ from types import ModuleType
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
+KINDS = ("trl", "pipeline", "online")
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     name: str
     summary: str
-    family: str  # "supervised", "reward", "offline-preference", later "online-rl", "pipeline"
-    module: str  # trainer module: AlgoConfig + build(run)
+    family: str  # for people: supervised, reward, offline-preference, hybrid-preference, pipeline, online-rl, ...
+    module: str  # trainer module: AlgoConfig + the entry point of its kind
     trl_config: str  # "module:Class" whose fields `train.*` may set
     data: str  # data kind, see aligntool.data.formats.DATA_KINDS
     recipe: str  # default recipe, relative to the repository root
     algo_defaults: dict = field(default_factory=dict)  # presets of a named variant (ipo = dpo with loss_type ipo)
     samples: bool = False  # samples its own completions, scored by the recipe's `reward` section
+    kind: str = "trl"  # one of KINDS: which entry point the module provides
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind {self.kind!r} is not one of {KINDS}")
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -67,11 +82,11 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       "preference", "recipes/cpl.yaml"),
         AlgorithmSpec("rso", "RSO: sample from the SFT policy, statistical rejection sampling toward the optimal policy, "
                       "pairs, then sigmoid-/hinge-norm (Liu et al. 2023).", "pipeline", "aligntool.trainers.rso",
-                      "trl:DPOConfig", "prompt", "recipes/rso.yaml", samples=True),
+                      "trl:DPOConfig", "prompt", "recipes/rso.yaml", samples=True, kind="pipeline"),
         AlgorithmSpec("sppo", "SPPO, soft and iterative: K samples per prompt, win rates vs the current policy, "
                       "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024).",
                       "pipeline", "aligntool.trainers.sppo", "trl:DPOConfig", "prompt", "recipes/sppo.yaml",
-                      samples=True),
+                      samples=True, kind="pipeline"),
         AlgorithmSpec("hypo", "HyPO: offline DPO + lambda * KL(pi || pi_ref) on fresh on-policy samples, RLOO "
                       "estimator (Song et al. 2024).", "hybrid-preference", "aligntool.trainers.hypo", "trl:DPOConfig",
                       "preference", "recipes/hypo.yaml"),
@@ -84,23 +99,28 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         # Online RL on aligntool's rollout engine (aligntool/online/engine.py); train.* = transformers.TrainingArguments
         AlgorithmSpec("ppo", "PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
                       "2022).", "online-rl", "aligntool.trainers.ppo", "transformers:TrainingArguments", "prompt",
-                      "recipes/ppo.yaml", samples=True),
+                      "recipes/ppo.yaml", samples=True,
+                      kind="online"),
         AlgorithmSpec("p3o", "P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. 2023).",
                       "online-rl", "aligntool.trainers.p3o", "transformers:TrainingArguments", "prompt",
-                      "recipes/p3o.yaml", samples=True),
+                      "recipes/p3o.yaml", samples=True,
+                      kind="online"),
         AlgorithmSpec("remax", "ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
                       "2023).", "online-rl", "aligntool.trainers.remax", "transformers:TrainingArguments", "prompt",
-                      "recipes/remax.yaml", samples=True),
+                      "recipes/remax.yaml", samples=True,
+                      kind="online"),
         # Online and iterative preference optimization: pairs labelled by a preference source (aligntool/preferences.py)
         AlgorithmSpec("online_dpo", "Online DPO: two policy samples per prompt, labelled by the preference source, any "
                       "TRL DPO loss (Guo et al. 2024).", "online-preference", "aligntool.trainers.online_dpo",
-                      "transformers:TrainingArguments", "prompt", "recipes/online_dpo.yaml", samples=True),
+                      "transformers:TrainingArguments", "prompt", "recipes/online_dpo.yaml", samples=True,
+                      kind="online"),
         AlgorithmSpec("xpo", "XPO: online DPO on a policy vs a reference sample + alpha * log pi(reference sample) "
                       "exploration (Xie et al. 2024).", "online-preference", "aligntool.trainers.xpo",
-                      "transformers:TrainingArguments", "prompt", "recipes/xpo.yaml", samples=True),
+                      "transformers:TrainingArguments", "prompt", "recipes/xpo.yaml", samples=True,
+                      kind="online"),
         AlgorithmSpec("inpo", "INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the reference "
                       "and the last iterate (Zhang et al. 2024).", "pipeline", "aligntool.trainers.inpo",
-                      "trl:DPOConfig", "prompt", "recipes/inpo.yaml", samples=True),
+                      "trl:DPOConfig", "prompt", "recipes/inpo.yaml", samples=True, kind="pipeline"),
     ]
 }
 

@@ -1,7 +1,41 @@
-"""Batched sampling from a causal LM and scoring of completions: shared by eval and the sampling pipelines
-(RSO, SPPO, HyPO's online samples). Plain ``model.generate`` with the KV cache; no framework of our own."""
+"""Batched sampling from a causal LM and scoring of completions: shared by eval, the sampling pipelines (RSO, SPPO,
+INPO, HyPO's online samples) and the rollout engine. Plain ``model.generate`` with the KV cache; no framework of our
+own.
+
+One batch layout everywhere (``pack``): prompts left-padded to width P, completions right-padded to width R, so token
+j of every completion sits at position P + j and is predicted from position P + j - 1; position ids follow the
+attention mask (``positions``), so padding changes no log-prob.
+"""
 
 from __future__ import annotations
+
+import torch
+
+
+def pack(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int, device="cpu"):
+    """(input_ids, attention_mask, completion mask (B, R), P) in the layout above; R is at least 1."""
+    P, R = max(map(len, prompt_ids)), max(1, max(map(len, completions)))
+    ids = torch.full((len(prompt_ids), P + R), pad_id)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros(len(prompt_ids), R)
+    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
+        ids[i, P - len(p) : P] = torch.tensor(p, dtype=ids.dtype)
+        attn[i, P - len(p) : P + len(c)] = 1
+        if c:
+            ids[i, P : P + len(c)] = torch.tensor(c, dtype=ids.dtype)
+            mask[i, : len(c)] = 1
+    return ids.to(device), attn.to(device), mask.to(device), P
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (left padding takes none)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """log p of each completion token (B, R) from the logits of a packed batch (float32; mask it yourself)."""
+    logp_all = torch.log_softmax(logits[:, prompt_width - 1 : -1].float(), -1)
+    return logp_all.gather(-1, input_ids[:, prompt_width:, None])[..., 0]
 
 
 def _left_padded(tokenizer, prompts: list[str]):
@@ -21,8 +55,6 @@ def trim(row: list[int], eos_id: int, pad_id: int) -> list[int]:
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64,
            seed: int = 0, top_k: int = 0, top_p: float = 1.0):
     """One completion per prompt (repeat a prompt to get several): (texts, token ids). ``temperature`` 0 = greedy."""
-    import torch
-
     texts, ids = [], []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
@@ -41,20 +73,15 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
 
 
 def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                      temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
-    """Sample one completion (token ids, trimmed after EOS) per tokenised prompt, in one left-padded batch."""
-    import torch
-
+                      temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> list[list[int]]:
+    """One completion (token ids, trimmed after EOS) per tokenised prompt, in one left-padded batch: sampled, or
+    ``greedy``. An empty completion becomes a lone EOS."""
     device = next(model.parameters()).device
-    width = max(map(len, prompt_ids))
-    ids = torch.full((len(prompt_ids), width), pad_id, device=device)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p) :] = torch.tensor(p, device=device)
-        mask[i, width - len(p) :] = 1
+    ids, attn, _, width = pack(prompt_ids, [[] for _ in prompt_ids], pad_id, device)
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
-                             top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+        out = model.generate(input_ids=ids[:, :width], attention_mask=attn[:, :width], max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_id, eos_token_id=eos_id, **kwargs)
     return [trim(row, eos_id, pad_id) or [eos_id] for row in out[:, width:].tolist()]
 
 
@@ -62,25 +89,15 @@ def sequence_logprobs(model, tokenizer, prompts: list, completions: list[list[in
                       grad: bool = False):
     """sum_t log p(y_t | x, y_<t) over each completion's tokens under ``model``: a list of floats, or with
     ``grad=True`` one tensor that carries the graph (for on-policy estimators). Prompts are strings or token ids."""
-    import torch
-
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        rows = [(p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"], c)
-                for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size])]
-        width = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, c) in enumerate(rows):
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, : len(p) + len(c)] = 1
-            target[i, len(p) : len(p) + len(c)] = True
-        ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+        prompt_ids = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"]
+                      for p in prompts[start : start + batch_size]]
+        ids, attn, mask, width = pack(prompt_ids, completions[start : start + batch_size], tokenizer.pad_token_id,
+                                      device)
         with torch.set_grad_enabled(grad):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-            out.append((logp * target[:, 1:]).sum(-1))
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
+            out.append((completion_logprobs(logits, ids, width) * mask).sum(-1))
     seq = torch.cat(out)
     return seq if grad else seq.tolist()

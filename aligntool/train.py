@@ -355,8 +355,7 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
 
     recipe, spec = loaded.recipe, loaded.spec
     module = spec.load()
-    pipeline = getattr(module, "pipeline", None)
-    if resume and pipeline is None and latest_checkpoint(out / "checkpoints") is None:
+    if resume and spec.kind == "trl" and latest_checkpoint(out / "checkpoints") is None:
         raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
 
     run = Run(loaded, out, resume=resume)
@@ -382,10 +381,14 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     preemption.reset()
     preemption.install()
     start = time.time()
-    if pipeline is not None:  # multi-stage methods (sample -> score -> select -> train, iterations) drive run.fit
-        summary = pipeline(run)
-    else:
+    if spec.kind == "trl":  # a Trainer, fitted here
         summary = run.fit(module.build(run))
+    elif spec.kind == "pipeline":  # stages (sample -> score -> select -> train, iterations) that drive run.fit
+        summary = module.pipeline(run)
+    else:  # an online method on the rollout engine
+        from aligntool.online.engine import Engine
+
+        summary = Engine(run, module.method(run)).train()
     summary["wall_time_s"] = round(time.time() - start, 2)
     if is_main_process():
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from aligntool.online.engine import Engine, pack, response_logprobs
+from aligntool.online.engine import Engine
+from aligntool.sampling import completion_logprobs, pack, positions
 from aligntool.recipe.loader import load_recipe
 from conftest import REPO
 
 
 def test_rollout_layout_gives_each_sequences_own_log_probs(tiny_path):
-    """pack + positions + response_logprobs on a left-padded batch of different prompt and response lengths equal a
+    """pack + positions + completion_logprobs on a left-padded batch of different prompt and response lengths equal a
     forward of each sequence alone (no padding at all)."""
     from transformers import AutoModelForCausalLM
 
@@ -19,14 +20,14 @@ def test_rollout_layout_gives_each_sequences_own_log_probs(tiny_path):
     ids, attn, mask, P = pack(prompts, responses, pad_id=0)
     assert P == 6 and ids.shape == (3, 6 + 5) and mask.sum(-1).tolist() == [3, 1, 5]
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=Engine.positions(attn)).logits
-    logp, entropy = response_logprobs(logits, ids, P)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
+    logp = completion_logprobs(logits, ids, P)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         with torch.no_grad():
             alone = torch.log_softmax(model(torch.tensor([p + r])).logits[0].float(), -1)
         expected = [alone[len(p) - 1 + j, tok].item() for j, tok in enumerate(r)]
         assert logp[i, : len(r)].tolist() == pytest.approx(expected, abs=1e-5), i
-        assert (mask[i, len(r):] == 0).all() and (entropy[i, : len(r)] > 0).all()
+        assert (mask[i, len(r):] == 0).all()
 
 
 def make_run(tmp_path, recipe, *overrides):
@@ -49,7 +50,7 @@ def test_ppo_ratio_is_one_at_the_sampling_policy_with_lora_dropout(tmp_path, tin
 
     run = make_run(tmp_path, "ppo", "peft.r=4", "peft.lora_dropout=0.3", "dataset.toy.size=8",
                    "algo.max_new_tokens=8", f"algo.disable_dropout={str(not keep).lower()}")
-    engine = Engine(run, PPO(run.algo), value_head=True)
+    engine = Engine(run, PPO(run.algo))
     with torch.no_grad():  # a trained-looking adapter: lora_B is zero at init, which would hide the dropout
         for name, p in engine.model.named_parameters():
             if "lora_B" in name:
@@ -57,8 +58,8 @@ def test_ppo_ratio_is_one_at_the_sampling_policy_with_lora_dropout(tmp_path, tin
     ro = engine.rollout(engine.prompts[:4])
     engine.model.train()
     with torch.no_grad():
-        logp, _, _ = engine.forward(ro)
-    same = torch.allclose(logp * ro.mask, ro.logp, atol=1e-5)
+        logp, _ = engine.policy_logprobs(ro, grad=True)
+    same = torch.allclose(logp, ro.logp, atol=1e-5)
     assert same != keep
 
 

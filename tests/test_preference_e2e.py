@@ -29,7 +29,7 @@ def test_dpo_variant_recipe_learns_the_preferences(name, tmp_path, tiny_path):
 
 
 def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
-    from aligntool.trainers.stages import read_jsonl
+    from aligntool.trainers.base.stages import read_jsonl
 
     args = ["dataset.toy.size=12", "algo.num_candidates=6", "algo.num_samples=4", "algo.max_new_tokens=24",
             "train.max_steps=6", "train.per_device_train_batch_size=4", "train.save_steps=6", "train.logging_steps=2",

@@ -12,10 +12,10 @@ from conftest import REPO, user_error
 
 
 def rollout(texts, missing_eos):
-    """A rollout as the engine returns it, reduced to what labelling reads (texts, EOS flags)."""
+    """A rollout as the engine's sample() returns it, reduced to what labelling reads (texts, EOS flags)."""
     n = len(texts)
-    return Rollout(torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2), 1, torch.ones(n, 1), torch.zeros(n, 1),
-                   torch.zeros(n, 1), None, None, list(texts), ["Review:"] * n, torch.tensor(missing_eos))
+    return Rollout(["Review:"] * n, list(texts), torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2), 1,
+                   torch.ones(n, 1), torch.tensor(missing_eos))
 
 
 def test_hard_labels_give_ties_to_the_first_sample_as_trl():

@@ -20,7 +20,8 @@ def test_every_registered_algorithm_has_a_loadable_recipe(name):
     assert loaded.recipe.model.trust_remote_code is False
     # the trainer module follows the registry contract
     module = spec.load()
-    assert hasattr(module, "AlgoConfig") and callable(getattr(module, "build", None) or getattr(module, "pipeline"))
+    entry = {"trl": "build", "pipeline": "pipeline", "online": "method"}[spec.kind]
+    assert hasattr(module, "AlgoConfig") and callable(getattr(module, entry))
 
 
 def test_overrides_are_typed_like_yaml():

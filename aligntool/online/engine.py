@@ -1,21 +1,26 @@
-"""The rollout engine shared by every online method (PPO, P3O, ReMax; later online DPO, XPO, INPO).
+"""The rollout engine shared by every online method (PPO, P3O, ReMax, online DPO, XPO).
 
 One loop, built on transformers (``generate`` with the KV cache, models, schedulers) and accelerate (devices, DDP,
 gradient sync): each iteration takes ``per_device_train_batch_size`` prompts per process, lets the method roll out
-and update (``method.step(engine, prompts)``), logs, and checkpoints. What the engine provides to methods:
+and update (``method.step(engine, prompts)``), logs, and checkpoints. The steps a method composes, each returning new
+values (a ``Rollout`` is never changed in place; ``ro.with_(...)`` makes the next one):
 
-- ``rollout(prompts, greedy=False)``: samples (or greedy decodes) one response per prompt, trims it after EOS, scores
-  it with the recipe's reward source and returns token tensors: response ids and mask, old log-probs, reference
-  log-probs, per-sequence scores, values when the policy has a value head;
-- ``forward(batch)``: per-token log-probs (and values) of a rollout batch under the current policy, with grad;
+- ``sample(prompts, from_reference=False, greedy=False)``: one response per prompt, trimmed after EOS -> ``Rollout``
+  with token tensors, texts and missing-EOS flags;
+- ``score(ro)``: the recipe's reward source on the texts, minus ``missing_eos_penalty`` where EOS is missing;
+- ``policy_logprobs(ro, grad=False)``: per-token log-probs (and values, with a value head) under the current policy;
+  ``grad=True`` is the forward of an update;
+- ``ref_logprobs(ro)``: per-token log-probs under the reference;
+- ``rollout(prompts)``: all four (PPO, P3O);
 - ``optimizer_step(loss)``: backward, gradient clipping, optimizer and scheduler step.
 
-Layout of a rollout batch: prompts left-padded to width P, responses right-padded to width R; token j of the response
-sits at position P + j and is predicted from position P + j - 1. Position ids follow the attention mask.
+Layout of a rollout batch: aligntool.sampling.pack (prompts left-padded, responses right-padded, position ids that
+follow the attention mask).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -88,55 +93,38 @@ class PolicyWithValue(nn.Module):
         return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
+    """One response per prompt and what has been measured on it so far (None: not yet)."""
+
+    prompts: list[str]
+    texts: list[str]
     input_ids: torch.Tensor  # (B, P + R)
     attention_mask: torch.Tensor
     prompt_width: int
-    mask: torch.Tensor  # (B, R) response tokens
-    logp: torch.Tensor  # (B, R) under the policy that sampled
-    logp_ref: torch.Tensor  # (B, R)
-    score: torch.Tensor | None  # (B,) reward source; None when the method labels pairs with a preference source
-    values: torch.Tensor | None
-    texts: list[str]
-    prompts: list[str]
-    missing_eos: torch.Tensor | None = None  # (B,) bool: the response was cut off before EOS
+    mask: torch.Tensor  # (B, R): 1 on response tokens
+    missing_eos: torch.Tensor  # (B,) bool: cut off before EOS
+    logp: torch.Tensor | None = None  # (B, R) under the policy that sampled, no grad
+    logp_ref: torch.Tensor | None = None  # (B, R) under the reference
+    score: torch.Tensor | None = None  # (B,) from the reward source
+    values: torch.Tensor | None = None  # (B, R) of the value head
+
+    def with_(self, **changes) -> "Rollout":
+        return dataclasses.replace(self, **changes)
 
     def select(self, idx) -> "Rollout":
+        rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
-        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_width, self.mask[idx], self.logp[idx],
-                       self.logp_ref[idx], pick(self.score), pick(self.values), [self.texts[i] for i in idx_list],
-                       [self.prompts[i] for i in idx_list], pick(self.missing_eos))
-
-
-def pack(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, device="cpu"):
-    """The rollout layout: prompts left-padded to width P, responses right-padded to width R (at least 1), so response
-    token j of every row sits at position P + j. Returns (input_ids, attention_mask, response mask (B, R), P)."""
-    P, R = max(map(len, prompt_ids)), max(1, max(map(len, responses)))
-    ids = torch.full((len(prompt_ids), P + R), pad_id)
-    attn = torch.zeros_like(ids)
-    mask = torch.zeros(len(prompt_ids), R)
-    for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-        ids[i, P - len(p) : P] = torch.tensor(p)
-        attn[i, P - len(p) : P + len(r)] = 1
-        if r:
-            ids[i, P : P + len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-    return ids.to(device), attn.to(device), mask.to(device), P
-
-
-def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int):
-    """log p of each response token and the per-token entropy of the distribution it was drawn from."""
-    logits = logits[:, prompt_width - 1 : -1].float()
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, input_ids[:, prompt_width:, None])[..., 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+        return Rollout([self.prompts[i] for i in rows], [self.texts[i] for i in rows], self.input_ids[idx],
+                       self.attention_mask[idx], self.prompt_width, self.mask[idx], self.missing_eos[idx],
+                       pick(self.logp), pick(self.logp_ref), pick(self.score), pick(self.values))
 
 
 class Engine:
-    def __init__(self, run, method, value_head: bool = False, critic: str = "shared"):
+    """``method``: an object with ``step(engine, prompts) -> stats`` and ``updates_per_iteration``; optionally
+    ``value_head`` / ``critic`` (PPO) and ``uses_preferences`` (labels pairs itself, no reward source)."""
+
+    def __init__(self, run, method):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
@@ -144,6 +132,7 @@ class Engine:
         from aligntool.recipe.schema import RewardConfig
 
         self.run, self.method, self.cfg = run, method, run.algo
+        value_head, critic = getattr(method, "value_head", False), getattr(method, "critic", "shared")
         if run.recipe.distributed.backend != "ddp":
             raise UserError(f"distributed.backend: the online methods run with ddp only for now, not "
                             f"{run.recipe.distributed.backend}")
@@ -210,73 +199,62 @@ class Engine:
             return self.ref, contextlib.nullcontext()
         return self.policy_lm, self.policy_lm.disable_adapter()
 
-    def _pack(self, prompt_ids: list[list[int]], responses: list[list[int]]):
-        return pack(prompt_ids, responses, self.tokenizer.pad_token_id, self.accelerator.device)
-
-    @staticmethod
-    def positions(attn: torch.Tensor) -> torch.Tensor:
-        return (attn.cumsum(-1) - 1).clamp(min=0)
-
-    def forward(self, ro: Rollout, model=None):
-        """(log-probs, entropies, values) of ``ro``'s response tokens under the current policy, with grad."""
-        logits, values = (model or self.model)(ro.input_ids, ro.attention_mask, self.positions(ro.attention_mask))
-        logp, entropy = response_logprobs(logits, ro.input_ids, ro.prompt_width)
-        if values is not None:
-            values = values[:, ro.prompt_width - 1 : -1]
-        return logp, entropy, values
-
-    def _generate(self, lm, prompt_ids: list[list[int]], greedy: bool) -> list[list[int]]:
-        from aligntool.sampling import generate_from_ids, trim
-
-        tok, cfg = self.tokenizer, self.cfg
-        if not greedy:
-            return generate_from_ids(lm, prompt_ids, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens,
-                                     temperature=cfg.temperature, top_p=cfg.top_p)
-        ids, attn, _, P = self._pack(prompt_ids, [[] for _ in prompt_ids])
-        out = lm.generate(input_ids=ids[:, :P], attention_mask=attn[:, :P], do_sample=False,
-                          max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        return [trim(r, tok.eos_token_id, tok.pad_token_id) or [tok.eos_token_id] for r in out[:, P:].tolist()]
-
     @torch.no_grad()
-    def rollout(self, prompts: list[str], greedy: bool = False, score_only: bool = False, from_reference: bool = False,
-                score: bool = True, policy_logp: bool = True) -> Rollout:
+    def sample(self, prompts: list[str], from_reference: bool = False, greedy: bool = False) -> Rollout:
+        """One response per prompt from the policy (or the reference: XPO), sampled or greedy (ReMax's baseline)."""
         import contextlib
+
+        from aligntool.sampling import generate_from_ids, pack
 
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         lm, context = self.reference() if from_reference else (self.policy_lm, contextlib.nullcontext())
         lm.eval()
-        with context:  # XPO samples the reference too
-            responses = self._generate(lm, prompt_ids, greedy)
-        ids, attn, mask, P = self._pack(prompt_ids, responses)
+        with context:
+            responses = generate_from_ids(lm, prompt_ids, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy)
+        ids, attn, mask, width = pack(prompt_ids, responses, tok.pad_token_id, self.accelerator.device)
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
         missing_eos = torch.tensor([tok.eos_token_id not in r for r in responses], device=ids.device)
-        # methods that compare two samples with a preference source take score=False and label pairs themselves
-        if not score:
-            score = None
-        else:
-            score = torch.tensor(self.scorer(prompts, texts), device=ids.device)
-        if score is not None and cfg.missing_eos_penalty:
-            score = score - cfg.missing_eos_penalty * missing_eos.to(score.dtype)
-        ro = Rollout(ids, attn, P, mask, None, None, score, None, texts, prompts, missing_eos)
-        if score_only:  # e.g. ReMax's greedy baseline: only its reward is used
-            return ro
-        if policy_logp:  # methods that take one gradient step right away reuse that forward instead (fill_logp)
-            ro.logp, _, ro.values = self.forward(ro, model=self.accelerator.unwrap_model(self.model))
-            ro.logp = ro.logp * mask
+        return Rollout(prompts, texts, ids, attn, width, mask, missing_eos)
+
+    def score(self, ro: Rollout) -> torch.Tensor:
+        """The reward source's score of each response, minus ``missing_eos_penalty`` where EOS is missing."""
+        score = torch.tensor(self.scorer(ro.prompts, ro.texts), device=ro.mask.device)
+        if self.cfg.missing_eos_penalty:
+            score = score - self.cfg.missing_eos_penalty * ro.missing_eos.to(score.dtype)
+        return score
+
+    def policy_logprobs(self, ro: Rollout, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per-token log-probs masked to the response, values or None) under the current policy. ``grad=True`` runs
+        the wrapped (DDP) model with grad, for an update; otherwise the unwrapped model without."""
+        from aligntool.sampling import completion_logprobs, positions
+
+        model = self.model if grad else self.accelerator.unwrap_model(self.model)
+        with torch.set_grad_enabled(grad):
+            logits, values = model(ro.input_ids, ro.attention_mask, positions(ro.attention_mask))
+            logp = completion_logprobs(logits, ro.input_ids, ro.prompt_width) * ro.mask
+        if values is not None:
+            values = values[:, ro.prompt_width - 1 : -1]
+        return logp, values
+
+    @torch.no_grad()
+    def ref_logprobs(self, ro: Rollout) -> torch.Tensor:
+        """Per-token log-probs under the reference, masked to the response."""
+        from aligntool.sampling import completion_logprobs, positions
+
         ref, context = self.reference()
         with context:
-            ref_logits = ref(input_ids=ids, attention_mask=attn, position_ids=self.positions(attn)).logits
-        ro.logp_ref, _ = response_logprobs(ref_logits, ids, P)
-        ro.logp_ref = ro.logp_ref * mask
-        return ro
+            logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                         position_ids=positions(ro.attention_mask)).logits
+        return completion_logprobs(logits, ro.input_ids, ro.prompt_width) * ro.mask
 
-    def forward_with_grad(self, ro: Rollout) -> torch.Tensor:
-        """Per-token log-probs with grad of a rollout made with ``policy_logp=False``; also fills ``ro.logp`` (the
-        policy has not changed since sampling, so these are the sampling log-probs too)."""
-        logp, _, _ = self.forward(ro)
-        ro.logp = logp.detach() * ro.mask
-        return logp
+    def rollout(self, prompts: list[str]) -> Rollout:
+        """sample -> score -> log-probs (and values) under the policy that sampled -> reference log-probs."""
+        ro = self.sample(prompts)
+        ro = ro.with_(score=self.score(ro))
+        logp, values = self.policy_logprobs(ro)
+        return ro.with_(logp=logp, values=values, logp_ref=self.ref_logprobs(ro))
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         if not torch.isfinite(loss):
@@ -290,10 +268,12 @@ class Engine:
         return float(norm)
 
     def rollout_stats(self, ro: Rollout) -> dict:
-        kl = ((ro.logp - ro.logp_ref) * ro.mask).sum(-1)
+        """reward (and its std), KL to the reference per sequence, entropy (the sampled tokens' mean negative
+        log-prob, a Monte-Carlo estimate), response length and the share of responses cut off before EOS."""
         scored = {} if ro.score is None else {
             "reward": ro.score.mean().item(), "reward_std": ro.score.std().item() if len(ro.score) > 1 else 0.0}
-        return {**scored, "kl": kl.mean().item(), "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
+        return {**scored, "kl": sequence_kl(ro).mean().item(),
+                "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
                 "response_length": ro.mask.sum(-1).float().mean().item(),
                 "missing_eos": ro.missing_eos.float().mean().item()}
 

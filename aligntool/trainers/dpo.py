@@ -80,16 +80,8 @@ class AlgoConfig(Strict):
 
 
 def build(run):
-    from trl import DPOTrainer
+    from aligntool.trainers.dpo_trainer import DPOTrainer
 
-    from aligntool.trainers.refcache import with_ref_cache
-
-    return with_ref_cache(DPOTrainer)(
-        model=run.policy(),
-        ref_model=run.reference(),
-        args=run.trl_config(),
-        train_dataset=run.train_dataset,
-        eval_dataset=run.eval_dataset,
-        processing_class=run.tokenizer,
-        peft_config=run.peft_config(),
-    )
+    return DPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(),
+                      train_dataset=run.train_dataset, eval_dataset=run.eval_dataset, processing_class=run.tokenizer,
+                      peft_config=run.peft_config())

@@ -31,54 +31,8 @@ class AlgoConfig(Strict):
 
 
 def build(run):
-    import torch
-    import torch.nn.functional as F
-
-    from aligntool.losses.preference import rloo_kl_loss
-    from aligntool.sampling import generate_from_ids, sequence_logprobs
-    from aligntool.trainers.pairwise import PairLossTrainer
-
-    cfg: AlgoConfig = run.algo
-    tok = run.tokenizer
-
-    class HyPOTrainer(PairLossTrainer):
-        def pair_loss(self, b):
-            lr_w = b["chosen_logps"] - b["ref_chosen_logps"]
-            lr_l = b["rejected_logps"] - b["ref_rejected_logps"]
-            loss = -F.logsigmoid(cfg.beta * (lr_w - lr_l))
-            return loss, {"rewards/chosen": cfg.beta * lr_w.detach(), "rewards/rejected": cfg.beta * lr_l.detach(),
-                          "rewards/accuracies": (lr_w > lr_l).float(), "rewards/margins": cfg.beta * (lr_w - lr_l),
-                          "hypo/dpo_loss": loss}
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            loss = super()._compute_loss(model, inputs, False)
-            if cfg.kl_coef == 0 or not self.model.training:
-                return loss
-            mode = "train"
-            half = inputs["input_ids"].shape[0] // 2
-            prompts = []
-            for row, mask in zip(inputs["input_ids"][:half], inputs["completion_mask"][:half]):
-                start = int(mask.nonzero()[0]) if mask.any() else int(inputs["attention_mask"][0].sum())
-                prompts.append(row[:start].tolist())
-            prompts = prompts[: cfg.num_kl_prompts] if cfg.num_kl_prompts else prompts
-            repeated = [p for p in prompts for _ in range(cfg.kl_samples)]
-            policy = self.accelerator.unwrap_model(model)
-            samples = generate_from_ids(policy, repeated, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens)
-            logp = sequence_logprobs(model, tok, repeated, samples, batch_size=len(repeated), grad=True)
-            with torch.no_grad():
-                if self.ref_model is None and hasattr(policy, "disable_adapter"):  # LoRA: the reference is the base
-                    with policy.disable_adapter():
-                        logp_ref = sequence_logprobs(policy, tok, repeated, samples, batch_size=len(repeated), grad=True)
-                else:
-                    logp_ref = sequence_logprobs(self.ref_model, tok, repeated, samples, batch_size=len(repeated),
-                                                 grad=True)
-            logratio = (logp - logp_ref).view(len(prompts), cfg.kl_samples)
-            kl_loss, kl = rloo_kl_loss(logp.view(len(prompts), cfg.kl_samples), logratio)
-            self._metrics[mode]["hypo/kl"].append(self.accelerator.gather_for_metrics(kl.reshape(1)).mean().item())
-            lengths = torch.tensor([len(s) for s in samples], dtype=torch.float)
-            self._metrics[mode]["hypo/sample_length"].append(lengths.mean().item())
-            return loss + cfg.kl_coef * kl_loss
+    from aligntool.trainers.hypo_trainer import HyPOTrainer
 
     return HyPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(),
-                       train_dataset=run.train_dataset, eval_dataset=run.eval_dataset, processing_class=tok,
-                       peft_config=run.peft_config())
+                       train_dataset=run.train_dataset, eval_dataset=run.eval_dataset, processing_class=run.tokenizer,
+                       peft_config=run.peft_config(), algo=run.algo)

@@ -78,12 +78,10 @@ def select_pair(matrix: list[list[float]], scores: list[float] | None, pairing: 
 def pipeline(run) -> dict:
     from aligntool import models
     from aligntool.errors import UserError
-    from aligntool.losses.preference import inpo_loss
     from aligntool.preferences import PreferenceSource
     from aligntool.recipe.schema import RewardConfig
-    from aligntool.sampling import sample
-    from aligntool.trainers.pairwise import PairLossTrainer
-    from aligntool.trainers.stages import iterate
+    from aligntool.trainers.base.stages import iterate, sample_groups
+    from aligntool.trainers.inpo_trainer import INPOTrainer
 
     cfg: AlgoConfig = run.algo
     reward_cfg = run.recipe.reward or RewardConfig()
@@ -93,32 +91,11 @@ def pipeline(run) -> dict:
     ref_path = str(run.ref_path or (models.resolve(run.recipe.ref_model.name_or_path, key="ref_model.name_or_path")
                                     if run.recipe.ref_model and run.recipe.ref_model.name_or_path else run.model_path))
 
-    class INPOTrainer(PairLossTrainer):
-        extra_columns = ("last_chosen_logps", "last_rejected_logps")
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # pi_t's log-probs, through TRL's own tokenisation: the policy *is* pi_t until the first update
-            chosen, rejected = self.logps_pass(self.train_dataset, self.model, self.args.per_device_train_batch_size)
-            self.train_dataset = self.train_dataset.add_column("last_chosen_logps", chosen).add_column(
-                "last_rejected_logps", rejected)
-
-        def pair_loss(self, b):
-            loss = inpo_loss(b["chosen_logps"], b["rejected_logps"], b["ref_chosen_logps"], b["ref_rejected_logps"],
-                             b["last_chosen_logps"], b["last_rejected_logps"], cfg.eta, cfg.ratio)
-            h_margin = (b["chosen_logps"] - b["rejected_logps"]) - (b["last_chosen_logps"] - b["last_rejected_logps"])
-            lr_w, lr_l = b["chosen_logps"] - b["ref_chosen_logps"], b["rejected_logps"] - b["ref_rejected_logps"]
-            return loss, {"rewards/accuracies": (lr_w > lr_l).float(), "rewards/margins": lr_w - lr_l,
-                          "inpo/margin_vs_last": h_margin}
-
     def make_rows(t, policy_path, part):
         nonlocal source
-        m = run.recipe.model
-        policy = models.load_model(policy_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
         k = cfg.num_samples
-        repeated = [p for p in part for _ in range(k)]
-        texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
-                          seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
+        groups = sample_groups(run, policy_path, part, k, cfg, seed=cfg.seed + 1000 * t)
+        repeated, texts = [p for p in part for _ in range(k)], [c for g in groups for c in g]
         source = source or PreferenceSource(reward_cfg, seed=cfg.seed + t)
         scores = source.scores(repeated, texts) if cfg.pairing == "best_worst" else None
         rows = []
@@ -134,7 +111,7 @@ def pipeline(run) -> dict:
         reference = models.load_model(ref_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
         return INPOTrainer(model=stage.policy(), ref_model=reference, args=stage.trl_config(),
                            train_dataset=stage.train_dataset, processing_class=run.tokenizer,
-                           peft_config=stage.peft_config())
+                           peft_config=stage.peft_config(), algo=cfg)
 
     settings = {**cfg.model_dump(exclude={"iterations"}), "reward": reward_cfg.model_dump()}
     return iterate(run, "inpo", cfg.iterations, settings, make_rows, make_trainer)

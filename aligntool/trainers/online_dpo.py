@@ -1,14 +1,12 @@
-"""Online DPO (Guo et al. 2024, arXiv 2402.04792) and XPO (Xie et al. 2024, arXiv 2405.21046) on the rollout engine.
+"""Online DPO (Guo et al. 2024, arXiv 2402.04792) on the rollout engine; XPO builds on it.
 
 Per iteration, for each prompt x:
 - online_dpo: two samples y_1, y_2 ~ pi_theta; the preference source (recipe ``reward`` section, aligntool/
   preferences.py) labels the pair; loss = a DPO-family loss (any TRL loss type, or a weighted list) on
   (chosen, rejected) with the frozen reference:            L = l_DPO(pi_theta, pi_ref; y_w, y_l)
   With hard labels (a score source, ``bt_temperature`` 0) a tie goes to the first sample, as TRL's ``>=``.
-- xpo: one sample y ~ pi_theta and one y~ ~ pi_ref; labelled the same way; the exploration term lowers the policy's
-  likelihood of the reference's sample:                    L = l_DPO(...) + alpha * sum_t log pi_theta(y~_t | x, y~_<t)
-  ``alpha`` is a number or a list: with k values, value i applies to the i-th k-th of the iterations (TRL takes one
-  value per epoch). TRL's default 1e-5; the paper leaves alpha open.
+- xpo (aligntool/trainers/xpo.py): one sample from pi_theta and one from pi_ref, the same loss plus XPO's
+  exploration term.
 
 Conventions, as TRL's OnlineDPOTrainer / XPOTrainer: ``ipo`` is the IPO paper's loss on sequence log-ratios,
 (delta - 1/(2 beta))^2 (eq. 17 of Azar et al. 2023); ``ipo_length_normalized: true`` gives DPOTrainer's per-token form.
@@ -69,19 +67,6 @@ class AlgoConfig(OnlineConfig):
         return list(zip(types, self.loss_weights or [1.0] * len(types)))
 
 
-class XPOConfig(AlgoConfig):
-    alpha: float | list[float] = Field(1e-5, description="Weight of the exploration term; a list is a schedule over "
-                                       "equal parts of the iterations.")
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v):
-        values = [v] if isinstance(v, (int, float)) else v
-        if not values or any(a < 0 for a in values):
-            raise ValueError("alpha must be >= 0 (or a non-empty list of such)")
-        return v
-
-
 def pair_loss(cfg: AlgoConfig, lp_w, lp_l, ref_w, ref_l, len_w, len_l):
     from aligntool.losses.preference import dpo_family_loss
 
@@ -90,20 +75,26 @@ def pair_loss(cfg: AlgoConfig, lp_w, lp_l, ref_w, ref_l, len_w, len_l):
 
 
 class OnlineDPO:
+    """One iteration: two samples per prompt -> labelled by the preference source -> the DPO-family loss on
+    (chosen, rejected) -> one gradient step. Subclasses change which samples are compared (``samples``) and add to
+    the loss (``add_terms``), as XPO does."""
+
     uses_preferences = True
     updates_per_iteration = 1
-    explore = False
+    first_sample = "first_sample"  # how the stats name the first of the two samples
 
     def __init__(self, cfg: AlgoConfig, preferences):
         self.cfg, self.preferences = cfg, preferences
 
     def samples(self, engine, prompts):
-        """The two rollouts compared per prompt."""
-        return (engine.rollout(prompts, score=False, policy_logp=False),
-                engine.rollout(prompts, score=False, policy_logp=False))
+        """The two samples compared per prompt, with their reference log-probs."""
+        a, b = engine.sample(prompts), engine.sample(prompts)
+        return a.with_(logp_ref=engine.ref_logprobs(a)), b.with_(logp_ref=engine.ref_logprobs(b))
 
-    def alpha(self, engine) -> float:
-        return 0.0
+    def add_terms(self, engine, per_pair, b, lp_b):
+        """(the per-pair loss with the method's extra terms, their stats): none for online DPO. ``b`` is the second
+        sample, ``lp_b`` its per-token log-probs under the policy, with grad."""
+        return per_pair, {}
 
     def label(self, prompts, a, b) -> tuple[list[bool], list[float]]:
         """(first sample wins?, P(first > second)) per prompt; ``missing_eos_penalty`` lowers the preference score
@@ -117,61 +108,42 @@ class OnlineDPO:
     def step(self, engine, prompts):
         import torch
 
-        from aligntool.losses.preference import xpo_loss
         from aligntool.online.engine import check_finite
 
         a, b = self.samples(engine, prompts)
         a_wins, prob = self.label(prompts, a, b)
         win = torch.tensor(a_wins, device=a.mask.device)
-        lp_a, lp_b = engine.forward_with_grad(a), engine.forward_with_grad(b)
-        seq = lambda lp, ro: (lp * ro.mask).sum(-1)  # noqa: E731
-        la, lb, ra, rb = seq(lp_a, a), seq(lp_b, b), a.logp_ref.sum(-1), b.logp_ref.sum(-1)
+        (lp_a, _), (lp_b, _) = engine.policy_logprobs(a, grad=True), engine.policy_logprobs(b, grad=True)
+        a, b = a.with_(logp=lp_a.detach()), b.with_(logp=lp_b.detach())
+        la, lb, ra, rb = lp_a.sum(-1), lp_b.sum(-1), a.logp_ref.sum(-1), b.logp_ref.sum(-1)
         na, nb = a.mask.sum(-1), b.mask.sum(-1)
         pick = lambda x, y: torch.where(win, x, y)  # noqa: E731
         per_pair = pair_loss(self.cfg, pick(la, lb), pick(lb, la), pick(ra, rb), pick(rb, ra), pick(na, nb), pick(nb, na))
-        alpha = self.alpha(engine)
-        if self.explore:  # b is the reference's sample
-            per_pair = xpo_loss(per_pair, lp_b, b.mask, alpha)
+        per_pair, extra_stats = self.add_terms(engine, per_pair, b, lp_b)
         check_finite(per_pair)
         loss = per_pair.mean()
         grad_norm = engine.optimizer_step(loss)
         margin = (pick(la, lb) - pick(ra, rb)) - (pick(lb, la) - pick(rb, ra))
-        stats = {**engine.rollout_stats(a), "loss": loss.item(), "grad_norm": grad_norm,
-                 "rewards/margins": self.cfg.beta * margin.mean().item(),
-                 "rewards/accuracies": (margin > 0).float().mean().item(),
-                 "preference_prob": sum(prob) / len(prob), "first_sample_wins": float(win.float().mean())}
-        if self.explore:
-            stats.update(alpha=alpha, ref_sample_logp=lb.mean().item(), policy_sample_wins=stats.pop("first_sample_wins"))
-        return stats
+        return {**engine.rollout_stats(a), "loss": loss.item(), "grad_norm": grad_norm,
+                "rewards/margins": self.cfg.beta * margin.mean().item(),
+                "rewards/accuracies": (margin > 0).float().mean().item(),
+                "preference_prob": sum(prob) / len(prob), f"{self.first_sample}_wins": float(win.float().mean()),
+                **extra_stats}
 
 
-class XPO(OnlineDPO):
-    explore = True
-
-    def samples(self, engine, prompts):
-        return (engine.rollout(prompts, score=False, policy_logp=False),
-                engine.rollout(prompts, score=False, from_reference=True, policy_logp=False))
-
-    def alpha(self, engine) -> float:
-        alpha = self.cfg.alpha
-        if isinstance(alpha, (int, float)):
-            return float(alpha)
-        part = engine.state["iteration"] * len(alpha) // max(1, engine.iterations)
-        return float(alpha[min(part, len(alpha) - 1)])
-
-
-def pipeline(run) -> dict:
+def preference_source(run):
+    """The recipe's preference source; a judge gives probabilities, so the missing-EOS penalty cannot apply."""
     from aligntool import models
-    from aligntool.online.engine import Engine
+    from aligntool.errors import UserError
     from aligntool.preferences import PreferenceSource
     from aligntool.recipe.schema import RewardConfig
 
-    from aligntool.errors import UserError
-
-    method = XPO if isinstance(run.algo, XPOConfig) else OnlineDPO
     reward = run.recipe.reward or RewardConfig()
     if run.algo.missing_eos_penalty and reward.judge:
         raise UserError(f"{run.loaded.source}: algo.missing_eos_penalty applies to score sources (reward.source / "
                         "reward.ensemble); a reward.judge gives probabilities, not scores")
-    preferences = PreferenceSource(reward, seed=run.trl_config().seed, device=models.run_device())
-    return Engine(run, method(run.algo, preferences)).train()
+    return PreferenceSource(reward, seed=run.trl_config().seed, device=models.run_device())
+
+
+def method(run) -> OnlineDPO:
+    return OnlineDPO(run.algo, preference_source(run))

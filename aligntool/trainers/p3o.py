@@ -38,7 +38,7 @@ class P3O:
         reward = ro.score - cfg.kl_coef * sequence_kl(ro)
         losses = []
         for _ in range(cfg.ppo_epochs):
-            logp, _, _ = engine.forward(ro)
+            logp, _ = engine.policy_logprobs(ro, grad=True)
             seq = ((logp - ro.logp) * ro.mask).sum(-1)  # log rho_i
             loss = p3o_loss(seq[0::2], seq[1::2], reward[0::2], reward[1::2], cfg.clip_range, cfg.variant).mean()
             engine.optimizer_step(loss)
@@ -47,7 +47,5 @@ class P3O:
                 "reward_gap": (reward[0::2] - reward[1::2]).abs().mean().item()}
 
 
-def pipeline(run) -> dict:
-    from aligntool.online.engine import Engine
-
-    return Engine(run, P3O(run.algo)).train()
+def method(run) -> P3O:
+    return P3O(run.algo)

@@ -37,8 +37,14 @@ class AlgoConfig(OnlineConfig):
 
 
 class PPO:
+    """One iteration: rollout with values -> KL-penalised per-token rewards -> GAE -> ppo_epochs x minibatches of
+    clipped policy and value updates -> adaptive KL coefficient."""
+
+    value_head = True
+
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
+        self.critic = cfg.critic
         self.updates_per_iteration = cfg.ppo_epochs * cfg.num_minibatches
 
     def step(self, engine, prompts):
@@ -48,13 +54,17 @@ class PPO:
         from aligntool.online.engine import check_finite, minibatches, sequence_kl
 
         cfg = self.cfg
+        # 1. rollout: responses, their scores, log-probs and values at the sampling policy, reference log-probs
         ro = engine.rollout(prompts)
+        # 2. rewards: -kl_coef * log-ratio on every token, + the score on the last one
         kl_coef = engine.state["kl_coef"]
         rewards = L.kl_penalised_rewards(ro.score, ro.logp, ro.logp_ref, ro.mask, kl_coef)
+        # 3. advantages and returns by GAE, advantages whitened
         adv, returns = L.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = L.whiten(adv, ro.mask)
         check_finite(adv, returns)
+        # 4. ppo_epochs passes over minibatches: clipped policy loss + vf_coef * clipped value loss
         gen = torch.Generator().manual_seed(engine.state["iteration"])
         size = max(1, len(prompts) // cfg.num_minibatches)
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0}
@@ -62,13 +72,14 @@ class PPO:
         for _ in range(cfg.ppo_epochs):
             for idx in minibatches(len(prompts), size, gen):
                 mb = ro.select(idx)
-                logp, _, values = engine.forward(mb)
+                logp, values = engine.policy_logprobs(mb, grad=True)
                 pl, cf = L.ppo_policy_loss(logp, mb.logp, adv[idx], mb.mask, cfg.clip_range)
                 vl, vcf = L.ppo_value_loss(values, mb.values, returns[idx], mb.mask, cfg.clip_range_value)
                 engine.optimizer_step(pl + cfg.vf_coef * vl)
                 for k, v in (("policy_loss", pl), ("value_loss", vl), ("clipfrac", cf), ("value_clipfrac", vcf)):
                     stats[k] += v.item()
                 n += 1
+        # 5. the adaptive KL controller moves kl_coef toward kl_target
         kl = sequence_kl(ro).mean().item()
         controller = L.AdaptiveKL(kl_coef, cfg.kl_target, cfg.kl_horizon)
         engine.state["kl_coef"] = controller.update(kl, len(prompts) * engine.world)
@@ -76,7 +87,5 @@ class PPO:
                 "value_mean": ro.values.sum().item() / ro.mask.sum().item()}
 
 
-def pipeline(run) -> dict:
-    from aligntool.online.engine import Engine
-
-    return Engine(run, PPO(run.algo), value_head=True, critic=run.algo.critic).train()
+def method(run) -> PPO:
+    return PPO(run.algo)

@@ -32,21 +32,22 @@ class ReMax:
         self.cfg = cfg
 
     def step(self, engine, prompts):
-        from aligntool.losses.online import remax_returns, remax_loss
+        from aligntool.losses.online import remax_loss, remax_returns
 
         cfg = self.cfg
-        ro = engine.rollout(prompts, policy_logp=False)
-        greedy = engine.rollout(prompts, greedy=True, score_only=True)
-        logp = engine.forward_with_grad(ro)  # one policy forward: its detached values enter the returns' KL term
-        returns = remax_returns(ro.logp, ro.logp_ref, ro.mask, ro.score, greedy.score, cfg.kl_coef, cfg.gamma,
+        ro = engine.sample(prompts)
+        ro = ro.with_(score=engine.score(ro), logp_ref=engine.ref_logprobs(ro))
+        greedy = engine.sample(prompts, greedy=True)  # the baseline: only its reward is used
+        greedy_score = engine.score(greedy)
+        logp, _ = engine.policy_logprobs(ro, grad=True)  # one policy forward; its detached values enter the KL term
+        ro = ro.with_(logp=logp.detach())
+        returns = remax_returns(ro.logp, ro.logp_ref, ro.mask, ro.score, greedy_score, cfg.kl_coef, cfg.gamma,
                                 cfg.reward_clip)
         loss = remax_loss(logp, returns, ro.mask)
         grad_norm = engine.optimizer_step(loss)
-        return {**engine.rollout_stats(ro), "loss": loss.item(), "greedy_reward": greedy.score.mean().item(),
-                "advantage": (ro.score - greedy.score).mean().item(), "grad_norm": grad_norm}
+        return {**engine.rollout_stats(ro), "loss": loss.item(), "greedy_reward": greedy_score.mean().item(),
+                "advantage": (ro.score - greedy_score).mean().item(), "grad_norm": grad_norm}
 
 
-def pipeline(run) -> dict:
-    from aligntool.online.engine import Engine
-
-    return Engine(run, ReMax(run.algo)).train()
+def method(run) -> ReMax:
+    return ReMax(run.algo)

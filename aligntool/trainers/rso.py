@@ -80,7 +80,7 @@ def pipeline(run) -> dict:
     folder = run.output_dir
     prompts = list(dict.fromkeys(run.train_dataset["prompt"]))  # unique, in order
     force = {s: cfg.start_from != "auto" and STAGES.index(s) >= STAGES.index(cfg.start_from) for s in STAGES}
-    from aligntool.trainers.stages import cached_stage
+    from aligntool.trainers.base.stages import cached_stage
 
     sample_settings = {"model": run.model_path, "prompts": prompts, "n": cfg.num_candidates, "t": cfg.temperature,
                        "k": cfg.top_k, "len": cfg.max_new_tokens, "seed": cfg.seed}

@@ -99,4 +99,4 @@ def build(run):
 
     return SPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(),
                       train_dataset=train_data, eval_dataset=eval_data, processing_class=tok,
-                      peft_config=run.peft_config(), spo_config=cfg, spo_columns=columns)
+                      peft_config=run.peft_config(), algo=cfg, spo_columns=columns)

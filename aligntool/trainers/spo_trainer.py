@@ -33,22 +33,22 @@ class SPOTrainer(DPOTrainer):
     """TRL's DPOTrainer (any DPO loss type) + lam * SPO's self-supervised degree loss.
 
     ``spo_columns`` name the dataset columns holding the degraded responses' token ids (``spo_<src>_<d>``);
-    ``spo_config`` is the recipe's ``algo`` section. The degree head is registered on the policy as ``spo_head``
+    ``algo`` is the recipe's ``algo`` section. The degree head is registered on the policy as ``spo_head``
     before TRL wraps it (LoRA adapters, DDP, DeepSpeed, FSDP all see it)."""
 
-    def __init__(self, *args, spo_config: AlgoConfig, spo_columns: list[str], **kwargs):
+    def __init__(self, *args, algo: AlgoConfig, spo_columns: list[str], **kwargs):
         policy = kwargs["model"]
         with torch.random.fork_rng(devices=[]):  # the same head on every rank and in every run of a recipe
             torch.manual_seed(kwargs["args"].seed)
-            policy.spo_head = torch.nn.Linear(policy.config.hidden_size, len(spo_config.removal_ratios),
+            policy.spo_head = torch.nn.Linear(policy.config.hidden_size, len(algo.removal_ratios),
                                               dtype=next(policy.parameters()).dtype)
         policy._keys_to_ignore_on_save = {*(policy._keys_to_ignore_on_save or ()), "spo_head.weight",
                                           "spo_head.bias"}
-        self.spo_head, self.spo_config, self.spo_columns = policy.spo_head, spo_config, spo_columns
+        self.spo_head, self.algo, self.spo_columns = policy.spo_head, algo, spo_columns
         super().__init__(*args, **kwargs)
         # peft freezes everything that is not an adapter; with ssl_weight 0 the head is unused (and DDP would wait
         # for its gradient)
-        self.spo_head.requires_grad_(spo_config.ssl_weight > 0)
+        self.spo_head.requires_grad_(algo.ssl_weight > 0)
         inner = self.data_collator
 
         def collate(examples):
@@ -64,7 +64,7 @@ class SPOTrainer(DPOTrainer):
         self._signature_columns = list(self._signature_columns) + self.spo_columns
 
     def _compute_loss(self, model, inputs, return_outputs):
-        cfg, tok = self.spo_config, self.processing_class
+        cfg, tok = self.algo, self.processing_class
         degrees = len(cfg.removal_ratios)
         spo, prompts = inputs.pop("spo"), inputs.pop("spo_prompt")
         loss = super()._compute_loss(model, inputs, False)

@@ -49,46 +49,29 @@ def win_rate_rows(prompt: str, completions: list[str], scores: list[float]) -> l
 
 
 def pipeline(run) -> dict:
-    from aligntool import models, rewards
-    from aligntool.losses.preference import sppo_loss
+    from aligntool import rewards
     from aligntool.recipe.schema import RewardConfig
-    from aligntool.sampling import sample
-    from aligntool.trainers.pairwise import PairLossTrainer
-    from aligntool.trainers.stages import iterate
+    from aligntool.trainers.base.stages import iterate, sample_groups
+    from aligntool.trainers.sppo_trainer import SPPOTrainer
 
     cfg: AlgoConfig = run.algo
     reward_cfg = run.recipe.reward or RewardConfig()
     scorer = None
 
-    class SPPOTrainer(PairLossTrainer):
-        extra_columns = ("p_chosen", "p_rejected")
-
-        def pair_loss(self, b):
-            lr_w = b["chosen_logps"] - b["ref_chosen_logps"]
-            lr_l = b["rejected_logps"] - b["ref_rejected_logps"]
-            loss = sppo_loss(lr_w, lr_l, b["p_chosen"], b["p_rejected"], cfg.beta)
-            return loss, {"rewards/chosen": cfg.beta * lr_w, "rewards/rejected": cfg.beta * lr_l,
-                          "rewards/accuracies": (lr_w > lr_l).float(), "rewards/margins": cfg.beta * (lr_w - lr_l),
-                          "sppo/p_chosen": b["p_chosen"], "sppo/p_rejected": b["p_rejected"]}
-
     def make_rows(t, policy_path, part):
         nonlocal scorer
-        m = run.recipe.model
-        policy = models.load_model(policy_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
-        repeated = [p for p in part for _ in range(cfg.num_samples)]
-        texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature,
-                          seed=cfg.seed + 1000 * t, top_p=cfg.top_p)
+        groups = sample_groups(run, policy_path, part, cfg.num_samples, cfg, seed=cfg.seed + 1000 * t)
         scorer = scorer or rewards.load(reward_cfg)
-        scores = scorer(repeated, texts)
+        scores = scorer([p for p, g in zip(part, groups) for _ in g], [c for g in groups for c in g])
         k, rows = cfg.num_samples, []
-        for i, p in enumerate(part):
-            rows.extend(win_rate_rows(p, texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k]))
+        for i, (p, g) in enumerate(zip(part, groups)):
+            rows.extend(win_rate_rows(p, g, scores[i * k : (i + 1) * k]))
         return rows
 
     def make_trainer(stage):
         # the reference is this iteration's starting policy: TRL loads it from the policy's folder
         return SPPOTrainer(model=stage.policy(), args=stage.trl_config(), train_dataset=stage.train_dataset,
-                           processing_class=run.tokenizer, peft_config=stage.peft_config())
+                           processing_class=run.tokenizer, peft_config=stage.peft_config(), algo=cfg)
 
     settings = {**cfg.model_dump(exclude={"iterations"}), "reward": reward_cfg.model_dump()}
     return iterate(run, "sppo", cfg.iterations, settings, make_rows, make_trainer)

@@ -48,8 +48,7 @@ class AlgoConfig(Strict):
 
 def build(run):
     from aligntool.errors import UserError
-    from aligntool.losses.preference import srpo_loss
-    from aligntool.trainers.pairwise import PairLossTrainer
+    from aligntool.trainers.srpo_trainer import SRPOTrainer
 
     cfg: AlgoConfig = run.algo
     tok = run.tokenizer
@@ -63,44 +62,5 @@ def build(run):
 
     train_data = run.train_dataset.map(add_revision_prompts, desc="Revision prompts")
     eval_data = run.eval_dataset.map(add_revision_prompts) if run.eval_dataset is not None else None
-
-    class ThreeRoles:
-        """Each example -> (x; yw, yl), (rev(x, yl); yw, yl), (rev(x, yw); yw, yl), grouped by role."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __call__(self, examples):
-            sub = [{"prompt_ids": e["prompt_ids"], "chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]}
-                   for e in examples]
-            for key in ("rev_l_ids", "rev_w_ids"):
-                sub += [{"prompt_ids": e[key], "chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]}
-                        for e in examples]
-            return self.inner(sub)
-
-    class SRPOTrainer(PairLossTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.data_collator = ThreeRoles(self.data_collator)
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            self._signature_columns = list(self._signature_columns) + ["rev_l_ids", "rev_w_ids"]
-
-        def _precompute_ref_logps(self, *args, **kwargs):
-            raise UserError("algo.precompute_ref_log_probs: not supported by srpo (six log-ratios per pair)")
-
-        def pair_loss(self, b):
-            lr_w = (b["chosen_logps"] - b["ref_chosen_logps"]).view(3, -1)
-            lr_l = (b["rejected_logps"] - b["ref_rejected_logps"]).view(3, -1)
-            # rows: 0 = on x, 1 = revising yl, 2 = revising yw
-            h_w, h_w_given_l, h_w_given_w = lr_w
-            h_l, h_l_given_l, h_l_given_w = lr_l
-            loss = srpo_loss(h_w, h_l, h_w_given_l, h_l_given_l, h_w_given_w, h_l_given_w, cfg.beta, cfg.alpha)
-            return loss, {"rewards/accuracies": (h_w > h_l).float(), "rewards/margins": cfg.beta * (h_w - h_l),
-                          "srpo/revise_accuracy": (h_w_given_l > h_l_given_l).float(),
-                          "srpo/revision_margin": cfg.beta * (h_w_given_l - h_l_given_l)}
-
     return SRPOTrainer(model=run.policy(), ref_model=run.reference(), args=run.trl_config(), train_dataset=train_data,
-                       eval_dataset=eval_data, processing_class=tok, peft_config=run.peft_config())
-
+                       eval_dataset=eval_data, processing_class=tok, peft_config=run.peft_config(), algo=cfg)

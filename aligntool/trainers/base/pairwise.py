@@ -2,7 +2,8 @@
 precomputation, distributed, logging); the subclass only maps sequence log-probs to a loss.
 
 Subclasses set ``extra_columns`` (per-pair float columns handed to the loss, e.g. SPPO's win rates),
-``uses_reference`` and implement ``pair_loss(batch) -> (per-pair losses, {metric: tensor})``. ``batch`` holds
+``uses_reference`` and implement ``pair_loss(batch) -> (per-pair losses, {metric: tensor})``; the method's recipe
+section is ``self.algo`` (``PairLossTrainer(..., algo=run.algo)``). ``batch`` holds
 ``chosen_logps``, ``rejected_logps`` (summed over completion tokens), ``ref_chosen_logps``/``ref_rejected_logps``
 when a reference is used, ``chosen_tokens``/``rejected_tokens`` (completion lengths) and the extra columns.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from trl import DPOTrainer
 
-from aligntool.trainers.refcache import RefLogpsCache
+from aligntool.trainers.base.refcache import RefLogpsCache
 
 
 class ExtraColumnsCollator:
@@ -29,10 +30,13 @@ class ExtraColumnsCollator:
 
 
 class PairLossTrainer(RefLogpsCache, DPOTrainer):
+    """``algo`` is the method's recipe section (its AlgoConfig): the loss reads its settings from ``self.algo``."""
+
     extra_columns: tuple[str, ...] = ()
     uses_reference: bool = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, algo=None, **kwargs):
+        self.algo = algo
         super().__init__(*args, **kwargs)
         if self.extra_columns:
             self.data_collator = ExtraColumnsCollator(self.data_collator, self.extra_columns)

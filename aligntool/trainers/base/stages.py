@@ -56,6 +56,19 @@ def cached_stage(folder: Path, name: str, settings: dict, compute: Callable[[], 
         return rows
 
 
+def sample_groups(run, policy_path: str, prompts: list[str], k: int, cfg, seed: int) -> list[list[str]]:
+    """The sampling step of the self-play methods (SPPO, INPO): ``k`` completions of each prompt from the policy at
+    ``policy_path`` on this process's device, with the method's ``temperature``, ``top_p`` and ``max_new_tokens``."""
+    from aligntool import models
+    from aligntool.sampling import sample
+
+    m = run.recipe.model
+    policy = models.load_model(policy_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
+    repeated = [p for p in prompts for _ in range(k)]
+    texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature, seed=seed, top_p=cfg.top_p)
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
 def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_trainer) -> dict:
     """Iterative self-play (SPPO, INPO): for t = 1..T on a disjoint part of the prompts, rows from the current iterate
     (``make_rows(t, policy_path, prompts)``, cached as ``iter-t/samples.jsonl``), then ``make_trainer(stage)`` trains

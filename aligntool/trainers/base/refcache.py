@@ -52,6 +52,3 @@ class RefLogpsCache:
             rejected += r.float().tolist()
         return chosen, rejected
 
-
-def with_ref_cache(trainer_cls):
-    return type(trainer_cls.__name__, (RefLogpsCache, trainer_cls), {})
