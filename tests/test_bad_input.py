@@ -241,7 +241,7 @@ def judge_wrong_length(prompts, a, b):
     ("inpo", ["algo.num_samples=1"], ["algo.num_samples", "greater than or equal to 2"]),
     ("inpo", ["algo.iterations=0"], ["algo.iterations", "greater than or equal to 1"]),
     ("xpo", ["algo.alpha=-1"], ["algo.alpha", ">= 0"]),
-    ("online_dpo", ["algo.loss_type=sigmoidd"], ["algo.loss_type", "unknown loss type"]),
+    ("online_dpo", ["algo.loss_type=sigmoidd"], ["algo.loss_type", "'sigmoidd' is not one of TRL's"]),
     ("online_dpo", ["reward.judge=x:y", "reward.source=runs/rm"], ["judge or a score source"]),
     ("ppo", ["reward.judge=test_bad_input:judge_out_of_range"], ["reward.judge", "gives no score"]),
     ("inpo", ["reward.judge=test_bad_input:judge_out_of_range", "algo.pairing=best_worst"], ["algo.pairing", "tournament"]),

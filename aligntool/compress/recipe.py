@@ -29,7 +29,7 @@ class CalibrationConfig(Strict):
     seq_len: PositiveInt = Field(128, description="Tokens per calibration window.")
     num_sequences: PositiveInt = Field(128, description="Calibration windows (the search samples its stages from these).")
     heldout_sequences: PositiveInt = Field(32, description="Held-out windows for the report (files: the last ones).")
-    seed: NonNegativeInt = 0
+    seed: NonNegativeInt = Field(0, description="Seed of the toy calibration text and of the order of the windows.")
 
 
 class EvoPressConfig(Strict):
@@ -84,9 +84,9 @@ class CompressConfig(Strict):
     jlcm_steps: NonNegativeInt = Field(200, description="jlcm: joint codebook/mapping optimisation steps per layer.")
     jlcm_lr: float = Field(1e-2, gt=0, description="jlcm: Adam step size relative to the weight's std.")
     jlcm_tokens: PositiveInt = Field(2048, description="jlcm: calibration tokens whose layer inputs define the error.")
-    evopress: EvoPressConfig = Field(default_factory=EvoPressConfig)
+    evopress: EvoPressConfig = Field(default_factory=EvoPressConfig, description="Settings of the EvoPress search.")
     eval_batch_size: PositiveInt = Field(8, description="Windows per forward pass when scoring.")
-    seed: NonNegativeInt = 0
+    seed: NonNegativeInt = Field(0, description="Seed of the search (mutations, random starts) and of JLCM's initialisation.")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -119,9 +119,9 @@ class CompressConfig(Strict):
 
 class CompressRecipe(Strict):
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    compress: CompressConfig = Field(default_factory=CompressConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to compress.")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration text and windows.")
+    compress: CompressConfig = Field(default_factory=CompressConfig, description="What to compress and how.")
     output_dir: str | None = Field(None, description="The compressed model folder; default runs/compress-<method>-<mode>.")
 
     @model_validator(mode="after")

@@ -36,23 +36,22 @@ from torch import nn
 from pydantic import Field
 
 from aligntool.errors import UserError, first_line
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.schema import Sampling, Strict
 
 
-class OnlineConfig(Strict):
-    """Rollout settings every online method shares (its ``algo`` section extends these)."""
+def online_config(**sampling) -> type[Strict]:
+    """The settings every online method shares (its ``algo`` section extends these), with the method's sampling
+    defaults (temperature, top_p, max_new_tokens; see aligntool.recipe.schema.Sampling)."""
 
-    max_new_tokens: int = Field(48, gt=0, description="Response length limit.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (1 = on-policy).")
-    top_p: float = Field(1.0, gt=0, le=1)
-    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of responses cut off "
-                                              "before EOS (for online_dpo / xpo: from the preference scores, as TRL).")
-    disable_dropout: bool = Field(True, description="Dropout off in the policy (LoRA's included) and the reference, as "
-                                  "TRL's trainers default: rollouts are scored in eval mode and updated in train mode, "
-                                  "so with dropout the PPO/P3O ratio would not be 1 at the sampling policy.")
+    class OnlineConfig(Sampling(**sampling)):
+        missing_eos_penalty: float | None = Field(
+            None, ge=0, description="Subtracted from the score of responses cut off before EOS (for online_dpo / xpo: "
+            "from the preference scores, as TRL).")
+        disable_dropout: bool = Field(True, description="Dropout off in the policy (LoRA's included) and the reference, "
+                                      "as TRL's trainers default: rollouts are scored in eval mode and updated in train "
+                                      "mode, so with dropout the PPO/P3O ratio would not be 1 at the sampling policy.")
 
-    def trl_kwargs(self) -> dict:
-        return {}
+    return OnlineConfig
 
 
 class PolicyWithValue(nn.Module):

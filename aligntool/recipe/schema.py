@@ -8,7 +8,7 @@ makes the method what it is (``beta``, ``loss_type``, ...) and is validated by t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import (
     BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, PrivateAttr,
@@ -21,13 +21,43 @@ OPTIM_ALIASES = {"AdamW": "adamw_torch", "AdamW8bit": "adamw_8bit", "PagedAdamW8
 
 
 class Strict(BaseModel):
-    """Base of every recipe section: unknown keys are errors."""
+    """Base of every recipe section: unknown keys are errors, numbers are finite.
+
+    The contract between an ``algo`` section and the algorithm's TRL config is declared once, here: ``trl_fields``
+    name the fields that go into the TRL config under the same name, ``trl_extra()`` adds what is renamed, converted or
+    fixed; nothing else of the section reaches TRL (the rest is read by aligntool's own trainer code)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+    trl_fields: ClassVar[tuple[str, ...]] = ()
+
+    def trl_extra(self) -> dict:
+        return {}
 
     def trl_kwargs(self) -> dict:
-        """The keyword arguments this section contributes to the TRL config (override to rename or convert)."""
-        return self.model_dump(exclude_none=True)
+        """The keyword arguments this section gives the TRL config (None = TRL's own default)."""
+        values = {f: getattr(self, f) for f in self.trl_fields if getattr(self, f) is not None}
+        return {**values, **self.trl_extra()}
+
+
+def Sampling(temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 48, top_k: int | None = None,
+             seed: int | None = None) -> type[Strict]:
+    """The sampling settings of the methods that sample (online RL, RSO, SPPO, INPO), declared once: a base class with
+    the fields, their descriptions, and this method's defaults (``top_k`` and ``seed`` only where given)."""
+    from pydantic import create_model
+
+    fields = {
+        "temperature": (float, Field(temperature, gt=0, description="Sampling temperature (1 = the policy's own "
+                                     "distribution, on-policy).")),
+        "top_p": (float, Field(top_p, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens "
+                               "holding this much probability (1 = off).")),
+        "max_new_tokens": (int, Field(max_new_tokens, gt=0, description="Length limit of each sampled response, in "
+                                      "tokens.")),
+    }
+    if top_k is not None:
+        fields["top_k"] = (int, Field(top_k, ge=0, description="Keep only the k most likely tokens (0 = off)."))
+    if seed is not None:
+        fields["seed"] = (int, Field(seed, description="Seed of the sampling (and of the method's own draws)."))
+    return create_model("Sampling", __base__=Strict, **fields)
 
 
 class ModelConfig(Strict):
@@ -43,7 +73,8 @@ class RefModelConfig(Strict):
     name_or_path: str | None = Field(
         None, description="Reference model for KL-regularised methods; defaults to a frozen copy of `model`."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype of the reference; 'auto' keeps the checkpoint's own.")
     soup: list[str] | None = Field(
         None, min_length=2, description="SALSA: average these models' weights into the reference (Chegini et al. 2024)."
     )
@@ -70,7 +101,7 @@ class ToyDataConfig(Strict):
     bt_temperature: NonNegativeFloat = Field(
         0.5, description="Bradley-Terry label noise of toy preference pairs: P(a>b)=sigmoid((r_a-r_b)/T); 0 = noiseless."
     )
-    seed: NonNegativeInt = 0
+    seed: NonNegativeInt = Field(0, description="Seed of the generated rows (eval rows use seed + 1).")
 
 
 class DatasetConfig(Strict):
@@ -101,29 +132,35 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_default=False, allow_inf_nan=False)
 
-    learning_rate: PositiveFloat | None = None
-    max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides num_train_epochs.")
-    num_train_epochs: PositiveFloat | None = None
-    per_device_train_batch_size: PositiveInt | None = None
-    per_device_eval_batch_size: PositiveInt | None = None
-    gradient_accumulation_steps: PositiveInt | None = None
+    learning_rate: PositiveFloat | None = Field(None, description="Peak learning rate of the optimizer.")
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps (online methods: iterations); overrides "
+                                          "num_train_epochs.")
+    num_train_epochs: PositiveFloat | None = Field(None, description="Passes over the training data.")
+    per_device_train_batch_size: PositiveInt | None = Field(
+        None, description="Rows per step and process (online methods: prompts per iteration and process).")
+    per_device_eval_batch_size: PositiveInt | None = Field(None, description="Rows per evaluation step and process.")
+    gradient_accumulation_steps: PositiveInt | None = Field(
+        None, description="Batches whose gradients are summed before each optimizer step.")
     max_length: PositiveInt | None = Field(None, description="Truncate prompt+completion to this many tokens.")
-    seed: NonNegativeInt | None = None
-    logging_steps: PositiveInt | None = None
+    seed: NonNegativeInt | None = Field(None, description="Seed of initialisation, data order and sampling.")
+    logging_steps: PositiveInt | None = Field(None, description="Write a metrics.jsonl row every N steps.")
     save_steps: PositiveInt | None = Field(None, description="Write a checkpoint every N steps (under checkpoints/).")
-    save_total_limit: PositiveInt | None = None
-    eval_steps: PositiveInt | None = None
-    eval_strategy: Literal["no", "steps", "epoch"] | None = None
-    warmup_ratio: float | None = Field(None, ge=0, le=1)
-    warmup_steps: NonNegativeInt | None = None
-    lr_scheduler_type: str | None = None
-    weight_decay: NonNegativeFloat | None = None
-    max_grad_norm: NonNegativeFloat | None = None
+    save_total_limit: PositiveInt | None = Field(None, description="Keep only the N newest checkpoints.")
+    eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (eval_strategy: steps).")
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        None, description="When to evaluate on the eval set; switched off (and said so) when there is none.")
+    warmup_ratio: float | None = Field(None, ge=0, le=1, description="Share of the steps spent warming the learning "
+                                       "rate up.")
+    warmup_steps: NonNegativeInt | None = Field(None, description="Steps spent warming the learning rate up.")
+    lr_scheduler_type: str | None = Field(None, description="transformers scheduler: linear, cosine, constant, ...")
+    weight_decay: NonNegativeFloat | None = Field(None, description="Decoupled weight decay of the optimizer.")
+    max_grad_norm: NonNegativeFloat | None = Field(None, description="Clip the gradient norm to this value.")
     optim: str | None = Field(None, description="Optimizer: any transformers name (adamw_torch, adamw_8bit, "
                               "paged_adamw_8bit, lion_8bit, ...) or AdamW8bit / PagedAdamW8bit / Lion8bit (bitsandbytes).")
-    bf16: bool | None = None
-    fp16: bool | None = None
-    gradient_checkpointing: bool | None = None
+    bf16: bool | None = Field(None, description="bf16 mixed precision (on by default on a GPU that supports it).")
+    fp16: bool | None = Field(None, description="fp16 mixed precision.")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
+                                                "more time.")
     report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
 
     @model_validator(mode="after")
@@ -206,12 +243,13 @@ class PeftConfig(Strict):
 
     r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = lora_alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input (off in online methods "
+                                "unless algo.disable_dropout is false).")
     target_modules: list[str] | str = Field(
         "all-linear", description="Module names (suffixes) to adapt, e.g. [q_proj, v_proj]; 'all-linear' = every "
         "linear layer but the output head.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bits (CUDA + bitsandbytes).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base (QLoRA).")
 
 
 class DistributedConfig(Strict):
@@ -240,14 +278,17 @@ class DistributedConfig(Strict):
 class Recipe(Strict):
     algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    ref_model: RefModelConfig | None = None
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy: the model trained.")
+    ref_model: RefModelConfig | None = Field(None, description="The reference of KL-regularised methods (default: a "
+                                             "frozen copy of the policy).")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Training (and eval) data.")
     reward: RewardConfig | None = Field(None, description="Reward source of methods that sample (default: gold).")
     output_dir: str | None = Field(None, description="Where everything the run makes goes; default runs/<algorithm>.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings, passed to the algorithm's "
+                               "TRL config.")
     peft: PeftConfig | None = Field(None, description="LoRA / QLoRA adapters instead of full fine-tuning.")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How several processes share "
+                                           "the work.")
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
 
     def trl_kwargs(self, algo_config: BaseModel) -> dict:

@@ -20,9 +20,6 @@ class AlgoConfig(Strict):
     contrastive_bias: float = Field(0.5, gt=0, le=1, description="Conservative bias lambda in (0, 1] on A(rejected).")
     bc_weight: float = Field(0.0, ge=0, description="Weight of the NLL (behaviour-cloning) term on chosen responses.")
 
-    def trl_kwargs(self) -> dict:
-        return {}  # nothing of CPL goes into DPOConfig
-
 
 def build(run):
     from aligntool.trainers.cpl_trainer import CPLTrainer

@@ -20,6 +20,7 @@ Two conventions, stated because papers and reimplementations differ:
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -27,10 +28,30 @@ from pydantic import Field, model_validator
 from aligntool.losses.preference import f_alpha_to_trl_coef
 from aligntool.recipe.schema import Strict
 
-LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
+@functools.lru_cache(maxsize=1)
+def trl_loss_types() -> tuple[str, ...]:
+    """The DPO loss types of the installed TRL, read from its DPOConfig (the one list: a loss type TRL adds is
+    accepted without a change here; the parity test checks aligntool's online restatement covers each one)."""
+    import dataclasses
+    import re
+
+    from trl import DPOConfig
+
+    field = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
+    types = tuple(re.findall(r"`'(\w+)'`", field.metadata.get("help", "")))
+    if not types:
+        raise RuntimeError("cannot read the DPO loss types from this TRL's DPOConfig")
+    return types
+
+
+def check_loss_types(value: str | list[str]) -> str | list[str]:
+    """A validator: each named loss type must be one of TRL's."""
+    for t in [value] if isinstance(value, str) else value:
+        if t not in trl_loss_types():
+            raise ValueError(f"loss_type {t!r} is not one of TRL's: {', '.join(trl_loss_types())}")
+    return value
+
+
 # TRL accepts a non-default f-divergence only with losses built on the chosen-rejected reward difference.
 SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -38,9 +59,11 @@ F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "r
 
 class AlgoConfig(Strict):
     beta: float = Field(0.1, gt=0, description="KL strength (tau for IPO): higher keeps the policy nearer the reference.")
-    loss_type: str | list[str] = Field("sigmoid", description=f"One of {', '.join(LOSS_TYPES)}, or a list of them.")
+    loss_type: str | list[str] = Field("sigmoid", description="Any loss type of TRL's DPOTrainer (sigmoid, hinge, ipo, "
+                                       "robust, sppo_hard, aot, apo_zero, discopop, sft, ...), or a list of them.")
     loss_weights: list[float] | None = Field(None, description="Weights of a loss_type list (default: all 1).")
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="f-DPO: the divergence regularising the policy toward the reference.")
     f_alpha: float | None = Field(
         None, gt=0, lt=1, description="The f-DPO paper's alpha of the alpha-divergence (default 0.5); TRL's coef = 1 - alpha."
     )
@@ -55,9 +78,7 @@ class AlgoConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        for t in types:
-            if t not in LOSS_TYPES:
-                raise ValueError(f"loss_type {t!r} is not one of {', '.join(LOSS_TYPES)}")
+        check_loss_types(types)
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(types)} loss types")
         if self.f_divergence_type != "reverse_kl":
@@ -72,11 +93,13 @@ class AlgoConfig(Strict):
             raise ValueError("discopop_tau applies only to loss_type discopop")
         return self
 
-    def trl_kwargs(self) -> dict:
-        kwargs = self.model_dump(exclude_none=True, exclude={"f_alpha"})
-        if self.f_divergence_type == "alpha_divergence":
-            kwargs["f_alpha_divergence_coef"] = f_alpha_to_trl_coef(0.5 if self.f_alpha is None else self.f_alpha)
-        return kwargs
+    trl_fields = ("beta", "loss_type", "loss_weights", "f_divergence_type", "label_smoothing", "use_weighting",
+                  "ld_alpha", "discopop_tau", "precompute_ref_log_probs")
+
+    def trl_extra(self) -> dict:
+        if self.f_divergence_type != "alpha_divergence":
+            return {}
+        return {"f_alpha_divergence_coef": f_alpha_to_trl_coef(0.5 if self.f_alpha is None else self.f_alpha)}
 
 
 def build(run):

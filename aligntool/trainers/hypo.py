@@ -26,9 +26,6 @@ class AlgoConfig(Strict):
     num_kl_prompts: int | None = Field(None, gt=0, description="Use only this many prompts of each batch (default all).")
     max_new_tokens: int = Field(48, gt=0, description="Length limit of the online samples.")
 
-    def trl_kwargs(self) -> dict:
-        return {"beta": self.beta, "loss_type": "sigmoid"}
-
 
 def build(run):
     from aligntool.trainers.hypo_trainer import HyPOTrainer

@@ -26,10 +26,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.schema import Sampling
 
 
-class AlgoConfig(Strict):
+class AlgoConfig(Sampling(temperature=1.0, seed=0)):  # the authors sample at temperature 1
     iterations: int = Field(3, ge=1, description="Iterations T (authors: 3).")
     num_samples: int = Field(8, ge=2, description="K responses per prompt (authors: 8); K >= 2.")
     eta: float = Field(0.005, gt=0, description="eta: the margin target of h is 1/(2 eta) (authors: 0.005).")
@@ -37,13 +37,9 @@ class AlgoConfig(Strict):
     pairing: Literal["tournament", "best_worst"] = Field(
         "tournament", description="How each prompt's pair is chosen: tournament = the authors' selection (knockout "
         "bracket for K = 8, linear best/worst scans otherwise); best_worst = highest/lowest score.")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(48, gt=0)
-    seed: int = 0
 
-    def trl_kwargs(self) -> dict:
-        return {"precompute_ref_log_probs": True}
+    def trl_extra(self) -> dict:
+        return {"precompute_ref_log_probs": True}  # pi_ref's log-probs once per iteration, as the authors' code
 
 
 def preference_matrices(source, prompts: list[str], texts: list[str], k: int) -> list[list[list[float]]]:

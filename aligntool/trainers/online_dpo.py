@@ -23,31 +23,28 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from aligntool.online.engine import OnlineConfig
+from aligntool.online.engine import online_config
 
 
-class AlgoConfig(OnlineConfig):
+class AlgoConfig(online_config(temperature=0.9)):  # TRL's online DPO / XPO sample at 0.9
     beta: float = Field(0.1, gt=0, description="beta of the DPO-family loss (tau for ipo).")
-    loss_type: str | list[str] = Field("sigmoid", description="Any TRL DPO loss type, or a list mixed by loss_weights.")
+    loss_type: str | list[str] = Field("sigmoid", description="Any loss type of TRL's DPOTrainer, restated on sequence "
+                                       "log-probs (aligntool.losses.preference.dpo_family_loss), or a list mixed by "
+                                       "loss_weights.")
     loss_weights: list[float] | None = Field(None, description="Weights of a loss_type list (default: all 1).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="epsilon of robust / exo_pair / aot / aot_unpaired "
                                    "(refused for the other losses).")
-    discopop_tau: float = Field(0.05, gt=0)
+    discopop_tau: float = Field(0.05, gt=0, description="tau of the discopop loss (its paper's 0.05).")
     ipo_length_normalized: bool = Field(
         False, description="ipo: false = the IPO paper's loss on sequence log-ratios (TRL's OnlineDPO/XPO trainers); "
         "true = DPOTrainer's per-token-normalised form.")
-    temperature: float = Field(0.9, gt=0, description="Sampling temperature (TRL's online DPO / XPO default 0.9).")
-    max_new_tokens: int = Field(48, gt=0)
 
     @field_validator("loss_type")
     @classmethod
     def _known(cls, v):
-        from aligntool.losses.preference import DPO_LOSS_TYPES
+        from aligntool.trainers.dpo import check_loss_types
 
-        for t in [v] if isinstance(v, str) else v:
-            if t not in DPO_LOSS_TYPES:
-                raise ValueError(f"unknown loss type {t!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
-        return v
+        return check_loss_types(v)
 
     @model_validator(mode="after")
     def _weights(self):

@@ -14,14 +14,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from aligntool.online.engine import OnlineConfig
+from aligntool.online.engine import online_config
 
 
-class AlgoConfig(OnlineConfig):
+class AlgoConfig(online_config()):
     kl_coef: float = Field(0.05, ge=0, description="beta of the sequence-level KL penalty in the reward.")
     clip_range: float = Field(0.2, gt=0, description="epsilon of the clipped surrogate.")
     variant: Literal["separate", "joint"] = Field("separate", description="V1 (separate) or V2 (joint) clipping.")
-    ppo_epochs: int = Field(2, ge=1)
+    ppo_epochs: int = Field(2, ge=1, description="Passes (optimizer steps) over each rollout batch.")
 
 
 class P3O:

@@ -17,21 +17,21 @@ from typing import Literal
 
 from pydantic import Field
 
-from aligntool.online.engine import OnlineConfig
+from aligntool.online.engine import online_config
 
 
-class AlgoConfig(OnlineConfig):
+class AlgoConfig(online_config()):
     kl_coef: float = Field(0.1, ge=0, description="Initial KL coefficient.")
     kl_target: float | None = Field(6.0, gt=0, description="Target sequence KL of the adaptive controller; null = fixed.")
     kl_horizon: int = Field(10000, gt=0, description="Horizon (samples) of the adaptive controller.")
-    gamma: float = Field(1.0, gt=0, le=1)
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount of GAE (trlx: 1).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_value: float = Field(0.2, gt=0)
+    clip_range: float = Field(0.2, gt=0, description="epsilon of the clipped policy ratio.")
+    clip_range_value: float = Field(0.2, gt=0, description="epsilon of the clipped value update.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    ppo_epochs: int = Field(4, ge=1)
-    num_minibatches: int = Field(1, ge=1)
-    whiten_advantages: bool = True
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    num_minibatches: int = Field(1, ge=1, description="Minibatches per pass (one optimizer step each).")
+    whiten_advantages: bool = Field(True, description="Normalise advantages to zero mean, unit variance per batch.")
     critic: Literal["shared", "separate"] = Field(
         "shared", description="Value head on the policy's backbone (shared) or on a separate copy of it (separate).")
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from aligntool.online.engine import OnlineConfig
+from aligntool.online.engine import online_config
 
 
-class AlgoConfig(OnlineConfig):
+class AlgoConfig(online_config(top_p=0.9)):  # the official scripts sample with top_p 0.9
     kl_coef: float = Field(0.05, ge=0, description="Per-token KL weight in the returns (official scripts: 0.05).")
     gamma: float = Field(0.99, gt=0, le=1, description="Discount of the reward difference toward early tokens.")
     reward_clip: float | None = Field(5.0, gt=0, description="Clip of r(y) - r(y_greedy); null = none.")
-    top_p: float = Field(0.9, gt=0, le=1)
 
 
 class ReMax:

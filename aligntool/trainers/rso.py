@@ -23,22 +23,21 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.schema import Sampling
 
 STAGES = ("sample", "score", "select", "train")
 
 
-class AlgoConfig(Strict):
+class AlgoConfig(Sampling(temperature=0.7, top_k=40, seed=0)):  # the paper's sampling: temperature 0.7, top-k 40
     num_candidates: int = Field(16, ge=2, description="Completions sampled per prompt from the SFT policy (paper: 64).")
     num_samples: int = Field(8, ge=2, description="Completions kept per prompt by the rejection sampler (paper: 8).")
     sample_beta: float = Field(0.5, gt=0, description="beta of the sampler: acceptance exp((r - r_max)/beta).")
-    temperature: float = Field(0.7, gt=0)
-    top_k: int = Field(40, ge=0, description="0 = no top-k filtering.")
-    max_new_tokens: int = Field(48, gt=0)
-    pairing: Literal["first_round", "tournament"] = "first_round"
-    loss: Literal["sigmoid_norm", "hinge_norm"] = "sigmoid_norm"
+    pairing: Literal["first_round", "tournament"] = Field(
+        "first_round", description="first_round: num_samples/2 random pairs per prompt; tournament: the n - 1 games of "
+        "a knock-out (RSO section 3.3).")
+    loss: Literal["sigmoid_norm", "hinge_norm"] = Field(
+        "sigmoid_norm", description="-log sigmoid(gamma * margin) or max(0, 1 - gamma * margin) on the pairs.")
     gamma: float = Field(0.05, gt=0, description="gamma of the loss (DPO's beta), decoupled from sample_beta.")
-    seed: int = 0
     start_from: Literal["auto", "sample", "score", "select", "train"] = Field(
         "auto", description="auto = reuse every saved stage whose settings match; else redo from this stage."
     )
@@ -51,7 +50,7 @@ class AlgoConfig(Strict):
             raise ValueError("first_round pairing needs an even num_samples")
         return self
 
-    def trl_kwargs(self) -> dict:
+    def trl_extra(self) -> dict:
         return {"loss_type": "sigmoid" if self.loss == "sigmoid_norm" else "hinge", "beta": self.gamma}
 
 
@@ -83,14 +82,15 @@ def pipeline(run) -> dict:
     from aligntool.trainers.base.stages import cached_stage
 
     sample_settings = {"model": run.model_path, "prompts": prompts, "n": cfg.num_candidates, "t": cfg.temperature,
-                       "k": cfg.top_k, "len": cfg.max_new_tokens, "seed": cfg.seed}
+                       "k": cfg.top_k, "len": cfg.max_new_tokens, "seed": cfg.seed,
+                       **({"p": cfg.top_p} if cfg.top_p < 1 else {})}  # unchanged hash for the default
 
     def do_sample():
         m = run.recipe.model
         policy = models.load_model(run.model_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
         repeated = [p for p in prompts for _ in range(cfg.num_candidates)]
         texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
-                          top_k=cfg.top_k)
+                          top_k=cfg.top_k, top_p=cfg.top_p)
         n = cfg.num_candidates
         return [{"prompt": p, "candidates": texts[i * n : (i + 1) * n]} for i, p in enumerate(prompts)]
 

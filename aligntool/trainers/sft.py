@@ -8,6 +8,8 @@ from aligntool.recipe.schema import Strict
 
 
 class AlgoConfig(Strict):
+    trl_fields = ("packing", "completion_only_loss", "assistant_only_loss", "dataset_text_field")  # SFTConfig's own
+
     packing: bool = Field(False, description="Pack several examples into one sequence of max_length tokens.")
     completion_only_loss: bool | None = Field(
         None, description="Loss on the completion only (prompt-completion data); None = TRL's default (yes)."

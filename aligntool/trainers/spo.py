@@ -46,13 +46,13 @@ def degrade(text: str, ratio: float, rng: random.Random, min_len: int = 4) -> st
 
 
 class AlgoConfig(Strict):
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, description="beta of the DPO-family loss.")
     loss_type: str = Field("sigmoid", description="DPO-family loss of TRL the SSL term is added to.")
     ssl_weight: float = Field(0.1, ge=0, description="lambda: weight of the self-supervised degree loss.")
     removal_ratios: list[float] = Field([0.0, 0.5, 1.0], min_length=2, description="Fraction removed at each degree.")
     degrade: str = Field("chosen", pattern="^(chosen|both)$", description="Which responses get degraded versions.")
-    min_key_word_length: int = Field(4, ge=1)
-    seed: int = 0
+    min_key_word_length: int = Field(4, ge=1, description="Key-content words have at least this many letters.")
+    seed: int = Field(0, description="Seed of which key words each degree removes.")
 
     @field_validator("removal_ratios")
     @classmethod
@@ -64,14 +64,11 @@ class AlgoConfig(Strict):
     @field_validator("loss_type")
     @classmethod
     def _loss(cls, v):
-        from aligntool.trainers.dpo import LOSS_TYPES
+        from aligntool.trainers.dpo import check_loss_types
 
-        if v not in LOSS_TYPES:
-            raise ValueError(f"loss_type {v!r} is not one of {', '.join(LOSS_TYPES)}")
-        return v
+        return check_loss_types(v)
 
-    def trl_kwargs(self) -> dict:
-        return {"beta": self.beta, "loss_type": self.loss_type}
+    trl_fields = ("beta", "loss_type")  # the DPO-family part is TRL's own loss
 
 
 def build(run):

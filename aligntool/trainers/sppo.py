@@ -18,20 +18,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.schema import Sampling
 
 
-class AlgoConfig(Strict):
+class AlgoConfig(Sampling(temperature=0.7, top_p=0.9, seed=0)):  # the official pipeline's vLLM sampling
     iterations: int = Field(3, ge=1, description="Self-play iterations T (official: 3).")
     num_samples: int = Field(5, ge=2, description="K completions per prompt (official: 5); K >= 2.")
     beta: float = Field(0.1, gt=0, description="beta = 1/eta: the log-ratio targets are (P - 1/2)/beta.")
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(48, gt=0)
-    seed: int = 0
-
-    def trl_kwargs(self) -> dict:
-        return {"beta": self.beta}
 
 
 def win_rate_rows(prompt: str, completions: list[str], scores: list[float]) -> list[dict]:

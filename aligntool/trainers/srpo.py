@@ -42,9 +42,6 @@ class AlgoConfig(Strict):
                 raise ValueError(f"must contain {key}")
         return v
 
-    def trl_kwargs(self) -> dict:
-        return {"beta": self.beta}
-
 
 def build(run):
     from aligntool.errors import UserError
