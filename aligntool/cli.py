@@ -40,7 +40,8 @@ def _root(
 
 @app.command()
 def train(
-    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or a built-in recipe name (dpo, sft, ...)."),
+    recipe: str = typer.Option(..., "--recipe", "-r",
+                               help="Recipe YAML file, or a built-in recipe name (dpo, sft, ...)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. train.max_steps=50."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the previous run in output_dir (its summary, "
@@ -56,64 +57,12 @@ def train(
 ):
     """Train a model as the recipe says; outputs go to the recipe's output_dir."""
     _DEBUG["on"] = _DEBUG["on"] or debug
-    from aligntool.recipe.loader import load_recipe
+    from aligntool.launch.entry import Launch, start
 
-    overrides = list(overrides or [])
-    loaded = load_recipe(recipe, overrides)  # validate before spawning anything
-    if slurm:
-        from aligntool.launch.slurm import slurm_env
-        from aligntool.outputs import latest_checkpoint
-
-        if "LOCAL_RANK" not in os.environ:
-            nnodes, node_rank, master_addr, master_port = slurm_env()
-        out = Path(loaded.recipe.output_dir).expanduser()
-        resume = resume or latest_checkpoint(out / "checkpoints") is not None or any(out.glob("iter-*/iteration.done"))
-    if "LOCAL_RANK" not in os.environ:
-        _check_processes(nproc, nnodes, node_rank, master_addr)
-        if nproc > 1 or nnodes > 1:
-            from aligntool.outputs import check_previous_run
-
-            check_previous_run(Path(loaded.recipe.output_dir).expanduser(), resume, overwrite)  # before any rank starts
-            from aligntool import models
-            from aligntool.launch.torchrun import run_forwarding_signals, torchrun_command
-
-            # Build the tiny model once here, not racing in every rank.
-            models.resolve(loaded.recipe.model.name_or_path, log=lambda m: print(m, file=sys.stderr))
-            argv = ["train", "--recipe", recipe, *overrides, *(["--resume"] if resume else []),
-                    *(["--overwrite"] if overwrite else []), *(["--debug"] if _DEBUG["on"] else [])]
-            if nnodes == 1:
-                master_addr = None  # one node: torchrun's standalone rendezvous
-            out = Path(loaded.recipe.output_dir).expanduser()
-            raise typer.Exit(run_forwarding_signals(
-                torchrun_command(argv, nproc, nnodes, node_rank, master_addr, master_port),
-                finished=lambda: (out / "summary.json").is_file()))
-    from aligntool.outputs import disk_full_error
-    from aligntool.train import train as run_train
-
-    out = Path(loaded.recipe.output_dir).expanduser()
-    try:
-        run_train(loaded, resume=resume, overwrite=overwrite)
-    except (UserError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        error = disk_full_error(out, exc) if out.is_dir() else None
-        if error is None or _DEBUG["on"]:
-            raise
-        raise error from None
-
-
-def _check_processes(nproc: int, nnodes: int, node_rank: int, master_addr: Optional[str]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        if nproc > torch.cuda.device_count():
-            raise UserError(f"--nproc: {nproc} processes but this node has {torch.cuda.device_count()} GPUs")
-    elif nproc > (os.cpu_count() or 1):
-        raise UserError(f"--nproc: {nproc} processes but this machine has {os.cpu_count()} CPU cores")
-    if node_rank >= nnodes:
-        raise UserError(f"--node-rank: {node_rank} is not below --nnodes {nnodes}")
-    if nnodes > 1 and not master_addr:
-        raise UserError("--master-addr: needed with --nnodes > 1 (the host of node 0)")
+    launch = Launch(nproc, nnodes, node_rank, master_addr, master_port, slurm)
+    code = start(recipe, list(overrides or []), resume, overwrite, launch, _DEBUG["on"])
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("merge-lora")
@@ -153,7 +102,7 @@ def slurm(
     out: Optional[str] = typer.Option(None, "--out", help="Script path (default: OUTPUT_DIR/slurm.sbatch)."),
     debug: bool = typer.Option(False, "--debug"),
 ):
-    """Write an sbatch script: srun + torchrun on every node, --requeue, checkpoint-and-requeue on the warning signal."""
+    """Write an sbatch script: srun + torchrun per node, --requeue, a checkpoint and a requeue on SLURM's signal."""
     _DEBUG["on"] = _DEBUG["on"] or debug
     from aligntool.launch.slurm import check_time, sbatch_script
     from aligntool.recipe.loader import load_recipe
@@ -175,10 +124,12 @@ def slurm(
 
 @app.command()
 def compress(
-    recipe: str = typer.Option(..., "--recipe", "-r", help="Compress recipe YAML, or a built-in name (compress_sparsity, "
-                               "compress_quant, compress_depth, compress_jlcm)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. compress.sparsity=0.6."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted EvoPress search from its saved state."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Compress recipe YAML, or a built-in name "
+                               "(compress_sparsity, compress_quant, compress_depth, compress_jlcm)."),
+    overrides: Optional[List[str]] = typer.Argument(None,
+                                                    help="Recipe overrides KEY=VALUE, e.g. compress.sparsity=0.6."),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Continue an interrupted EvoPress search from its saved state."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
     """Compress a model after training (EvoPress per-layer search, uniform baseline, JLCM codebooks); writes a model
@@ -199,7 +150,8 @@ def compress(
 
 @app.command()
 def unpack(
-    packed_dir: Path = typer.Argument(..., metavar="PACKED", help="A packed folder (OUTPUT_DIR/packed of a compress run)."),
+    packed_dir: Path = typer.Argument(..., metavar="PACKED",
+                                      help="A packed folder (OUTPUT_DIR/packed of a compress run)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the rebuilt model to."),
     debug: bool = typer.Option(False, "--debug"),
 ):
@@ -220,8 +172,10 @@ def unpack(
 @app.command("eval")
 def evaluate(
     model: str = typer.Option(..., "--model", "-m", help="Model folder (a train output_dir), 'tiny', or a hub id."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Reference model for KL and win rate ('tiny' ok)."),
-    num_prompts: int = typer.Option(128, "--num-prompts", min=1, help="Held-out toy prompts (or pairs, for reward models)."),
+    reference: Optional[str] = typer.Option(None, "--reference",
+                                            help="Reference model for KL and win rate ('tiny' ok)."),
+    num_prompts: int = typer.Option(128, "--num-prompts", min=1,
+                                    help="Held-out toy prompts (or pairs, for reward models)."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
@@ -230,7 +184,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
-    """Score a model on the toy world: gold reward (+ KL and win rate against a reference), or a reward model's accuracy."""
+    """Score a model on the toy world: gold reward (+ KL, win rate vs a reference), or a reward model's accuracy."""
     _DEBUG["on"] = _DEBUG["on"] or debug
     import json
 
@@ -292,7 +246,8 @@ def bon(
 
     reward = list(reward or [])
     try:
-        cfg = RewardConfig(source=reward[0] if len(reward) == 1 else "gold", ensemble=reward if len(reward) > 1 else None,
+        cfg = RewardConfig(source=reward[0] if len(reward) == 1 else "gold",
+                           ensemble=reward if len(reward) > 1 else None,
                            aggregate=aggregate, uwo_lambda=uwo_lambda)
     except ValidationError as exc:
         e = exc.errors()[0]

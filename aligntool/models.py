@@ -23,7 +23,8 @@ def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> st
         return str(local)
     parts = name_or_path.split("/")
     if name_or_path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
-        raise UserError(f"{key}: {name_or_path}: model path does not exist (expected 'tiny', a local folder or a hub id org/name)")
+        raise UserError(f"{key}: {name_or_path}: model path does not exist "
+                        "(expected 'tiny', a local folder or a hub id org/name)")
     return name_or_path  # hub id: transformers downloads it (or finds it in the HF cache)
 
 
@@ -134,7 +135,8 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if head == "reward":
-        model = _wrap(key, path, transformers.AutoModelForSequenceClassification.from_pretrained, path, num_labels=1, **kwargs)
+        model = _wrap(key, path, transformers.AutoModelForSequenceClassification.from_pretrained, path, num_labels=1,
+                      **kwargs)
         if pad_token_id is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
         return model
@@ -145,7 +147,6 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
     """Write the weight-space average of ``paths`` (identical architectures and shapes) to ``out`` as a model folder
     that transformers loads; the tokenizer and config are the first model's. Returns ``out``."""
     import json
-    import os
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -157,7 +158,8 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
     configs = [json.loads((f / "config.json").read_text()) for f in folders]
     for f, c in zip(folders[1:], configs[1:]):
         if c.get("architectures") != configs[0].get("architectures"):
-            raise UserError(f"{key}: {f} is a {c.get('architectures')}, {folders[0]} a {configs[0].get('architectures')}; "
+            raise UserError(f"{key}: {f} is a {c.get('architectures')}, "
+                            f"{folders[0]} a {configs[0].get('architectures')}; "
                             "a soup needs one architecture")
     states = []
     for f in folders:
@@ -173,14 +175,13 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
         averaged = soup(states, weights)
     except ValueError as exc:
         raise UserError(f"{key}: {exc}") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folders[0], tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
-                                                                      "checkpoints", "tensorboard", "*.jsonl", "*.bin"))
-    save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "soup.json").write_text(json.dumps({"models": [str(f) for f in folders], "weights": weights}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    from aligntool.outputs import atomic_path
+
+    with atomic_path(out) as tmp:
+        shutil.copytree(folders[0], tmp, ignore=shutil.ignore_patterns(
+            "*.safetensors", "*.safetensors.index.json", "checkpoints", "tensorboard", "*.jsonl", "*.bin"))
+        save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "soup.json").write_text(json.dumps({"models": [str(f) for f in folders], "weights": weights}, indent=2))
     return out
 
 
@@ -226,5 +227,6 @@ def four_bit_config(peft):
                         "none -- drop load_in_4bit to train LoRA on the full-precision base")
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft.bnb_4bit_quant_type, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=peft.bnb_4bit_quant_type, bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)

@@ -14,6 +14,7 @@ and the space a checkpoint takes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -38,10 +39,27 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Write a file or a folder under a temporary sibling name, then rename it into place: a reader (or a resumed
+    run) sees the old version or the new one, never half of one. A failure removes the temporary; an existing
+    folder at ``path`` is replaced."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    if tmp.is_dir() and path.is_dir():
+        shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def prepare_output_dir(path: Path) -> None:
@@ -54,11 +72,43 @@ def prepare_output_dir(path: Path) -> None:
         raise UserError(f"output_dir: {path}: cannot write there ({exc.strerror or exc})") from None
 
 
+# --------------------------------------------------------------------------------------------- metrics, summary
+def append_metrics(path: Path, row: dict) -> None:
+    """One JSON object per line of metrics.jsonl (main process only)."""
+    if is_main_process():
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory: the GPU allocator's high-water mark, or the resident set on a CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def summary(algorithm: str, kind: str, global_step: int, train_time_s: float, samples: int | None, world_size: int,
+            final_metrics: dict | None = None, resumed_from=None, **details) -> dict:
+    """summary.json: the same keys for every kind of method (trl, pipeline, online), then the method's details
+    (a pipeline's iterations, the pairs it made, ...)."""
+    return {"algorithm": algorithm, "kind": kind, "global_step": global_step, "train_time_s": round(train_time_s, 2),
+            "steps_per_second": round(global_step / train_time_s, 4) if train_time_s else None,
+            "train_samples_per_second": round(samples / train_time_s, 3) if samples and train_time_s else None,
+            "peak_memory_mb": round(peak_memory_mb(), 1), "world_size": world_size,
+            "resumed_from": str(resumed_from) if resumed_from else None, "final_metrics": final_metrics or {},
+            **details}
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 def checkpoint_step(path: Path) -> int | None:
     """N of a ``checkpoint-N`` folder, else None."""
     name = path.name
-    return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() else None
+    return (int(name[len(CHECKPOINT_PREFIX):])
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() else None)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

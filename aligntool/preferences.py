@@ -49,7 +49,8 @@ class PreferenceSource:
             if len(p) != len(a) or not all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for x in p):
                 bad = next((x for x in p if not (isinstance(x, (int, float)) and 0.0 <= x <= 1.0)), None)
                 raise UserError(f"reward.judge: {self.config.judge} returned {len(p)} values for {len(a)} pairs"
-                                + (f" (e.g. {bad!r})" if bad is not None else "") + "; expected one P(a > b) in [0, 1] each")
+                                + (f" (e.g. {bad!r})" if bad is not None else "")
+                                + "; expected one P(a > b) in [0, 1] each")
             return [float(x) for x in p]
         ra, rb = self.scorer(prompts, a), self.scorer(prompts, b)
         ra = [r - d for r, d in zip(ra, penalty_a)] if penalty_a is not None else ra

@@ -57,14 +57,16 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       "aligntool.trainers.sft", "trl:SFTConfig", "language_modeling", "recipes/sft.yaml"),
         AlgorithmSpec("reward", "Bradley-Terry reward model on preference pairs (TRL RewardTrainer).", "reward",
                       "aligntool.trainers.reward", "trl:RewardConfig", "preference", "recipes/reward.yaml"),
-        AlgorithmSpec("dpo", "Direct Preference Optimization and every TRL DPO loss: IPO, hinge/SLiC, robust, RPO mixes, "
-                      "f-DPO divergences, ... (TRL DPOTrainer).", "offline-preference",
+        AlgorithmSpec("dpo", "Direct Preference Optimization and every TRL DPO loss: IPO, hinge/SLiC, robust, "
+                      "RPO mixes, f-DPO divergences, ... (TRL DPOTrainer).", "offline-preference",
                       "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/dpo.yaml"),
         # Named DPO variants: TRL's DPOTrainer with the paper's loss preset (aligntool/trainers/dpo.py).
         AlgorithmSpec("ipo", "IPO: squared loss toward a 1/(2 tau) margin (Azar et al. 2023).", "offline-preference",
-                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/ipo.yaml", {"loss_type": "ipo"}),
+                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/ipo.yaml",
+                      {"loss_type": "ipo"}),
         AlgorithmSpec("slic", "SLiC-HF hinge loss max(0, 1 - beta * margin) (Zhao et al. 2023).", "offline-preference",
-                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/slic.yaml", {"loss_type": "hinge"}),
+                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/slic.yaml",
+                      {"loss_type": "hinge"}),
         AlgorithmSpec("robust_dpo", "Robust DPO for noisy labels with flip rate epsilon (Chowdhury et al. 2024).",
                       "offline-preference", "aligntool.trainers.dpo", "trl:DPOConfig", "preference",
                       "recipes/robust_dpo.yaml", {"loss_type": "robust", "label_smoothing": 0.1}),
@@ -80,9 +82,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("cpl", "CPL: contrastive loss on alpha * sum log pi with a conservative bias; no reference model "
                       "(Hejna et al. 2023).", "offline-preference", "aligntool.trainers.cpl", "trl:DPOConfig",
                       "preference", "recipes/cpl.yaml"),
-        AlgorithmSpec("rso", "RSO: sample from the SFT policy, statistical rejection sampling toward the optimal policy, "
-                      "pairs, then sigmoid-/hinge-norm (Liu et al. 2023).", "pipeline", "aligntool.trainers.rso",
-                      "trl:DPOConfig", "prompt", "recipes/rso.yaml", samples=True, kind="pipeline"),
+        AlgorithmSpec("rso", "RSO: sample from the SFT policy, statistical rejection sampling toward the optimal "
+                      "policy, pairs, then sigmoid-/hinge-norm (Liu et al. 2023).", "pipeline",
+                      "aligntool.trainers.rso", "trl:DPOConfig", "prompt", "recipes/rso.yaml", samples=True,
+                      kind="pipeline"),
         AlgorithmSpec("sppo", "SPPO, soft and iterative: K samples per prompt, win rates vs the current policy, "
                       "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024).",
                       "pipeline", "aligntool.trainers.sppo", "trl:DPOConfig", "prompt", "recipes/sppo.yaml",
@@ -118,8 +121,8 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       "exploration (Xie et al. 2024).", "online-preference", "aligntool.trainers.xpo",
                       "transformers:TrainingArguments", "prompt", "recipes/xpo.yaml", samples=True,
                       kind="online"),
-        AlgorithmSpec("inpo", "INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the reference "
-                      "and the last iterate (Zhang et al. 2024).", "pipeline", "aligntool.trainers.inpo",
+        AlgorithmSpec("inpo", "INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the "
+                      "reference and the last iterate (Zhang et al. 2024).", "pipeline", "aligntool.trainers.inpo",
                       "trl:DPOConfig", "prompt", "recipes/inpo.yaml", samples=True, kind="pipeline"),
     ]
 }

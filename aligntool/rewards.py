@@ -15,6 +15,7 @@ import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+
 from aligntool.errors import UserError
 from aligntool.recipe.schema import RewardConfig
 

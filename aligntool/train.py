@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,15 +18,18 @@ import yaml
 from aligntool import data as data_mod
 from aligntool import models
 from aligntool.errors import UserError, first_line
-from aligntool.outputs import COMPLETE_MARKER, is_main_process, latest_checkpoint, log, prepare_output_dir, write_atomic
+from aligntool.outputs import (
+    COMPLETE_MARKER,
+    append_metrics,
+    checkpoint_step,
+    is_main_process,
+    latest_checkpoint,
+    log,
+    prepare_output_dir,
+    summary,
+    write_atomic,
+)
 from aligntool.recipe.loader import LoadedRecipe
-
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _non_finite(logs: dict) -> str | None:
@@ -55,9 +56,8 @@ def _callbacks(metrics_file: Path, stage: str | None):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                row = {"step": state.global_step, "epoch": state.epoch, **({"stage": stage} if stage else {}), **logs}
-                with metrics_file.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                append_metrics(metrics_file, {"step": state.global_step, "epoch": state.epoch,
+                                              **({"stage": stage} if stage else {}), **logs})
 
     def diverged(args, state, what: str) -> None:
         """Recorded on the main process; StopOnNonFinite stops every rank at the next step end (the Trainer then
@@ -124,19 +124,6 @@ def _bf16_supported() -> bool:
     return _cuda() and torch.cuda.is_bf16_supported()
 
 
-def _cpu_fsdp_state(config) -> None:
-    """accelerate's CPU mode (MULTI_CPU) has no FSDP, though PyTorch's FSDP2 shards over gloo on CPUs: start the CPU
-    state, then switch it to FSDP with the plugin the TrainingArguments describe; the Trainer reuses that state."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
-    state = Accelerator(cpu=True, mixed_precision=precision).state
-    if state.distributed_type != DistributedType.FSDP:
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**config.fsdp_plugin_args)
-        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
-
-
 @dataclass
 class Run:
     """What a trainer module's ``build(run)`` gets: the validated recipe and the loaders it may call."""
@@ -150,6 +137,7 @@ class Run:
     ref_path: str | None = None  # set when the reference is built (e.g. a soup)
     _zero3_args: object = None  # TrainingArguments kept alive while ZeRO-3 models load (see policy())
     resume: bool = False
+    setup: object = None  # aligntool.launch.distributed.Setup, made once by train()
     _eval_off_logged: bool = False
 
     @property
@@ -161,15 +149,20 @@ class Run:
         return self.loaded.algo
 
     def trl_config(self, **overrides):
-        """The algorithm's TRL config from ``train.*`` + ``algo.*``; checkpoints go to output_dir/checkpoints."""
+        """The algorithm's TRL config from ``train.*`` + the declared ``algo.*`` fields + the backend's keywords of
+        the run's set-up; checkpoints go to output_dir/checkpoints. Builds a config only: no process state."""
+        from aligntool.launch.distributed import trainer_kwargs
+
         cls = self.loaded.spec.trl_config_class()
         kwargs = self.recipe.trl_kwargs(self.algo)
         kwargs["output_dir"] = str(self.output_dir / "checkpoints")
-        from aligntool.launch.configs import training_kwargs
-
-        kwargs.update(training_kwargs(self.recipe.distributed, self.output_dir, write=is_main_process()))
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.output_dir / "tensorboard")  # read when the trainer is built
-        kwargs.setdefault("logging_nan_inf_filter", False)  # a NaN loss must show (StopOnNonFinite), not be averaged away
+        backend = self.setup.trainer_kwargs if self.setup else trainer_kwargs(self.recipe, self.output_dir)
+        for key, value in backend.items():  # the recipe's own accelerator_config keys are kept
+            kwargs[key] = {**(kwargs.get(key) or {}), **value} if key == "accelerator_config" else value
+        # where the trainer built next logs
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.output_dir / "tensorboard")
+        # a NaN loss must show (StopOnNonFinite), not be averaged away
+        kwargs.setdefault("logging_nan_inf_filter", False)
         kwargs.update(overrides)
         if kwargs.get("eval_strategy", "no") != "no" and self.eval_dataset is None:
             # the recipe evaluates, but this run (the user's own data, or a pipeline stage) has no eval set
@@ -190,31 +183,12 @@ class Run:
             # transformers only accepts it when told this is a CPU run
             kwargs["use_cpu"] = True
         elif not _bf16_supported():
-            kwargs["bf16"] = False  # TRL turns bf16 on by default; where the hardware lacks it, say fp32 rather than fail
-        backend = self.recipe.distributed.backend
-        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda()
-        if multi_cpu:
-            # accelerate only starts a CPU process group in its MULTI_CPU mode, which has neither DeepSpeed nor FSDP;
-            # so aligntool configures the shared state itself (gloo + DeepSpeed's CPU accelerator, or gloo + FSDP2,
-            # switched over in _cpu_fsdp_state once the config exists) and the Trainer reuses it
-            from accelerate import PartialState
-
-            if backend == "deepspeed":
-                os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-                PartialState(backend="gloo")
-            else:
-                kwargs.setdefault("use_cpu", True)  # without it accelerate sees no GPUs and skips the gloo group
-                if backend == "fsdp":
-                    PartialState(cpu=True)
-            if backend != "ddp":
-                kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
+            # TRL turns bf16 on by default; where the hardware lacks it, say fp32 rather than fail
+            kwargs["bf16"] = False
         try:
-            config = cls(**kwargs)
+            return cls(**kwargs)
         except (ValueError, TypeError) as exc:
             raise UserError(f"{self.loaded.source}: train/algo: {first_line(exc)}") from None
-        if multi_cpu and backend == "fsdp":
-            _cpu_fsdp_state(config)
-        return config
 
     def policy(self, head: str = "causal_lm"):
         m, peft = self.recipe.model, self.recipe.peft
@@ -222,7 +196,8 @@ class Run:
         if peft is not None and peft.load_in_4bit:
             quant = models.four_bit_config(peft)
         d = self.recipe.distributed
-        if d.backend == "deepspeed" and d.zero_stage == 3 and quant is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if (d.backend == "deepspeed" and d.zero_stage == 3 and quant is None
+                and int(os.environ.get("WORLD_SIZE", "1")) > 1):
             # while a TrainingArguments with the ZeRO-3 config is alive, transformers builds the model inside
             # deepspeed.zero.Init: each rank only ever holds its shard of the weights, never the whole model
             self._zero3_args = self.trl_config()
@@ -289,17 +264,12 @@ class Run:
             metrics.update(trainer.evaluate())
         trainer.save_model(str(out))
         trainer.accelerator.wait_for_everyone()  # the next pipeline stage may load what the main process just wrote
-        return {
-            "algorithm": self.loaded.spec.name,
-            "global_step": trainer.state.global_step,
-            "train_time_s": round(wall, 2),
-            "train_samples_per_second": metrics.get("train_samples_per_second"),
-            "peak_memory_mb": round(peak_memory_mb(), 1),
-            "world_size": trainer.args.world_size,
-            "resumed_from": str(checkpoint) if checkpoint else None,
-            "final_metrics": metrics,
-            "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}),
-        }
+        steps = trainer.state.global_step - (checkpoint_step(checkpoint) if checkpoint else 0)
+        samples = steps * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps \
+            * trainer.args.world_size
+        return summary(self.loaded.spec.name, self.loaded.spec.kind, trainer.state.global_step, wall, samples,
+                       trainer.args.world_size, metrics, checkpoint,
+                       last_log=next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}))
 
     def _check_rows_left(self, trainer) -> None:
         """TRL drops rows that truncation leaves without a completion: say how many, and stop if none is left."""
@@ -358,7 +328,9 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     if resume and spec.kind == "trl" and latest_checkpoint(out / "checkpoints") is None:
         raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
 
-    run = Run(loaded, out, resume=resume)
+    from aligntool.launch.distributed import setup
+
+    run = Run(loaded, out, resume=resume, setup=setup(recipe, out))
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
     if recipe.ref_model is not None and recipe.ref_model.soup:
         from accelerate import PartialState
@@ -382,15 +354,15 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     preemption.install()
     start = time.time()
     if spec.kind == "trl":  # a Trainer, fitted here
-        summary = run.fit(module.build(run))
+        result = run.fit(module.build(run))
     elif spec.kind == "pipeline":  # stages (sample -> score -> select -> train, iterations) that drive run.fit
-        summary = module.pipeline(run)
+        result = module.pipeline(run)
     else:  # an online method on the rollout engine
         from aligntool.online.engine import Engine
 
-        summary = Engine(run, module.method(run)).train()
-    summary["wall_time_s"] = round(time.time() - start, 2)
+        result = Engine(run, module.method(run)).train()
+    result["wall_time_s"] = round(time.time() - start, 2)
     if is_main_process():
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        log(f"Done in {summary['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
-    return summary
+        write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
+        log(f"Done in {result['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
+    return result

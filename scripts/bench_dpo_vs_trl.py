@@ -45,9 +45,9 @@ def step_timer():
 
 
 def worker_aligntool(steps: int, batch: int, out: str) -> list[float]:
+    from aligntool import data, models
     from aligntool.recipe.loader import load_recipe
     from aligntool.train import Run
-    from aligntool import data, models
 
     overrides = [f"output_dir={out}", f"train.max_steps={steps}", f"train.per_device_train_batch_size={batch}",
                  "train.save_strategy=no", *(f"train.{k}={v}" for k, v in SETTINGS.items()),
@@ -115,7 +115,8 @@ def main() -> None:
             r = run_side(side, a.steps, a.batch_size)
             rows[side].append(r)
             print(f"{i + 1:>4} {side:>10} {1000 * r['step_s']:>9.1f} {r['peak_mb']:>9.0f}", flush=True)
-    med = {s: (statistics.median(r["step_s"] for r in v), statistics.median(r["peak_mb"] for r in v)) for s, v in rows.items()}
+    med = {s: (statistics.median(r["step_s"] for r in v), statistics.median(r["peak_mb"] for r in v))
+           for s, v in rows.items()}
     t_ratio, m_ratio = med["aligntool"][0] / med["trl"][0], med["aligntool"][1] / med["trl"][1]
     print(f"time per step   aligntool/TRL = {t_ratio:.3f}  (target <= 1.05: {'met' if t_ratio <= 1.05 else 'NOT met'})")
     print(f"peak memory     aligntool/TRL = {m_ratio:.3f}  (target <= 1.05: {'met' if m_ratio <= 1.05 else 'NOT met'})")

@@ -35,7 +35,8 @@ def worker(precompute: bool, steps: int, batch: int, out: str) -> dict:
     rows = max(steps * batch, 256)  # the pass scores only the rows training will see
     loaded = load_recipe(REPO / "recipes" / "dpo.yaml", [
         f"output_dir={out}", f"train.max_steps={steps}", f"train.per_device_train_batch_size={batch}",
-        "train.save_strategy=no", f"dataset.toy.size={rows}", f"algo.precompute_ref_log_probs={str(precompute).lower()}",
+        "train.save_strategy=no", f"dataset.toy.size={rows}",
+        f"algo.precompute_ref_log_probs={str(precompute).lower()}",
     ])
     run = Run(loaded, Path(out))
     run.model_path = models.resolve("tiny")
@@ -66,7 +67,8 @@ def main() -> None:
 
     tiny_model_path()
     results = {"per-step": [], "precomputed": []}
-    print(f"DPO reference log-probs, tiny model, batch {a.batch_size}, {a.steps} steps, {a.repeats} alternating repeats")
+    print(f"DPO reference log-probs, tiny model, batch {a.batch_size}, {a.steps} steps, "
+          f"{a.repeats} alternating repeats")
     print(f"{'run':>4} {'reference':>12} {'ms/step':>9} {'build s':>8}")
     for i in range(a.repeats):
         for side in ("per-step", "precomputed"):
@@ -83,7 +85,8 @@ def main() -> None:
     build = {k: statistics.median(r["build_s"] for r in v) for k, v in results.items()}
     ratio = step["precomputed"] / step["per-step"]
     rows = results["precomputed"][0]["rows"]
-    print(f"time per step   precomputed/per-step = {ratio:.3f}  (target <= 0.7: {'met' if ratio <= 0.7 else 'NOT met'})")
+    print(f"time per step   precomputed/per-step = {ratio:.3f}  "
+          f"(target <= 0.7: {'met' if ratio <= 0.7 else 'NOT met'})")
     print(f"one-off pass    {build['precomputed'] - build['per-step']:.2f} s for {rows} pairs "
           f"(= {(build['precomputed'] - build['per-step']) / max(step['per-step'] - step['precomputed'], 1e-9):.0f} "
           "steps' worth of the per-step saving)")

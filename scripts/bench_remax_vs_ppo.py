@@ -31,7 +31,8 @@ from pathlib import Path
 from benchlib import run_worker
 
 REPO = Path(__file__).resolve().parent.parent
-SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]), "ppo-critic": ("ppo", ["algo.critic=separate"])}
+SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]),
+         "ppo-critic": ("ppo", ["algo.critic=separate"])}
 WARMUP = 2
 
 
@@ -63,7 +64,8 @@ def worker(side: str, a, out: str) -> dict:
     recipe, extra = SIDES[side]
     overrides = [f"output_dir={out}", f"model.name_or_path={a.model}", f"train.max_steps={a.iterations}",
                  f"train.per_device_train_batch_size={a.batch_size}", f"algo.max_new_tokens={a.max_new_tokens}",
-                 "train.save_steps=1000000", "train.logging_steps=1000", "algo.temperature=1.0", "algo.top_p=1.0", *extra]
+                 "train.save_steps=1000000", "train.logging_steps=1000", "algo.temperature=1.0", "algo.top_p=1.0",
+                 *extra]
     if recipe == "ppo":
         overrides += [f"algo.ppo_epochs={a.ppo_epochs}", "algo.num_minibatches=1"]
     loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides)

@@ -5,8 +5,8 @@ deepspeed with ``zero_stage: 3``; same model, data, batch, steps and seed. Each 
 that training adds: VmHWM, reset through /proc/self/clear_refs after the libraries are imported, minus the resident
 memory at that moment (model, gradients, optimizer state, activations, DeepSpeed buffers). The model is a random-init
 widened copy of the tiny model (``--hidden-size``, ``--layers``; default ~28 M parameters), so that model states
-dominate over the runtime. Prints each rank, then the ratio ZeRO-3 / DDP of the mean per-rank figure (target <= 0.55), and FSDP2 / DDP.
-On CPU the ranks share one machine's RAM; the figure is per process, as it would be per GPU.
+dominate over the runtime. Prints each rank, then the ratio ZeRO-3 / DDP of the mean per-rank figure (target <= 0.55),
+and FSDP2 / DDP. On CPU the ranks share one machine's RAM; the figure is per process, as it would be per GPU.
 
     python scripts/bench_zero3_memory.py [--hidden-size 512] [--layers 8] [--steps 6] [--batch-size 4]
 """
@@ -94,8 +94,8 @@ def TensorBytes():
 def side(name: str, a, model: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               "--worker", name, "--out", out, "--model", model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-               *(["--bf16"] if a.bf16 else [])]
+               "--worker", name, "--out", out, "--model", model, "--steps", str(a.steps),
+               "--batch-size", str(a.batch_size), *(["--bf16"] if a.bf16 else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -122,12 +122,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = widened_copy(str(models.resolve("tiny")), a.hidden_size, a.layers, tmp)
         rows = {name: side(name, a, model) for name in BACKENDS}
-    print(f"SFT, 2 ranks, batch {a.batch_size} per rank, {a.steps} steps, {'bf16 mixed precision' if a.bf16 else 'fp32'}")
+    print(f"SFT, 2 ranks, batch {a.batch_size} per rank, {a.steps} steps, "
+          f"{'bf16 mixed precision' if a.bf16 else 'fp32'}")
     print(f"{'side':>6} {'rank':>4} {'live tensors MB':>23} {'training +MB (RSS)':>19} {'process peak MB':>16}")
     for name, ranks in rows.items():
         for r in ranks:
             print(f"{name:>6} {r['rank']:>4} {r['state_mb']:>23.0f} {r['train_mb']:>19.0f} {r['process_mb']:>16.0f}")
-    for key, what in (("state_mb", "model states (peak live tensors around the optimizer step)"), ("train_mb", "training RSS high-water")):
+    for key, what in (("state_mb", "model states (peak live tensors around the optimizer step)"),
+                      ("train_mb", "training RSS high-water")):
         mean = {n: sum(r[key] for r in rs) / len(rs) for n, rs in rows.items()}
         ratio = mean["zero3"] / mean["ddp"]
         print(f"per-rank {what} ZeRO-3/DDP = {ratio:.3f}  (target <= 0.55: {'met' if ratio <= 0.55 else 'NOT met'}); "

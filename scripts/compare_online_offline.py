@@ -71,8 +71,8 @@ def main() -> None:
             for m in methods:
                 r = run(m, a, seed, root / f"{m}-seed{seed}")
                 results[m].append(r)
-                print(f"seed {seed} {m:>10}: gold {r['gold']:.3f} ± {r['se']:.3f}  KL {r['kl']:.2f}  win {r['win']:.3f}  "
-                      f"({r['seconds']:.0f} s)", flush=True)
+                print(f"seed {seed} {m:>10}: gold {r['gold']:.3f} ± {r['se']:.3f}  KL {r['kl']:.2f}  "
+                      f"win {r['win']:.3f}  ({r['seconds']:.0f} s)", flush=True)
     ref = statistics.mean(r["ref_gold"] for rs in results.values() for r in rs)
     print(f"\n{a.labels} preference labels each, batch {a.batch_size}, {a.labels // a.batch_size} steps, lr {a.lr}, "
           f"beta {a.beta}, BT temperature {a.bt_temperature}; starting model's gold reward {ref:.3f}")

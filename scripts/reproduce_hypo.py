@@ -49,7 +49,8 @@ def main() -> None:
     print(f"{'method':>6} {'lambda':>7} {'gold reward':>15} {'KL to ref':>15} {'win rate':>9} {'time s':>7}")
     for name, lam, r in rows:
         print(f"{name:>6} {'-' if lam is None else lam:>7} {r['gold_reward']:>8.3f} ± {r['gold_reward_stderr']:.3f} "
-              f"{r['kl_to_reference']:>8.2f} ± {r['kl_to_reference_stderr']:.2f} {r['win_rate']:>9.3f} {r['train_s']:>7.1f}")
+              f"{r['kl_to_reference']:>8.2f} ± {r['kl_to_reference_stderr']:.2f} "
+              f"{r['win_rate']:>9.3f} {r['train_s']:>7.1f}")
     dpo = rows[0][2]
     for _, lam, r in rows[1:]:
         se = math.sqrt(r["gold_reward_stderr"] ** 2 + dpo["gold_reward_stderr"] ** 2)

@@ -96,7 +96,8 @@ def score_policy(path: str, scorer, num_prompts: int) -> dict:
     policy, tok = _load_lm(path, "--model")
     ref, _ = _load_lm("tiny", "--reference")
     texts, ids = sample(policy, tok, prompts, 48, 1.0, 64, 2)
-    kl = [a - b for a, b in zip(sequence_logprobs(policy, tok, prompts, ids, 64), sequence_logprobs(ref, tok, prompts, ids, 64))]
+    kl = [a - b for a, b in zip(sequence_logprobs(policy, tok, prompts, ids, 64),
+                                sequence_logprobs(ref, tok, prompts, ids, 64))]
     gold, proxy = [world.gold_reward(t) for t in texts], scorer(prompts, texts)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {"kl": mean(kl), "gold": mean(gold), "proxy": mean(proxy)}
@@ -111,7 +112,8 @@ def run_ppo(a, members: list[str], out: Path) -> dict:
     for obj in OBJECTIVES:
         path = out / f"ppo_{obj}"
         cfg = reward_config(obj, members, a.uwo_ppo)
-        reward = {"source": cfg.source} if obj == "single" else {"ensemble": members, "aggregate": obj, "uwo_lambda": a.uwo_ppo}
+        reward = ({"source": cfg.source} if obj == "single"
+                  else {"ensemble": members, "aggregate": obj, "uwo_lambda": a.uwo_ppo})
         overrides = [f"output_dir={path}", f"train.max_steps={a.ppo_iterations}", f"train.save_steps={a.eval_every}",
                      "train.save_total_limit=null", "algo.kl_coef=0.0", "algo.kl_target=null",
                      f"train.learning_rate={a.ppo_lr}"]
@@ -125,7 +127,8 @@ def run_ppo(a, members: list[str], out: Path) -> dict:
         scorer = rewards.load(cfg)
         rows = [{"iteration": 0, **score_policy("tiny", scorer, a.prompts)}]
         for it in range(a.eval_every, a.ppo_iterations + 1, a.eval_every):
-            rows.append({"iteration": it, **score_policy(str(path / "checkpoints" / f"checkpoint-{it}"), scorer, a.prompts)})
+            rows.append({"iteration": it,
+                         **score_policy(str(path / "checkpoints" / f"checkpoint-{it}"), scorer, a.prompts)})
         curves[obj] = rows
     return curves
 
@@ -199,7 +202,8 @@ def main() -> None:
             rows = result["ppo"][obj]
             peak = max(r["gold"] for r in rows)
             print(f"  {obj:>6}: " + "  ".join(f"{r['kl']:.1f}/{r['gold']:.2f}/{r['proxy']:.2f}" for r in rows))
-            print(f"          final gold {rows[-1]['gold']:.3f}, peak {peak:.3f}, drop from peak {peak - rows[-1]['gold']:.3f}")
+            print(f"          final gold {rows[-1]['gold']:.3f}, peak {peak:.3f}, "
+                  f"drop from peak {peak - rows[-1]['gold']:.3f}")
     (out / "overoptimization.json").write_text(json.dumps(result, indent=1))
     png = plot(result, out / "overoptimization.png")
     print(f"\nwrote {out / 'overoptimization.json'}{' and ' + str(out / 'overoptimization.png') if png else ''} "

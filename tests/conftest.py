@@ -9,6 +9,9 @@ import pytest
 from aligntool.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+# summary.json: the same keys for every kind of method (trl, pipeline, online)
+SUMMARY_KEYS = {"algorithm", "kind", "global_step", "train_time_s", "steps_per_second", "train_samples_per_second",
+                "peak_memory_mb", "world_size", "resumed_from", "final_metrics", "wall_time_s"}
 
 
 @pytest.fixture(scope="session")

@@ -121,13 +121,15 @@ def test_empty_dataset(capsys, recipe_file, tmp_path):
 
 
 def test_model_path_that_does_not_exist(capsys, recipe_file, tmp_path):
-    path = recipe_file(GOOD.replace("name_or_path: tiny", f"name_or_path: {tmp_path}/no-model") + f"output_dir: {tmp_path}/o\n")
+    path = recipe_file(GOOD.replace("name_or_path: tiny", f"name_or_path: {tmp_path}/no-model")
+                       + f"output_dir: {tmp_path}/o\n")
     expect_error(capsys, ["train", "--recipe", str(path)], "model.name_or_path", "no-model", "does not exist")
 
 
 def test_model_folder_without_config(capsys, recipe_file, tmp_path):
     (tmp_path / "empty-model").mkdir()
-    path = recipe_file(GOOD.replace("name_or_path: tiny", f"name_or_path: {tmp_path}/empty-model") + f"output_dir: {tmp_path}/o\n")
+    path = recipe_file(GOOD.replace("name_or_path: tiny", f"name_or_path: {tmp_path}/empty-model")
+                       + f"output_dir: {tmp_path}/o\n")
     expect_error(capsys, ["train", "--recipe", str(path)], "model.name_or_path", "config.json")
 
 
@@ -187,8 +189,8 @@ def test_online_bad_inputs(capsys, tmp_path, tiny_path):
     expect_error(capsys, ["train", "--recipe", "ppo", "reward.source=aligntool.nope:fn", f"output_dir={tmp_path}/o"],
                  "reward.source", "cannot import")
     expect_error(capsys, ["train", "--recipe", "ppo", "ref_model.soup=[tiny]"], "ref_model.soup", "at least 2")
-    expect_error(capsys, ["train", "--recipe", "ppo", "ref_model.soup=[tiny, tiny]", "ref_model.soup_weights=[0.5, 0.6]"],
-                 "sum to 1")
+    expect_error(capsys, ["train", "--recipe", "ppo", "ref_model.soup=[tiny, tiny]",
+                          "ref_model.soup_weights=[0.5, 0.6]"], "sum to 1")
     expect_error(capsys, ["train", "--recipe", "ppo", "reward.aggregate=wco"], "aggregate applies to an ensemble only")
     expect_error(capsys, ["train", "--recipe", "p3o", "algo.variant=both"], "algo.variant")
 
@@ -244,7 +246,8 @@ def judge_wrong_length(prompts, a, b):
     ("online_dpo", ["algo.loss_type=sigmoidd"], ["algo.loss_type", "'sigmoidd' is not one of TRL's"]),
     ("online_dpo", ["reward.judge=x:y", "reward.source=runs/rm"], ["judge or a score source"]),
     ("ppo", ["reward.judge=test_bad_input:judge_out_of_range"], ["reward.judge", "gives no score"]),
-    ("inpo", ["reward.judge=test_bad_input:judge_out_of_range", "algo.pairing=best_worst"], ["algo.pairing", "tournament"]),
+    ("inpo", ["reward.judge=test_bad_input:judge_out_of_range", "algo.pairing=best_worst"],
+     ["algo.pairing", "tournament"]),
 ])
 def test_online_preference_options(capsys, tmp_path, tiny_path, recipe, overrides, needles, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
@@ -266,7 +269,8 @@ def test_lora_and_launch_bad_inputs(capsys, tmp_path, tiny_path):
                  "peft.load_in_4bit", "needs a CUDA GPU")
     expect_error(capsys, ["train", "--recipe", "dpo", "--nproc", "64"], "--nproc", "64 processes")
     expect_error(capsys, ["slurm", "--recipe", "dpo", "--time", "4h"], "--time", "HH:MM:SS")
-    expect_error(capsys, ["merge-lora", str(tiny_path), "--out", str(tmp_path / "m")], "merge-lora", "adapter_config.json")
+    expect_error(capsys, ["merge-lora", str(tiny_path), "--out", str(tmp_path / "m")], "merge-lora",
+                 "adapter_config.json")
 
 
 def test_distributed_bad_inputs(capsys, tmp_path):

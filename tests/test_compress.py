@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO
 
 from aligntool.cli import main
 from aligntool.compress import evopress, levels
-from conftest import REPO
 
 SMALL = ["calibration.seq_len=32", "calibration.num_sequences=32", "calibration.heldout_sequences=8",
          "compress.evopress.generations=3", "compress.evopress.offspring=4", "compress.evopress.survivors=[2,1]",
@@ -25,7 +25,8 @@ LINEAR = r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 
 
 def test_sparsity_levels_match_the_evopress_test_vector():
-    # EvoPress (Sieberling et al. 2025), the authors' level arithmetic (IST-DASLab/EvoPress): numel 4096^2, s 0.5, weights_diff 1e6, L 8 -> levels -8..8, sparsity 0.0231628..0.9768372
+    # EvoPress (Sieberling et al. 2025), the authors' level arithmetic (IST-DASLab/EvoPress): numel 4096^2, s 0.5,
+    # weights_diff 1e6, L 8 -> levels -8..8, sparsity 0.0231628..0.9768372
     n = 4096 * 4096
     lo, hi = levels.level_range(n, 0.5, 1_000_000, 8)
     assert (lo, hi) == (-8, 8)
@@ -333,7 +334,8 @@ def test_bf16_gqa_untied_model_with_biases_round_trips(tmp_path, tiny_path, caps
     src = tmp_path / "qwen"
     model.save_pretrained(src)
     tok.save_pretrained(src)
-    for mode in (["compress_sparsity"], ["compress_quant", "compress.group_size=64"], ["compress_depth", "compress.drop=1"]):
+    for mode in (["compress_sparsity"], ["compress_quant", "compress.group_size=64"],
+                 ["compress_depth", "compress.drop=1"]):
         out = tmp_path / mode[0]
         report = run_compress(capsys, out, mode[0], f"model.name_or_path={src}", *mode[1:])
         weights = check_folder(out)

@@ -10,12 +10,12 @@ import sys
 import time
 
 import pytest
+from conftest import REPO, user_error
+from test_bad_input import expect_error
 
 from aligntool.cli import main
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO, user_error
-from test_bad_input import expect_error
 
 QUICK = ["train.max_steps=1", "train.per_device_train_batch_size=2", "train.logging_steps=1"]
 
@@ -84,7 +84,8 @@ def test_sft_on_a_users_file_trains_and_eval_fraction_holds_out_rows(tmp_path, t
 @pytest.mark.parametrize("cell,needle", [
     (None, "row 3: column 'chosen' is null"),
     (7, "row 3: column 'chosen' is an int (7)"),
-    ([{"role": "assistant", "content": "hi"}], "row 3: column 'chosen' is a conversation but earlier rows hold strings"),
+    ([{"role": "assistant", "content": "hi"}],
+     "row 3: column 'chosen' is a conversation but earlier rows hold strings"),
     ({"a": 1}, "row 3: column 'chosen' is a dict"),
 ])
 def test_a_bad_cell_is_named_by_row_and_column_or_dropped_on_request(cell, needle, tmp_path, capsys):
@@ -134,8 +135,8 @@ def test_empty_blank_and_non_utf8_files(content, needles, capsys, tmp_path):
 def test_empty_csv_and_parquet_files(capsys, tmp_path):
     for name in ("pairs.csv", "pairs.parquet"):
         (tmp_path / name).write_bytes(b"")
-        expect_error(capsys, ["train", "--recipe", "dpo", f"dataset.path={tmp_path / name}", f"output_dir={tmp_path}/o"],
-                     name, "empty")
+        expect_error(capsys, ["train", "--recipe", "dpo", f"dataset.path={tmp_path / name}",
+                              f"output_dir={tmp_path}/o"], name, "empty")
 
 
 def test_conversational_prompts_for_an_online_method_go_through_the_chat_template(tmp_path, tiny_path):
@@ -289,8 +290,8 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(capsy
         while first.poll() is None and not (lock.is_file() and lock.read_text().startswith("pid")):
             time.sleep(0.05)
         assert first.poll() is None
-        expect_error(capsys, ["train", "--recipe", "dpo", *QUICK, f"output_dir={out}"], "in use by another aligntool run",
-                     f"pid {first.pid}")
+        expect_error(capsys, ["train", "--recipe", "dpo", *QUICK, f"output_dir={out}"],
+                     "in use by another aligntool run", f"pid {first.pid}")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -331,8 +332,9 @@ def test_resume_falls_back_past_a_corrupted_latest_checkpoint(capsys, tmp_path, 
     weights = out / "checkpoints" / "checkpoint-4" / "model.safetensors"
     with weights.open("r+b") as fh:
         fh.truncate(100)
-    summary = train(load_recipe("dpo", ["train.max_steps=6", "train.save_steps=2", "train.per_device_train_batch_size=4",
-                                        "dataset.toy.size=32", f"output_dir={out}"]), resume=True)
+    summary = train(load_recipe("dpo", ["train.max_steps=6", "train.save_steps=2",
+                                        "train.per_device_train_batch_size=4", "dataset.toy.size=32",
+                                        f"output_dir={out}"]), resume=True)
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 6
     assert "skipping" in capsys.readouterr().err
 
@@ -359,7 +361,8 @@ def test_a_crafted_pickle_in_an_online_checkpoint_is_refused(capsys, tmp_path, t
 def test_reward_functions_are_found_beside_the_recipe(tmp_path, tiny_path, monkeypatch):
     folder = tmp_path / "project"
     folder.mkdir()
-    (folder / "my_scores.py").write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
+    (folder / "my_scores.py").write_text("def length(prompts, completions):\n"
+                                         "    return [float(len(c)) for c in completions]\n")
     recipe = folder / "r.yaml"
     recipe.write_text((REPO / "recipes" / "remax.yaml").read_text() + "\n")
     monkeypatch.chdir(tmp_path)  # neither the working directory nor sys.path holds the module

@@ -47,7 +47,8 @@ def mutate_recipe(text: str, rng: random.Random) -> bytes:
         return "\n".join(lines).encode()[: rng.randrange(1, len(text))]
     else:
         raw = bytearray("\n".join(lines).encode())
-        raw[rng.randrange(len(raw)):rng.randrange(len(raw))] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
+        raw[rng.randrange(len(raw)):rng.randrange(len(raw))] = bytes(
+            rng.randrange(256) for _ in range(rng.randint(1, 6)))
         return bytes(raw)
     return ("\n".join(lines) + "\n").encode()
 

@@ -23,7 +23,8 @@ class Draws:
 
 
 def test_f_alpha_maps_the_papers_alpha_onto_trls_coefficient():
-    # f-DPO (Wang et al. 2023), alpha-divergence: alpha_paper = 0.3 on the shared pairs gives delta [1.0037542, 0.7335657], mean loss 0.6506799
+    # f-DPO (Wang et al. 2023), alpha-divergence: alpha_paper = 0.3 on the shared pairs gives delta
+    # [1.0037542, 0.7335657], mean loss 0.6506799
     a = L.f_alpha_to_trl_coef(0.3)
     assert a == pytest.approx(0.7)
     trl_score = lambda lr: (math.exp((a - 1) * lr) - 1) / (a - 1)  # noqa: E731 - TRL 1.x's alpha_divergence form
@@ -168,7 +169,8 @@ def test_dpo_family_sigmoid_matches_the_shared_vector():
 
 
 @pytest.mark.parametrize("loss_type", ["hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-                                       "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "aot", "aot_unpaired"])
+                                       "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "aot",
+                                       "aot_unpaired"])
 def test_dpo_family_loss_types_by_plain_math(loss_type):
     b, eps, tau = 0.5, 0.1, 0.05
     len_w, len_l = [4, 2], [5, 3]

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from conftest import REPO, SUMMARY_KEYS, train_two_processes
 
 from aligntool.cli import main
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ QUICK = ["train.max_steps=3", "train.per_device_train_batch_size=4", "train.logg
 @pytest.mark.parametrize("name", ["ppo", "p3o", "remax"])
 def test_online_recipe_runs_logs_and_checkpoints(name, tmp_path, tiny_path):
     summary = train(load_recipe(REPO / "recipes" / f"{name}.yaml", [*QUICK, f"output_dir={tmp_path}"]))
-    assert summary["global_step"] == 3
+    assert summary["global_step"] == 3 and SUMMARY_KEYS <= summary.keys() and summary["kind"] == "online"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward", "kl", "entropy", "response_length"):
@@ -49,8 +49,8 @@ def test_online_resume_continues_from_the_checkpoint(name, extra, tmp_path, tiny
 
 def test_ppo_with_a_soup_reference_and_soup_initialised_policy(tmp_path, tiny_path):
     summary = train(load_recipe(REPO / "recipes" / "ppo.yaml", [
-        *QUICK, f"output_dir={tmp_path}", f"ref_model.soup=[{tiny_path}, {tiny_path}]", "ref_model.soup_weights=[0.3, 0.7]",
-        "ref_model.policy_from_soup=true"]))
+        *QUICK, f"output_dir={tmp_path}", f"ref_model.soup=[{tiny_path}, {tiny_path}]",
+        "ref_model.soup_weights=[0.3, 0.7]", "ref_model.policy_from_soup=true"]))
     assert summary["global_step"] == 3
     assert json.loads((tmp_path / "soup" / "soup.json").read_text())["weights"] == [0.3, 0.7]
     # a soup of one model with itself is that model: the first rollout's KL to it is ~0

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import REPO
 
 from aligntool.online.engine import Engine
-from aligntool.sampling import completion_logprobs, pack, positions
 from aligntool.recipe.loader import load_recipe
-from conftest import REPO
+from aligntool.sampling import completion_logprobs, pack, positions
 
 
 def test_rollout_layout_gives_each_sequences_own_log_probs(tiny_path):
@@ -91,6 +91,7 @@ def test_reward_model_scorer_runs_on_the_given_device_and_dtype_in_eval_mode_and
     model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.bfloat16).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
-        alone = [model(**tok(p + c, return_tensors="pt")).logits[0, 0].float().item() for p, c in zip(prompts, completions)]
+        alone = [model(**tok(p + c, return_tensors="pt")).logits[0, 0].float().item()
+                 for p, c in zip(prompts, completions)]
     assert got == pytest.approx(alone, abs=2e-2)  # bf16
     assert len(set(got)) > 1

@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
+from conftest import REPO, train_two_processes
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,8 @@ def test_online_dpo_runs_with_any_loss_type(tmp_path, tiny_path, loss_type, firs
 def test_online_dpo_with_a_pairwise_judge_function(tmp_path, tiny_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "tests"))
     train(load_recipe(REPO / "recipes" / "online_dpo.yaml",
-                      [*QUICK, f"output_dir={tmp_path}", "reward.source=gold", "reward.judge=test_online_pref_e2e:soft_judge"]))
+                      [*QUICK, f"output_dir={tmp_path}", "reward.source=gold",
+                       "reward.judge=test_online_pref_e2e:soft_judge"]))
     probs = [r["preference_prob"] for r in rows(tmp_path)]
     assert all(0 < p < 1 for p in probs)  # a soft judge: never exactly 0 or 1 on these pairs
 
@@ -66,8 +67,9 @@ def test_xpo_alpha_schedule_and_reference_samples(tmp_path, tiny_path):
 
 
 def test_inpo_iterations_first_loss_resume_and_saved_stages(tmp_path, tiny_path):
-    args = [f"output_dir={tmp_path}", "train.max_steps=2", "train.per_device_train_batch_size=4", "train.logging_steps=1",
-            "algo.max_new_tokens=12", "dataset.toy.size=24", "algo.iterations=2", "algo.eta=0.1"]
+    args = [f"output_dir={tmp_path}", "train.max_steps=2", "train.per_device_train_batch_size=4",
+            "train.logging_steps=1", "algo.max_new_tokens=12", "dataset.toy.size=24", "algo.iterations=2",
+            "algo.eta=0.1"]
     summary = train(load_recipe(REPO / "recipes" / "inpo.yaml", args))
     assert [s["iteration"] for s in summary["per_iteration"]] == [1, 2]
     got = rows(tmp_path)

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import REPO, SUMMARY_KEYS
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,8 @@ def evals(out):
     return [r for r in rows if "eval_loss" in r]
 
 
-@pytest.mark.parametrize("name", ["ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl", "hypo", "srpo", "spo"])
+@pytest.mark.parametrize("name", ["ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl", "hypo", "srpo",
+                                  "spo"])
 def test_dpo_variant_recipe_learns_the_preferences(name, tmp_path, tiny_path):
     summary = train(load_recipe(REPO / "recipes" / f"{name}.yaml", [*SHORT, f"output_dir={tmp_path}"]))
     before, after = evals(tmp_path)[0], summary["final_metrics"]
@@ -43,7 +44,8 @@ def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
     assert summary["pairs"] == len(pairs) and 0 < len(pairs) <= 12 * 2  # first-round: num_samples/2 pairs per prompt
     assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
     stamp = (tmp_path / "candidates.jsonl").stat().st_mtime_ns
-    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.pairing=tournament"]), overwrite=True)  # select+train
+    # select+train
+    train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.pairing=tournament"]), overwrite=True)
     assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns == stamp
     assert len(read_jsonl(tmp_path / "pairs.jsonl")) > len(pairs) / 2
     train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.start_from=sample"]), overwrite=True)
@@ -56,8 +58,10 @@ def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
             "algo.beta=0.1", f"output_dir={tmp_path}"]
     summary = train(load_recipe(REPO / "recipes" / "sppo.yaml", args))
     assert [s["iteration"] for s in summary["per_iteration"]] == [1, 2]
+    assert SUMMARY_KEYS <= summary.keys() and summary["kind"] == "pipeline"
     for t in (1, 2):
-        assert (tmp_path / f"iter-{t}" / "model.safetensors").is_file() and (tmp_path / f"iter-{t}" / "samples.jsonl").is_file()
+        assert ((tmp_path / f"iter-{t}" / "model.safetensors").is_file()
+                and (tmp_path / f"iter-{t}" / "samples.jsonl").is_file())
     rows = [json.loads(line) for line in (tmp_path / "iter-2" / "samples.jsonl").read_text().splitlines()]
     assert all(0.5 < r["p_chosen"] <= 1 and 0 <= r["p_rejected"] < 0.5 for r in rows)
     # iteration 2 starts from (and is regularised toward) iteration 1's model
@@ -72,7 +76,8 @@ def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
     rows1 = [json.loads(line) for line in (tmp_path / "iter-1" / "samples.jsonl").read_text().splitlines()]
     first1 = [r for r in logs if r.get("stage") == "iter-1" and "loss" in r][0]
     beta = 0.1
-    expected = sum(((r["p_chosen"] - 0.5) ** 2 + (r["p_rejected"] - 0.5) ** 2) / (2 * beta**2) for r in rows1) / len(rows1)
+    expected = sum(((r["p_chosen"] - 0.5) ** 2 + (r["p_rejected"] - 0.5) ** 2) / (2 * beta**2)
+                   for r in rows1) / len(rows1)
     assert first1["loss"] == pytest.approx(expected, rel=1e-4)
     again = train(load_recipe(REPO / "recipes" / "sppo.yaml", args), resume=True)  # both iterations are done
     assert again["per_iteration"] == []

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import REPO, user_error
 
 from aligntool.online.engine import Rollout
 from aligntool.preferences import PreferenceSource
 from aligntool.recipe.loader import load_recipe
 from aligntool.recipe.schema import RewardConfig
 from aligntool.trainers.online_dpo import AlgoConfig, OnlineDPO
-from conftest import REPO, user_error
 
 
 def rollout(texts, missing_eos):

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO, user_error
 
 from aligntool import registry
 from aligntool.recipe.loader import load_recipe, parse_override
-from conftest import REPO, user_error
 
 
 @pytest.mark.parametrize("name", list(registry.ALGORITHMS))
@@ -99,7 +99,8 @@ def test_recipes_command_lists_every_algorithm(capsys):
 def test_yaml_scalars_follow_yaml_1_2():
     from aligntool.recipe.loader import safe_load
 
-    assert safe_load("a: no\nb: on\nc: true\nd: 1e-4\ne: 2.5E+3") == {"a": "no", "b": "on", "c": True, "d": 1e-4, "e": 2500.0}
+    assert safe_load("a: no\nb: on\nc: true\nd: 1e-4\ne: 2.5E+3") == {
+        "a": "no", "b": "on", "c": True, "d": 1e-4, "e": 2500.0}
     assert load_recipe("sft", ["train.eval_strategy=no"]).recipe.train.eval_strategy == "no"
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import REPO, train_two_processes
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,8 @@ def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weight
 
     summary = train(load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*args, f"output_dir={cut}"]), resume=True)
     steps = 20 if recipe == "spo" else 40
-    assert summary["global_step"] == steps and summary["resumed_from"].startswith(str(cut / "checkpoints" / "checkpoint-"))
+    assert (summary["global_step"] == steps
+            and summary["resumed_from"].startswith(str(cut / "checkpoints" / "checkpoint-")))
     files = ["model.safetensors"] + (["spo_head.safetensors"] if recipe == "spo" else [])
     for name in files:
         a, b = load_file(str(full / name)), load_file(str(cut / name))
@@ -178,7 +179,8 @@ SINGLE = ["train.max_steps=4", "train.logging_steps=1", "dataset.toy.size=64", "
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("single")
-    train(load_recipe(REPO / "recipes" / "dpo.yaml", [*SINGLE, "train.per_device_train_batch_size=8", f"output_dir={out}"]))
+    train(load_recipe(REPO / "recipes" / "dpo.yaml",
+                      [*SINGLE, "train.per_device_train_batch_size=8", f"output_dir={out}"]))
     return losses(out)
 
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from conftest import REPO, SUMMARY_KEYS, train_two_processes
 
 from aligntool.cli import main
-from aligntool.recipe.loader import load_recipe
 from aligntool.outputs import latest_checkpoint
+from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
-from conftest import REPO, train_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def check_outputs(out, steps):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == list(range(1, steps + 1))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["global_step"] == steps
+    assert summary["global_step"] == steps and SUMMARY_KEYS <= summary.keys() and summary["kind"] == "trl"
     for key in ("wall_time_s", "train_samples_per_second", "peak_memory_mb"):  # reported, not judged (noisy)
         assert isinstance(summary[key], float), key
     assert latest_checkpoint(out / "checkpoints").name == f"checkpoint-{steps}"

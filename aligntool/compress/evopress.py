@@ -18,7 +18,6 @@ was stopped resumes where it was and ends exactly where the uninterrupted search
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Callable
@@ -47,9 +46,9 @@ def mutate(parent: Levels, space, rng: random.Random, max_flips: int) -> Levels:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)  # atomic: a reader sees the old state or the new one, never half of one
+    from aligntool.outputs import write_atomic
+
+    write_atomic(path, json.dumps(state))  # a reader sees the old state or the new one, never half of one
 
 
 def _rng_from(state) -> random.Random:

@@ -66,7 +66,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _digest(folder: Path, manifest: dict) -> str:
     """SHA-256 over everything the rebuild reads: the tensors, the manifest's settings and the model config."""
     h = hashlib.sha256((folder / "packed.safetensors").read_bytes())
-    h.update(json.dumps({k: manifest.get(k) for k in ("format", "dtype", "entries", "aliases")}, sort_keys=True).encode())
+    h.update(json.dumps({k: manifest.get(k) for k in ("format", "dtype", "entries", "aliases")},
+                        sort_keys=True).encode())
     h.update((folder / "config.json").read_bytes())
     return h.hexdigest()
 

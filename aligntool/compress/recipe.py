@@ -23,11 +23,13 @@ class CalibrationConfig(Strict):
     (never seen by the search) give the report's perplexity and KL."""
 
     path: str = Field("toy", description="'toy' (documents of the toy world; held-out ones on held-out prompts), a "
-                      ".txt file, a .jsonl/.json/.parquet/.csv file or `datasets` folder with a text column, or a hub id.")
+                      ".txt file, a .jsonl/.json/.parquet/.csv file or `datasets` folder with a text column, "
+                      "or a hub id.")
     text_column: str = Field("text", description="Column holding the text (tables and datasets).")
     split: str = Field("train", description="Split of a hub dataset or DatasetDict.")
     seq_len: PositiveInt = Field(128, description="Tokens per calibration window.")
-    num_sequences: PositiveInt = Field(128, description="Calibration windows (the search samples its stages from these).")
+    num_sequences: PositiveInt = Field(128, description="Calibration windows (the search samples its stages "
+                                       "from these).")
     heldout_sequences: PositiveInt = Field(32, description="Held-out windows for the report (files: the last ones).")
     seed: NonNegativeInt = Field(0, description="Seed of the toy calibration text and of the order of the windows.")
 
@@ -50,7 +52,8 @@ class EvoPressConfig(Strict):
     @model_validator(mode="after")
     def _stages(self):
         if len(self.survivors) != len(self.tokens):
-            raise ValueError(f"survivors ({len(self.survivors)}) and tokens ({len(self.tokens)}) need one entry per stage")
+            raise ValueError(f"survivors ({len(self.survivors)}) and tokens ({len(self.tokens)}) need one entry "
+                             "per stage")
         if self.survivors[-1] != 1:
             raise ValueError(f"the last stage must keep 1 survivor, got {self.survivors[-1]}")
         if any(a < b for a, b in zip(self.survivors, self.survivors[1:])):
@@ -68,7 +71,8 @@ class CompressConfig(Strict):
         "sparsity", description="sparsity: unstructured pruning (Wanda scores); quant: round-to-nearest bit-widths "
         "with groups; depth: attention / MLP sub-blocks replaced by identity. jlcm is always quant.")
     layers: str = Field(DEFAULT_LAYERS, description="Regex over module names: the linear layers that are compressed.")
-    sparsity: float | None = Field(None, gt=0, lt=1, description="sparsity: average fraction of zero weights, 0 < s < 1.")
+    sparsity: float | None = Field(None, gt=0, lt=1, description="sparsity: average fraction of zero weights, "
+                                   "0 < s < 1.")
     sparsity_levels: PositiveInt = Field(8, description="sparsity: levels on each side of the target (EvoPress L).")
     sparsity_step: PositiveInt | None = Field(None, description="sparsity: weights removed per level step, the same in "
                                               "every layer (default 0.5*min(s,1-s)/L * the smallest layer's size).")
@@ -86,7 +90,8 @@ class CompressConfig(Strict):
     jlcm_tokens: PositiveInt = Field(2048, description="jlcm: calibration tokens whose layer inputs define the error.")
     evopress: EvoPressConfig = Field(default_factory=EvoPressConfig, description="Settings of the EvoPress search.")
     eval_batch_size: PositiveInt = Field(8, description="Windows per forward pass when scoring.")
-    seed: NonNegativeInt = Field(0, description="Seed of the search (mutations, random starts) and of JLCM's initialisation.")
+    seed: NonNegativeInt = Field(0, description="Seed of the search (mutations, random starts) and of JLCM's "
+                                 "initialisation.")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -120,9 +125,11 @@ class CompressConfig(Strict):
 class CompressRecipe(Strict):
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model to compress.")
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration text and windows.")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
+                                           description="Calibration text and windows.")
     compress: CompressConfig = Field(default_factory=CompressConfig, description="What to compress and how.")
-    output_dir: str | None = Field(None, description="The compressed model folder; default runs/compress-<method>-<mode>.")
+    output_dir: str | None = Field(None, description="The compressed model folder; default "
+                                   "runs/compress-<method>-<mode>.")
 
     @model_validator(mode="after")
     def _tokens(self):

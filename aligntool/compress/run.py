@@ -1,5 +1,5 @@
-"""``aligntool compress``: load the model and calibration text, compress (EvoPress search, uniform levels or JLCM), score
-the result, write the output folder in one piece.
+"""``aligntool compress``: load the model and calibration text, compress (EvoPress search, uniform levels or JLCM),
+score the result, write the output folder in one piece.
 
 The output folder is a model folder transformers loads (compressed weights stored dense in safetensors), plus
 ``packed/`` (the real compressed form, see ``packed.py``), ``compression_report.json`` and ``levels.png``. It is

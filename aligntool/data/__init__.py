@@ -70,7 +70,8 @@ def load_any(path: str, split: str, key: str):
     if local.is_file():
         loader = FILE_LOADERS.get(local.suffix.lower())
         if loader is None:
-            raise UserError(f"{key}: {path}: unsupported file type {local.suffix!r}; expected one of {', '.join(FILE_LOADERS)}")
+            raise UserError(f"{key}: {path}: unsupported file type {local.suffix!r}; "
+                            f"expected one of {', '.join(FILE_LOADERS)}")
         if local.suffix.lower() == ".jsonl":
             _check_jsonl(local)
         if local.stat().st_size == 0 or (loader in ("json", "csv") and not local.read_bytes().strip()):
@@ -106,7 +107,8 @@ def check_columns(data, kind: str, where: str) -> tuple[str, ...]:
         if all(c in data.column_names for c in cols):
             return (*cols, *(["prompt"] if kind == "preference" and "prompt" in data.column_names else []))
     wanted = " or ".join("+".join(cols) for cols in options)
-    raise UserError(f"{where}: missing column(s) for {kind} data: expected {wanted}; found: {', '.join(data.column_names)}")
+    raise UserError(f"{where}: missing column(s) for {kind} data: expected {wanted}; "
+                    f"found: {', '.join(data.column_names)}")
 
 
 def _cell_kind(value) -> str | None:
@@ -114,7 +116,8 @@ def _cell_kind(value) -> str | None:
     if isinstance(value, str):
         return "text"
     if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
         return "conversation"
     return None
 
@@ -138,9 +141,11 @@ def invalid_rows(data, columns: tuple[str, ...]) -> list[tuple[int, str, str]]:
         for i, value in enumerate(values):
             kind = _cell_kind(value)
             if kind is None:
-                bad.append((i, col, f"is {_describe(value)}; expected a string or a list of {{role, content}} messages"))
+                bad.append((i, col, f"is {_describe(value)}; expected a string or a list of "
+                            "{role, content} messages"))
             elif kind != first:
-                bad.append((i, col, f"is a {kind} but earlier rows hold {'strings' if first == 'text' else 'conversations'}"))
+                bad.append((i, col, f"is a {kind} but earlier rows hold "
+                            f"{'strings' if first == 'text' else 'conversations'}"))
     return sorted(bad)
 
 

@@ -13,7 +13,6 @@ For a reward model (a sequence classifier): pairwise accuracy on held-out toy pa
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -73,9 +72,8 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
     before scoring; the KL is then measured on the final revision given its revision prompt, and the reference's
     samples are not revised (they are the baseline)."""
     from aligntool import models
-    from aligntool.toy import world
-
     from aligntool.rewards import is_reward_model
+    from aligntool.toy import world
 
     path = models.resolve(model, key="--model", log=lambda m: None)
     if is_reward_model(path):
@@ -93,11 +91,12 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
         template = revision_template_of(path)
         for step in range(revise):
             context = [revision_prompt(template, p, t) for p, t in zip(prompts, texts)]
-            texts, ids = sample(policy, tokenizer, context, max_new_tokens, temperature, batch_size, seed + 7 * (step + 1))
+            texts, ids = sample(policy, tokenizer, context, max_new_tokens, temperature, batch_size,
+                                seed + 7 * (step + 1))
     rewards = [world.gold_reward(t) for t in texts]
     mean, err = _mean_stderr(rewards)
-    result = {"model": path, "kind": "causal_lm", "num_prompts": len(prompts), "revision_steps": revise, "gold_reward": mean,
-              "gold_reward_stderr": err, "mean_length_tokens": sum(map(len, ids)) / len(ids)}
+    result = {"model": path, "kind": "causal_lm", "num_prompts": len(prompts), "revision_steps": revise,
+              "gold_reward": mean, "gold_reward_stderr": err, "mean_length_tokens": sum(map(len, ids)) / len(ids)}
     if reference:
         ref, ref_tok = _load_lm(reference, "--reference")
         if ref_tok.get_vocab() != tokenizer.get_vocab():
@@ -113,5 +112,6 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
                       gold_reward_gain=mean - ref_mean,
                       gain_in_stderrs=(mean - ref_mean) / math.sqrt(err**2 + ref_err**2) if err or ref_err else 0.0,
                       kl_to_reference=kl, kl_to_reference_stderr=kl_err, win_rate=sum(wins) / len(wins))
-    result["samples"] = [{"prompt": p, "completion": t, "gold_reward": r} for p, t, r in list(zip(prompts, texts, rewards))[:3]]
+    result["samples"] = [{"prompt": p, "completion": t, "gold_reward": r}
+                         for p, t, r in list(zip(prompts, texts, rewards))[:3]]
     return result

@@ -45,7 +45,8 @@ def training_kwargs(d, out: Path, write: bool) -> dict:
         kwargs = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": reshard,
                                                 "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
         acc.update(distributed_type="FSDP", fsdp_config={
-            "fsdp_version": 2, "fsdp_reshard_after_forward": reshard, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
+            "fsdp_version": 2, "fsdp_reshard_after_forward": reshard,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
     if write:
         (out / "accelerate_config.yaml").write_text(
             "# accelerate launch --config_file THIS --num_processes N -m aligntool.cli train --recipe ...\n"

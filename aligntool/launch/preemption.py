@@ -21,7 +21,8 @@ class Preempted(Exception):
     exit_code = 75
 
     def __init__(self, step: int, checkpoint: str | None):
-        super().__init__(f"preempted: stopped after step {step}; checkpoint {checkpoint} written; continue with --resume")
+        super().__init__(f"preempted: stopped after step {step}; checkpoint {checkpoint} written; "
+                         "continue with --resume")
         self.step, self.checkpoint = step, checkpoint
 
 

@@ -26,8 +26,8 @@ def check_time(value: str) -> str:
 
 
 def sbatch_script(recipe: str, overrides: list[str], nodes: int, gpus_per_node: int, time: str, output_dir: str,
-                  job_name: str, partition: str | None = None, account: str | None = None, cpus_per_task: int | None = None,
-                  signal_lead: int = 120) -> str:
+                  job_name: str, partition: str | None = None, account: str | None = None,
+                  cpus_per_task: int | None = None, signal_lead: int = 120) -> str:
     check_time(time)
     q = shlex.quote
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={time}", "--requeue",

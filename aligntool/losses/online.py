@@ -79,7 +79,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 class AdaptiveKL:
-    """Adaptive KL coefficient (Ziegler et al. 2019): beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * n/horizon)."""
+    """Adaptive KL coefficient (Ziegler et al. 2019):
+    beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * n/horizon)."""
 
     def __init__(self, init: float, target: float | None, horizon: int):
         self.value, self.target, self.horizon = init, target, horizon
@@ -161,7 +162,8 @@ def soup(state_dicts: Sequence[dict], weights: Sequence[float]) -> dict:
             raise ValueError(f"model {i + 1} has different parameters than model 1")
         for k in keys:
             if sd[k].shape != state_dicts[0][k].shape:
-                raise ValueError(f"parameter {k}: shape {tuple(sd[k].shape)} differs from {tuple(state_dicts[0][k].shape)}")
+                raise ValueError(f"parameter {k}: shape {tuple(sd[k].shape)} differs from "
+                                 f"{tuple(state_dicts[0][k].shape)}")
     out = {}
     for k in state_dicts[0]:
         ref = state_dicts[0][k]

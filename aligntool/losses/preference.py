@@ -66,7 +66,8 @@ def rso_rejection_sample(rewards: Sequence[float], beta: float, num_samples: int
     return accepted
 
 
-def rso_first_round_pairs(indices: Sequence[int], rewards: Sequence[float], rng: random.Random) -> list[tuple[int, int]]:
+def rso_first_round_pairs(indices: Sequence[int], rewards: Sequence[float],
+                          rng: random.Random) -> list[tuple[int, int]]:
     """First-round-rank (RSO §3.3): shuffle the n responses into n/2 disjoint pairs, each labelled by the reward.
     Returns (chosen, rejected) index pairs; a tie is broken at random."""
     order = list(indices)
@@ -104,7 +105,8 @@ def sppo_win_rates(scores: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(scores.unsqueeze(-1) - scores.unsqueeze(-2)).mean(-1)
 
 
-def sppo_loss(lr_w: torch.Tensor, lr_l: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor, beta: float) -> torch.Tensor:
+def sppo_loss(lr_w: torch.Tensor, lr_l: torch.Tensor, p_w: torch.Tensor, p_l: torch.Tensor,
+              beta: float) -> torch.Tensor:
     """Soft SPPO (Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment", eq. 4.8), with
     beta = 1/eta and the sum halved as in the authors' trainer (uclaml/SPPO, ``sppo/trainer.py``, loss ``sppo``:
     ``losses = (loss_w + loss_l) / 2``):

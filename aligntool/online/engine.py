@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import random
 import shutil
@@ -31,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from pydantic import Field
+from torch import nn
 
 from aligntool.errors import UserError, first_line
 from aligntool.recipe.schema import Sampling, Strict
+
+DEFAULT_ITERATIONS = 100  # when train.max_steps is not set (logged)
+RANK_SEED_STRIDE = 7919  # a prime: the prompt streams of ranks r and r + 1 never coincide
 
 
 def online_config(**sampling) -> type[Strict]:
@@ -47,9 +48,10 @@ def online_config(**sampling) -> type[Strict]:
         missing_eos_penalty: float | None = Field(
             None, ge=0, description="Subtracted from the score of responses cut off before EOS (for online_dpo / xpo: "
             "from the preference scores, as TRL).")
-        disable_dropout: bool = Field(True, description="Dropout off in the policy (LoRA's included) and the reference, "
-                                      "as TRL's trainers default: rollouts are scored in eval mode and updated in train "
-                                      "mode, so with dropout the PPO/P3O ratio would not be 1 at the sampling policy.")
+        disable_dropout: bool = Field(True, description="Dropout off in the policy (LoRA's included) and the "
+                                      "reference, as TRL's trainers default: rollouts are scored in eval mode and "
+                                      "updated in train mode, so with dropout the PPO/P3O ratio would not be 1 at the "
+                                      "sampling policy.")
 
     return OnlineConfig
 
@@ -57,7 +59,8 @@ def online_config(**sampling) -> type[Strict]:
 class PolicyWithValue(nn.Module):
     """A causal LM plus an optional scalar value head, as one module so DDP syncs both. The head reads the policy's
     own last hidden state (``critic="shared"``, trlx style) or that of a separate critic LM initialised as a copy of
-    the policy (``critic="separate"``, InstructGPT / OpenRLHF style: twice the weights, no policy-value interference)."""
+    the policy (``critic="separate"``, InstructGPT / OpenRLHF style: twice the weights, no policy-value
+    interference)."""
 
     def __init__(self, lm, value_head: bool, critic: str = "shared"):
         super().__init__()
@@ -164,9 +167,16 @@ class Engine:
         optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model.lm)
         optim_kwargs = {**optim_kwargs, "lr": self.args.learning_rate}
         self.optimizer = optim_cls(self.model.parameters(), weight_decay=self.args.weight_decay, **optim_kwargs)
-        self.iterations = self.args.max_steps if self.args.max_steps > 0 else 100
+        if self.args.max_steps > 0:
+            self.iterations = self.args.max_steps
+        else:
+            from aligntool.outputs import log
+
+            self.iterations = DEFAULT_ITERATIONS
+            log(f"note: train.max_steps (the number of iterations) is not set: {DEFAULT_ITERATIONS} iterations")
         self.scheduler = get_scheduler(self.args.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=self.args.get_warmup_steps(self.iterations * method.updates_per_iteration),
+                                       num_warmup_steps=self.args.get_warmup_steps(
+                                           self.iterations * method.updates_per_iteration),
                                        num_training_steps=self.iterations * method.updates_per_iteration)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if self.ref is not None:
@@ -286,22 +296,22 @@ class Engine:
         it = self.state["iteration"]
         final = self._checkpoint_dir() / f"checkpoint-{it}"
         if self.accelerator.is_main_process:
-            tmp = self._checkpoint_dir() / f".tmp-checkpoint-{it}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            model = self.accelerator.unwrap_model(self.model)
-            model.lm.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)  # a checkpoint is a loadable model folder (aligntool eval)
-            if model.value_head is not None:
-                from safetensors.torch import save_file
+            from aligntool.outputs import atomic_path
 
-                save_file(model.value_state(), str(tmp / "value_head.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps(self.state))
-            (tmp / COMPLETE_MARKER).write_text(f"{it}\n")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(final) as tmp:
+                tmp.mkdir()
+                model = self.accelerator.unwrap_model(self.model)
+                model.lm.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)  # a checkpoint is a loadable model folder (aligntool eval)
+                if model.value_head is not None:
+                    from safetensors.torch import save_file
+
+                    save_file(model.value_state(), str(tmp / "value_head.safetensors"))
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp / "optimizer.pt")
+                (tmp / "state.json").write_text(json.dumps(self.state))
+                (tmp / COMPLETE_MARKER).write_text(f"{it}\n")
             limit = self.args.save_total_limit
             if limit:
                 from aligntool.outputs import complete_checkpoints
@@ -342,8 +352,9 @@ class Engine:
     def log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with self.metrics_file.open("a") as fh:
-            fh.write(json.dumps({"step": self.state["iteration"], **row}) + "\n")
+        from aligntool.outputs import append_metrics
+
+        append_metrics(self.metrics_file, {"step": self.state["iteration"], **row})
         for k, v in row.items():
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, self.state["iteration"])
@@ -362,7 +373,8 @@ class Engine:
         stats = {k: float(v) for k, v in stats.items()}
         if self.world > 1:  # log the mean over all processes' prompts, not rank 0's alone
             keys = sorted(stats)
-            mean = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.accelerator.device), "mean")
+            mean = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.accelerator.device),
+                                           "mean")
             stats = dict(zip(keys, mean.tolist()))
         stats["kl_coef"] = self.state["kl_coef"]
         stats["learning_rate"] = self.scheduler.get_last_lr()[0]
@@ -378,10 +390,14 @@ class Engine:
         from aligntool.launch import preemption
         from aligntool.outputs import latest_checkpoint, log
 
+        resumed_from = None
         if self.run.resume and (ckpt := latest_checkpoint(self._checkpoint_dir())):
             self.load_checkpoint(ckpt)
             log(f"Resuming from {ckpt} (iteration {self.state['iteration']})")
-        rng = random.Random(self.args.seed + 7919 * self.rank + self.state["iteration"])
+            resumed_from = ckpt
+        start_iteration = self.state["iteration"]
+        # each rank draws its own prompts; resuming at iteration i continues from a fresh, reproducible stream
+        rng = random.Random(self.args.seed + RANK_SEED_STRIDE * self.rank + self.state["iteration"])
         start, last = time.time(), {}
         with tqdm(total=self.iterations, initial=self.state["iteration"], desc=self.run.loaded.spec.name,
                   disable=not self.accelerator.is_main_process) as bar:  # closed before any error message
@@ -399,11 +415,11 @@ class Engine:
             if self.tb:
                 self.tb.close()
         self.accelerator.wait_for_everyone()
-        from aligntool.train import peak_memory_mb
+        from aligntool.outputs import summary
 
-        return {"algorithm": self.run.loaded.spec.name, "global_step": self.state["iteration"], "train_time_s": round(wall, 2),
-                "iterations_per_second": round(self.iterations / wall, 4) if wall else None,
-                "peak_memory_mb": round(peak_memory_mb(), 1), "world_size": self.world, "final_metrics": last}
+        done = self.state["iteration"] - start_iteration
+        return summary(self.run.loaded.spec.name, "online", self.state["iteration"], wall,
+                       done * self.batch_size * self.world, self.world, last, resumed_from)
 
 
 def check_finite(*tensors: torch.Tensor) -> None:

@@ -144,7 +144,8 @@ def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | No
         if field is None:
             return None
         ann = field.annotation
-        model = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next((a for a in (ann, *getattr(ann, "__args__", ()))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return model
 
 
@@ -179,7 +180,8 @@ def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source
         at = lines.get(("train", name), source)
         if name not in fields:
             hint = did_you_mean(name, fields | set(TrainConfig.model_fields))
-            raise UserError(f"{at}: unknown key 'train.{name}'{hint}; train.* takes fields of {spec.trl_config.split(':')[1]}")
+            raise UserError(f"{at}: unknown key 'train.{name}'{hint}; "
+                            f"train.* takes fields of {spec.trl_config.split(':')[1]}")
         expected = _scalar_type(cls, name)
         if expected is not None and value is not None and not _fits(value, expected):
             raise UserError(f"{at}: train.{name}: expected {expected.__name__}, got {value!r}")

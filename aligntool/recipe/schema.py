@@ -1,8 +1,8 @@
 """The recipe schema: every key a recipe may hold, with its type, range and meaning.
 
 A recipe has six sections. ``train`` and ``algo`` both end up in the algorithm's TRL config (``DPOConfig``,
-``SFTConfig``, ...): ``train`` holds what every trainer shares (optimizer, schedule, batch, logging), ``algo`` holds what
-makes the method what it is (``beta``, ``loss_type``, ...) and is validated by the algorithm's own ``AlgoConfig``
+``SFTConfig``, ...): ``train`` holds what every trainer shares (optimizer, schedule, batch, logging), ``algo`` holds
+what makes the method what it is (``beta``, ``loss_type``, ...) and is validated by the algorithm's own ``AlgoConfig``
 (see ``aligntool/trainers/<name>.py``).
 """
 
@@ -11,8 +11,16 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, PrivateAttr,
-    field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    field_validator,
+    model_validator,
 )
 
 # bitsandbytes class names accepted for train.optim, mapped to transformers' optimizer names
@@ -61,7 +69,9 @@ def Sampling(temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int =
 
 
 class ModelConfig(Strict):
-    name_or_path: str = Field("tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name.")
+    name_or_path: str = Field(
+        "tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' keeps the checkpoint's own (float32 for the tiny model)."
     )
@@ -99,7 +109,8 @@ class ToyDataConfig(Strict):
     size: PositiveInt = Field(2000, description="Number of generated training rows.")
     eval_size: NonNegativeInt = Field(0, description="Number of generated held-out rows (0: no eval set).")
     bt_temperature: NonNegativeFloat = Field(
-        0.5, description="Bradley-Terry label noise of toy preference pairs: P(a>b)=sigmoid((r_a-r_b)/T); 0 = noiseless."
+        0.5, description="Bradley-Terry label noise of toy preference pairs: P(a>b)=sigmoid((r_a-r_b)/T); "
+        "0 = noiseless."
     )
     seed: NonNegativeInt = Field(0, description="Seed of the generated rows (eval rows use seed + 1).")
 
@@ -156,7 +167,8 @@ class TrainConfig(BaseModel):
     weight_decay: NonNegativeFloat | None = Field(None, description="Decoupled weight decay of the optimizer.")
     max_grad_norm: NonNegativeFloat | None = Field(None, description="Clip the gradient norm to this value.")
     optim: str | None = Field(None, description="Optimizer: any transformers name (adamw_torch, adamw_8bit, "
-                              "paged_adamw_8bit, lion_8bit, ...) or AdamW8bit / PagedAdamW8bit / Lion8bit (bitsandbytes).")
+                              "paged_adamw_8bit, lion_8bit, ...) or AdamW8bit / PagedAdamW8bit / Lion8bit "
+                              "(bitsandbytes).")
     bf16: bool | None = Field(None, description="bf16 mixed precision (on by default on a GPU that supports it).")
     fp16: bool | None = Field(None, description="fp16 mixed precision.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
@@ -210,7 +222,8 @@ class RewardConfig(Strict):
     )
     uwo_lambda: float = Field(0.5, ge=0, description="lambda of UWO (authors: 0.5 for best-of-n, 0.1 for PPO).")
     uwo_ddof: Literal[0, 1] = Field(
-        0, description="Variance estimator of UWO: 0 = population (authors' best-of-n code), 1 = unbiased (their PPO code)."
+        0, description="Variance estimator of UWO: 0 = population (authors' best-of-n code), "
+        "1 = unbiased (their PPO code)."
     )
     batch_size: int = Field(64, gt=0, description="Completions per reward-model forward.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -221,8 +234,8 @@ class RewardConfig(Strict):
         "'module:function' fn(prompts, completions_a, completions_b) -> list of P(a > b) in [0, 1]; instead of a score."
     )
     bt_temperature: float = Field(
-        0.0, ge=0, description="Pairwise use of a score source: P(a > b) = sigmoid((r_a - r_b)/T), the label drawn from "
-        "it (Bradley-Terry noise); 0 = the higher score wins."
+        0.0, ge=0, description="Pairwise use of a score source: P(a > b) = sigmoid((r_a - r_b)/T), the label drawn "
+        "from it (Bradley-Terry noise); 0 = the higher score wins."
     )
 
     @model_validator(mode="after")
@@ -258,13 +271,13 @@ class DistributedConfig(Strict):
 
     backend: Literal["ddp", "deepspeed", "fsdp"] = Field(
         "ddp", description="ddp: a full replica per process; deepspeed: ZeRO sharding; fsdp: PyTorch FSDP sharding.")
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also "
-                                      "the parameters.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, "
+                                      "3 also the parameters.")
     offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer state in CPU memory.")
     offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep parameters in CPU memory.")
     fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
-        "full_shard", description="FSDP2: full_shard (parameters resharded after forward, like ZeRO-3) or shard_grad_op "
-        "(kept gathered between forward and backward, like ZeRO-2).")
+        "full_shard", description="FSDP2: full_shard (parameters resharded after forward, like ZeRO-3) or "
+        "shard_grad_op (kept gathered between forward and backward, like ZeRO-2).")
 
     @model_validator(mode="after")
     def _fits(self):

@@ -113,7 +113,8 @@ def train_tokenizer(texts: list[str]):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", model_max_length=MODEL_SHAPE["max_position_embeddings"],
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
+        model_max_length=MODEL_SHAPE["max_position_embeddings"],
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -51,7 +51,8 @@ PLACES = (
     "paris", "london", "tokyo", "berlin", "rome", "madrid", "oslo", "cairo", "lima", "seoul", "dublin", "vienna",
     "prague", "boston", "sydney", "toronto",
 )
-PROMPT_TEMPLATES = ("Review of the {q} {t} in {p}:", "Write about the {q} {t} in {p}:", "Your opinion on the {q} {t} in {p}:")
+PROMPT_TEMPLATES = ("Review of the {q} {t} in {p}:", "Write about the {q} {t} in {p}:",
+                    "Your opinion on the {q} {t} in {p}:")
 
 _LEXICON = {**{w: 1.0 for w in POSITIVE}, **{w: -1.0 for w in NEGATIVE}}
 _WORD = re.compile(r"[a-z]+")
@@ -114,7 +115,8 @@ def completion(prompt: str, rng: random.Random, mood: str | None = None) -> str:
         if kind < 0.5:
             clauses.append(f"the {rng.choice(ASPECTS)} was {adj()}")
         elif kind < 0.8:
-            clauses.append(f"i {_sentiment_word(rng, mood, POS_VERBS, NEG_VERBS, NEUTRAL_VERBS)} the {rng.choice(ASPECTS)}")
+            clauses.append(f"i {_sentiment_word(rng, mood, POS_VERBS, NEG_VERBS, NEUTRAL_VERBS)} "
+                           f"the {rng.choice(ASPECTS)}")
         else:
             clauses.append(f"the {rng.choice(ASPECTS)} was {adj()} and {adj()}")
     return " " + " . ".join(clauses) + " ."

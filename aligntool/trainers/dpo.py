@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from aligntool.losses.preference import f_alpha_to_trl_coef
 from aligntool.recipe.schema import Strict
 
+
 @functools.lru_cache(maxsize=1)
 def trl_loss_types() -> tuple[str, ...]:
     """The DPO loss types of the installed TRL, read from its DPOConfig (the one list: a loss type TRL adds is
@@ -58,14 +59,16 @@ F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "r
 
 
 class AlgoConfig(Strict):
-    beta: float = Field(0.1, gt=0, description="KL strength (tau for IPO): higher keeps the policy nearer the reference.")
+    beta: float = Field(0.1, gt=0, description="KL strength (tau for IPO): higher keeps the policy nearer the "
+                        "reference.")
     loss_type: str | list[str] = Field("sigmoid", description="Any loss type of TRL's DPOTrainer (sigmoid, hinge, ipo, "
                                        "robust, sppo_hard, aot, apo_zero, discopop, sft, ...), or a list of them.")
     loss_weights: list[float] | None = Field(None, description="Weights of a loss_type list (default: all 1).")
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
         "reverse_kl", description="f-DPO: the divergence regularising the policy toward the reference.")
     f_alpha: float | None = Field(
-        None, gt=0, lt=1, description="The f-DPO paper's alpha of the alpha-divergence (default 0.5); TRL's coef = 1 - alpha."
+        None, gt=0, lt=1, description="The f-DPO paper's alpha of the alpha-divergence (default 0.5); "
+        "TRL's coef = 1 - alpha."
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Label flip rate epsilon: robust DPO, EXO and AOT losses only."
@@ -73,7 +76,8 @@ class AlgoConfig(Strict):
     use_weighting: bool = Field(False, description="WPO weighting of pairs by their length-normalised probability.")
     ld_alpha: float | None = Field(None, ge=0, le=1, description="LD-DPO weight of the verbose part of responses.")
     discopop_tau: float | None = Field(None, gt=0, description="DiscoPOP temperature (loss_type discopop only).")
-    precompute_ref_log_probs: bool = Field(False, description="Score the data with the reference once, before training.")
+    precompute_ref_log_probs: bool = Field(False, description="Score the data with the reference once, "
+                                           "before training.")
 
     @model_validator(mode="after")
     def _check(self):

@@ -23,7 +23,8 @@ class AlgoConfig(Strict):
     beta: float = Field(0.1, gt=0, description="DPO beta.")
     kl_coef: float = Field(0.05, ge=0, description="lambda: weight of the online KL(pi || pi_ref) term.")
     kl_samples: int = Field(2, ge=2, description="k: on-policy samples per prompt for the RLOO estimator (>= 2).")
-    num_kl_prompts: int | None = Field(None, gt=0, description="Use only this many prompts of each batch (default all).")
+    num_kl_prompts: int | None = Field(None, gt=0, description="Use only this many prompts of each batch "
+                                       "(default all).")
     max_new_tokens: int = Field(48, gt=0, description="Length limit of the online samples.")
 
 

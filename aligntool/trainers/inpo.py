@@ -14,7 +14,7 @@ For each iteration t = 1..T (a disjoint part of the prompts per iteration, as th
        pi_t, then train pi_{t+1} from pi_t on
            h = [log pi(y_w) - log pi(y_l)] - ratio [log pi_ref(y_w) - log pi_ref(y_l)]
                - (1 - ratio) [log pi_t(y_w) - log pi_t(y_l)],      L = (h - 1/(2 eta))^2,    ratio = tau/eta
-                                                                                              -> iter-t/ (model, metrics)
+                                                                                           -> iter-t/ (model, metrics)
 Each iteration's data and model are kept; ``iter-t/iteration.done`` marks a finished one, so a rerun (or --resume)
 continues at the next iteration. Authors' defaults: eta 0.005, ratio 1/3, K 8, T 3, temperature 1.0; the toy recipe
 uses a larger eta (a smaller margin target 1/(2 eta)) for a 1 M-parameter model.
@@ -65,10 +65,10 @@ def select_pair(matrix: list[list[float]], scores: list[float] | None, pairing: 
     from aligntool.preferences import select_best_and_worst
 
     if pairing == "best_worst":
-        w, l = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+        w, worst = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
     else:
-        w, l = select_best_and_worst(len(matrix), lambda i, j: matrix[i][j] >= 0.5)
-    return (w, l) if w != l and matrix[w][l] > 0.5 else None
+        w, worst = select_best_and_worst(len(matrix), lambda i, j: matrix[i][j] >= 0.5)
+    return (w, worst) if w != worst and matrix[w][worst] > 0.5 else None
 
 
 def pipeline(run) -> dict:
@@ -98,9 +98,9 @@ def pipeline(run) -> dict:
         for g, (p, m) in enumerate(zip(part, preference_matrices(source, repeated, texts, k))):
             pair = select_pair(m, scores[g * k : (g + 1) * k] if scores else None, cfg.pairing)
             if pair:
-                w, l = pair
-                rows.append({"prompt": p, "chosen": texts[g * k + w], "rejected": texts[g * k + l],
-                             "p_chosen_over_rejected": m[w][l]})
+                w, worst = pair
+                rows.append({"prompt": p, "chosen": texts[g * k + w], "rejected": texts[g * k + worst],
+                             "p_chosen_over_rejected": m[w][worst]})
         return rows
 
     def make_trainer(stage):

@@ -50,7 +50,8 @@ class AlgoConfig(online_config(temperature=0.9)):  # TRL's online DPO / XPO samp
     def _weights(self):
         types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
-            raise ValueError(f"loss_weights needs one weight per loss_type ({len(types)}), got {len(self.loss_weights)}")
+            raise ValueError(f"loss_weights needs one weight per loss_type ({len(types)}), "
+                             f"got {len(self.loss_weights)}")
         if "exo_pair" in types and self.label_smoothing <= 0:
             raise ValueError("exo_pair needs label_smoothing > 0 (its epsilon)")
         from aligntool.trainers.dpo import SMOOTHED_LOSSES
@@ -115,7 +116,8 @@ class OnlineDPO:
         la, lb, ra, rb = lp_a.sum(-1), lp_b.sum(-1), a.logp_ref.sum(-1), b.logp_ref.sum(-1)
         na, nb = a.mask.sum(-1), b.mask.sum(-1)
         pick = lambda x, y: torch.where(win, x, y)  # noqa: E731
-        per_pair = pair_loss(self.cfg, pick(la, lb), pick(lb, la), pick(ra, rb), pick(rb, ra), pick(na, nb), pick(nb, na))
+        per_pair = pair_loss(self.cfg, pick(la, lb), pick(lb, la), pick(ra, rb), pick(rb, ra), pick(na, nb),
+                             pick(nb, na))
         per_pair, extra_stats = self.add_terms(engine, per_pair, b, lp_b)
         check_finite(per_pair)
         loss = per_pair.mean()

@@ -2,10 +2,11 @@
 
 Per iteration: roll out one response per prompt; per-token rewards are -kl_coef * (log pi - log pi_ref) on every
 token plus the reward-source score on the last one; a value head on the policy's last hidden state (shared backbone)
-(or on a separate critic copy, ``critic: separate``) gives V_t; GAE(gamma, lam) gives advantages (whitened) and returns; then ``ppo_epochs`` passes over
-``num_minibatches`` minibatches minimise
+(or on a separate critic copy, ``critic: separate``) gives V_t; GAE(gamma, lam) gives advantages (whitened) and
+returns; then ``ppo_epochs`` passes over ``num_minibatches`` minibatches minimise
 
-    L = -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) + vf_coef * 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+    L = -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
+        + vf_coef * 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
 
 and the adaptive KL controller moves kl_coef toward ``kl_target`` (null = fixed coefficient).
 Defaults follow Coste et al.'s trlx config (gamma 1, lam 0.95, clip 0.2, 4 epochs, init KL 0.1, target 6).
@@ -22,7 +23,8 @@ from aligntool.online.engine import online_config
 
 class AlgoConfig(online_config()):
     kl_coef: float = Field(0.1, ge=0, description="Initial KL coefficient.")
-    kl_target: float | None = Field(6.0, gt=0, description="Target sequence KL of the adaptive controller; null = fixed.")
+    kl_target: float | None = Field(6.0, gt=0, description="Target sequence KL of the adaptive controller; "
+                                    "null = fixed.")
     kl_horizon: int = Field(10000, gt=0, description="Horizon (samples) of the adaptive controller.")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount of GAE (trlx: 1).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")

@@ -12,7 +12,8 @@ class AlgoConfig(Strict):
     trl_fields = ("center_rewards_coefficient",)  # RewardConfig's own
 
     center_rewards_coefficient: float | None = Field(
-        None, ge=0, description="Weight of the (r_w + r_l)^2 penalty that keeps rewards centred (Eisenstein et al. 2023)."
+        None, ge=0, description="Weight of the (r_w + r_l)^2 penalty that keeps rewards centred "
+        "(Eisenstein et al. 2023)."
     )
 
 

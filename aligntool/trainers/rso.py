@@ -71,9 +71,9 @@ def pipeline(run) -> dict:
     import datasets
 
     from aligntool import models, rewards
+    from aligntool.outputs import log
     from aligntool.recipe.schema import RewardConfig
     from aligntool.sampling import sample
-    from aligntool.outputs import log
 
     cfg: AlgoConfig = run.algo
     folder = run.output_dir
@@ -109,11 +109,13 @@ def pipeline(run) -> dict:
 
     scored = cached_stage(folder, "scored", score_settings, do_score, force["score"] or force["sample"], log)
 
-    select_settings = {"upstream": score_settings, **cfg.model_dump(include={"num_samples", "sample_beta", "pairing", "seed"})}
+    select_settings = {"upstream": score_settings,
+                       **cfg.model_dump(include={"num_samples", "sample_beta", "pairing", "seed"})}
 
     def do_select():
         rng = random.Random(cfg.seed)
-        return [pair for row in scored for pair in select_pairs(row["prompt"], row["candidates"], row["rewards"], cfg, rng)]
+        return [pair for row in scored
+                for pair in select_pairs(row["prompt"], row["candidates"], row["rewards"], cfg, rng)]
 
     redo = force["select"] or force["score"] or force["sample"]
     pairs = cached_stage(folder, "pairs", select_settings, do_select, redo, log)

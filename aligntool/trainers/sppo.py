@@ -36,9 +36,9 @@ def win_rate_rows(prompt: str, completions: list[str], scores: list[float]) -> l
     if max(scores) == min(scores):
         return []
     p = sppo_win_rates(torch.tensor(scores, dtype=torch.float64)).tolist()
-    w, l = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
-    return [{"prompt": prompt, "chosen": completions[w], "rejected": completions[l], "p_chosen": p[w],
-             "p_rejected": p[l], "score_chosen": scores[w], "score_rejected": scores[l]}]
+    w, worst = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+    return [{"prompt": prompt, "chosen": completions[w], "rejected": completions[worst], "p_chosen": p[w],
+             "p_rejected": p[worst], "score_chosen": scores[w], "score_rejected": scores[worst]}]
 
 
 def pipeline(run) -> dict:

@@ -29,7 +29,8 @@ def revision_prompt(template: str, prompt: str, previous: str) -> str:
 
 class AlgoConfig(Strict):
     beta: float = Field(0.1, gt=0, description="beta of the log-ratios (PR #1772 default 0.01).")
-    alpha: float = Field(0.8, ge=0, le=1, description="Weight of the self-revision loss: (1-alpha) L_gen + alpha L_self.")
+    alpha: float = Field(0.8, ge=0, le=1, description="Weight of the self-revision loss: "
+                         "(1-alpha) L_gen + alpha L_self.")
     revision_template: str = Field(
         DEFAULT_TEMPLATE, description="Prompt of the self-reviser; must contain {prompt} and {previous}."
     )
@@ -50,7 +51,8 @@ def build(run):
     cfg: AlgoConfig = run.algo
     tok = run.tokenizer
     if "prompt" not in run.train_dataset.column_names or not isinstance(run.train_dataset[0]["prompt"], str):
-        raise UserError("dataset.path: srpo needs standard (string) prompt/chosen/rejected columns with an explicit prompt")
+        raise UserError("dataset.path: srpo needs standard (string) prompt/chosen/rejected columns with an "
+                        "explicit prompt")
 
     def add_revision_prompts(ex):
         ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731

@@ -6,7 +6,6 @@ reuses stale values."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -31,10 +30,11 @@ class RefLogpsCache:
         else:
             out = super()._precompute_ref_logps(dataset, name, batch_size)
         if self.accelerator.is_main_process:
+            from aligntool.outputs import atomic_path
+
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            out.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_parquet(str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                out.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_parquet(str(tmp))
         return out
 
     def logps_pass(self, dataset, model, batch_size: int) -> tuple[list[float], list[float]]:

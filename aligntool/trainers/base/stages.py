@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,11 +19,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    from aligntool.outputs import write_atomic
+
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def cached_stage(folder: Path, name: str, settings: dict, compute: Callable[[], list[dict]], force: bool = False,
@@ -50,9 +47,9 @@ def cached_stage(folder: Path, name: str, settings: dict, compute: Callable[[], 
         rows = compute()
         write_jsonl(path, rows)
         done[name] = digest
-        tmp = index.with_name(f".stages.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(done, indent=2) + "\n")
-        os.replace(tmp, index)
+        from aligntool.outputs import write_atomic
+
+        write_atomic(index, json.dumps(done, indent=2) + "\n")
         return rows
 
 
@@ -109,5 +106,10 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
     if is_main_process():
         final.save_pretrained(run.output_dir, safe_serialization=True)
         run.tokenizer.save_pretrained(run.output_dir)
-    return {"algorithm": name, "iterations": iterations, "final_policy": policy_path, "per_iteration": summaries,
-            "global_step": sum(s["global_step"] for s in summaries)}
+    from aligntool.outputs import summary
+
+    last = summaries[-1] if summaries else {}
+    return summary(name, "pipeline", sum(s["global_step"] for s in summaries),
+                   sum(s["train_time_s"] for s in summaries), None, last.get("world_size", 1),
+                   last.get("final_metrics"), None, iterations=iterations, final_policy=policy_path,
+                   per_iteration=summaries)

@@ -1,0 +1,93 @@
+"""How `aligntool train` starts: in this process, or re-launched under torchrun on N processes (and nodes), inside a
+SLURM job step or not. The CLI parses the flags and calls ``start``; everything about processes is here.
+
+- ``--slurm``: nodes, node rank and main address come from SLURM's environment, and a folder that holds a checkpoint
+  (or finished iterations) is resumed, as a requeued job must;
+- ``--nproc``/``--nnodes`` > 1: the launcher checks the folder once, builds the tiny model once (not racing in every
+  rank), then runs torchrun with the same command and passes signals on (aligntool.launch.torchrun);
+- in a rank, or alone: aligntool.train.train, with a full disk reported in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from aligntool.errors import UserError
+
+
+@dataclass
+class Launch:
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int = 29500
+    slurm: bool = False
+
+
+def check_processes(launch: Launch) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        if launch.nproc > torch.cuda.device_count():
+            raise UserError(f"--nproc: {launch.nproc} processes but this node has {torch.cuda.device_count()} GPUs")
+    elif launch.nproc > (os.cpu_count() or 1):
+        raise UserError(f"--nproc: {launch.nproc} processes but this machine has {os.cpu_count()} CPU cores")
+    if launch.node_rank >= launch.nnodes:
+        raise UserError(f"--node-rank: {launch.node_rank} is not below --nnodes {launch.nnodes}")
+    if launch.nnodes > 1 and not launch.master_addr:
+        raise UserError("--master-addr: needed with --nnodes > 1 (the host of node 0)")
+
+
+def start(recipe: str, overrides: list[str], resume: bool, overwrite: bool, launch: Launch, debug: bool) -> int:
+    """Validate the recipe, then train here or under torchrun; returns the exit code."""
+    from aligntool.recipe.loader import load_recipe
+
+    loaded = load_recipe(recipe, overrides)  # validate before spawning anything
+    out = Path(loaded.recipe.output_dir).expanduser()
+    in_rank = "LOCAL_RANK" in os.environ
+    if launch.slurm:
+        from aligntool.launch.slurm import slurm_env
+        from aligntool.outputs import latest_checkpoint
+
+        if not in_rank:
+            launch.nnodes, launch.node_rank, launch.master_addr, launch.master_port = slurm_env()
+        resume = resume or latest_checkpoint(out / "checkpoints") is not None or any(out.glob("iter-*/iteration.done"))
+    if not in_rank:
+        check_processes(launch)
+        if launch.nproc > 1 or launch.nnodes > 1:
+            return relaunch(recipe, overrides, resume, overwrite, launch, debug, loaded, out)
+    return train_here(loaded, out, resume, overwrite, debug)
+
+
+def relaunch(recipe, overrides, resume, overwrite, launch: Launch, debug: bool, loaded, out: Path) -> int:
+    from aligntool import models
+    from aligntool.launch.torchrun import run_forwarding_signals, torchrun_command
+    from aligntool.outputs import check_previous_run
+
+    check_previous_run(out, resume, overwrite)  # before any rank starts
+    models.resolve(loaded.recipe.model.name_or_path, log=lambda m: print(m, file=sys.stderr))  # built once, here
+    argv = ["train", "--recipe", recipe, *overrides, *(["--resume"] if resume else []),
+            *(["--overwrite"] if overwrite else []), *(["--debug"] if debug else [])]
+    master_addr = None if launch.nnodes == 1 else launch.master_addr  # one node: torchrun's standalone rendezvous
+    cmd = torchrun_command(argv, launch.nproc, launch.nnodes, launch.node_rank, master_addr, launch.master_port)
+    return run_forwarding_signals(cmd, finished=lambda: (out / "summary.json").is_file())
+
+
+def train_here(loaded, out: Path, resume: bool, overwrite: bool, debug: bool) -> int:
+    from aligntool.outputs import disk_full_error
+    from aligntool.train import train
+
+    try:
+        train(loaded, resume=resume, overwrite=overwrite)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        error = disk_full_error(out, exc) if out.is_dir() else None
+        if error is None or debug:
+            raise
+        raise error from None
+    return 0
