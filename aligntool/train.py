@@ -201,6 +201,12 @@ class Run:
             # while a TrainingArguments with the ZeRO-3 config is alive, transformers builds the model inside
             # deepspeed.zero.Init: each rank only ever holds its shard of the weights, never the whole model
             self._zero3_args = self.trl_config()
+        # weights the checkpoint lacks (a reward model's score head) are drawn now, before the Trainer seeds: seed here
+        # too, so that a recipe gives the same model run after run
+        from transformers import TrainingArguments, set_seed
+
+        seed = self.recipe.train.seed
+        set_seed(TrainingArguments.__dataclass_fields__["seed"].default if seed is None else seed)
         model = models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
                                   pad_token_id=self.tokenizer.pad_token_id, quantization_config=quant)
         if self._zero3_args is not None and is_main_process():

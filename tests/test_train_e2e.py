@@ -155,3 +155,14 @@ def test_reference_log_probs_are_computed_once_and_cached(tmp_path, tiny_path):
     assert files[0].stat().st_mtime_ns == stamp
     run("dpo", tmp_path, "algo.precompute_ref_log_probs=true", "dataset.toy.seed=7", overwrite=True)  # a new entry
     assert len(list((tmp_path / "ref_logps").glob("train-*.parquet"))) == 2
+
+
+def test_a_reward_model_trains_the_same_twice(tmp_path, tiny_path):
+    """The score head is new (drawn at load time, before the Trainer seeds): it must come from the recipe's seed."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        run("reward", tmp_path / name, "train.max_steps=2")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
