@@ -25,7 +25,87 @@ def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> st
     if name_or_path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
         raise UserError(f"{key}: {name_or_path}: model path does not exist "
                         "(expected 'tiny', a local folder or a hub id org/name)")
+    check_hub(name_or_path, key)
     return name_or_path  # hub id: transformers downloads it (or finds it in the HF cache)
+
+
+def check_hub(repo_id: str, key: str, revision: str | None = None) -> None:
+    """A hub id that is not in the local HF cache needs the hub: on a machine without network say so at once, instead
+    of transformers' minute of retries and a message about cached files."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=HUB_TIMEOUT_S).close()
+            return
+        except OSError:
+            pass
+    why = "HF_HUB_OFFLINE is set" if offline else "this machine cannot reach the hub (offline?)"
+    raise UserError(f"{key}: {repo_id!r} is a hub id, it is not in the local HF cache and {why}; download it on a "
+                    "machine with network (huggingface-cli download) and give the local folder instead")
+
+
+HUB_TIMEOUT_S = 5
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def options(model_cfg, revision: bool = False) -> dict:
+    """The loading options of a recipe's ``model`` section, as ``load_model`` keywords (``revision`` only for the
+    hub model itself, not for a run's own outputs)."""
+    opts = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                attn_implementation=model_cfg.attn_implementation)
+    if revision:
+        opts["revision"] = model_cfg.revision
+    return opts
+
+
+def check_attention(attn_implementation: str | None, key: str = "model.attn_implementation") -> None:
+    """flash_attention_2 needs a CUDA GPU and the flash-attn package: say which is missing before loading."""
+    if attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{key}: flash_attention_2 needs a CUDA GPU and this machine has none; use sdpa (the "
+                        "default) or eager")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(f"{key}: flash_attention_2 needs the flash-attn package (pip install flash-attn "
+                        "--no-build-isolation); or use sdpa")
+
+
+def check_remote_code(path: str, key: str, trust_remote_code: bool) -> None:
+    """A local model folder that ships its own modelling code (``auto_map`` in config.json) is named with the key to
+    set, instead of transformers' question on stdin or its long error."""
+    import json
+
+    config = Path(path) / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        cfg = json.loads(config.read_text())
+    except ValueError:
+        raise UserError(f"{config}: not valid JSON") from None
+    from transformers import CONFIG_MAPPING
+
+    if cfg.get("auto_map") and cfg.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(f"{key}: {path} ships its own modelling code (auto_map in config.json) for model type "
+                        f"{cfg.get('model_type')!r}, which transformers does not know; set model.trust_remote_code: "
+                        "true if you trust that code")
+    if cfg.get("model_type") and cfg.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(f"{key}: {path}: model type {cfg.get('model_type')!r} is not known to transformers "
+                        f"{__import__('transformers').__version__} (a newer transformers, or a folder that is not a "
+                        "transformers model?)")
 
 
 def run_device():
@@ -111,36 +191,62 @@ def check_head(path: str, head: str, key: str, trust_remote_code: bool = False, 
                         "model (a ...ForCausalLM)")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None, key="model.name_or_path"):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None, key="model.name_or_path",
+                   chat_template: str | None = None, base_dir: Path | None = None, log=lambda message: None):
+    """The tokenizer of a model folder or hub id, with a pad token (``aligntool.tokens.ensure_pad``) and, when given,
+    ``chat_template`` (a template name or a Jinja file) in place of its own."""
     from transformers import AutoTokenizer
 
+    from aligntool import tokens
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{key}: {path}: no tokenizer here (none of {', '.join(TOKENIZER_FILES)}); copy the base "
+                        "model's tokenizer files into this folder")
     tok = _wrap(key, path, AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code, revision=revision)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # causal LMs often ship without one; TRL pads with it
+    if tok.eos_token is None:
+        raise UserError(f"{key}: {path}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+    tokens.ensure_pad(tok, log=log)
+    if chat_template:
+        tokens.set_chat_template(tok, chat_template, base_dir=base_dir)
     return tok
 
 
 def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
                head: str = "causal_lm", pad_token_id: int | None = None, key="model.name_or_path",
-               quantization_config=None):
-    """A causal LM, or a one-output sequence classifier (``head='reward'``) for reward models. A LoRA adapter folder
-    (a peft run's output) loads as its base with the adapter merged."""
+               quantization_config=None, attn_implementation: str | None = None):
+    """A causal LM, or a one-output sequence classifier (``head='reward'``) for reward models, whose score is read
+    at the last token that is not padding (``pad_token_id``: the tokenizer's). A LoRA adapter folder (a peft run's
+    output) loads as its base with the adapter merged."""
     import transformers
 
     if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
         return merged_adapter(path, dtype, trust_remote_code, key=key, head=head, pad_token_id=pad_token_id)
     check_weights(path, key)
+    check_remote_code(path, key, trust_remote_code)
     check_head(path, head, key, trust_remote_code, revision)
+    check_attention(attn_implementation)
     kwargs = dict(dtype=DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code, revision=revision)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if head == "reward":
         model = _wrap(key, path, transformers.AutoModelForSequenceClassification.from_pretrained, path, num_labels=1,
                       **kwargs)
-        if pad_token_id is not None and model.config.pad_token_id is None:
+        if pad_token_id is not None:  # the tokenizer's pad (it may have been chosen at load) marks the last token
             model.config.pad_token_id = pad_token_id
         return model
-    return _wrap(key, path, transformers.AutoModelForCausalLM.from_pretrained, path, **kwargs)
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        if attn_implementation and "attention implementation" in str(exc):
+            raise UserError(f"model.attn_implementation: {path}: {attn_implementation} is not supported by this "
+                            "architecture in this transformers; use eager") from None
+        raise UserError(f"{key}: could not load {path!r}: {first_line(exc)}") from None
 
 
 def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str = "ref_model.soup", log=print) -> Path:
@@ -213,7 +319,9 @@ def check_target_modules(peft, model, key: str = "peft.target_modules") -> None:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        from transformers.pytorch_utils import Conv1D  # GPT-2's projections: peft adapts them too
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
         raise UserError(f"{key}: {', '.join(map(repr, missing))} matches no module of the model; its linear modules "
                         f"are: {', '.join(linear)}")
 

@@ -38,15 +38,13 @@ def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_wi
     return logp_all.gather(-1, input_ids[:, prompt_width:, None])[..., 0]
 
 
-def _left_padded(tokenizer, prompts: list[str]):
-    tokenizer.padding_side = "left"
-    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-
-def trim(row: list[int], eos_id: int, pad_id: int) -> list[int]:
-    """Cut a generated row after its first EOS (kept: its probability is part of the sequence) and drop padding."""
-    if eos_id in row:
-        return row[: row.index(eos_id) + 1]
+def trim(row: list[int], stop: int | list[int], pad_id: int) -> list[int]:
+    """Cut a generated row after its first stop token (kept: its probability is part of the sequence) and drop
+    padding. ``stop``: EOS, or every id that ends a turn (``aligntool.tokens.stop_ids``)."""
+    stops = {stop} if isinstance(stop, int) else set(stop)
+    for j, token in enumerate(row):
+        if token in stops:
+            return row[: j + 1]
     while row and row[-1] == pad_id:
         row = row[:-1]
     return row
@@ -54,35 +52,38 @@ def trim(row: list[int], eos_id: int, pad_id: int) -> list[int]:
 
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64,
            seed: int = 0, top_k: int = 0, top_p: float = 1.0):
-    """One completion per prompt (repeat a prompt to get several): (texts, token ids). ``temperature`` 0 = greedy."""
+    """One completion per prompt (repeat a prompt to get several): (texts, token ids). ``temperature`` 0 = greedy.
+    Prompts get BOS once where the model's tokenizer puts one; generation stops at any of the model's stop tokens."""
+    from aligntool.tokens import encode_prompts, stop_ids
+
     texts, ids = [], []
-    device = next(model.parameters()).device
+    stops = stop_ids(tokenizer)
     for start in range(0, len(prompts), batch_size):
-        batch = _left_padded(tokenizer, prompts[start : start + batch_size]).to(device)
         torch.manual_seed(seed + start)
-        kwargs = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)  # top_k 0 = off
-                  if temperature > 0 else dict(do_sample=False))
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
-        for row in out[:, batch["input_ids"].shape[1] :].tolist():
-            row = trim(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            ids.append(row)
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        rows = generate_from_ids(model, encode_prompts(tokenizer, prompts[start : start + batch_size]),
+                                 tokenizer.pad_token_id, stops, max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, greedy=temperature <= 0, empty_as_stop=False)
+        ids += rows
+        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     return texts, ids
 
 
-def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                      temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> list[list[int]]:
-    """One completion (token ids, trimmed after EOS) per tokenised prompt, in one left-padded batch: sampled, or
-    ``greedy``. An empty completion becomes a lone EOS."""
+def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, stop: int | list[int], max_new_tokens: int,
+                      temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, top_k: int = 0,
+                      empty_as_stop: bool = True) -> list[list[int]]:
+    """One completion (token ids, trimmed after the first stop token) per tokenised prompt, in one left-padded
+    batch: sampled, or ``greedy``. ``stop``: EOS or the list of ids that end a turn (``aligntool.tokens.stop_ids``;
+    the first is the one an empty completion becomes, with ``empty_as_stop``)."""
     device = next(model.parameters()).device
+    stops = [stop] if isinstance(stop, int) else list(stop)
     ids, attn, _, width = pack(prompt_ids, [[] for _ in prompt_ids], pad_id, device)
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k,
+                                                         top_p=top_p)
     with torch.no_grad():
         out = model.generate(input_ids=ids[:, :width], attention_mask=attn[:, :width], max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=eos_id, **kwargs)
-    return [trim(row, eos_id, pad_id) or [eos_id] for row in out[:, width:].tolist()]
+                             pad_token_id=pad_id, eos_token_id=stops if len(stops) > 1 else stops[0], **kwargs)
+    rows = [trim(row, stops, pad_id) for row in out[:, width:].tolist()]
+    return [row or [stops[0]] for row in rows] if empty_as_stop else rows
 
 
 def sequence_logprobs(model, tokenizer, prompts: list, completions: list[list[int]], batch_size: int = 64,
@@ -92,7 +93,9 @@ def sequence_logprobs(model, tokenizer, prompts: list, completions: list[list[in
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        prompt_ids = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"]
+        from aligntool.tokens import encode_prompts
+
+        prompt_ids = [p if isinstance(p, list) else encode_prompts(tokenizer, [p])[0]
                       for p in prompts[start : start + batch_size]]
         ids, attn, mask, width = pack(prompt_ids, completions[start : start + batch_size], tokenizer.pad_token_id,
                                       device)

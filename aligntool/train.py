@@ -207,7 +207,7 @@ class Run:
 
         seed = self.recipe.train.seed
         set_seed(TrainingArguments.__dataclass_fields__["seed"].default if seed is None else seed)
-        model = models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision, head=head,
+        model = models.load_model(self.model_path, **models.options(m, revision=True), head=head,
                                   pad_token_id=self.tokenizer.pad_token_id, quantization_config=quant)
         if self._zero3_args is not None and is_main_process():
             sharded = all(hasattr(p, "ds_id") for p in model.parameters())
@@ -299,11 +299,11 @@ class Run:
                 # TRL would build the copy inside ZeRO-3's init context, which fails before DeepSpeed's own process
                 # group exists; a copy loaded here is sharded by TRL's DeepSpeed preparation instead
                 m = self.recipe.model
-                return models.load_model(self.model_path, m.dtype, m.trust_remote_code, m.revision)
+                return models.load_model(self.model_path, **models.options(m, revision=True))
             return None
         path = self.ref_path or models.resolve(ref.name_or_path, key="ref_model.name_or_path", log=log)
         m = self.recipe.model
-        return models.load_model(path, ref.dtype, m.trust_remote_code, key="ref_model.name_or_path")
+        return models.load_model(path, **{**models.options(m), "dtype": ref.dtype}, key="ref_model.name_or_path")
 
 
 def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> dict:
@@ -329,28 +329,12 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
 def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     from aligntool.launch import preemption
 
-    recipe, spec = loaded.recipe, loaded.spec
+    spec = loaded.spec
     module = spec.load()
     if resume and spec.kind == "trl" and latest_checkpoint(out / "checkpoints") is None:
         raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
 
-    from aligntool.launch.distributed import setup
-
-    run = Run(loaded, out, resume=resume, setup=setup(recipe, out))
-    run.model_path = models.resolve(recipe.model.name_or_path, log=log)
-    if recipe.ref_model is not None and recipe.ref_model.soup:
-        from accelerate import PartialState
-
-        soup_dir = out / "soup"
-        with PartialState(cpu=not _cuda()).main_process_first():
-            if is_main_process():
-                models.make_soup(recipe.ref_model.soup, recipe.ref_model.soup_weights, soup_dir, log=log)
-                log(f"Reference: soup of {len(recipe.ref_model.soup)} models -> {soup_dir}")
-        run.ref_path = str(soup_dir)
-        if recipe.ref_model.policy_from_soup:
-            run.model_path = str(soup_dir)
-    run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision)
-    run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log)
+    run = prepare(loaded, out, resume)
     if is_main_process():  # written once the inputs are known to be good
         write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
         if not resume:
@@ -372,3 +356,28 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
         write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
         log(f"Done in {result['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
     return result
+
+
+def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
+    """Everything a run needs before its trainer is built, done once: the distributed set-up, the model path (a
+    soup first), the tokenizer and the checked datasets."""
+    from aligntool.launch.distributed import setup
+
+    recipe, spec = loaded.recipe, loaded.spec
+    run = Run(loaded, out, resume=resume, setup=setup(recipe, out))
+    run.model_path = models.resolve(recipe.model.name_or_path, log=log)
+    if recipe.ref_model is not None and recipe.ref_model.soup:
+        from accelerate import PartialState
+
+        soup_dir = out / "soup"
+        with PartialState(cpu=not _cuda()).main_process_first():
+            if is_main_process():
+                models.make_soup(recipe.ref_model.soup, recipe.ref_model.soup_weights, soup_dir, log=log)
+                log(f"Reference: soup of {len(recipe.ref_model.soup)} models -> {soup_dir}")
+        run.ref_path = str(soup_dir)
+        if recipe.ref_model.policy_from_soup:
+            run.model_path = str(soup_dir)
+    run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision,
+                                          chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
+    run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log)
+    return run

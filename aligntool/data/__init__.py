@@ -174,11 +174,20 @@ def prompts_as_text(data, tokenizer, where: str):
     generation prompt, as TRL does for the offline methods; the sampling methods then work on strings."""
     if "prompt" not in data.column_names or _cell_kind(data[0]["prompt"]) != "conversation":
         return data
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{where}: conversational prompts need a chat template, and the model's tokenizer has none; "
-                        "give plain-text prompts")
     return data.map(lambda row: {"prompt": tokenizer.apply_chat_template(row["prompt"], tokenize=False,
                                                                           add_generation_prompt=True)})
+
+
+def check_template(data, columns: tuple[str, ...], tokenizer, where: str) -> None:
+    """Conversational rows (lists of {role, content}) go through the tokenizer's chat template; a model without one
+    (base checkpoints: GPT-2, Pythia, most pretrained-only models) is named before TRL fails deep inside."""
+    conversational = [c for c in columns if _cell_kind(data[0][c]) == "conversation"]
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        from aligntool.tokens import TEMPLATES
+
+        raise UserError(f"{where}: column {conversational[0]!r} holds conversations but the model's tokenizer has no "
+                        f"chat template; set model.chat_template: <a Jinja file, or one of {', '.join(TEMPLATES)}>, "
+                        "or give plain-text rows")
 
 
 def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
@@ -215,6 +224,8 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
         split = train.train_test_split(test_size=n_eval, seed=cfg.toy.seed, shuffle=True)
         train, evald = split["train"], split["test"]
         log(f"dataset.eval_fraction: {len(evald)} of {len(train) + len(evald)} rows held out for evaluation")
+    if tokenizer is not None:
+        check_template(train, columns, tokenizer, where)
     if tokenizer is not None and kind == "prompt":
         train = prompts_as_text(train, tokenizer, where)
         evald = prompts_as_text(evald, tokenizer, where) if evald is not None else None

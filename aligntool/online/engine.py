@@ -154,7 +154,7 @@ class Engine:
         # with LoRA and no explicit reference, the reference is the policy with its adapter disabled (no second copy)
         explicit = run.reference()
         self.ref = None if lora is not None and explicit is None else (explicit or models.load_model(
-            run.model_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)).eval()
+            run.model_path, **models.options(run.recipe.model, revision=True))).eval()
         if self.ref is not None:
             self.ref.requires_grad_(False)
         if getattr(self.cfg, "disable_dropout", True):
@@ -214,21 +214,24 @@ class Engine:
         import contextlib
 
         from aligntool.sampling import generate_from_ids, pack
+        from aligntool.tokens import encode_prompts, stop_ids
 
         tok, cfg = self.tokenizer, self.cfg
-        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        prompt_ids = encode_prompts(tok, prompts)
+        stops = stop_ids(tok)  # EOS and the chat template's end of turn: either ends a response
         lm, context = self.reference() if from_reference else (self.policy_lm, contextlib.nullcontext())
         lm.eval()
         with context:
-            responses = generate_from_ids(lm, prompt_ids, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens,
+            responses = generate_from_ids(lm, prompt_ids, tok.pad_token_id, stops, cfg.max_new_tokens,
                                           temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy)
         ids, attn, mask, width = pack(prompt_ids, responses, tok.pad_token_id, self.accelerator.device)
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-        missing_eos = torch.tensor([tok.eos_token_id not in r for r in responses], device=ids.device)
+        missing_eos = torch.tensor([r[-1] not in stops for r in responses], device=ids.device)
         return Rollout(prompts, texts, ids, attn, width, mask, missing_eos)
 
     def score(self, ro: Rollout) -> torch.Tensor:
-        """The reward source's score of each response, minus ``missing_eos_penalty`` where EOS is missing."""
+        """The reward source's score of each response, minus ``missing_eos_penalty`` where no stop token (EOS or the
+        template's end of turn) ended it."""
         score = torch.tensor(self.scorer(ro.prompts, ro.texts), device=ro.mask.device)
         if self.cfg.missing_eos_penalty:
             score = score - self.cfg.missing_eos_penalty * ro.missing_eos.to(score.dtype)

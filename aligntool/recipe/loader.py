@@ -73,6 +73,11 @@ class LoadedRecipe:
     spec: registry.AlgorithmSpec
     source: str  # file name, for messages
 
+    @property
+    def base_dir(self) -> Path:
+        """The recipe's folder: relative files a recipe names (a chat template) are looked for there first."""
+        return Path(self.source).expanduser().resolve().parent
+
     def resolved(self) -> dict:
         """The fully resolved recipe, every default filled in: what the run actually used."""
         data = self.recipe.model_dump(mode="json")

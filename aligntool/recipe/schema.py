@@ -77,6 +77,13 @@ class ModelConfig(Strict):
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with a hub model. Off unless asked.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="Attention kernel (transformers' attn_implementation); unset = transformers' choice (sdpa "
+        "where the model supports it). flash_attention_2 needs a CUDA GPU and the flash-attn package.")
+    chat_template: str | None = Field(
+        None, description="Chat template for conversational data: a Jinja file (relative to the recipe's folder or "
+        "the working directory) or a name: chatml, llama3, gemma, mistral, phi3, olmo2. Replaces the tokenizer's own; "
+        "needed for conversational data on a model that has none. Saved with the trained model.")
 
 
 class RefModelConfig(Strict):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from aligntool.losses.preference import rloo_kl_loss
 from aligntool.sampling import generate_from_ids, sequence_logprobs
+from aligntool.tokens import stop_ids
 from aligntool.trainers.base.pairwise import PairLossTrainer
 
 
@@ -39,7 +40,7 @@ class HyPOTrainer(PairLossTrainer):
         prompts = self.prompts_of(inputs)
         repeated = [p for p in prompts for _ in range(cfg.kl_samples)]
         policy = self.accelerator.unwrap_model(model)
-        samples = generate_from_ids(policy, repeated, tok.pad_token_id, tok.eos_token_id, cfg.max_new_tokens)
+        samples = generate_from_ids(policy, repeated, tok.pad_token_id, stop_ids(tok), cfg.max_new_tokens)
         logp = sequence_logprobs(model, tok, repeated, samples, batch_size=len(repeated), grad=True)
         with torch.no_grad():
             if self.ref_model is None and hasattr(policy, "disable_adapter"):  # LoRA: the reference is the base

@@ -104,7 +104,7 @@ def pipeline(run) -> dict:
         return rows
 
     def make_trainer(stage):
-        reference = models.load_model(ref_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
+        reference = models.load_model(ref_path, **models.options(run.recipe.model))
         return INPOTrainer(model=stage.policy(), ref_model=reference, args=stage.trl_config(),
                            train_dataset=stage.train_dataset, processing_class=run.tokenizer,
                            peft_config=stage.peft_config(), algo=cfg)

@@ -87,7 +87,7 @@ def pipeline(run) -> dict:
 
     def do_sample():
         m = run.recipe.model
-        policy = models.load_model(run.model_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
+        policy = models.load_model(run.model_path, **models.options(m, revision=True)).to(models.run_device()).eval()
         repeated = [p for p in prompts for _ in range(cfg.num_candidates)]
         texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
                           top_k=cfg.top_k, top_p=cfg.top_p)

@@ -60,7 +60,7 @@ def sample_groups(run, policy_path: str, prompts: list[str], k: int, cfg, seed: 
     from aligntool.sampling import sample
 
     m = run.recipe.model
-    policy = models.load_model(policy_path, m.dtype, m.trust_remote_code).to(models.run_device()).eval()
+    policy = models.load_model(policy_path, **models.options(m)).to(models.run_device()).eval()
     repeated = [p for p in prompts for _ in range(k)]
     texts, _ = sample(policy, run.tokenizer, repeated, cfg.max_new_tokens, cfg.temperature, seed=seed, top_p=cfg.top_p)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
@@ -102,7 +102,7 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
             (stage.output_dir / "iteration.done").write_text("")
         policy_path = str(stage.output_dir)
 
-    final = models.load_model(policy_path, run.recipe.model.dtype, run.recipe.model.trust_remote_code)
+    final = models.load_model(policy_path, **models.options(run.recipe.model))
     if is_main_process():
         final.save_pretrained(run.output_dir, safe_serialization=True)
         run.tokenizer.save_pretrained(run.output_dir)
