@@ -16,7 +16,7 @@ import torch
 from conftest import REPO
 
 from aligntool.cli import main
-from aligntool.compress import evopress, levels
+from aligntool.compress import evopress, layers, levels
 
 SMALL = ["calibration.seq_len=32", "calibration.num_sequences=32", "calibration.heldout_sequences=8",
          "compress.evopress.generations=3", "compress.evopress.offspring=4", "compress.evopress.survivors=[2,1]",
@@ -189,8 +189,8 @@ def _tiny_sparsity_space(tiny_path):
     tok = models.load_tokenizer(str(tiny_path))
     model = models.load_model(str(tiny_path)).eval()
     calib, _ = calibration.load_windows(recipe.calibration, tok)
-    linears = levels.compressible_linears(model, recipe.compress.layers)
-    norms, _ = levels.input_stats(model, linears, calib, 8)
+    linears = layers.compressible_layers(model, recipe.compress.layers)
+    norms, _ = layers.input_stats(model, linears, calib, 8)
     dense = log_probs(model, calib, 8)
     space = levels.SparsitySpace(linears, norms, 0.5, 8, None)
 

@@ -12,46 +12,32 @@ unit under a global budget. Three spaces, one class each:
 * ``QuantSpace`` -- bit-widths ``bits_min..bits_max``, round-to-nearest with ``group_size`` groups
   (``quantizers.rtn_quantize``; the authors use GPTQ). A mutation only trades bits between layers of the same size
   (the authors' group_rule "size"), so the total bits never move.
-* ``DepthSpace`` -- attention / MLP sub-blocks (or whole blocks) replaced by identity: every linear weight (and
-  bias) inside is zeroed, so the sub-block adds 0 to the residual stream -- the model stays a model transformers
-  loads. The budget is the number of dropped units; a mutation swaps one dropped unit for a kept one.
+* ``DepthSpace`` -- attention / MLP sub-blocks (or whole blocks) replaced by identity: every layer's weight (and
+  bias) inside is zeroed -- ``nn.Linear``, ``Conv1D`` and all the experts of an MoE block -- so the sub-block adds 0
+  to the residual stream and the model stays a model transformers loads. The budget is the number of dropped units;
+  a mutation swaps one dropped unit for a kept one.
 
-A candidate is a tuple of integer levels, one per unit; ``group`` says which units may trade levels.
+A candidate is a tuple of integer levels, one per unit; ``group`` says which units may trade levels. Layers
+(``layers.Layer``) are read and written as ``[out, in]`` matrices whatever their stored layout.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
 from aligntool.compress import quantizers
+from aligntool.compress.layers import Layer, decoder_blocks, layers_in
 from aligntool.errors import UserError
 
 
 @dataclass
 class Unit:
     name: str
-    linears: dict[str, torch.nn.Linear]  # module name -> module that this unit changes
+    layers: dict[str, Layer]  # layer name -> layer that this unit changes
     numel: int  # weights it holds
-
-
-def compressible_linears(model, pattern: str) -> dict[str, torch.nn.Linear]:
-    try:
-        rx = re.compile(pattern)
-    except re.error as exc:
-        raise UserError(f"compress.layers: {pattern!r} is not a valid regex ({exc})") from None
-    found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.fullmatch(n)}
-    if not found:
-        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        if not linear or linear == ["lm_head"]:
-            raise UserError("compress: the model has no torch.nn.Linear layers to compress (GPT-2-style Conv1D "
-                            "projections are not supported)")
-        raise UserError(f"compress.layers: {pattern!r} matches no linear layer; the model has: {', '.join(linear[:12])}"
-                        + (" ..." if len(linear) > 12 else ""))
-    return found
 
 
 class Space:
@@ -63,12 +49,14 @@ class Space:
 
     def __init__(self, units: list[Unit]):
         self.units = units
-        self.dense = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-                      for u in units for n, m in u.linears.items()}
+        # [out, in] copies, contiguous whatever the stored layout (Conv1D keeps the transpose)
+        self.dense = {n: (x.weight().detach().clone(memory_format=torch.contiguous_format),
+                          None if x.bias() is None else x.bias().detach().clone())
+                      for u in units for n, x in u.layers.items()}
         self.current: list[int | None] = [None] * len(units)
 
     def weights(self, i: int, level: int) -> dict[str, torch.Tensor]:
-        """The weight of each linear of unit ``i`` at ``level``."""
+        """The ``[out, in]`` weight of each layer of unit ``i`` at ``level``."""
         raise NotImplementedError
 
     def apply(self, levels) -> None:
@@ -78,16 +66,16 @@ class Space:
                 if self.current[i] == level:
                     continue
                 for name, w in self.weights(i, level).items():
-                    self.units[i].linears[name].weight.copy_(w)
+                    self.units[i].layers[name].set_weight(w)
                 self.current[i] = level
 
     def restore(self) -> None:
         with torch.no_grad():
             for u in self.units:
-                for n, m in u.linears.items():
-                    m.weight.copy_(self.dense[n][0])
-                    if m.bias is not None:
-                        m.bias.copy_(self.dense[n][1])
+                for n, x in u.layers.items():
+                    x.set_weight(self.dense[n][0])
+                    if x.bias() is not None:
+                        x.bias().copy_(self.dense[n][1])
         self.current = [None] * len(self.units)
 
     def uniform(self) -> tuple[int, ...]:
@@ -125,9 +113,9 @@ def level_range(numel: int, sparsity: float, step: int, num_levels: int) -> tupl
 class SparsitySpace(Space):
     mode = "sparsity"
 
-    def __init__(self, linears: dict[str, torch.nn.Linear], input_norms: dict[str, torch.Tensor], sparsity: float,
+    def __init__(self, layers: dict[str, Layer], input_norms: dict[str, torch.Tensor], sparsity: float,
                  num_levels: int, step: int | None, hidden_size: int | None = None):
-        super().__init__([Unit(n, {n: m}, m.weight.numel()) for n, m in linears.items()])
+        super().__init__([Unit(n, {n: x}, x.numel) for n, x in layers.items()])
         self.target = sparsity
         size = hidden_size**2 if hidden_size else min(u.numel for u in self.units)
         self.step = step or default_step(sparsity, num_levels, size)
@@ -138,7 +126,10 @@ class SparsitySpace(Space):
         self.order = {}
         for u in self.units:  # ascending Wanda score: the first k are pruned at k
             w = self.dense[u.name][0].float()
-            score = w.abs() * input_norms[u.name].float()[None, :]
+            norms = input_norms[u.name].float()
+            if not norms.any():  # an expert no calibration token was routed to: magnitude alone
+                norms = torch.ones_like(norms)
+            score = w.abs() * norms[None, :]
             order = torch.argsort(score.view(-1), stable=True)
             self.order[u.name] = order.int() if u.numel < 2**31 else order  # half the memory of int64
 
@@ -175,8 +166,8 @@ class SparsitySpace(Space):
 class QuantSpace(Space):
     mode = "quant"
 
-    def __init__(self, linears: dict[str, torch.nn.Linear], bits: float, bits_min: int, bits_max: int, group_size: int):
-        super().__init__([Unit(n, {n: m}, m.weight.numel()) for n, m in linears.items()])
+    def __init__(self, layers: dict[str, Layer], bits: float, bits_min: int, bits_max: int, group_size: int):
+        super().__init__([Unit(n, {n: x}, x.numel) for n, x in layers.items()])
         for u in self.units:
             cols = self.dense[u.name][0].shape[1]
             if cols % group_size:
@@ -239,16 +230,15 @@ class DepthSpace(Space):
     mode = "depth"
 
     def __init__(self, model, drop: int, unit: str):
-        blocks = _decoder_blocks(model)
         units = []
-        for prefix, block in blocks:
+        for prefix, block in decoder_blocks(model):
             parts = [(prefix, block)] if unit == "block" else _sub_blocks(prefix, block)
             for name, module in parts:
-                linears = {f"{name}.{n}" if n else name: m for n, m in module.named_modules()
-                           if isinstance(m, torch.nn.Linear)}
-                if not linears:
-                    raise UserError(f"compress.mode depth: {name} holds no torch.nn.Linear layer to drop")
-                units.append(Unit(name, linears, sum(m.weight.numel() for m in linears.values())))
+                layers = layers_in(module, name)
+                if not layers:
+                    raise UserError(f"compress.mode depth: {name} is a {type(module).__name__} and holds no layer to "
+                                    "drop (nn.Linear, transformers Conv1D or fused MoE experts)")
+                units.append(Unit(name, layers, sum(x.numel for x in layers.values())))
         if drop >= len(units):
             raise UserError(f"compress.drop: {drop} units asked, the model has {len(units)} {unit} units; "
                             f"drop must be below that")
@@ -258,15 +248,15 @@ class DepthSpace(Space):
         self.group = [0] * len(units)
 
     def weights(self, i, level):
-        return {n: self.dense[n][0] * (1 - level) for n in self.units[i].linears}
+        return {n: self.dense[n][0] * (1 - level) for n in self.units[i].layers}
 
     def apply(self, levels):
         super().apply(levels)
         with torch.no_grad():  # biases follow their weights
             for i, level in enumerate(levels):
-                for n, m in self.units[i].linears.items():
-                    if m.bias is not None:
-                        m.bias.copy_(self.dense[n][1] * (1 - level))
+                for n, x in self.units[i].layers.items():
+                    if x.bias() is not None:
+                        x.bias().copy_(self.dense[n][1] * (1 - level))
 
     def uniform(self):
         raise NotImplementedError("depth pruning has no uniform version")
@@ -292,56 +282,12 @@ class DepthSpace(Space):
                                                                                  zip(self.units, levels) if x]}
 
 
-def _decoder_blocks(model) -> list[tuple[str, torch.nn.Module]]:
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and re.search(r"(^|\.)(layers|h|blocks)$", name) and len(module):
-            return [(f"{name}.{i}", block) for i, block in enumerate(module)]
-    raise UserError("compress.mode depth: found no list of decoder blocks (model.layers / transformer.h)")
-
-
 def _sub_blocks(prefix: str, block) -> list[tuple[str, torch.nn.Module]]:
-    # only children holding linear layers (GPT-NeoX registers post_attention_layernorm before attention)
-    children = {n: m for n, m in block.named_children() if any(isinstance(x, torch.nn.Linear) for x in m.modules())}
+    # only children holding layers (GPT-NeoX registers post_attention_layernorm before attention)
+    children = {n: m for n, m in block.named_children() if layers_in(m)}
     attn = next((n for n in children if "attn" in n or "attention" in n), None)
     mlp = next((n for n in children if "mlp" in n or "feed_forward" in n), None)
     if attn is None or mlp is None:
         raise UserError(f"compress.mode depth: {prefix} has no attention / MLP sub-modules to drop "
                         f"(children: {', '.join(children)}); use drop_unit: block")
     return [(f"{prefix}.{attn}", children[attn]), (f"{prefix}.{mlp}", children[mlp])]
-
-
-def input_stats(model, linears: dict[str, torch.nn.Linear], windows: torch.Tensor, batch_size: int,
-                keep_tokens: int = 0, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One pass over ``windows``: each layer's input column norms ``||X_j||_2`` (Wanda) and, with ``keep_tokens``,
-    a random sample of that many input rows (JLCM's layer-output error)."""
-    sq = {n: torch.zeros(m.in_features) for n, m in linears.items()}
-    rows: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    total = windows.numel()
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(total, generator=gen)[:keep_tokens].sort().values if keep_tokens else None
-    offset = [0]
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sq[name] += (x * x).sum(0)
-            if pick is not None:
-                lo = offset[0]
-                sel = pick[(pick >= lo) & (pick < lo + x.shape[0])] - lo
-                rows[name].append(x[sel])
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
-        with torch.no_grad():
-            for b in range(0, len(windows), batch_size):
-                chunk = windows[b: b + batch_size]
-                model(input_ids=chunk)
-                offset[0] += chunk.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    norms = {n: v.sqrt() for n, v in sq.items()}
-    inputs = {n: torch.cat(r) for n, r in rows.items()} if pick is not None else {}
-    return norms, inputs
-

@@ -1,13 +1,18 @@
 """The packed (really compressed) form of a compressed model, and the loader that rebuilds the model from it.
 
 ``packed/`` holds ``packed.safetensors``, ``manifest.json``, the model config and the tokenizer. Each compressed
-linear weight is stored in its own encoding (tensor names ``<weight name>::<part>``):
+weight is stored in its own encoding (tensor names ``<weight name>::<part>``), always of the ``[out, in]`` matrix:
 
 * ``sparse``: ``mask`` (1 bit per weight, ``quantizers.pack_mask``) + ``values`` (the kept weights, row-major, in the
   model's dtype);
 * ``rtn``: ``codes`` (``bits`` per weight, bit-packed) + ``scale`` and ``zero`` (fp16, one per group);
 * ``jlcm``: ``codes`` (bit-packed) + ``codebooks`` (fp16, one per row group) + ``perm`` (row order);
 * ``dropped``: nothing (the weight is zero; so is its bias, if any).
+
+A weight stored as ``[in, out]`` (GPT-2's ``Conv1D``) has ``"transposed": true`` in its entry: the encoding is of
+its transpose. A fused 3-D MoE weight ``[experts, out, in]`` is an ``experts`` entry with one encoding per expert
+(``"experts": {"<e>": {"kind": ..., settings}}``, tensors ``<weight name>::<e>::<part>``); an expert that was not
+compressed is ``dense`` (``values``: the slice as it is).
 
 Every other tensor is stored as it is (tied tensors once). ``manifest.json`` records each entry's shape and settings
 and the SHA-256 of ``packed.safetensors``, checked on load: a corrupted file is an error, never a wrong model.
@@ -41,7 +46,28 @@ def encode_jlcm(res: quantizers.JLCMResult) -> tuple[dict, dict]:
             {"bits": res.bits, "bounds": list(res.bounds)})
 
 
+def add(encoded: dict, layer, kind: str, parts: dict, meta: dict) -> None:
+    """Record the encoding of ``layer``'s ``[out, in]`` matrix (a ``layers.Layer``: its state-dict ``key``, its
+    ``expert`` slice or None, ``transposed``) in ``encoded``, the argument of ``write_packed``."""
+    meta = {**meta, "transposed": True} if layer.transposed and kind != "dropped" else meta
+    if layer.expert is None:
+        encoded[layer.key] = (kind, parts, meta)
+    else:
+        encoded.setdefault(layer.key, ("experts", {}, {}))[1][layer.expert] = (kind, parts, meta)
+
+
 def _decode(kind: str, parts: dict, meta: dict, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    if meta.get("transposed"):  # the encoding is of the [out, in] transpose of the stored [in, out]
+        meta = {k: v for k, v in meta.items() if k != "transposed"}
+        return _decode(kind, parts, meta, shape[::-1], dtype).T.contiguous()
+    if kind == "experts":
+        out = torch.empty(shape, dtype=dtype)
+        for e, entry in meta["experts"].items():
+            own = {k.split("::", 1)[1]: v for k, v in parts.items() if k.startswith(f"{e}::")}
+            out[int(e)] = _decode(entry["kind"], own, {k: v for k, v in entry.items() if k != "kind"}, shape[1:], dtype)
+        return out
+    if kind == "dense":
+        return parts["values"].to(dtype).view(shape)
     numel = shape[0] * shape[1] if len(shape) == 2 else int(torch.tensor(shape).prod())
     if kind == "sparse":
         keep = quantizers.unpack_mask(parts["mask"], numel).view(shape)
@@ -73,27 +99,33 @@ def _digest(folder: Path, manifest: dict) -> str:
 
 
 def write_packed(model, tokenizer, encoded: dict[str, tuple[str, dict, dict]], out: Path) -> int:
-    """Write ``out/`` (see the module docstring); ``encoded`` maps a weight name to (kind, tensors, settings).
-    Returns the bytes of packed.safetensors + manifest.json."""
+    """Write ``out/`` (see the module docstring); ``encoded`` maps a weight name to (kind, tensors, settings), as
+    ``add`` records them. Returns the bytes of packed.safetensors + manifest.json."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     tensors, entries, aliases, seen = {}, {}, {}, {}
     state = model.state_dict()
     for key, t in state.items():
-        base = key.removesuffix(".weight").removesuffix(".bias")
-        weight_key = base + ".weight"
-        if weight_key in encoded:
-            kind, parts, meta = encoded[weight_key]
-            if key.endswith(".bias"):
-                if kind != "dropped":  # biases of compressed layers are kept whole; dropped ones are zero
-                    tensors[key] = t.contiguous()
-                else:
-                    entries[key] = {"kind": "dropped", "shape": list(t.shape)}
-                continue
-            for name, part in parts.items():
-                tensors[f"{key}::{name}"] = part.contiguous()
+        if key in encoded:
+            kind, parts, meta = encoded[key]
+            if kind == "experts":  # one encoding per expert; the experts left out are stored as they are
+                meta = {"experts": {}}
+                for e in range(t.shape[0]):
+                    e_kind, e_parts, e_meta = parts.get(e, ("dense", {"values": t[e]}, {}))
+                    for name, part in e_parts.items():
+                        tensors[f"{key}::{e}::{name}"] = part.contiguous()
+                    meta["experts"][str(e)] = {"kind": e_kind, **e_meta}
+            else:
+                for name, part in parts.items():
+                    tensors[f"{key}::{name}"] = part.contiguous()
             entries[key] = {"kind": kind, "shape": list(t.shape), **meta}
+            continue
+        if key.endswith(".bias") and key.removesuffix(".bias") + ".weight" in encoded:
+            if encoded[key.removesuffix(".bias") + ".weight"][0] != "dropped":
+                tensors[key] = t.contiguous()  # biases of compressed layers are kept whole; dropped ones are zero
+            else:
+                entries[key] = {"kind": "dropped", "shape": list(t.shape)}
             continue
         ptr = (t.data_ptr(), tuple(t.shape), t.stride())
         if ptr in seen:  # tied (e.g. embeddings and lm_head): the same tensor, stored once

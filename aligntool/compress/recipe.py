@@ -15,8 +15,6 @@ from aligntool.errors import UserError
 from aligntool.recipe.loader import _explain, read_recipe
 from aligntool.recipe.schema import ModelConfig, Strict
 
-DEFAULT_LAYERS = r".*layers\.\d+\..*(q|k|v|o|gate|up|down)_proj$"
-
 
 class CalibrationConfig(Strict):
     """Text the search and the codebooks are fitted on, cut into windows of ``seq_len`` tokens; the held-out windows
@@ -70,7 +68,13 @@ class CompressConfig(Strict):
     mode: Literal["sparsity", "quant", "depth"] = Field(
         "sparsity", description="sparsity: unstructured pruning (Wanda scores); quant: round-to-nearest bit-widths "
         "with groups; depth: attention / MLP sub-blocks replaced by identity. jlcm is always quant.")
-    layers: str = Field(DEFAULT_LAYERS, description="Regex over module names: the linear layers that are compressed.")
+    layers: str | None = Field(
+        None, description="Regex (full match) over layer names: the layers that are compressed (sparsity, quant, "
+        "jlcm). A layer is an nn.Linear, a transformers Conv1D (GPT-2) or one expert of a fused MoE weight, named "
+        "<module>.<gate_up_proj|down_proj>.<expert> (an experts module's name selects all its experts). Default: "
+        "every such layer inside the decoder blocks (the model's layer list: model.layers, transformer.h, "
+        "gpt_neox.layers, ...), without the output head, the embeddings and the MoE routers and gates (layers with "
+        "1 output or one per expert).")
     sparsity: float | None = Field(None, gt=0, lt=1, description="sparsity: average fraction of zero weights, "
                                    "0 < s < 1.")
     sparsity_levels: PositiveInt = Field(8, description="sparsity: levels on each side of the target (EvoPress L).")

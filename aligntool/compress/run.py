@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from aligntool import models
-from aligntool.compress import calibration, evopress, levels, packed, quantizers
+from aligntool.compress import calibration, evopress, layers, levels, packed, quantizers
 from aligntool.errors import UserError
 
 
@@ -73,15 +74,14 @@ def scores(model, windows: torch.Tensor, dense: torch.Tensor | None, batch_size:
     return out
 
 
-def _space(model, cfg, norms):
+def _space(model, cfg, selected, norms):
     if cfg.mode == "depth":
         space = levels.DepthSpace(model, cfg.drop, cfg.drop_unit)
     elif cfg.mode == "sparsity":
-        space = levels.SparsitySpace(levels.compressible_linears(model, cfg.layers), norms, cfg.sparsity,
-                                     cfg.sparsity_levels, cfg.sparsity_step, getattr(model.config, "hidden_size", None))
+        space = levels.SparsitySpace(selected, norms, cfg.sparsity, cfg.sparsity_levels, cfg.sparsity_step,
+                                     getattr(model.config, "hidden_size", None))
     else:
-        space = levels.QuantSpace(levels.compressible_linears(model, cfg.layers), cfg.bits, cfg.bits_min, cfg.bits_max,
-                                  cfg.group_size)
+        space = levels.QuantSpace(selected, cfg.bits, cfg.bits_min, cfg.bits_max, cfg.group_size)
     space.n_initial = cfg.evopress.initial_candidates
     return space
 
@@ -91,7 +91,7 @@ def _encode(space, chosen) -> tuple[dict, list[dict]]:
     encoded, rows = {}, []
     for i, (unit, level) in enumerate(zip(space.units, chosen)):
         packed_bytes = 0
-        for name, module in unit.linears.items():
+        for name, layer in unit.layers.items():
             w = space.dense[name][0]
             if space.mode == "sparsity":
                 kind, parts, meta = ("sparse", *packed.encode_sparse(w, space.mask(i, level)))
@@ -102,30 +102,32 @@ def _encode(space, chosen) -> tuple[dict, list[dict]]:
             else:
                 packed_bytes += w.numel() * w.element_size()
                 continue
-            encoded[name + ".weight"] = (kind, parts, meta)
+            packed.add(encoded, layer, kind, parts, meta)
             packed_bytes += sum(p.numel() * p.element_size() for p in parts.values())
-        dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in unit.linears.values())
+        dense_bytes = sum(x.numel * x.weight().element_size() for x in unit.layers.values())
         rows.append({"name": unit.name, "weights": unit.numel, **space.describe(i, level),
                      "bytes_dense": dense_bytes, "bytes_packed": packed_bytes})
     return encoded, rows
 
 
-def _jlcm(model, cfg, inputs) -> tuple[dict, list[dict]]:
+def _jlcm(cfg, selected, inputs) -> tuple[dict, list[dict]]:
+    """JLCM codebooks for every selected layer, fitted on its calibration inputs (an expert no calibration token was
+    routed to: on the weight error)."""
     from tqdm import tqdm
 
     encoded, rows = {}, []
-    linears = levels.compressible_linears(model, cfg.layers)
     bits = int(cfg.bits)
-    for name, module in tqdm(linears.items(), desc="JLCM", unit="layer"):
-        w = module.weight.detach()
+    for name, layer in tqdm(selected.items(), desc="JLCM", unit="layer"):
+        w = layer.weight().detach()
+        x = inputs.get(name)
         try:
-            res = quantizers.jlcm_quantize(w, bits, groups=min(cfg.jlcm_groups, w.shape[0]), inputs=inputs[name],
-                                           steps=cfg.jlcm_steps, lr=cfg.jlcm_lr, seed=cfg.seed)
+            res = quantizers.jlcm_quantize(w, bits, groups=min(cfg.jlcm_groups, w.shape[0]),
+                                           inputs=x if x is not None and len(x) else None, steps=cfg.jlcm_steps,
+                                           lr=cfg.jlcm_lr, seed=cfg.seed)
         except ValueError as exc:
-            raise UserError(f"compress: {name}: {exc}") from None
-        with torch.no_grad():
-            module.weight.copy_(res.dequantize().to(w.dtype))
-        encoded[name + ".weight"] = ("jlcm", *packed.encode_jlcm(res))
+            raise UserError(f"compress: {name} ({layer.kind}): {exc}") from None
+        layer.set_weight(res.dequantize().to(w.dtype))
+        packed.add(encoded, layer, "jlcm", *packed.encode_jlcm(res))
         rows.append({"name": name, "weights": w.numel(), "level": bits, "bits": bits,
                      "bits_per_weight": res.bits_per_weight(), "bytes_dense": w.numel() * w.element_size(),
                      "bytes_packed": res.nbytes()})
@@ -146,8 +148,9 @@ def _plot(rows: list[dict], mode: str, method: str, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(rows)), 3.2))
     ax.bar(range(len(rows)), values, color="tab:blue")
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["name"].replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
-                        for r in rows], rotation=90, fontsize=6)
+    short = [re.sub(r"^(.*\.)?(layers|h|blocks)\.(\d+)\.", r"L\3.", r["name"]).replace("self_attn.", "")
+             .replace("mlp.", "") for r in rows]
+    ax.set_xticklabels(short, rotation=90, fontsize=6)
     ax.set_ylabel(key)
     ax.set_title(f"{method} {mode}: per-layer levels")
     fig.tight_layout()
@@ -183,8 +186,10 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
     m = recipe.model
     path = models.resolve(m.name_or_path, log=log)
     _check_weights(path)
-    tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision)
-    model = models.load_model(path, m.dtype, m.trust_remote_code, m.revision).eval()
+    tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template)
+    model = models.load_model(path, **models.options(m, revision=True)).eval()
+    # the layers first: a pattern that selects nothing (or a module compress cannot handle) fails before any pass
+    selected = None if cfg.mode == "depth" else layers.compressible_layers(model, cfg.layers)
     torch.manual_seed(cfg.seed)
     calib, heldout = calibration.load_windows(recipe.calibration, tokenizer)
     bs = cfg.eval_batch_size
@@ -196,17 +201,16 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
 
     search_info = None
     if cfg.method == "jlcm":
-        linears = levels.compressible_linears(model, cfg.layers)
-        _, inputs = levels.input_stats(model, linears, calib, bs, keep_tokens=min(cfg.jlcm_tokens, calib.numel()),
+        _, inputs = layers.input_stats(model, selected, calib, bs, keep_tokens=min(cfg.jlcm_tokens, calib.numel()),
                                        seed=cfg.seed)
-        encoded, rows = _jlcm(model, cfg, inputs)
+        encoded, rows = _jlcm(cfg, selected, inputs)
         achieved = {"bits": cfg.bits, "bits_per_weight": 8 * sum(r["bytes_packed"] for r in rows)
                     / sum(r["weights"] for r in rows), "groups": cfg.jlcm_groups}
     else:
         norms = {}
         if cfg.mode == "sparsity":
-            norms, _ = levels.input_stats(model, levels.compressible_linears(model, cfg.layers), calib, bs)
-        space = _space(model, cfg, norms)
+            norms, _ = layers.input_stats(model, selected, calib, bs)
+        space = _space(model, cfg, selected, norms)
         if cfg.method == "evopress":
             def fitness(candidate, idx):
                 space.apply(candidate)
