@@ -112,20 +112,20 @@ def family_model_path(name: str) -> Path:
     """The folder of family ``name``'s test model, building it first if the cache does not hold it yet."""
     if name not in FAMILIES:
         raise KeyError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    from aligntool.toy.tiny import build_lock
+
     target = cache_root() / name
     if (target / "model.safetensors").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=target.parent))
-    try:
-        build_family(name, tmp)
+    with build_lock(target):
+        if (target / "model.safetensors").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=target.parent))
         try:
-            os.rename(tmp, target)  # atomic; a concurrent builder that lost the race uses the winner's copy
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build_family(name, tmp)
+            os.rename(tmp, target)  # atomic: a reader never sees half a model
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

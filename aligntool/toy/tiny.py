@@ -34,12 +34,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNTOOL_CACHE", Path.home() / ".cache" / "aligntool")).expanduser()
 
 
+@contextlib.contextmanager
+def build_lock(target: Path, log=lambda message: None):
+    """One builder at a time for ``target``: a second process (another test worker, a second run started at once)
+    waits for the first instead of building a copy beside it -- two builds on a small machine oversubscribe its cores
+    and both take many times longer. An flock: released when its holder dies, so a killed build never blocks."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that is building {target} ...")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def tiny_model_path(log=print) -> Path:
     """Path of the built tiny model, building it first if the cache does not hold it yet."""
     target = cache_dir() / f"tiny-v{BUILD_VERSION}"
     if (target / "model.safetensors").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(target, log):
+        if (target / "model.safetensors").is_file():  # built by another process while this one waited
+            return target
+        _build_tiny(target, log)
+    return target
+
+
+def _build_tiny(target: Path, log) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
         log(f"Building the built-in tiny model into {target} (once; about a minute)...")
@@ -54,7 +81,6 @@ def tiny_model_path(log=print) -> Path:
         log(f"Built the tiny model in {time.time() - start:.0f}s.")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 @contextlib.contextmanager
