@@ -9,6 +9,19 @@ import pytest
 from aligntool.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+def pytest_configure(config):
+    """A pytest-xdist worker computes on one torch thread: the workers (2, see pyproject) share the machine's cores,
+    and torch's default of one thread per core in each of them oversubscribes it (spinning OpenMP threads made the
+    suite twice as slow on 2 cores). Subprocesses the tests start inherit OMP_NUM_THREADS=1."""
+    if hasattr(config, "workerinput"):
+        import os
+
+        import torch
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+
+
 # summary.json: the same keys for every kind of method (trl, pipeline, online)
 SUMMARY_KEYS = {"algorithm", "kind", "global_step", "train_time_s", "steps_per_second", "train_samples_per_second",
                 "peak_memory_mb", "world_size", "resumed_from", "final_metrics", "wall_time_s"}

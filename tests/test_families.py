@@ -315,9 +315,11 @@ def test_matrix(name, command, fam, tmp_path_factory, capsys):
         else:
             assert _changed(_weights(fam[name]), _weights(out)), "training changed no weight"
         return
+    needs = {"eval": ["dpo", "reward"], "soup": ["dpo"], "bon": ["reward"], "merge-lora": ["sft"]}[command]
+    runs = {recipe: _train(name, recipe, fam, root) for recipe in needs}  # a trainer logs to stdout: before capsys
     capsys.readouterr()
     if command == "eval":
-        dpo, reward = _train(name, "dpo", fam, root), _train(name, "reward", fam, root)
+        dpo, reward = runs["dpo"], runs["reward"]
         assert main(["eval", "--model", str(dpo), "--reference", str(fam[name]), "--num-prompts", "4",
                      "--max-new-tokens", "6", "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
@@ -325,18 +327,18 @@ def test_matrix(name, command, fam, tmp_path_factory, capsys):
         assert main(["eval", "--model", str(reward), "--num-prompts", "4", "--json"]) == 0
         assert 0 <= json.loads(capsys.readouterr().out)["pairwise_accuracy"] <= 1
     elif command == "soup":
-        dpo, out = _train(name, "dpo", fam, root), root / f"{name}-soup"
+        dpo, out = runs["dpo"], root / f"{name}-soup"
         assert main(["soup", str(fam[name]), str(dpo), "--out", str(out)]) == 0
         base, tuned, soup = _weights(fam[name]), _weights(dpo), _weights(out)
         key = next(k for k in soup if not (base[k] == tuned[k]).all())
         assert (soup[key] - (base[key] + tuned[key]) / 2).abs().max() < 1e-6
     elif command == "bon":
-        reward = _train(name, "reward", fam, root)
+        reward = runs["reward"]
         assert main(["bon", "--model", str(fam[name]), "--reward", str(reward), "--n", "2", "--num-prompts", "2",
                      "--json"]) == 0
         assert json.loads(capsys.readouterr().out)
     elif command == "merge-lora":
-        lora, out = _train(name, "sft", fam, root), root / f"{name}-merged"
+        lora, out = runs["sft"], root / f"{name}-merged"
         assert main(["merge-lora", str(lora), "--out", str(out)]) == 0
         assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
         assert _changed(_weights(fam[name]), _weights(out)), "the merged adapter changed nothing"
