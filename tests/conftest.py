@@ -11,8 +11,8 @@ from aligntool.errors import UserError
 REPO = Path(__file__).resolve().parent.parent
 def pytest_configure(config):
     """A pytest-xdist worker computes on one torch thread: the workers (2, see pyproject) share the machine's cores,
-    and torch's default of one thread per core in each of them oversubscribes it (spinning OpenMP threads made the
-    suite twice as slow on 2 cores). Subprocesses the tests start inherit OMP_NUM_THREADS=1."""
+    and torch's default of one thread per core in each of them oversubscribes it (spinning OpenMP threads: the suite
+    took 31 minutes on 2 cores instead of 17). Subprocesses the tests start inherit OMP_NUM_THREADS=1."""
     if hasattr(config, "workerinput"):
         import os
 
@@ -20,6 +20,19 @@ def pytest_configure(config):
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session):
+    """In a parallel run, build the tiny model and the family test models once in the controlling process, on every
+    core, before the workers start: a worker builds on one thread (above), and the other would wait for it."""
+    if hasattr(session.config, "workerinput") or not getattr(session.config.option, "numprocesses", None):
+        return
+    from aligntool.toy.families import FAMILIES, family_model_path
+    from aligntool.toy.tiny import tiny_model_path
+
+    tiny_model_path(log=lambda message: None)
+    for name in FAMILIES:
+        family_model_path(name)
 
 
 # summary.json: the same keys for every kind of method (trl, pipeline, online)

@@ -142,9 +142,7 @@ def test_text_rows_keep_eos_in_the_loss_even_when_pad_is_eos(name, fam, tmp_path
 @pytest.mark.parametrize("name", CHAT)
 def test_generation_stops_at_the_end_of_turn(name, fam):
     """A model whose most likely token is the end of turn: sampling ends there (one token), not at max_new_tokens,
-    and the rollout engine counts it as ended (TRL #4481: generation that never stops)."""
-    import torch
-
+    (TRL #4481: generation that never stops)."""
     from aligntool.sampling import sample
 
     tok = tok_of(fam[name])
@@ -163,7 +161,6 @@ def test_generation_stops_at_the_end_of_turn(name, fam):
     for temperature in (0.0, 1.0):
         _, ids = sample(model, tok, [prompt, prompt], max_new_tokens=8, temperature=temperature)
         assert ids == [[eot], [eot]]
-    del torch
 
 
 # ---------------------------------------------------------------- loading options and bad input
