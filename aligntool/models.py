@@ -96,6 +96,7 @@ def check_remote_code(path: str, key: str, trust_remote_code: bool) -> None:
         cfg = json.loads(config.read_text())
     except ValueError:
         raise UserError(f"{config}: not valid JSON") from None
+    import transformers
     from transformers import CONFIG_MAPPING
 
     if cfg.get("auto_map") and cfg.get("model_type") not in CONFIG_MAPPING:
@@ -104,7 +105,7 @@ def check_remote_code(path: str, key: str, trust_remote_code: bool) -> None:
                         "true if you trust that code")
     if cfg.get("model_type") and cfg.get("model_type") not in CONFIG_MAPPING:
         raise UserError(f"{key}: {path}: model type {cfg.get('model_type')!r} is not known to transformers "
-                        f"{__import__('transformers').__version__} (a newer transformers, or a folder that is not a "
+                        f"{transformers.__version__} (a newer transformers, or a folder that is not a "
                         "transformers model?)")
 
 

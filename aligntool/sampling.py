@@ -95,8 +95,10 @@ def sequence_logprobs(model, tokenizer, prompts: list, completions: list[list[in
     for start in range(0, len(prompts), batch_size):
         from aligntool.tokens import encode_prompts
 
-        prompt_ids = [p if isinstance(p, list) else encode_prompts(tokenizer, [p])[0]
-                      for p in prompts[start : start + batch_size]]
+        batch = prompts[start : start + batch_size]
+        texts = [p for p in batch if not isinstance(p, list)]
+        encoded = iter(encode_prompts(tokenizer, texts) if texts else [])  # the batch's strings in one call
+        prompt_ids = [p if isinstance(p, list) else next(encoded) for p in batch]
         ids, attn, mask, width = pack(prompt_ids, completions[start : start + batch_size], tokenizer.pad_token_id,
                                       device)
         with torch.set_grad_enabled(grad):
