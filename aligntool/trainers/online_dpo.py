@@ -86,7 +86,7 @@ class OnlineDPO:
 
     def samples(self, engine, prompts):
         """The two samples compared per prompt, with their reference log-probs."""
-        a, b = engine.sample(prompts), engine.sample(prompts)
+        a, b = engine.samples(prompts, ["sample", "sample"])  # both samples of every pair in one generate call
         return a.with_(logp_ref=engine.ref_logprobs(a)), b.with_(logp_ref=engine.ref_logprobs(b))
 
     def add_terms(self, engine, per_pair, b, lp_b):

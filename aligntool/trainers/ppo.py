@@ -64,7 +64,7 @@ class PPO:
         # 3. advantages and returns by GAE, advantages whitened
         adv, returns = L.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            adv = L.whiten(adv, ro.mask)
+            adv = L.whiten(adv, ro.mask, all_sum=engine.all_sum)  # over the global batch
         check_finite(adv, returns)
         # 4. ppo_epochs passes over minibatches: clipped policy loss + vf_coef * clipped value loss
         gen = torch.Generator().manual_seed(engine.state["iteration"])
@@ -75,14 +75,16 @@ class PPO:
             for idx in minibatches(len(prompts), size, gen):
                 mb = ro.select(idx)
                 logp, values = engine.policy_logprobs(mb, grad=True)
-                pl, cf = L.ppo_policy_loss(logp, mb.logp, adv[idx], mb.mask, cfg.clip_range)
-                vl, vcf = L.ppo_value_loss(values, mb.values, returns[idx], mb.mask, cfg.clip_range_value)
+                tokens = engine.token_denominator(mb.mask)  # token means over the global minibatch
+                pl, cf = L.ppo_policy_loss(logp, mb.logp, adv[idx], mb.mask, cfg.clip_range, denom=tokens)
+                vl, vcf = L.ppo_value_loss(values, mb.values, returns[idx], mb.mask, cfg.clip_range_value,
+                                           denom=tokens)
                 engine.optimizer_step(pl + cfg.vf_coef * vl)
                 for k, v in (("policy_loss", pl), ("value_loss", vl), ("clipfrac", cf), ("value_clipfrac", vcf)):
                     stats[k] += v.item()
                 n += 1
         # 5. the adaptive KL controller moves kl_coef toward kl_target
-        kl = sequence_kl(ro).mean().item()
+        kl = engine.global_mean(sequence_kl(ro))  # every process moves kl_coef alike
         controller = L.AdaptiveKL(kl_coef, cfg.kl_target, cfg.kl_horizon)
         engine.state["kl_coef"] = controller.update(kl, len(prompts) * engine.world)
         return {**engine.rollout_stats(ro), **{k: v / n for k, v in stats.items()},

@@ -34,15 +34,14 @@ class ReMax:
         from aligntool.losses.online import remax_loss, remax_returns
 
         cfg = self.cfg
-        ro = engine.sample(prompts)
+        ro, greedy = engine.samples(prompts, ["sample", "greedy"])  # one generate call; greedy is the baseline
         ro = ro.with_(score=engine.score(ro), logp_ref=engine.ref_logprobs(ro))
-        greedy = engine.sample(prompts, greedy=True)  # the baseline: only its reward is used
-        greedy_score = engine.score(greedy)
+        greedy_score = engine.score(greedy)  # only the baseline's reward is used
         logp, _ = engine.policy_logprobs(ro, grad=True)  # one policy forward; its detached values enter the KL term
         ro = ro.with_(logp=logp.detach())
         returns = remax_returns(ro.logp, ro.logp_ref, ro.mask, ro.score, greedy_score, cfg.kl_coef, cfg.gamma,
                                 cfg.reward_clip)
-        loss = remax_loss(logp, returns, ro.mask)
+        loss = remax_loss(logp, returns, ro.mask, denom=engine.token_denominator(ro.mask))
         grad_norm = engine.optimizer_step(loss)
         return {**engine.rollout_stats(ro), "loss": loss.item(), "greedy_reward": greedy_score.mean().item(),
                 "advantage": (ro.score - greedy_score).mean().item(), "grad_norm": grad_norm}

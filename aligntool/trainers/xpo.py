@@ -33,6 +33,7 @@ class AlgoConfig(OnlineDPOConfig):
 
 class XPO(OnlineDPO):
     first_sample = "policy_sample"
+    samples_from_reference = True  # the engine refuses ZeRO-3 / FSDP, which keep the reference partitioned
 
     def samples(self, engine, prompts):
         a, b = engine.sample(prompts), engine.sample(prompts, from_reference=True)

