@@ -179,7 +179,7 @@ class TrainConfig(BaseModel):
     bf16: bool | None = Field(None, description="bf16 mixed precision (on by default on a GPU that supports it).")
     fp16: bool | None = Field(None, description="fp16 mixed precision.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
-                                                "more time.")
+                                                "more time. Default: TRL's (on) on GPUs, off on CPUs.")
     report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
 
     @model_validator(mode="after")
