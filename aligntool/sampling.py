@@ -32,9 +32,11 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """log p of each completion token (B, R) from the logits of a packed batch (float32; mask it yourself)."""
-    logp_all = torch.log_softmax(logits[:, prompt_width - 1 : -1].float(), -1)
+def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int,
+                        kept: bool = False) -> torch.Tensor:
+    """log p of each completion token (B, R) from the logits of a packed batch (float32; mask it yourself).
+    ``kept``: ``logits`` holds the last R + 1 positions only (the model ran with ``logits_to_keep=R + 1``)."""
+    logp_all = torch.log_softmax((logits if kept else logits[:, prompt_width - 1 :])[:, :-1].float(), -1)
     return logp_all.gather(-1, input_ids[:, prompt_width:, None])[..., 0]
 
 

@@ -1,4 +1,4 @@
-"""Per-rank peak memory of DeepSpeed ZeRO-3 vs DDP: the same SFT job on 2 processes, side by side.
+"""Per-rank peak memory of DeepSpeed ZeRO-3 vs DDP: the same SFT (or PPO) job on 2 processes, side by side.
 
 Each side is `aligntool train --recipe recipes/sft.yaml` under torchrun with 2 ranks, ``distributed.backend`` ddp or
 deepspeed with ``zero_stage: 3``; same model, data, batch, steps and seed. Each rank measures the peak resident memory
@@ -8,7 +8,11 @@ widened copy of the tiny model (``--hidden-size``, ``--layers``; default ~28 M p
 dominate over the runtime. Prints each rank, then the ratio ZeRO-3 / DDP of the mean per-rank figure (target <= 0.55),
 and FSDP2 / DDP. On CPU the ranks share one machine's RAM; the figure is per process, as it would be per GPU.
 
-    python scripts/bench_zero3_memory.py [--hidden-size 512] [--layers 8] [--steps 6] [--batch-size 4]
+``--recipe ppo``: the same for PPO on the rollout engine (shared value head; the reference model is a frozen copy,
+partitioned under ZeRO-3 too); live tensors are read after each backward and around each optimizer step.
+
+    python scripts/bench_zero3_memory.py [--recipe sft|ppo] [--hidden-size 512] [--layers 8] [--steps 6]
+                                         [--batch-size 4]
 """
 
 from __future__ import annotations
@@ -45,11 +49,15 @@ def worker(a) -> None:
     tensors = TensorBytes()
     callbacks = train_mod._callbacks
     train_mod._callbacks = lambda *args: [*callbacks(*args), tensors]  # measure inside the real run
+    extra = ["train.eval_strategy=no", "dataset.toy.eval_size=0"]
+    if a.recipe == "ppo":
+        measure_engine(tensors)
+        extra = ["algo.max_new_tokens=32", "algo.ppo_epochs=1", "algo.num_minibatches=1"]
 
-    loaded = load_recipe(REPO / "recipes" / "sft.yaml", [
+    loaded = load_recipe(REPO / "recipes" / f"{a.recipe}.yaml", [
         f"output_dir={a.out}/run", f"model.name_or_path={a.model}", f"train.max_steps={a.steps}",
-        f"train.per_device_train_batch_size={a.batch_size}", "train.eval_strategy=no", "train.save_steps=100000",
-        "train.logging_steps=1", "dataset.toy.eval_size=0", f"train.bf16={str(a.bf16).lower()}", *BACKENDS[a.worker]])
+        f"train.per_device_train_batch_size={a.batch_size}", "train.save_steps=100000", "train.logging_steps=1",
+        f"train.bf16={str(a.bf16).lower()}", *extra, *BACKENDS[a.worker]])
     baseline = rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     train_mod.train(loaded)
@@ -91,11 +99,36 @@ def TensorBytes():
     return _TensorBytes()
 
 
+def measure_engine(tensors) -> None:
+    """The rollout engine's optimizer step, measured like the Trainer's: live tensors after the backward (gradients
+    alive) and after the step (optimizer state alive)."""
+    from aligntool.online.engine import Engine
+
+    step = Engine.optimizer_step
+
+    def measured(self, loss):
+        backward = self.accelerator.backward
+
+        def backward_then_measure(*args, **kwargs):
+            out = backward(*args, **kwargs)
+            tensors.peak_mb = max(tensors.peak_mb, live_tensor_mb())
+            return out
+
+        self.accelerator.backward = backward_then_measure
+        try:
+            return step(self, loss)
+        finally:
+            del self.accelerator.backward
+            tensors.peak_mb = max(tensors.peak_mb, live_tensor_mb())
+
+    Engine.optimizer_step = measured
+
+
 def side(name: str, a, model: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                "--worker", name, "--out", out, "--model", model, "--steps", str(a.steps),
-               "--batch-size", str(a.batch_size), *(["--bf16"] if a.bf16 else [])]
+               "--batch-size", str(a.batch_size), "--recipe", a.recipe, *(["--bf16"] if a.bf16 else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -104,6 +137,7 @@ def side(name: str, a, model: str) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", choices=["sft", "ppo"], default="sft")
     ap.add_argument("--hidden-size", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
@@ -122,7 +156,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = widened_copy(str(models.resolve("tiny")), a.hidden_size, a.layers, tmp)
         rows = {name: side(name, a, model) for name in BACKENDS}
-    print(f"SFT, 2 ranks, batch {a.batch_size} per rank, {a.steps} steps, "
+    print(f"{a.recipe.upper()}, 2 ranks, batch {a.batch_size} per rank, {a.steps} steps, "
           f"{'bf16 mixed precision' if a.bf16 else 'fp32'}")
     print(f"{'side':>6} {'rank':>4} {'live tensors MB':>23} {'training +MB (RSS)':>19} {'process peak MB':>16}")
     for name, ranks in rows.items():

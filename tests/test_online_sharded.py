@@ -104,7 +104,7 @@ def test_xpo_under_zero3_or_fsdp_is_refused_in_one_line(tmp_path, tiny_path, bac
     assert "xpo" in last and "distributed.backend" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("recipe,extra", [("dpo", []), ("ppo", ["algo.max_new_tokens=8"])])
+@pytest.mark.parametrize("recipe,extra", [("ppo", ["algo.max_new_tokens=8"])])
 def test_one_process_zero3_runs_without_a_launcher(tmp_path, tiny_path, recipe, extra):
     """`aligntool train ... distributed.backend=deepspeed` in one process (no torchrun, as on a one-GPU machine):
     DeepSpeed gets the one-process rendezvous instead of looking for MPI (mpi4py)."""

@@ -1,12 +1,15 @@
 """The rollout engine shared by every online method (PPO, P3O, ReMax, online DPO, XPO).
 
-One loop, built on transformers (``generate`` with the KV cache, models, schedulers) and accelerate (devices, DDP,
-gradient sync): each iteration takes ``per_device_train_batch_size`` prompts per process, lets the method roll out
-and update (``method.step(engine, prompts)``), logs, and checkpoints. The steps a method composes, each returning new
+One loop, built on transformers (``generate`` with the KV cache, models, schedulers), accelerate (devices, DDP,
+DeepSpeed ZeRO-2/3, FSDP2, gradient sync, sharded checkpoints), TRL (generation under ZeRO-3, the sharded reference,
+vLLM: aligntool.online.vllm_backend): each iteration draws one global batch of prompts, gives each process its
+``per_device_train_batch_size`` slice, lets the method roll out and update (``method.step(engine, prompts)``), logs,
+and checkpoints. Every sampled row has its own seeded random stream and the losses' token means run over the global
+batch, so the number of processes does not change the math. The steps a method composes, each returning new
 values (a ``Rollout`` is never changed in place; ``ro.with_(...)`` makes the next one):
 
 - ``sample(prompts, from_reference=False, greedy=False)``: one response per prompt, trimmed after EOS -> ``Rollout``
-  with token tensors, texts and missing-EOS flags;
+  with token tensors, texts and missing-EOS flags; ``samples(prompts, kinds)``: several per prompt in one call;
 - ``score(ro)``: the recipe's reward source on the texts, minus ``missing_eos_penalty`` where EOS is missing;
 - ``policy_logprobs(ro, grad=False)``: per-token log-probs (and values, with a value head) under the current policy;
   ``grad=True`` is the forward of an update;
@@ -73,10 +76,11 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        """(logits of the last ``logits_to_keep`` positions (0: all), values of every position or None)."""
         shared = self.value_head is not None and self.critic_lm is None
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=shared, use_cache=False)
+                      output_hidden_states=shared, use_cache=False, logits_to_keep=logits_to_keep)
         values = None
         if self.value_head is not None:
             hidden = out.hidden_states[-1] if shared else self.critic_lm(
@@ -223,7 +227,7 @@ class Engine:
         if self.fsdp:  # FSDP2 initialises at the root's first forward: do it now, before generation runs the LM alone
             with torch.no_grad():
                 one = torch.ones(1, 1, dtype=torch.long, device=self.accelerator.device)
-                self.model(one, one, one - 1)
+                self.model(one, one, one - 1, 1)
         self._log_partitioning()
         self.updates = 0  # optimizer steps taken by this process (the vLLM weights follow it)
         self.vllm = None
@@ -375,9 +379,10 @@ class Engine:
 
         sharded = self.zero3 or self.fsdp  # a sharded model's forward gathers its weights: always the wrapped one
         model = self.model if grad or sharded else self.accelerator.unwrap_model(self.model)
+        keep = ro.input_ids.shape[1] - ro.prompt_width + 1  # the head runs on the response positions only
         with torch.set_grad_enabled(grad):
-            logits, values = model(ro.input_ids, ro.attention_mask, positions(ro.attention_mask))
-            logp = completion_logprobs(logits, ro.input_ids, ro.prompt_width) * ro.mask
+            logits, values = model(ro.input_ids, ro.attention_mask, positions(ro.attention_mask), keep)
+            logp = completion_logprobs(logits, ro.input_ids, ro.prompt_width, kept=True) * ro.mask
         if values is not None:
             values = values[:, ro.prompt_width - 1 : -1]
         return logp, values
@@ -388,10 +393,11 @@ class Engine:
         from aligntool.sampling import completion_logprobs, positions
 
         ref, context = self.reference()
+        keep = ro.input_ids.shape[1] - ro.prompt_width + 1
         with context:
             logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
-                         position_ids=positions(ro.attention_mask)).logits
-        return completion_logprobs(logits, ro.input_ids, ro.prompt_width) * ro.mask
+                         position_ids=positions(ro.attention_mask), logits_to_keep=keep).logits
+        return completion_logprobs(logits, ro.input_ids, ro.prompt_width, kept=True) * ro.mask
 
     def rollout(self, prompts: list[str]) -> Rollout:
         """sample -> score -> log-probs (and values) under the policy that sampled -> reference log-probs."""

@@ -69,7 +69,8 @@ class PPO:
         # 4. ppo_epochs passes over minibatches: clipped policy loss + vf_coef * clipped value loss
         gen = torch.Generator().manual_seed(engine.state["iteration"])
         size = max(1, len(prompts) // cfg.num_minibatches)
-        stats = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0}
+        stats = {k: torch.zeros((), device=adv.device) for k in ("policy_loss", "value_loss", "clipfrac",
+                                                                   "value_clipfrac")}
         n = 0
         for _ in range(cfg.ppo_epochs):
             for idx in minibatches(len(prompts), size, gen):
@@ -81,13 +82,13 @@ class PPO:
                                            denom=tokens)
                 engine.optimizer_step(pl + cfg.vf_coef * vl)
                 for k, v in (("policy_loss", pl), ("value_loss", vl), ("clipfrac", cf), ("value_clipfrac", vcf)):
-                    stats[k] += v.item()
+                    stats[k] += v.detach()  # read once per iteration: no host sync per minibatch on a GPU
                 n += 1
         # 5. the adaptive KL controller moves kl_coef toward kl_target
         kl = engine.global_mean(sequence_kl(ro))  # every process moves kl_coef alike
         controller = L.AdaptiveKL(kl_coef, cfg.kl_target, cfg.kl_horizon)
         engine.state["kl_coef"] = controller.update(kl, len(prompts) * engine.world)
-        return {**engine.rollout_stats(ro), **{k: v / n for k, v in stats.items()},
+        return {**engine.rollout_stats(ro), **{k: (v / n).item() for k, v in stats.items()},
                 "value_mean": ro.values.sum().item() / ro.mask.sum().item()}
 
 
