@@ -14,7 +14,8 @@ are imported before), besides the whole-process peak (ru_maxrss).
 On this CPU machine the torch runtime dominates the process memory of a tiny model, so the training-only peak is the
 number to compare. Sides alternate (A B C, C B A, ...) so machine noise hits all alike; the ratios are medians.
 
-    python scripts/bench_remax_vs_ppo.py [--iterations 12] [--batch-size 32] [--max-new-tokens 48] [--repeats 2] [--vllm]
+    python scripts/bench_remax_vs_ppo.py [--iterations 12] [--batch-size 32] [--max-new-tokens 48] [--repeats 2]
+                                          [--vllm]
                                           [--model tiny | --hidden-size 512 --layers 8] [--ppo-epochs 1]
 """
 
