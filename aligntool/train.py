@@ -167,6 +167,9 @@ class Run:
             # TRL turns activation recomputation on by default, for large models on GPUs; on a CPU it costs time
             # (a DPO step of the tiny model: 1.33x) and saves little: off unless train.gradient_checkpointing asks
             kwargs.setdefault("gradient_checkpointing", False)
+            # and DDP keeps expecting every parameter in the graph, as it did with recomputation on (SPO's pair and
+            # degree-head passes would otherwise mark a weight ready twice)
+            kwargs.setdefault("ddp_find_unused_parameters", False)
         kwargs.update(overrides)
         if kwargs.get("eval_strategy", "no") != "no" and self.eval_dataset is None:
             # the recipe evaluates, but this run (the user's own data, or a pipeline stage) has no eval set

@@ -278,5 +278,9 @@ def test_distributed_bad_inputs(capsys, tmp_path):
                  "distributed.zero_stage", "2 or 3")
     expect_error(capsys, ["train", "--recipe", "dpo", "distributed.offload_optimizer=true"], "backend: deepspeed")
     expect_error(capsys, ["train", "--recipe", "dpo", "distributed.backend=horovod"], "distributed.backend")
-    expect_error(capsys, ["train", "--recipe", "ppo", "distributed.backend=fsdp", "train.max_steps=1",
-                          f"output_dir={tmp_path}/o"], "distributed.backend", "ddp only")
+    expect_error(capsys, ["train", "--recipe", "xpo", "distributed.backend=fsdp", "train.max_steps=1",
+                          f"output_dir={tmp_path}/o"], "distributed.backend", "samples from the reference model")
+    expect_error(capsys, ["train", "--recipe", "ppo", "generation.gpu_memory_utilization=1.5"],
+                 "generation.gpu_memory_utilization", "1")
+    expect_error(capsys, ["train", "--recipe", "ppo", "generation.backend=vllm", "generation.vllm_mode=server"],
+                 "server_base_url")
