@@ -86,7 +86,7 @@ class PolicyWithValue(nn.Module):
             hidden = out.hidden_states[-1] if shared else self.critic_lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, use_cache=False).hidden_states[-1]
-            values = self.value_head(hidden.float()).squeeze(-1)
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
         return out.logits, values
 
     @property
@@ -178,6 +178,8 @@ class Engine:
             lm = get_peft_model(lm, lora)
         torch.manual_seed(self.args.seed + self.rank)
         self.model = PolicyWithValue(lm, value_head, critic_lm)
+        if self.zero3 and value_head:  # ZeRO-3 partitions all trainable weights in one dtype: the LM's (bf16 runs)
+            self.model.value_head.to(next(lm.parameters()).dtype)
         # with LoRA and no explicit reference, the reference is the policy with its adapter disabled (no second copy)
         explicit = run.reference()
         self.ref = None if lora is not None and explicit is None else (explicit or models.load_model(
