@@ -62,7 +62,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import run_worker
+from benchlib import add_online_arguments, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "online_dpo.yaml"
@@ -288,15 +288,7 @@ def compare(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=32, help="prompts (= pairs) per iteration")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--hidden-size", type=int, help="benchmark a random-init copy of the tiny model widened to this "
-                    "hidden size (512 with --layers 8: 27.6 M parameters), so that model memory is not dwarfed by "
-                    "the runtime's")
-    ap.add_argument("--layers", type=int, default=8, help="layers of the --hidden-size model")
+    add_online_arguments(ap, "prompts (= pairs) per iteration")
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--temperature", type=float, default=0.9)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import run_worker
+from benchlib import add_online_arguments, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]),
@@ -103,15 +103,7 @@ def run_side(side: str, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=32, help="prompts per iteration")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--hidden-size", type=int, help="benchmark a random-init copy of the tiny model widened to this "
-                    "hidden size (e.g. 512 with --layers 8: ~25 M parameters), so that model memory is not dwarfed "
-                    "by the runtime's")
-    ap.add_argument("--layers", type=int, default=8, help="layers of the --hidden-size model")
+    add_online_arguments(ap)
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--vllm", action="store_true", help="also run every side with generation.backend: vllm (needs "
                     "vLLM: scripts/install.sh --vllm)")

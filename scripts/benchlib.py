@@ -16,3 +16,17 @@ def run_worker(script: str, side: str, *args: str) -> dict:
         if proc.returncode != 0:
             sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_online_arguments(ap, batch_help: str = "prompts per iteration") -> None:
+    """The arguments every online-RL benchmark shares: iterations, batch, new tokens, repeats and the model (the tiny
+    model, a folder, or a widened random-init copy of the tiny model)."""
+    ap.add_argument("--iterations", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32, help=batch_help)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--hidden-size", type=int, help="benchmark a random-init copy of the tiny model widened to this "
+                    "hidden size (512 with --layers 8: 27.6 M parameters), so that model memory is not dwarfed by "
+                    "the runtime's")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the --hidden-size model")
