@@ -58,11 +58,10 @@ import json
 import os
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import add_online_arguments, run_worker
+from benchlib import add_online_arguments, run_on_benchmark_model, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "online_dpo.yaml"
@@ -304,16 +303,7 @@ def main() -> None:
         print(json.dumps(worker(a.worker, a, a.out)))
         return
 
-    from aligntool import models
-
-    models.resolve(a.model)  # build the tiny model outside the timed runs
-    with tempfile.TemporaryDirectory() as scaled:
-        if a.hidden_size:
-            from aligntool.toy.tiny import widened_copy
-
-            a.label = f"{a.model} widened to hidden {a.hidden_size}, {a.layers} layers (random init)"
-            a.model = widened_copy(str(models.resolve(a.model)), a.hidden_size, a.layers, scaled)
-        compare(a)
+    run_on_benchmark_model(a, compare)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ import argparse
 import json
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import add_online_arguments, run_worker
+from benchlib import add_online_arguments, run_on_benchmark_model, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]),
@@ -114,15 +113,7 @@ def main() -> None:
         print(json.dumps(worker(a.worker, a, a.out)))
         return
 
-    from aligntool import models
-
-    models.resolve(a.model)  # build the tiny model outside the timed runs
-    with tempfile.TemporaryDirectory() as scaled:
-        if a.hidden_size:
-            from aligntool.toy.tiny import widened_copy
-
-            a.model = widened_copy(str(models.resolve(a.model)), a.hidden_size, a.layers, scaled)
-        compare(a)
+    run_on_benchmark_model(a, compare)
 
 
 def compare(a) -> None:

@@ -30,3 +30,18 @@ def add_online_arguments(ap, batch_help: str = "prompts per iteration") -> None:
                     "hidden size (512 with --layers 8: 27.6 M parameters), so that model memory is not dwarfed by "
                     "the runtime's")
     ap.add_argument("--layers", type=int, default=8, help="layers of the --hidden-size model")
+
+
+def run_on_benchmark_model(a, compare) -> None:
+    """Build the model first (outside the timed runs): ``a.model`` itself, or with ``--hidden-size`` a random-init
+    copy of it widened to that size (kept for the duration of ``compare(a)``); then run ``compare(a)``."""
+    from aligntool import models
+
+    models.resolve(a.model)
+    with tempfile.TemporaryDirectory() as scaled:
+        if a.hidden_size:
+            from aligntool.toy.tiny import widened_copy
+
+            a.label = f"{a.model} widened to hidden {a.hidden_size}, {a.layers} layers (random init)"
+            a.model = widened_copy(str(models.resolve(a.model)), a.hidden_size, a.layers, scaled)
+        compare(a)
