@@ -61,7 +61,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import add_online_arguments, run_on_benchmark_model, run_worker
+from benchlib import add_online_arguments, rss_mb, run_on_benchmark_model, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "online_dpo.yaml"
@@ -70,16 +70,6 @@ WARMUP = 2  # iterations left out of the figures
 TOY_ROWS = 2000
 SEED = 0
 QUIET = 1000  # logging_steps: no logging during the timed iterations
-
-
-def _rss_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _recipe(a, out: str):
@@ -109,7 +99,7 @@ def _import_libraries() -> None:
 
 
 def _baseline() -> float | None:
-    baseline = _rss_mb("VmRSS")
+    baseline = rss_mb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     except OSError:
@@ -228,7 +218,7 @@ def worker(side: str, a, out: str) -> dict:
     models.resolve(a.model)
     baseline = _baseline()
     ends, tokens, gen = (worker_aligntool if side == "aligntool" else worker_trl)(a, out)
-    peak = _rss_mb("VmHWM") - baseline if baseline is not None else None
+    peak = rss_mb("VmHWM") - baseline if baseline is not None else None
     iters = [t1 - t0 for t0, t1 in zip(ends, ends[1:])]
     if len(iters) != len(tokens):
         raise SystemExit(f"{side}: {len(iters)} timed iterations but {len(tokens)} generation counts")

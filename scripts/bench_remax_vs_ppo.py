@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import add_online_arguments, run_on_benchmark_model, run_worker
+from benchlib import add_online_arguments, rss_mb, run_on_benchmark_model, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]),
@@ -40,16 +40,6 @@ SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]),
          "ppo-critic-vllm": ("ppo", ["algo.critic=separate", "generation.backend=vllm",
                                      "generation.gpu_memory_utilization=0.1"])}
 WARMUP = 2
-
-
-def _rss_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def worker(side: str, a, out: str) -> dict:
@@ -84,13 +74,13 @@ def worker(side: str, a, out: str) -> dict:
     from aligntool import models, rewards  # noqa: F401
 
     models.resolve(a.model)
-    baseline = _rss_mb("VmRSS")
+    baseline = rss_mb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     except OSError:
         baseline = None
     train(loaded)
-    peak = _rss_mb("VmHWM") - baseline if baseline is not None else None
+    peak = rss_mb("VmHWM") - baseline if baseline is not None else None
     return {"iteration_s": statistics.median(times[WARMUP:] or times), "train_peak_mb": peak,
             "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -45,3 +45,16 @@ def run_on_benchmark_model(a, compare) -> None:
             a.label = f"{a.model} widened to hidden {a.hidden_size}, {a.layers} layers (random init)"
             a.model = widened_copy(str(models.resolve(a.model)), a.hidden_size, a.layers, scaled)
         compare(a)
+
+
+def rss_mb(field: str) -> float | None:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in MB; None where /proc is missing."""
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
