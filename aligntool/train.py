@@ -258,6 +258,12 @@ class Run:
         for cb in callbacks:
             trainer.add_callback(cb)
         self._check_rows_left(trainer)
+        from aligntool.optim import optimizer_cls_and_kwargs
+
+        # train.optim: lion_kappa | cosmos: our optimizer, which Trainer.create_optimizer builds on its param groups
+        ours = optimizer_cls_and_kwargs(self.recipe, trainer.args, trainer.model, where=str(self.loaded.source))
+        if ours is not None and trainer.optimizer is None:
+            trainer.optimizer_cls_and_kwargs = ours
         log(f"Training {self.loaded.spec.name} on {len(trainer.train_dataset)} rows -> {out}")
         start = time.time()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -193,7 +193,11 @@ class Engine:
         from transformers import Trainer
 
         # the optimizer train.optim names (AdamW, bitsandbytes 8-bit, Lion, ...), built as the Trainer builds it
-        optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model.lm)
+        from aligntool.optim import optimizer_cls_and_kwargs
+
+        # (train.optim: lion_kappa | cosmos: aligntool's own, aligntool/optim)
+        optim_cls, optim_kwargs = optimizer_cls_and_kwargs(run.recipe, self.args, self.model, str(run.loaded.source)) \
+            or Trainer.get_optimizer_cls_and_kwargs(self.args, self.model.lm)
         optim_kwargs = {**optim_kwargs, "lr": self.args.learning_rate}
         self.optimizer = optim_cls(self.model.parameters(), weight_decay=self.args.weight_decay, **optim_kwargs)
         if self.args.max_steps > 0:

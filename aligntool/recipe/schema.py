@@ -174,8 +174,9 @@ class TrainConfig(BaseModel):
     weight_decay: NonNegativeFloat | None = Field(None, description="Decoupled weight decay of the optimizer.")
     max_grad_norm: NonNegativeFloat | None = Field(None, description="Clip the gradient norm to this value.")
     optim: str | None = Field(None, description="Optimizer: any transformers name (adamw_torch, adamw_8bit, "
-                              "paged_adamw_8bit, lion_8bit, ...) or AdamW8bit / PagedAdamW8bit / Lion8bit "
-                              "(bitsandbytes).")
+                              "paged_adamw_8bit, lion_8bit, ...), AdamW8bit / PagedAdamW8bit / Lion8bit "
+                              "(bitsandbytes), or aligntool's own lion_kappa / cosmos (settings: the optimizer "
+                              "section).")
     bf16: bool | None = Field(None, description="bf16 mixed precision (on by default on a GPU that supports it).")
     fp16: bool | None = Field(None, description="fp16 mixed precision.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
@@ -198,11 +199,15 @@ class TrainConfig(BaseModel):
             return v
         from transformers.training_args import OptimizerNames
 
+        from aligntool.optim.config import OPTIMIZERS
+
+        if v in OPTIMIZERS:  # aligntool's own (aligntool/optim), built by it for every trainer
+            return v
         v = OPTIM_ALIASES.get(v, v)
         names = [o.value for o in OptimizerNames]
         if v not in names:
-            raise ValueError(f"unknown optimizer {v!r}; expected one of {', '.join(OPTIM_ALIASES)} or a transformers "
-                             f"optimizer name such as adamw_torch, adamw_8bit, paged_adamw_8bit, lion_8bit, sgd")
+            raise ValueError(f"unknown optimizer {v!r}; expected one of {', '.join((*OPTIM_ALIASES, *OPTIMIZERS))} "
+                             f"or a transformers optimizer name such as adamw_torch, adamw_8bit, paged_adamw_8bit, sgd")
         if ("8bit" in v or "bnb" in v or v.startswith(("lion", "paged"))) and not _has("bitsandbytes"):
             raise ValueError(f"{v} needs bitsandbytes: bash scripts/install.sh --extras bitsandbytes")
         return v
@@ -326,6 +331,9 @@ class GenerationConfig(Strict):
         return self
 
 
+from aligntool.optim.config import OPTIMIZERS, OptimizerConfig  # noqa: E402  (after Strict, which it builds on)
+
+
 class Recipe(Strict):
     algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
@@ -337,6 +345,8 @@ class Recipe(Strict):
     output_dir: str | None = Field(None, description="Where everything the run makes goes; default runs/<algorithm>.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings, passed to the algorithm's "
                                "TRL config.")
+    optimizer: OptimizerConfig | None = Field(None, description="Settings of aligntool's own optimizers, "
+                                              "train.optim: lion_kappa | cosmos (aligntool/optim).")
     peft: PeftConfig | None = Field(None, description="LoRA / QLoRA adapters instead of full fine-tuning.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How several processes share "
                                            "the work.")
@@ -344,9 +354,22 @@ class Recipe(Strict):
                                          "generate: transformers or vLLM.")
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
 
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_needs_ours(cls, v, info):
+        optim = getattr(info.data.get("train"), "optim", None)
+        if v is not None and optim not in OPTIMIZERS:
+            raise ValueError(f"this section sets aligntool's own optimizers; it needs train.optim: "
+                             f"{' or '.join(OPTIMIZERS)} (train.optim is {optim or 'unset: adamw_torch'})")
+        return v
+
     def trl_kwargs(self, algo_config: BaseModel) -> dict:
-        """The keyword arguments for the algorithm's TRL config: set ``train.*`` keys plus every ``algo.*`` key."""
-        return {**self.train.model_dump(exclude_none=True), **algo_config.trl_kwargs()}
+        """The keyword arguments for the algorithm's TRL config: set ``train.*`` keys plus every ``algo.*`` key (our
+        own optimizers' names stay out: aligntool builds them, the TRL config keeps its default ``optim``)."""
+        train = self.train.model_dump(exclude_none=True, exclude={"step_law_constants"})  # aligntool's own key
+        if train.get("optim") in OPTIMIZERS:
+            del train["optim"]
+        return {**train, **algo_config.trl_kwargs()}
 
 
 def _has(module: str) -> bool:
