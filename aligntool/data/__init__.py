@@ -26,9 +26,18 @@ DATA_KINDS: dict[str, list[tuple[str, ...]]] = {
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def toy_rows(kind: str, size: int, seed: int, split: str, bt_temperature: float) -> list[dict]:
+def toy_rows(kind: str, size: int, seed: int, split: str, bt_temperature: float, task: str = "reviews") -> list[dict]:
     from aligntool.toy import world
 
+    if task == "arithmetic":
+        from aligntool.toy import arith
+
+        if kind == "language_modeling":
+            return arith.sft_rows(size, seed=seed, split=split)
+        if kind == "prompt":
+            return [{"prompt": p} for p in arith.prompts(split, size, seed=seed)]
+        raise UserError(f"dataset.toy.task: 'arithmetic' has demonstrations and prompts, no {kind} data; "
+                        "use task 'reviews' or an algorithm that trains on demonstrations (sft) or samples its own")
     if kind == "language_modeling":
         return world.sft_rows(size, seed=seed, split=split)
     if kind == "preference":
@@ -198,11 +207,12 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
 
     cfg = recipe.dataset
     if cfg.path == "toy":
-        train = datasets.Dataset.from_list(toy_rows(kind, cfg.toy.size, cfg.toy.seed, "train", cfg.toy.bt_temperature))
+        train = datasets.Dataset.from_list(toy_rows(kind, cfg.toy.size, cfg.toy.seed, "train", cfg.toy.bt_temperature,
+                                                    cfg.toy.task))
         evald = None
         if cfg.toy.eval_size:
             evald = datasets.Dataset.from_list(
-                toy_rows(kind, cfg.toy.eval_size, cfg.toy.seed + 1, "eval", cfg.toy.bt_temperature)
+                toy_rows(kind, cfg.toy.eval_size, cfg.toy.seed + 1, "eval", cfg.toy.bt_temperature, cfg.toy.task)
             )
     else:
         train = load_any(cfg.path, cfg.split, "dataset.path")

@@ -120,6 +120,10 @@ class ToyDataConfig(Strict):
         "0 = noiseless."
     )
     seed: NonNegativeInt = Field(0, description="Seed of the generated rows (eval rows use seed + 1).")
+    task: Literal["reviews", "arithmetic"] = Field(
+        "reviews", description="'reviews': the toy world's review writing (every data kind). 'arithmetic': "
+        "'Q: a+b= A:' questions with exactly checked answers, held-out questions never trained on (aligntool.toy."
+        "arith; language-modeling and prompt data only).")
 
 
 class DatasetConfig(Strict):
