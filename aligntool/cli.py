@@ -262,6 +262,56 @@ def bon(
 
 
 @app.command()
+def suggest(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Count N from this recipe's model and D from its "
+                                         "data and schedule (train.max_steps or epochs, batch, processes)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE."),
+    params: Optional[float] = typer.Option(None, "--params", help="N: non-embedding parameters (instead of a recipe)."),
+    tokens: Optional[float] = typer.Option(None, "--tokens", help="D: training tokens (instead of a recipe)."),
+    seq_len: Optional[float] = typer.Option(None, "--seq-len", help="Tokens per sequence, for the batch in sequences."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes the run will use (shares the batch)."),
+    constants: str = typer.Option("tool", "--constants", help="tool: the authors' bootstrap-mean fit (default); "
+                                  "paper: the rounded constants printed in the paper."),
+):
+    """Step Law (Li et al. 2025): the suggested peak learning rate and batch size for a recipe (or N and D)."""
+    from aligntool.recipe import steplaw
+
+    if constants not in steplaw.CONSTANTS:
+        raise UserError(f"--constants: expected one of {', '.join(steplaw.CONSTANTS)}, got {constants!r}")
+    if recipe is None:
+        if params is None or tokens is None:
+            raise UserError("suggest: give --recipe, or --params N and --tokens D")
+        if params <= 0 or tokens <= 0 or (seq_len is not None and seq_len <= 0):
+            raise UserError(f"suggest: --params, --tokens and --seq-len must be positive, got {params}, {tokens}, "
+                            f"{seq_len}")
+        for line in steplaw.format_suggestion(steplaw.suggest(int(params), tokens, seq_len, constants), nproc):
+            print(line)
+        return
+    if params is not None or tokens is not None:
+        raise UserError("suggest: give either --recipe or --params/--tokens, not both")
+    from aligntool import data as data_mod
+    from aligntool import models
+    from aligntool.recipe.loader import load_recipe
+
+    loaded = load_recipe(recipe, list(overrides or []) + [f"train.step_law_constants={constants}"])
+    m = loaded.recipe.model
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    path = models.resolve(m.name_or_path, log=log)
+    tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template,
+                                      base_dir=loaded.base_dir, log=log)
+    train_set, _ = data_mod.load_for_recipe(loaded.recipe, loaded.spec.data, tokenizer, log=log)
+    s, values = steplaw.for_run(loaded, path, tokenizer, train_set, nproc, force=True)
+    accum = loaded.recipe.train.gradient_accumulation_steps or 1
+    t = loaded.recipe.train
+    print(f"{loaded.source} ({loaded.spec.name}, model {m.name_or_path}, {len(train_set)} training rows; the recipe "
+          f"has learning_rate {t.learning_rate or 'default'}, per_device_train_batch_size "
+          f"{t.per_device_train_batch_size or 'default'}, max_steps {t.max_steps or 'unset (epochs)'})")
+    for line in steplaw.format_suggestion(s, nproc, accum):
+        print(line)
+    print("recipe: train.learning_rate: auto and train.per_device_train_batch_size: auto apply these values")
+
+
+@app.command()
 def recipes():
     """List every algorithm with a one-line description and its recipe file."""
     from rich.console import Console

@@ -393,4 +393,23 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision,
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log)
+    _step_law(run)
     return run
+
+
+def _step_law(run: Run) -> None:
+    """``train.learning_rate: auto`` / ``per_device_train_batch_size: auto``: Step Law's values, logged and written
+    into the recipe (so recipe.yaml holds what the run used)."""
+    from aligntool.recipe import steplaw
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    found = steplaw.for_run(run.loaded, run.model_path, run.tokenizer, run.train_dataset, world)
+    if found is None:
+        return
+    suggestion, values = found
+    for key, value in values.items():
+        setattr(run.recipe.train, key, value)
+    log(f"Step Law ({run.recipe.train.step_law_constants} constants): N = {suggestion.params:,} non-embedding "
+        f"parameters, D = {suggestion.tokens:,.0f} training tokens ({suggestion.seq_len:.1f} per row) -> "
+        + ", ".join(f"train.{k} = {v}" for k, v in values.items())
+        + f" (batch {suggestion.batch_tokens:,.0f} tokens); {steplaw.EXTRAPOLATION_NOTE}")

@@ -154,12 +154,19 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_default=False, allow_inf_nan=False)
 
-    learning_rate: PositiveFloat | None = Field(None, description="Peak learning rate of the optimizer.")
+    learning_rate: PositiveFloat | Literal["auto"] | None = Field(
+        None, description="Peak learning rate of the optimizer; 'auto' = Step Law's eta_opt(N, D) (Li et al. 2025) "
+        "for this model's non-embedding parameters N and the run's training tokens D (`aligntool suggest` shows it; "
+        "fitted on pretraining, an extrapolation for fine-tuning). The value used is written to recipe.yaml.")
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps (online methods: iterations); overrides "
                                           "num_train_epochs.")
     num_train_epochs: PositiveFloat | None = Field(None, description="Passes over the training data.")
-    per_device_train_batch_size: PositiveInt | None = Field(
-        None, description="Rows per step and process (online methods: prompts per iteration and process).")
+    per_device_train_batch_size: PositiveInt | Literal["auto"] | None = Field(
+        None, description="Rows per step and process (online methods: prompts per iteration and process); 'auto' = "
+        "Step Law's B_opt(D) tokens / mean tokens per row, shared over processes and accumulation steps.")
+    step_law_constants: Literal["tool", "paper"] = Field(
+        "tool", description="Constants of the 'auto' values: tool = the means of the authors' 1000 bootstrap fits "
+        "(their fit_tool.py), paper = the rounded ones printed in the paper (1.79, -0.713, 0.307; 0.58, 0.571).")
     per_device_eval_batch_size: PositiveInt | None = Field(None, description="Rows per evaluation step and process.")
     gradient_accumulation_steps: PositiveInt | None = Field(
         None, description="Batches whose gradients are summed before each optimizer step.")
