@@ -8,7 +8,9 @@ unit under a global budget. Three spaces, one class each:
   so a mutation that raises one layer and lowers another keeps the total exactly (the authors' ``weights_diff``).
   ``l`` ranges over ``-min(k_i(0) // step, L) .. min((n_i - k_i(0)) // step, L)``. Pruning order: Wanda scores
   ``|W_ij| * ||X_j||_2`` (Sun et al. 2023), ranked over the whole layer rather than per row, so that ``k_i(l)`` is
-  exact (our choice; the authors' database uses SparseGPT, which also updates the kept weights).
+  exact (our choice; the authors' database uses SparseGPT, which also updates the kept weights). With
+  ``compress.saliency: mfac`` the order is M-FAC's OBS saliency instead, optionally with the OBS update of the kept
+  weights per level (``mfac.MFACSparsitySpace``).
 * ``QuantSpace`` -- bit-widths ``bits_min..bits_max``, round-to-nearest with ``group_size`` groups
   (``quantizers.rtn_quantize``; the authors use GPTQ). A mutation only trades bits between layers of the same size
   (the authors' group_rule "size"), so the total bits never move.
@@ -114,7 +116,8 @@ class SparsitySpace(Space):
     mode = "sparsity"
 
     def __init__(self, layers: dict[str, Layer], input_norms: dict[str, torch.Tensor], sparsity: float,
-                 num_levels: int, step: int | None, hidden_size: int | None = None):
+                 num_levels: int, step: int | None, hidden_size: int | None = None,
+                 scores: dict[str, torch.Tensor] | None = None):
         super().__init__([Unit(n, {n: x}, x.numel) for n, x in layers.items()])
         self.target = sparsity
         size = hidden_size**2 if hidden_size else min(u.numel for u in self.units)
@@ -124,12 +127,15 @@ class SparsitySpace(Space):
         self.lo, self.hi = [r[0] for r in ranges], [r[1] for r in ranges]
         self.group = [0] * len(self.units)
         self.order = {}
-        for u in self.units:  # ascending Wanda score: the first k are pruned at k
-            w = self.dense[u.name][0].float()
-            norms = input_norms[u.name].float()
-            if not norms.any():  # an expert no calibration token was routed to: magnitude alone
-                norms = torch.ones_like(norms)
-            score = w.abs() * norms[None, :]
+        for u in self.units:  # ascending Wanda score (or the given ``scores``): the first k are pruned at k
+            if scores is not None:
+                score = scores[u.name]
+            else:
+                w = self.dense[u.name][0].float()
+                norms = input_norms[u.name].float()
+                if not norms.any():  # an expert no calibration token was routed to: magnitude alone
+                    norms = torch.ones_like(norms)
+                score = w.abs() * norms[None, :]
             order = torch.argsort(score.view(-1), stable=True)
             self.order[u.name] = order.int() if u.numel < 2**31 else order  # half the memory of int64
 

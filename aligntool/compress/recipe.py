@@ -66,7 +66,8 @@ class CompressConfig(Strict):
         "evopress", description="evopress: per-layer levels found by evolutionary search; uniform: every layer at the "
         "budget (the baseline; sparsity or quant); jlcm: per-group learned codebooks (Yvinec et al., ICLR 2024).")
     mode: Literal["sparsity", "quant", "depth"] = Field(
-        "sparsity", description="sparsity: unstructured pruning (Wanda scores); quant: round-to-nearest bit-widths "
+        "sparsity", description="sparsity: unstructured pruning (Wanda or M-FAC scores: saliency); quant: "
+        "round-to-nearest bit-widths "
         "with groups; depth: attention / MLP sub-blocks replaced by identity. jlcm is always quant.")
     layers: str | None = Field(
         None, description="Regex (full match) over layer names: the layers that are compressed (sparsity, quant, "
@@ -80,6 +81,19 @@ class CompressConfig(Strict):
     sparsity_levels: PositiveInt = Field(8, description="sparsity: levels on each side of the target (EvoPress L).")
     sparsity_step: PositiveInt | None = Field(None, description="sparsity: weights removed per level step, the same in "
                                               "every layer (default 0.5*min(s,1-s)/L * the smallest layer's size).")
+    saliency: Literal["wanda", "mfac"] = Field(
+        "wanda", description="sparsity: which weights each level prunes first. wanda: lowest |W_ij| * ||X_j||_2 "
+        "(Sun et al. 2023); mfac: lowest OBS saliency w_j^2 / (2 [F^-1]_jj) with the blockwise M-FAC inverse of the "
+        "empirical Fisher of per-window gradients (Frantar et al., NeurIPS 2021).")
+    mfac_gradients: PositiveInt = Field(32, description="saliency mfac: per-sample gradients m in the empirical "
+                                        "Fisher (one per calibration window, the first m windows).")
+    mfac_block: PositiveInt = Field(128, description="saliency mfac: consecutive weights (row-major) per diagonal "
+                                    "block of the Fisher; memory and time grow with m, not with the block.")
+    mfac_damp: float = Field(1e-2, gt=0, description="saliency mfac: dampening lambda relative to the mean diagonal "
+                             "of each layer's empirical Fisher (F = lambda I + (1/m) sum g g^T).")
+    mfac_update: bool = Field(True, description="saliency mfac: also move the kept weights by the OBS update "
+                              "-F^-1 sum_j (w_j / [F^-1]_jj) e_j of each level's pruned set (else they stay as they "
+                              "are).")
     bits: float | None = Field(None, description="quant / jlcm: average bits per weight (codes only; scales and "
                                "codebooks are reported in the bytes).")
     bits_min: int = Field(2, ge=1, le=8, description="quant: lowest bit-width a layer may get.")
@@ -121,6 +135,9 @@ class CompressConfig(Strict):
                                  f"{self.bits_min}..{self.bits_max}; no assignment can meet it")
             if self.method == "uniform" and self.bits != int(self.bits):
                 raise ValueError(f"compress.bits: uniform quantization needs whole bits, got {self.bits}")
+        if self.saliency == "mfac" and (mode != "sparsity" or self.method == "jlcm"):
+            raise ValueError(f"saliency mfac ranks weights for pruning: it needs mode sparsity (method evopress or "
+                             f"uniform), got method {self.method}, mode {mode}")
         if mode == "depth" and self.drop is None:
             raise ValueError("mode depth needs compress.drop (how many units to drop)")
         return self
@@ -138,6 +155,9 @@ class CompressRecipe(Strict):
     @model_validator(mode="after")
     def _tokens(self):
         seq, n = self.calibration.seq_len, self.calibration.num_sequences
+        if self.compress.saliency == "mfac" and self.compress.mfac_gradients > n:
+            raise ValueError(f"compress.mfac_gradients: {self.compress.mfac_gradients} gradients need as many "
+                             f"calibration windows; calibration.num_sequences is {n}")
         if self.compress.method == "evopress":
             for t in self.compress.evopress.tokens:
                 if t % seq:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from aligntool import models
-from aligntool.compress import calibration, evopress, layers, levels, packed, quantizers
+from aligntool.compress import calibration, evopress, layers, levels, mfac, packed, quantizers
 from aligntool.errors import UserError
 
 
@@ -74,9 +74,13 @@ def scores(model, windows: torch.Tensor, dense: torch.Tensor | None, batch_size:
     return out
 
 
-def _space(model, cfg, selected, norms):
+def _space(model, cfg, selected, norms, grads=None):
     if cfg.mode == "depth":
         space = levels.DepthSpace(model, cfg.drop, cfg.drop_unit)
+    elif cfg.mode == "sparsity" and cfg.saliency == "mfac":
+        space = mfac.MFACSparsitySpace(selected, grads, cfg.sparsity, cfg.sparsity_levels, cfg.sparsity_step,
+                                       getattr(model.config, "hidden_size", None), cfg.mfac_block, cfg.mfac_damp,
+                                       cfg.mfac_update)
     elif cfg.mode == "sparsity":
         space = levels.SparsitySpace(selected, norms, cfg.sparsity, cfg.sparsity_levels, cfg.sparsity_step,
                                      getattr(model.config, "hidden_size", None))
@@ -93,7 +97,8 @@ def _encode(space, chosen) -> tuple[dict, list[dict]]:
         packed_bytes = 0
         for name, layer in unit.layers.items():
             w = space.dense[name][0]
-            if space.mode == "sparsity":
+            if space.mode == "sparsity":  # the level's weights: M-FAC's OBS update moves the kept ones
+                w = space.weights(i, level)[name] if getattr(space, "update", False) else w
                 kind, parts, meta = ("sparse", *packed.encode_sparse(w, space.mask(i, level)))
             elif space.mode == "quant":
                 kind, parts, meta = ("rtn", *packed.encode_rtn(space.rtn(i, level)))
@@ -207,10 +212,15 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
         achieved = {"bits": cfg.bits, "bits_per_weight": 8 * sum(r["bytes_packed"] for r in rows)
                     / sum(r["weights"] for r in rows), "groups": cfg.jlcm_groups}
     else:
-        norms = {}
-        if cfg.mode == "sparsity":
+        norms, grads = {}, None
+        if cfg.mode == "sparsity" and cfg.saliency == "mfac":
+            log(f"M-FAC: {cfg.mfac_gradients} per-window gradients, blocks of {cfg.mfac_block}")
+            with torch.enable_grad():
+                grads = mfac.layer_gradients(model, selected, calib[: cfg.mfac_gradients])
+        elif cfg.mode == "sparsity":
             norms, _ = layers.input_stats(model, selected, calib, bs)
-        space = _space(model, cfg, selected, norms)
+        space = _space(model, cfg, selected, norms, grads)
+        del grads
         if cfg.method == "evopress":
             def fitness(candidate, idx):
                 space.apply(candidate)
@@ -245,6 +255,8 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
         layer_packed = sum(r["bytes_packed"] for r in rows)
         report = {
             "model": path, "method": cfg.method, "mode": cfg.mode, "budget": achieved,
+            **({"saliency": {"kind": "mfac", "gradients": cfg.mfac_gradients, "block": cfg.mfac_block,
+                             "damp": cfg.mfac_damp, "obs_update": cfg.mfac_update}} if cfg.saliency == "mfac" else {}),
             "bytes": {"model_file_dense": dense_bytes, "packed": packed_bytes,
                       "ratio": round(packed_bytes / dense_bytes, 4) if dense_bytes else None,
                       "compressed_layers_dense": layer_dense, "compressed_layers_packed": layer_packed,
