@@ -324,7 +324,31 @@ def recipes():
         table.add_column(col, overflow="fold")
     for spec in ALGORITHMS.values():
         table.add_row(spec.name, spec.family, spec.recipe, spec.summary)
-    Console(width=max(120, Console().width)).print(table)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    options = Table(box=None, show_header=True, header_style="bold", title="options from the papers, any recipe")
+    for col in ("key", "value", "description"):
+        options.add_column(col, overflow="fold")
+    for row in OPTIONS:
+        options.add_row(*row)
+    console.print(options)
+
+
+# methods of the reference papers that are options of every (or one) algorithm rather than algorithms of their own
+OPTIONS = [
+    ("train.learning_rate, train.per_device_train_batch_size", "auto",
+     "Step Law (Li et al. 2025): eta_opt(N, D), B_opt(D) for the model and the run's tokens; `aligntool suggest`"),
+    ("train.optim (+ optimizer.kappa)", "lion_kappa",
+     "Lion-kappa (Chen et al. 2023): Lion with sign (l1) or normalised momentum (l2); every trainer"),
+    ("train.optim (+ optimizer.rank)", "cosmos",
+     "COSMOS (Liu et al. 2025): SOAP on the leading eigensubspace, Muon on the rest, Adam for 1-D; every trainer"),
+    ("algo.loss (+ algo.pass_n), sft", "dco",
+     "Direct Coverage Optimization (Chen et al. 2025): fine-tuning for pass@N; recipes/sft_pass_at_n.yaml"),
+    ("dataset.toy.task", "arithmetic", "a verifiable toy task: 'Q: a+b= A:' with exactly checked answers"),
+    ("compress.saliency (mode sparsity)", "mfac",
+     "M-FAC (Frantar et al. 2021): OBS saliency and update from the empirical Fisher; "
+     "recipes/compress_sparsity_mfac.yaml"),
+]
 
 
 @app.command()
