@@ -154,9 +154,19 @@ def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | No
     return model
 
 
+# the names pydantic gives the members of a union in an error's location (``constrained-float``, ``literal['auto']``)
+_UNION_TAG = re.compile(r"^(constrained-\w+|literal\[.*\]|function-\w+\[.*\]|int|float|str|bool|none)$")
+
+
 def _explain(err: ValidationError, root: type[BaseModel], prefix: tuple, source: str, lines: dict) -> UserError:
-    e = err.errors()[0]
-    loc = tuple(str(p) for p in e["loc"])
+    errors = err.errors()
+    e = errors[0]
+    loc = tuple(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p)))
+    if loc != tuple(str(p) for p in e["loc"]):  # a union (e.g. a number or 'auto'): say what each member expects
+        same = [x for x in errors if tuple(str(p) for p in x["loc"] if not _UNION_TAG.match(str(p))) == loc]
+        e = {**e, "msg": " or ".join(dict.fromkeys(x["msg"].removeprefix("Input should be ").split(", unable")[0]
+                                                for x in same))}
+        e["msg"] = "input should be " + e["msg"]
     key = ".".join((*prefix, *loc))
     at = lines.get((*prefix, *loc), source)
     if e["type"] == "extra_forbidden":
