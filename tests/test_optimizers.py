@@ -199,6 +199,27 @@ def test_cosmos_steps_match_numpy():
     assert np.abs(params[0].detach().numpy() - w0).max() > 1e-3  # it moved
 
 
+def test_cosmos_on_bf16_weights_steps_as_in_float32():
+    """torch has no bfloat16 SVD / QR: COSMOS computes in float32 and casts the update to the weights' dtype, so a
+    bf16 model takes the float32 step rounded to bf16 (hub checkpoints are mostly bf16)."""
+    torch.manual_seed(0)
+    w32 = torch.randn(16, 12)
+    grads = [torch.randn(16, 12) for _ in range(3)]
+    p16 = torch.nn.Parameter(w32.to(torch.bfloat16))
+    p32 = torch.nn.Parameter(p16.detach().float().clone())
+    opt16, opt32 = Cosmos([p16], lr=1e-2, rank=4), Cosmos([p32], lr=1e-2, rank=4)
+    for g in grads:
+        p16.grad, p32.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        before16, before32 = p16.detach().clone(), p32.detach().clone()
+        opt16.step()
+        opt32.step()
+        assert p16.dtype == torch.bfloat16 and opt16.state[p16]["basis"].dtype == torch.float32
+        step16, step32 = (p16.detach().float() - before16.float()), (p32.detach() - before32)
+        # the same step, up to bf16 rounding of the weights it lands on
+        assert torch.allclose(step16, step32, atol=2 * before16.float().abs().max().item() * 2**-8)
+        p32.data.copy_(p16.detach().float())  # continue both from the same bf16 weights
+
+
 def test_cosmos_solves_least_squares():
     torch.manual_seed(0)
     X = torch.randn(256, 24)

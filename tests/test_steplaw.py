@@ -112,3 +112,15 @@ def test_bad_input(tmp_path, capsys, recipe_file):
 
     message = user_error(steplaw.for_run, Loaded, str(bad), None, [{"prompt": "x"}])
     assert message.startswith("r.yaml: train.learning_rate: auto: cannot count the non-embedding parameters")
+
+
+def test_online_methods_count_the_engine_iterations(capsys, tiny_path):
+    """The rollout engine runs train.max_steps iterations (100 when unset) of one batch, without accumulation: D is
+    the same with max_steps unset as with 100, and gradient_accumulation_steps does not multiply it."""
+    ds = []
+    for extra in (["train.max_steps=null"], ["train.max_steps=100"], ["train.max_steps=100",
+                                                                       "train.gradient_accumulation_steps=4"]):
+        assert main(["suggest", "--recipe", "ppo", "train.per_device_train_batch_size=8", *extra]) == 0
+        out = capsys.readouterr().out
+        ds.append(float(out.split("D (training tokens): ")[1].split("\n")[0].replace(",", "")))
+    assert ds[0] == ds[1] == ds[2] > 0

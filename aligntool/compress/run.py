@@ -214,7 +214,10 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
     else:
         norms, grads = {}, None
         if cfg.mode == "sparsity" and cfg.saliency == "mfac":
-            log(f"M-FAC: {cfg.mfac_gradients} per-window gradients, blocks of {cfg.mfac_block}")
+            weights = sum(x.numel for x in selected.values())
+            need = 4 * cfg.mfac_gradients * weights * (2 if cfg.mfac_update else 1) / 2**30
+            log(f"M-FAC: {cfg.mfac_gradients} per-window gradients of {weights:,} weights, blocks of "
+                f"{cfg.mfac_block} (about {need:.2f} GiB of gradients{' and inverses' if cfg.mfac_update else ''})")
             with torch.enable_grad():
                 grads = mfac.layer_gradients(model, selected, calib[: cfg.mfac_gradients])
         elif cfg.mode == "sparsity":

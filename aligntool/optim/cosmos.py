@@ -141,16 +141,19 @@ class Cosmos(Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
 
     def _cosmos_step(self, p, group):
-        g, state = p.grad, self.state[p]
+        # in float32 for 16-bit weights (float64 stays float64): torch's SVD and QR have no bfloat16 / float16
+        # kernels, and the eigenbasis would not survive 8 bits of mantissa anyway (the update is cast back)
+        dt = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        g, state = p.grad.to(dt), self.state[p]
         beta1, beta2 = group["betas"]
         r, eps = group["rank"], group["eps"]
         m, n = p.shape
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # M
-            state["exp_avg_sq"] = torch.zeros(m, r, dtype=p.dtype, device=p.device)  # V
-            state["basis"] = torch.zeros(n, r, dtype=p.dtype, device=p.device)  # P
-            state["core"] = torch.zeros(r, r, dtype=p.dtype, device=p.device)  # S
+            state["exp_avg"] = torch.zeros(m, n, dtype=dt, device=p.device)  # M
+            state["exp_avg_sq"] = torch.zeros(m, r, dtype=dt, device=p.device)  # V
+            state["basis"] = torch.zeros(n, r, dtype=dt, device=p.device)  # P
+            state["core"] = torch.zeros(r, r, dtype=dt, device=p.device)  # S
         state["step"] += 1
         t = state["step"]
         M, V, P, S = state["exp_avg"], state["exp_avg_sq"], state["basis"], state["core"]
@@ -177,4 +180,4 @@ class Cosmos(Optimizer):
         direction = soap + group["gamma"] * (scale * muon / (muon.norm() + eps))
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(direction / (direction.norm() + eps), alpha=-group["lr"] * group["lr_ratio"] * scale)
+        p.add_((direction / (direction.norm() + eps)).to(p.dtype), alpha=-group["lr"] * group["lr_ratio"] * scale)

@@ -69,7 +69,7 @@ def suggest(n: int, d: float, seq_len: float | None = None, constants: str = "to
     return Suggestion(n, d, learning_rate(n, d, constants), batch_tokens(d, constants), seq_len)
 
 
-def non_embedding_params(config) -> int:
+def non_embedding_params(config, trust_remote_code: bool = False) -> int:
     """N of a transformers model config: the elements of every weight matrix (ndim >= 2) of the model, built on the
     meta device (no memory, no weights read), except the input embeddings and the output head. For a dense Llama this
     is layers * (attention + 3 * hidden * intermediate), the paper's count; MoE models count every expert (the paper
@@ -78,7 +78,7 @@ def non_embedding_params(config) -> int:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skip = set()
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if module is not None:
@@ -127,7 +127,8 @@ def for_run(loaded, model_path: str, tokenizer, train_dataset, world: int = 1,
     (the learning rate always with ``force``, for ``aligntool suggest``): (the suggestion, {key: value to use}), or
     None when nothing is 'auto'. N is counted from the model's config, D from the data and the schedule:
 
-    - ``train.max_steps`` S with a fixed batch b (per process) x W processes x A accumulation steps: D = S * b*W*A * L,
+    - ``train.max_steps`` S (online methods: iterations, default the engine's 100; no accumulation) with a fixed
+      batch b (per process) x W processes x A accumulation steps: D = S * b*W*A * L,
       L = the mean tokens of a training row (online methods: prompt + max_new_tokens);
     - ``max_steps`` S with the batch 'auto': D solves D = S * B_opt(D) (see ``tokens_for_steps``);
     - otherwise epochs E over R rows: D = E * R * L.
@@ -150,7 +151,7 @@ def for_run(loaded, model_path: str, tokenizer, train_dataset, world: int = 1,
 
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code,
                                             revision=recipe.model.revision)
-        n = non_embedding_params(config)
+        n = non_embedding_params(config, recipe.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 -- any failure to build the config means N is unknown
         from aligntool.errors import first_line
 
@@ -173,13 +174,18 @@ def for_run(loaded, model_path: str, tokenizer, train_dataset, world: int = 1,
         raise UserError(f"{where}: the training rows hold no tokens")
     fields = spec.trl_config_class().__dataclass_fields__
     accum = t.gradient_accumulation_steps or fields["gradient_accumulation_steps"].default
+    steps = t.max_steps
+    if spec.kind == "online":  # the rollout engine runs max_steps iterations (or its default), one batch each
+        from aligntool.online.engine import DEFAULT_ITERATIONS
+
+        steps, accum = steps or DEFAULT_ITERATIONS, 1
     constants = t.step_law_constants
     batch_auto = "per_device_train_batch_size" in auto
-    if t.max_steps and batch_auto:
-        d = tokens_for_steps(t.max_steps, constants)
-    elif t.max_steps:
+    if steps and batch_auto:
+        d = tokens_for_steps(steps, constants)
+    elif steps:
         batch = t.per_device_train_batch_size or fields["per_device_train_batch_size"].default
-        d = t.max_steps * batch * world * accum * seq
+        d = steps * batch * world * accum * seq
     else:
         epochs = t.num_train_epochs or fields["num_train_epochs"].default
         d = epochs * rows * seq

@@ -25,11 +25,17 @@ class DCOSFTTrainer(SFTTrainer):
         tokens whose label is not -100 (TRL's completion mask under completion_only_loss)."""
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: the router's load-balancing loss, as TRL's SFTTrainer adds it
+            inputs["output_router_logits"] = True
         outputs = model(**inputs, fused_lm_head=True)  # per-token log-probs, zero where the label is -100
         logp = outputs.log_probs.sum(-1)
         has_tokens = outputs.label_mask.any(-1)
         per_seq = dco_loss(logp, self.algo.pass_n) * has_tokens
         loss = per_seq.sum() / has_tokens.sum().clamp(min=1)
+        if self.aux_loss_enabled:  # a per-micro-batch mean, like the DCO mean above
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            metrics_aux = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(metrics_aux)
 
         gather = self.accelerator.gather_for_metrics
         n_valid = gather(outputs.label_mask.sum()).sum()
@@ -38,7 +44,7 @@ class DCOSFTTrainer(SFTTrainer):
                                   if n_valid > 0 else 0.0)
         metrics["mean_token_accuracy"].append((gather(outputs.is_top1.sum()).sum() / n_valid).item()
                                               if n_valid > 0 else 0.0)
-        seq_logp = gather(logp.detach()[has_tokens])
+        seq_logp = gather(logp.detach())[gather(has_tokens)]  # same shape on every rank, masked after
         if seq_logp.numel():
             metrics["dco/p_hat"].append(seq_logp.exp().mean().item())
             metrics["dco/grad_factor"].append(dco_gradient_factor(seq_logp, self.algo.pass_n).mean().item())
