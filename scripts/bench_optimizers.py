@@ -139,7 +139,7 @@ def compare(a) -> None:
     heldout = batches(tokenizer, 2000, 16, 4, seed=99)
     results = {}
     for name in GRIDS:
-        grid = (QUICK_LR[name],) if a.quick else GRIDS[name]
+        grid = (QUICK_LR[name],) if a.quick else a.grid.get(name, GRIDS[name])
         tried = [run(name, lr, a, train_batches, heldout) for lr in grid]
         ok = [r for r in tried if r["finite"]] or tried
         results[name] = min(ok, key=lambda r: r["final_loss"])
@@ -166,7 +166,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared, loaded machine "
                     "more threads were 4x slower)")
     ap.add_argument("--quick", action="store_true", help="CI smoke: the tiny model, 6 steps, one lr per optimizer")
+    ap.add_argument("--grid", action="append", default=[], metavar="NAME=LR,LR",
+                    help="replace an optimizer's learning-rate grid, e.g. --grid COSMOS=0.003,0.01 (names: "
+                    f"{', '.join(GRIDS)})")
     a = ap.parse_args()
+    grids = {}
+    for item in a.grid:
+        name, _, lrs = item.partition("=")
+        if name not in GRIDS or not lrs:
+            ap.error(f"--grid {item!r}: expected NAME=LR,LR with NAME one of {', '.join(GRIDS)}")
+        grids[name] = tuple(float(x) for x in lrs.split(","))
+    a.grid = grids
     from aligntool import models
 
     a.model, a.label = str(models.resolve("tiny")), "the built-in tiny model (pretrained)"
