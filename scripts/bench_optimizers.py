@@ -103,6 +103,8 @@ def run(name: str, lr: float, a, train_batches, heldout) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from aligntool.toy.tiny import lm_step
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     model.train()
@@ -112,13 +114,7 @@ def run(name: str, lr: float, a, train_batches, heldout) -> dict:
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
     losses, start = [], time.time()
     for ids, mask, labels in train_batches:
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(lm_step(model, opt, sched, ids, mask, labels).item())
     seconds = time.time() - start
     model.eval()
     with torch.no_grad():

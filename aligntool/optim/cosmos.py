@@ -11,6 +11,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from aligntool.optim.lion_kappa import closure_loss
+
 # the authors' rule when the vocabulary size is unknown: matrices with more rows than this are embeddings / heads
 AUTHORS_MAX_ROWS = 10000
 
@@ -108,10 +110,7 @@ class Cosmos(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

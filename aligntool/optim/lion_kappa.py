@@ -13,6 +13,14 @@ from torch.optim import Optimizer
 KAPPAS = ("l1", "l2")
 
 
+def closure_loss(closure):
+    """The loss of an optimizer's ``step(closure)``: the closure re-evaluated with gradients on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def grad_kappa(m: torch.Tensor, kappa: str, eps: float = 1e-12) -> torch.Tensor:
     """The (sub)gradient of kappa at ``m``, per tensor.
 
@@ -57,10 +65,7 @@ class LionKappa(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]

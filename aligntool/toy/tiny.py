@@ -187,13 +187,7 @@ def pretrain(tokenizer, shape: dict, cfg: dict, out: Path, docs: list[str] | Non
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = lm_step(model, opt, sched, ids, mask, ids.masked_fill(mask == 0, -100))
         if log and (step + 1) % 50 == 0:
             log(f"pretrain step {step + 1}/{cfg['steps']}: loss {loss.item():.3f}")
     model.eval()
@@ -201,6 +195,20 @@ def pretrain(tokenizer, shape: dict, cfg: dict, out: Path, docs: list[str] | Non
     model.generation_config.eos_token_id = eos
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def lm_step(model, opt, sched, ids, mask, labels):
+    """One pretraining step (the tiny model's, and the optimizer benchmark's): next-token loss, backward, gradient
+    norm clipped to 1, optimizer and schedule step. Returns the loss."""
+    import torch
+
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def toy_model_path(hidden: int, layers: int, steps: int = 300, log=print) -> Path:
