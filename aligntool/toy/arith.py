@@ -17,9 +17,9 @@ in the ``reward(prompts, completions) -> list[float]`` shape of a verifiable rew
 from __future__ import annotations
 
 import math
-import random
 import re
-import zlib
+
+from aligntool.toy import world
 
 MAX_OPERAND = 49
 EOS = "<|end|>"
@@ -36,17 +36,13 @@ def all_questions() -> list[str]:
 
 
 def is_eval_question(prompt: str) -> bool:
-    """A fixed 1/8 of the questions is held out; training rows never use them."""
-    return zlib.crc32(prompt.encode()) % 8 == 0
+    """A fixed 1/8 of the questions is held out (the toy world's rule); training rows never use them."""
+    return world.is_eval_prompt(prompt)
 
 
 def prompts(split: str, n: int | None = None, seed: int = 0) -> list[str]:
     """``n`` distinct questions of ``split`` ("train" or "eval"), shuffled by ``seed`` (all of them for n=None)."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    pool = [q for q in all_questions() if is_eval_question(q) == (split == "eval")]
-    random.Random(seed).shuffle(pool)
-    return pool if n is None else pool[:n]
+    return world.split_of(all_questions(), split, n, seed)
 
 
 def answer(prompt: str) -> int:

@@ -82,9 +82,15 @@ def is_eval_prompt(prompt: str) -> bool:
 
 def prompts(split: str, n: int | None = None, seed: int = 0) -> list[str]:
     """``n`` prompts of ``split`` ("train" or "eval"), shuffled deterministically by ``seed``."""
+    return split_of(all_prompts(), split, n, seed)
+
+
+def split_of(items: list[str], split: str, n: int | None = None, seed: int = 0) -> list[str]:
+    """``n`` of ``items`` in ``split`` ("train" or "eval": ``is_eval_prompt``), shuffled by ``seed`` (all: n=None).
+    The toy tasks (reviews here, ``arith``) share this held-out rule."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    pool = [p for p in all_prompts() if is_eval_prompt(p) == (split == "eval")]
+    pool = [p for p in items if is_eval_prompt(p) == (split == "eval")]
     random.Random(seed).shuffle(pool)
     return pool if n is None else pool[:n]
 
