@@ -6,6 +6,8 @@ A recipe names one in its ``reward`` section:
       source: gold            # the toy world's gold reward (default)
       source: runs/reward     # a reward-model folder (a one-output sequence classifier, e.g. from `algorithm: reward`)
       source: mypkg.mod:fn    # a Python function fn(prompts: list[str], completions: list[str]) -> list[float]
+      function: mypkg.mod:fn  # the same, TRL's convention: fn(prompts, completions, **columns) -> list[float]
+      functions: [{function: mypkg.mod:fn, weight: 1.0}, {source: runs/reward, weight: 0.5}]   # a weighted sum
       ensemble: [runs/rm0, runs/rm1]   # several reward models, combined by `aggregate` (mean)
 """
 
@@ -16,7 +18,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from aligntool.errors import UserError
+from aligntool.errors import UserError, first_line
 from aligntool.recipe.schema import RewardConfig
 
 Scorer = Callable[[list[str], list[str]], list[float]]
@@ -122,38 +124,122 @@ def search_dirs(config: RewardConfig) -> tuple[str, ...]:
     return tuple(d for d in (config.base_dir, os.getcwd()) if d)
 
 
-def load(config: RewardConfig, device=None) -> Scorer:
-    """The scorer a recipe's ``reward`` section names; each call checks it returns one finite float per completion.
-    Reward models run on ``device`` (default: this process's GPU, else the CPU) in ``reward.dtype``."""
+def _accepting(fn):
+    """``fn`` called with only the keyword columns its signature takes (all of them when it has ``**kwargs``): a
+    plain ``fn(prompts, completions)`` works beside TRL-style ``fn(prompts, completions, **kwargs)``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function: no keywords
+        return lambda prompts, completions, **columns: fn(prompts, completions)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return fn
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return lambda prompts, completions, **columns: fn(
+        prompts, completions, **{k: v for k, v in columns.items() if k in names})
+
+
+def checked(name: str, fn) -> Scorer:
+    """``fn`` with its output checked on every call: one finite number per completion, else a one-line UserError that
+    names the function and the first bad row (an exception inside it likewise, with the batch's first prompt)."""
+    import math
+
+    call = _accepting(fn)
+
+    def score(prompts: list[str], completions: list[str], **columns) -> list[float]:
+        try:
+            values = call(prompts, completions, **columns)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user code: any failure becomes one line naming it
+            first = repr(prompts[0][:60]) if prompts else "none"
+            raise UserError(f"reward {name}: raised {type(exc).__name__}: {first_line(exc)} (a batch of "
+                            f"{len(completions)} completions; first prompt {first})") from None
+        try:
+            values = list(values)
+        except TypeError:
+            raise UserError(f"reward {name}: returned {type(values).__name__}, expected a list of "
+                            f"{len(completions)} numbers") from None
+        if len(values) != len(completions):
+            raise UserError(f"reward {name}: returned {len(values)} values for {len(completions)} completions, "
+                            "expected one number each")
+        for i, v in enumerate(values):
+            ok = isinstance(v, (int, float)) or _is_scalar(v)
+            if not ok or not math.isfinite(float(v)):
+                raise UserError(f"reward {name}: row {i} (prompt {prompts[i][:60]!r}): {v!r} is not a finite number")
+        return [float(v) for v in values]
+
+    score.__name__ = name
+    return score
+
+
+def _is_scalar(v) -> bool:
+    """A NumPy / torch scalar (0-d) counts as a number."""
+    return hasattr(v, "item") and getattr(v, "ndim", 1) == 0 and isinstance(v.item(), (int, float))
+
+
+def terms(config: RewardConfig, device=None) -> list[tuple[str, Scorer, float]]:
+    """The recipe's reward as weighted terms (name, checked scorer(prompts, completions, **columns), weight): one term
+    for ``source`` / ``ensemble`` / ``function``, one per entry of ``functions``. TRL's GRPO / RLOO trainers take them
+    as ``reward_funcs`` + ``reward_weights``; aligntool's own methods use their weighted sum (``load``)."""
     if config.judge:
         raise UserError("reward.judge: a pairwise judge compares two completions and gives no score; this method needs "
-                        "reward.source or reward.ensemble")
+                        "reward.source, reward.function(s) or reward.ensemble")
+    dirs = search_dirs(config)
+    if config.functions:
+        out = []
+        for i, term in enumerate(config.functions):
+            key = f"reward.functions[{i}]"
+            if term.function is not None:
+                out.append((term.function, checked(term.function, function_scorer(term.function, key, dirs)),
+                            term.weight))
+            else:
+                out.append((term.source, checked(term.source, _source_scorer(term.source, config, device, key)),
+                            term.weight))
+        return out
+    if config.function:
+        return [(config.function, checked(config.function, function_scorer(config.function, "reward.function", dirs)),
+                 1.0)]
     if config.ensemble:
         check_same_tokenizer(config.ensemble)
         members = [reward_model_scorer(p, config.batch_size, "reward.ensemble", device, config.dtype)
                    for p in config.ensemble]
 
-        def inner(prompts, completions):
+        def ensemble(prompts, completions):
             import torch
 
             from aligntool.losses.online import aggregate_ensemble
 
             scores = torch.tensor([m(prompts, completions) for m in members], dtype=torch.float64)
             return aggregate_ensemble(scores, config.aggregate, config.uwo_lambda, config.uwo_ddof).tolist()
-    elif config.source == "gold":
-        inner = gold
-    elif ":" in config.source and not Path(config.source).exists():
-        inner = function_scorer(config.source, "reward.source", search_dirs(config))
-    else:
-        inner = reward_model_scorer(config.source, config.batch_size, "reward.source", device, config.dtype)
 
-    def checked(prompts: list[str], completions: list[str]) -> list[float]:
-        import math
+        return [(f"ensemble_{config.aggregate}", checked(f"ensemble_{config.aggregate}", ensemble), 1.0)]
+    return [(config.source, checked(config.source, _source_scorer(config.source, config, device, "reward.source")),
+             1.0)]
 
-        scores = list(inner(prompts, completions))
-        if len(scores) != len(completions) or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
-            raise UserError(f"reward: the source returned {len(scores)} values for {len(completions)} completions, "
-                            "expected one finite number each")
-        return [float(s) for s in scores]
 
-    return checked
+def _source_scorer(source: str, config: RewardConfig, device, key: str) -> Scorer:
+    if source == "gold":
+        return gold
+    if ":" in source and not Path(source).exists():
+        return function_scorer(source, key, search_dirs(config))
+    return reward_model_scorer(source, config.batch_size, key, device, config.dtype)
+
+
+def load(config: RewardConfig, device=None) -> Scorer:
+    """The scorer a recipe's ``reward`` section names: the weighted sum of its terms, each checked to return one finite
+    float per completion (``scorer(prompts, completions, **columns)``; columns are the dataset's other columns, lists
+    aligned with the rows, passed to functions that take them). Reward models run on ``device`` (default: this
+    process's GPU, else the CPU) in ``reward.dtype``."""
+    parts = terms(config, device)
+    if len(parts) == 1 and parts[0][2] == 1.0:
+        return parts[0][1]
+
+    def weighted(prompts: list[str], completions: list[str], **columns) -> list[float]:
+        total = [0.0] * len(completions)
+        for _, fn, w in parts:
+            total = [t + w * v for t, v in zip(total, fn(prompts, completions, **columns))]
+        return total
+
+    return weighted

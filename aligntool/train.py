@@ -266,7 +266,12 @@ class Run:
             trainer.optimizer_cls_and_kwargs = ours
         log(f"Training {self.loaded.spec.name} on {len(trainer.train_dataset)} rows -> {out}")
         start = time.time()
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except UserError as exc:  # e.g. a reward function failing mid-run (GRPO / RLOO): where to resume from
+            last = latest_checkpoint(out / "checkpoints", log=lambda m: None)
+            raise UserError(f"{exc} at step {trainer.state.global_step + 1}; last checkpoint kept: "
+                            f"{last or 'none'}") from None
         wall = time.time() - start
         if getattr(trainer, "is_fsdp_enabled", False):
             placements = getattr(next(trainer.model_wrapped.parameters()), "placements", None)

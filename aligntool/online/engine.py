@@ -246,6 +246,10 @@ class Engine:
             run.recipe.reward or RewardConfig(), device=self.accelerator.device)
         # every process holds the whole prompt list; each iteration draws one global batch and takes its slice
         self.prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
+        # the dataset's other columns (an answer, test cases, ...), passed to reward functions by prompt
+        extra = [c for c in run.train_dataset.column_names if c != "prompt"]
+        self.columns = {} if not extra else {
+            row["prompt"]: {c: row[c] for c in extra} for row in reversed(run.train_dataset.to_list())}
         self.batch_size = self.args.per_device_train_batch_size
         self.state = {"iteration": 0, "kl_coef": getattr(self.cfg, "kl_coef", 0.0)}
         self._calls = 0  # sampling calls in this iteration (part of each row's seed)
@@ -373,7 +377,9 @@ class Engine:
     def score(self, ro: Rollout) -> torch.Tensor:
         """The reward source's score of each response, minus ``missing_eos_penalty`` where no stop token (EOS or the
         template's end of turn) ended it."""
-        score = torch.tensor(self.scorer(ro.prompts, ro.texts), device=ro.mask.device)
+        columns = {} if not self.columns else {
+            c: [self.columns[p][c] for p in ro.prompts] for c in next(iter(self.columns.values()))}
+        score = torch.tensor(self.scorer(ro.prompts, ro.texts, **columns), device=ro.mask.device)
         if self.cfg.missing_eos_penalty:
             score = score - self.cfg.missing_eos_penalty * ro.missing_eos.to(score.dtype)
         return score
@@ -573,6 +579,10 @@ class Engine:
             ckpt = latest_checkpoint(self._checkpoint_dir())
             raise UserError(f"training diverged (non-finite loss) at iteration {self.state['iteration'] + 1}; "
                             f"last checkpoint kept: {ckpt or 'none'}") from None
+        except UserError as exc:  # a reward function failing mid-run: say where the run can resume from
+            ckpt = latest_checkpoint(self._checkpoint_dir(), log=lambda m: None)
+            raise UserError(f"{exc} at iteration {self.state['iteration'] + 1}; last checkpoint kept: "
+                            f"{ckpt or 'none'}") from None
         self.state["iteration"] += 1
         stats = {k: float(v) for k, v in stats.items()}
         if self.world > 1:  # log the mean over all processes' prompts, not rank 0's alone

@@ -224,6 +224,23 @@ class TrainConfig(BaseModel):
         return v
 
 
+class RewardTerm(Strict):
+    """One weighted term of ``reward.functions``: a Python function or a score source (gold / a reward-model folder)."""
+
+    function: str | None = Field(None, description="'module:function' called fn(prompts, completions, **columns) -> "
+                                 "one float per completion (TRL's reward-function convention).")
+    source: str | None = Field(None, description="'gold' or a reward-model folder, instead of a function.")
+    weight: float = Field(1.0, description="Weight of this term in the sum.")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.function is None) == (self.source is None):
+            raise ValueError("each reward.functions entry sets exactly one of function or source")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function {self.function!r}: expected 'module:function'")
+        return self
+
+
 class RewardConfig(Strict):
     """What scores sampled completions, for methods that sample their own data (see aligntool/rewards.py).
 
@@ -252,6 +269,13 @@ class RewardConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype of reward models ('auto' keeps the checkpoint's own); they run on the run's "
         "device (this process's GPU when there is one).")
+    function: str | None = Field(
+        None, description="A reward as code (verifiable rewards): 'module:function' called fn(prompts, completions, "
+        "**columns) -> one float per completion, columns being the dataset's other columns as lists (TRL's reward-"
+        "function convention); e.g. aligntool.toy.arith:reward.")
+    functions: list[RewardTerm] | None = Field(
+        None, min_length=1, description="Several terms summed with weights: [{function: m:f, weight: 1.0}, "
+        "{source: runs/reward, weight: 0.5}, ...] (functions and reward models mixed).")
     judge: str | None = Field(
         None, description="Methods that compare two samples (online_dpo, xpo, inpo): a pairwise judge "
         "'module:function' fn(prompts, completions_a, completions_b) -> list of P(a > b) in [0, 1]; instead of a score."
@@ -263,10 +287,15 @@ class RewardConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.ensemble and self.source != "gold":
-            raise ValueError("set either source or ensemble, not both")
-        if self.judge and (self.ensemble or self.source != "gold"):
-            raise ValueError("set either judge or a score source (source / ensemble), not both")
+        chosen = [k for k, on in (("source", self.source != "gold"), ("ensemble", bool(self.ensemble)),
+                                   ("function", self.function is not None), ("functions", self.functions is not None))
+                  if on]
+        if len(chosen) > 1:
+            raise ValueError(f"set one of source, ensemble, function or functions, not {' and '.join(chosen)}")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function {self.function!r}: expected 'module:function'")
+        if self.judge and chosen:
+            raise ValueError("set either judge or a score source (source / ensemble / function(s)), not both")
         if not self.ensemble and self.aggregate != "mean":
             raise ValueError("aggregate applies to an ensemble only")
         return self
