@@ -219,6 +219,19 @@ def terms(config: RewardConfig, device=None) -> list[tuple[str, Scorer, float]]:
              1.0)]
 
 
+def check_functions(config: RewardConfig | None) -> None:
+    """Import every ``module:function`` the section names, before any model is loaded: a typo fails in a second."""
+    if config is None:
+        return
+    specs = [("reward.function", config.function)] + [
+        (f"reward.functions[{i}]", t.function) for i, t in enumerate(config.functions or [])]
+    if config.source != "gold" and ":" in config.source and not Path(config.source).exists():
+        specs.append(("reward.source", config.source))
+    for key, spec in specs:
+        if spec:
+            function_scorer(spec, key, search_dirs(config))
+
+
 def _source_scorer(source: str, config: RewardConfig, device, key: str) -> Scorer:
     if source == "gold":
         return gold

@@ -379,9 +379,11 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
 def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     """Everything a run needs before its trainer is built, done once: the distributed set-up, the model path (a
     soup first), the tokenizer and the checked datasets."""
+    from aligntool import rewards
     from aligntool.launch.distributed import setup
 
     recipe, spec = loaded.recipe, loaded.spec
+    rewards.check_functions(recipe.reward)  # a reward function that cannot be imported fails before any model loads
     run = Run(loaded, out, resume=resume, setup=setup(recipe, out))
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
     if recipe.ref_model is not None and recipe.ref_model.soup:
