@@ -99,6 +99,20 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("spo", "SPO: a DPO-family loss + lambda * self-supervised prediction of how much key content a "
                       "response lost (Li et al. 2024).", "offline-preference", "aligntool.trainers.spo",
                       "trl:DPOConfig", "preference", "recipes/spo.yaml"),
+        # Reference-free and unpaired preference losses (TRL's KTOTrainer; trl.experimental's ORPO / CPO trainers)
+        AlgorithmSpec("kto", "KTO: prospect-theoretic loss on unpaired desirable / undesirable completions (Ethayarajh "
+                      "et al. 2024; TRL KTOTrainer).", "offline-preference", "aligntool.trainers.kto", "trl:KTOConfig",
+                      "unpaired", "recipes/kto.yaml"),
+        AlgorithmSpec("orpo", "ORPO: NLL on the chosen + lambda * odds-ratio loss; no reference model (Hong et al. "
+                      "2024; TRL ORPOTrainer).", "offline-preference", "aligntool.trainers.orpo",
+                      "trl.experimental.orpo:ORPOConfig", "preference", "recipes/orpo.yaml"),
+        AlgorithmSpec("cpo", "CPO: DPO-style loss without a reference + NLL on the chosen (Xu et al. 2024; TRL "
+                      "CPOTrainer).", "offline-preference", "aligntool.trainers.cpo",
+                      "trl.experimental.cpo:CPOConfig", "preference", "recipes/cpo.yaml"),
+        AlgorithmSpec("simpo", "SimPO: length-normalised log-probability margin with a target gamma; no reference "
+                      "(Meng et al. 2024; TRL CPOTrainer, loss_type simpo).", "offline-preference",
+                      "aligntool.trainers.cpo", "trl.experimental.cpo:CPOConfig", "preference", "recipes/simpo.yaml",
+                      {"loss_type": "simpo", "cpo_alpha": 0.0}),
         # Online RL on aligntool's rollout engine (aligntool/online/engine.py); train.* = transformers.TrainingArguments
         AlgorithmSpec("ppo", "PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
                       "2022).", "online-rl", "aligntool.trainers.ppo", "transformers:TrainingArguments", "prompt",
@@ -112,6 +126,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       "2023).", "online-rl", "aligntool.trainers.remax", "transformers:TrainingArguments", "prompt",
                       "recipes/remax.yaml", samples=True,
                       kind="online"),
+        AlgorithmSpec("reinforce_pp", "REINFORCE++: token-level KL in the reward, advantages normalised over the "
+                      "global batch, PPO-clipped updates, no critic (Hu 2025; OpenRLHF).", "online-rl",
+                      "aligntool.trainers.reinforce_pp", "transformers:TrainingArguments", "prompt",
+                      "recipes/reinforce_pp.yaml", samples=True, kind="online"),
         # Online and iterative preference optimization: pairs labelled by a preference source (aligntool/preferences.py)
         AlgorithmSpec("online_dpo", "Online DPO: two policy samples per prompt, labelled by the preference source, any "
                       "TRL DPO loss (Guo et al. 2024).", "online-preference", "aligntool.trainers.online_dpo",

@@ -208,7 +208,8 @@ def test_reward_function_returning_nan_or_wrong_length(capsys, tmp_path, tiny_pa
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     expect_error(capsys, ["train", "--recipe", "remax", f"reward.source=test_bad_input:{fn}", "train.max_steps=1",
                           "train.per_device_train_batch_size=2", "algo.max_new_tokens=4", f"output_dir={tmp_path}/o"],
-                 "reward", "one finite number each")
+                 f"reward test_bad_input:{fn}: ", "is not a finite number" if fn == "bad_reward" else
+                 "returned 1 values for 2 completions")
 
 
 def test_soup_of_different_shapes(capsys, tmp_path, tiny_path):

@@ -33,6 +33,9 @@ def user_rows(kind: str, n: int = 12) -> list[dict]:
         return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in world.preference_pairs(n, seed=4)]
     if kind == "language_modeling":
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in world.sft_rows(n, seed=4)]
+    if kind == "unpaired":  # KTO: each pair's chosen as a desirable row, its rejected as an undesirable one
+        return [{"prompt": r["prompt"], "completion": r[col], "label": col == "chosen"}
+                for r in world.preference_pairs((n + 1) // 2, seed=4) for col in ("chosen", "rejected")][:n]
     return [{"prompt": p} for p in world.prompts("train", n, seed=4)]
 
 

@@ -16,7 +16,8 @@ def test_every_registered_algorithm_has_a_loadable_recipe(name):
     spec = registry.ALGORITHMS[name]
     loaded = load_recipe(REPO / spec.recipe)
     assert loaded.spec.name == name
-    assert loaded.recipe.model.name_or_path == "tiny" and loaded.recipe.dataset.path == "toy"
+    # the built-in models: tiny, or tiny-arith (tiny fine-tuned on the toy addition task) for the verifiable rewards
+    assert loaded.recipe.model.name_or_path in ("tiny", "tiny-arith") and loaded.recipe.dataset.path == "toy"
     assert loaded.recipe.model.trust_remote_code is False
     # the trainer module follows the registry contract
     module = spec.load()

@@ -8,7 +8,16 @@ data kind          accepted columns (standard = plain strings, conversational = 
 language_modeling  ``text`` | ``messages`` | ``prompt`` + ``completion``
 preference         ``chosen`` + ``rejected``, with an explicit ``prompt`` or with the prompt implicit in both
 prompt             ``prompt`` (other columns are ignored), for methods that sample their own completions
+unpaired           ``prompt`` + ``completion`` + ``label`` (true: desirable, false: undesirable), TRL's unpaired
+                   preference format, for KTO; ``dataset.unpaired_from_pairs`` reads paired data instead
 =================  ==============================================================================================
+
+Unpaired labels must be booleans. Integer 0/1 (what pandas, CSV exports and many JSON dumps write) are accepted and
+turned into false/true; anything else (strings such as "yes" or "true", other numbers, null) is an error naming the
+row, or a dropped row with ``dataset.drop_invalid_rows``. A paired dataset becomes unpaired data with two rows per pair
+(chosen -> true, rejected -> false), shuffled with ``dataset.toy.seed``: TRL's KTOTrainer reads the rows in order and
+estimates its KL term from each batch's completions rotated by one row, so a pair's two rows must not sit side by
+side (nor all desirable rows first).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ DATA_KINDS: dict[str, list[tuple[str, ...]]] = {
     "language_modeling": [("text",), ("messages",), ("prompt", "completion")],
     "preference": [("chosen", "rejected")],
     "prompt": [("prompt",)],  # methods that sample their own completions (RSO, SPPO)
+    "unpaired": [("prompt", "completion", "label")],  # KTO: TRL's unpaired preference format
 }
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -44,7 +54,39 @@ def toy_rows(kind: str, size: int, seed: int, split: str, bt_temperature: float,
         return world.preference_pairs(size, seed=seed, split=split, bt_temperature=bt_temperature)
     if kind == "prompt":
         return [{"prompt": p} for p in world.prompts(split, size, seed=seed)]
+    if kind == "unpaired":  # `size` rows from the toy world's preference pairs: chosen -> true, rejected -> false
+        pairs = world.preference_pairs((size + 1) // 2, seed=seed, split=split, bt_temperature=bt_temperature)
+        return unpair_rows(pairs, seed)[:size]
     raise ValueError(f"no toy data for data kind {kind!r}")
+
+
+def unpair_rows(pairs: list[dict], seed: int) -> list[dict]:
+    """Two unpaired rows per preference pair, (prompt, chosen, true) and (prompt, rejected, false), in a seeded random
+    order (see the module docstring for why not side by side)."""
+    import random
+
+    rows = [{"prompt": p["prompt"], "completion": p[col], "label": col == "chosen"}
+            for p in pairs for col in ("chosen", "rejected")]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def unpair_dataset(data, where: str, seed: int, drop: bool, log=print):
+    """A paired dataset (prompt, chosen, rejected; an implicit prompt is taken from the common start as TRL does) as
+    unpaired rows: ``dataset.unpaired_from_pairs``."""
+    import datasets
+
+    if not {"chosen", "rejected"} <= set(data.column_names):
+        raise UserError(f"{where}: dataset.unpaired_from_pairs: expects paired data with columns chosen+rejected "
+                        f"(and prompt); found: {', '.join(data.column_names)}")
+    columns = check_columns(data, "preference", where)
+    data = check_rows(data, columns, where, drop, log)
+    if "prompt" not in data.column_names:
+        from trl.data_utils import extract_prompt
+
+        data = data.map(extract_prompt)
+    pairs = data.select_columns(["prompt", "chosen", "rejected"]).to_list()
+    return datasets.Dataset.from_list(unpair_rows(pairs, seed))
 
 
 def _check_jsonl(path: Path) -> None:
@@ -116,8 +158,12 @@ def check_columns(data, kind: str, where: str) -> tuple[str, ...]:
         if all(c in data.column_names for c in cols):
             return (*cols, *(["prompt"] if kind == "preference" and "prompt" in data.column_names else []))
     wanted = " or ".join("+".join(cols) for cols in options)
-    raise UserError(f"{where}: missing column(s) for {kind} data: expected {wanted}; "
-                    f"found: {', '.join(data.column_names)}")
+    missing = [c for c in options[0] if c not in data.column_names] if kind == "unpaired" else []
+    hint = ""
+    if kind == "unpaired" and {"chosen", "rejected"} <= set(data.column_names):
+        hint = "; this is paired data: set dataset.unpaired_from_pairs: true to train on it (two rows per pair)"
+    raise UserError(f"{where}: missing column(s) {', '.join(map(repr, missing)) + ' ' if missing else ''}for {kind} "
+                    f"data: expected {wanted}; found: {', '.join(data.column_names)}{hint}")
 
 
 def _cell_kind(value) -> str | None:
@@ -140,12 +186,22 @@ def _describe(value) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({value!r:.40})"
 
 
+def _label_ok(value) -> bool:
+    """An unpaired ``label``: a boolean, or the integer 0 or 1."""
+    return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+
+
 def invalid_rows(data, columns: tuple[str, ...]) -> list[tuple[int, str, str]]:
     """(row index, column, what is wrong) for every bad cell: null, not a string nor a conversation, or a format that
-    differs from the column's first valid cell (a conversation among strings, or the reverse)."""
+    differs from the column's first valid cell (a conversation among strings, or the reverse). The ``label`` column of
+    unpaired data holds booleans (or 0/1) instead."""
     bad = []
     for col in columns:
         values = data[col]
+        if col == "label":
+            bad += [(i, col, f"is {_describe(v)}; expected a boolean, true (desirable) or false (undesirable), or the "
+                     "integer 1 or 0") for i, v in enumerate(values) if not _label_ok(v)]
+            continue
         first = next((k for k in map(_cell_kind, values) if k is not None), None)
         for i, value in enumerate(values):
             kind = _cell_kind(value)
@@ -178,6 +234,15 @@ def check_rows(data, columns: tuple[str, ...], where: str, drop: bool, log=print
     return kept
 
 
+def labels_as_bool(data):
+    """Unpaired labels given as 0/1 become the booleans TRL's KTOTrainer expects (checked by ``check_rows`` first)."""
+    import datasets
+
+    if "label" not in data.column_names or data.features["label"] == datasets.Value("bool"):
+        return data
+    return data.cast_column("label", datasets.Value("bool"))
+
+
 def prompts_as_text(data, tokenizer, where: str):
     """Conversational prompts (lists of messages) become text through the tokenizer's chat template with the
     generation prompt, as TRL does for the offline methods; the sampling methods then work on strings."""
@@ -206,7 +271,11 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
     import datasets
 
     cfg = recipe.dataset
-    if cfg.path == "toy":
+    from_pairs = getattr(cfg, "unpaired_from_pairs", False)
+    if from_pairs and kind != "unpaired":
+        raise UserError(f"dataset.unpaired_from_pairs: applies to algorithms that train on unpaired data (kto); this "
+                        f"one trains on {kind} data")
+    if cfg.path == "toy":  # unpaired toy rows are made from the toy pairs already
         train = datasets.Dataset.from_list(toy_rows(kind, cfg.toy.size, cfg.toy.seed, "train", cfg.toy.bt_temperature,
                                                     cfg.toy.task))
         evald = None
@@ -222,11 +291,17 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
     if cfg.max_samples is not None and len(train) > cfg.max_samples:
         train = train.select(range(cfg.max_samples))
     where = f"dataset.path {cfg.path}"
+    if from_pairs and cfg.path != "toy":
+        train = unpair_dataset(train, where, cfg.toy.seed, cfg.drop_invalid_rows, log)
+        log(f"dataset.unpaired_from_pairs: {len(train) // 2} pairs -> {len(train)} unpaired rows")
     columns = check_columns(train, kind, where)
-    train = check_rows(train, columns, where, cfg.drop_invalid_rows, log)
+    train = labels_as_bool(check_rows(train, columns, where, cfg.drop_invalid_rows, log))
     if evald is not None:
         where_eval = f"dataset.eval_path {cfg.eval_path or 'toy'}"
+        if from_pairs and cfg.eval_path:
+            evald = unpair_dataset(evald, where_eval, cfg.toy.seed, cfg.drop_invalid_rows, log)
         evald = check_rows(evald, check_columns(evald, kind, where_eval), where_eval, cfg.drop_invalid_rows, log)
+        evald = labels_as_bool(evald)
     elif cfg.eval_fraction:
         n_eval = max(1, round(cfg.eval_fraction * len(train)))
         if n_eval >= len(train):

@@ -113,7 +113,8 @@ class RefModelConfig(Strict):
 
 
 class ToyDataConfig(Strict):
-    size: PositiveInt = Field(2000, description="Number of generated training rows.")
+    size: PositiveInt = Field(2000, description="Number of generated training rows (preference data: pairs; unpaired "
+                              "data: rows, made from size/2 pairs).")
     eval_size: NonNegativeInt = Field(0, description="Number of generated held-out rows (0: no eval set).")
     bt_temperature: NonNegativeFloat = Field(
         0.5, description="Bradley-Terry label noise of toy preference pairs: P(a>b)=sigmoid((r_a-r_b)/T); "
@@ -142,6 +143,10 @@ class DatasetConfig(Strict):
     drop_invalid_rows: bool = Field(
         False, description="Drop rows with a null, non-text or mixed-format cell in a used column (counted in the "
         "log) instead of stopping with an error that names the first one.")
+    unpaired_from_pairs: bool = Field(
+        False, description="Unpaired-data algorithms (kto): read paired data (prompt, chosen, rejected: DPO's format) "
+        "as two unpaired rows per pair, chosen -> label true, rejected -> label false, shuffled with toy.seed; "
+        "eval_path too. The toy data of kto is made this way already.")
     toy: ToyDataConfig = Field(default_factory=ToyDataConfig, description="Settings of the generated toy data.")
 
 
