@@ -1,54 +1,57 @@
-"""aligntool online DPO vs TRL's OnlineDPOTrainer (trl.experimental.online_dpo): same model, prompts, batch, sampling,
-preference labels, loss, optimizer and iterations.
+"""aligntool's critic-free online RL (ReMax, REINFORCE++) vs TRL's GRPOTrainer and RLOOTrainer: same model, prompts,
+completions per prompt, max new tokens, reward, KL weight, optimizer and optimizer steps.
 
-Sides, each run in a fresh subprocess (so peak memory is per run), alternating A B, B A, ... so that machine noise and
-drift hit both alike:
-- aligntool: ``aligntool train --recipe recipes/online_dpo.yaml`` in-process (``train(load_recipe(path, overrides))``);
-- trl: a plain OnlineDPOTrainer script with ``reward_funcs`` = aligntool's toy gold reward (aligntool.rewards.gold,
-  the score source ``reward.source: gold`` compares pairwise; both sides label a pair by the higher score, a tie
-  going to the first sample, as TRL's ``>=``).
+Sides, each run in a fresh subprocess (so peak memory is per run), alternating A B C D, D C B A, ... so that machine
+noise and drift hit all alike:
+- remax: ``recipes/remax.yaml`` in-process (``train(load_recipe(path, overrides))``): per prompt one sampled and one
+  greedy response (the baseline), generated in one call;
+- reinforce_pp: ``recipes/reinforce_pp.yaml`` likewise, ``--generations`` samples per prompt, the group-mean baseline
+  (REINFORCE++-baseline; ``baseline: none`` with 1 generation), k1 KL in the token rewards, one update per rollout;
+- grpo / rloo: plain ``trl.GRPOTrainer`` / ``trl.RLOOTrainer`` scripts with ``reward_funcs`` = aligntool's toy gold
+  reward (aligntool.rewards.gold, what ``reward.source: gold`` scores with).
 
 Made equal: the model (the built-in tiny model, or ``--hidden-size`` / ``--layers``: a random-init widened copy of it),
-loaded fp32 on the CPU, with a frozen copy as the reference (aligntool loads it again from disk, TRL deep-copies the
-policy) and dropout off; the prompts, prompt by prompt: the TRL
-side is fed, through a sequential sampler, the exact batches aligntool's engine draws (Engine.batch_prompts), encoded
-alike (no BOS for the tiny tokenizer, no chat template: plain-text prompts); prompts (= pairs) per iteration,
-two samples per prompt, max new tokens, temperature, top_p 1, top_k off, EOS as the only stop token; the sigmoid DPO
-loss on summed sequence log-probs with the same beta; AdamW with the same learning rate, weight decay 0, linear
-schedule, gradient clipping at 1.0, one optimizer step per iteration; seed 0; no eval, no checkpoints, no gradient
-checkpointing (set off on both), no mixed precision; TensorBoard logging on both, every 1000 iterations (so not
-during the timed iterations but aligntool's always-logged first one).
+loaded fp32, with a frozen reference copy (aligntool loads it again from disk, TRL from the same path: ``beta`` > 0 on
+both TRL sides) and dropout off; the prompts, prompt by prompt: the TRL sides are fed, through their sequential
+repeat sampler (``shuffle_dataset=False``), the exact batches aligntool's engine draws (Engine.batch_prompts),
+encoded alike (plain-text prompts, no chat template); prompts per iteration; completions per prompt (TRL
+``num_generations`` = REINFORCE++ ``samples_per_prompt``; ReMax always generates 2, one of them greedy);
+max new tokens, temperature, top_p 1, top_k off, EOS as the only stop token; the KL weight (``--kl-coef``: ReMax's and
+REINFORCE++'s kl_coef, GRPO's and RLOO's beta); AdamW (torch) with the same learning rate, betas, eps, weight decay 0,
+linear schedule without warm-up, gradient clipping at 1.0; one optimizer step per iteration on every side (TRL:
+``per_device_train_batch_size`` = prompts x generations, gradient_accumulation_steps 1, steps_per_generation 1,
+num_iterations 1); seed 0; no eval, no checkpoints, no gradient checkpointing, no mixed precision; TensorBoard
+logging on all sides every 1000 iterations (so not during the timed iterations but aligntool's always-logged first).
 
 Not equal (cannot be made equal from the outside; each is part of what the sides are):
+- the algorithms' own work per iteration: ReMax scores and trains on its sampled responses only (its greedy ones are
+  generated, counted in the generated tokens, and scored); RLOO runs one more no-grad policy forward (old log-probs
+  for its KL-in-reward) than REINFORCE++ and GRPO, which reuse the forward of the update when there is one update
+  per rollout; GRPO puts the KL (k3) in the loss, RLOO and REINFORCE++ (k1) in the reward; the losses' arithmetic
+  differs (negligible next to the forwards);
 - the random streams: aligntool samples each row from its own seeded stream (Gumbel-max, a logits processor on a
-  greedy generate), TRL by ``generate(do_sample=True)``; so the samples, their lengths and their labels differ.
-  Seconds per generated token (both samples of every pair, EOS included, counted from the responses' masks on both
-  sides) corrects the time for the lengths;
-- how the work is split: aligntool generates both samples in one call (as TRL) but runs the policy forward with grad
-  once per sample (two forwards of B rows; TRL: one of 2B rows) and the reference twice, and computes logits on the
-  response positions only (``logits_to_keep``); TRL's forward keeps all positions and truncates prompt + completion
-  to ``max_length`` 512 (never reached here);
-- the loop around an iteration: the Trainer's (dataloader, collator, callbacks) vs aligntool's engine (its prompt
-  draw, per-iteration rollout statistics: KL, entropy, lengths, computed every iteration, logged every 1000);
-- after training aligntool writes the final model, summary.json and metrics.jsonl; the TRL script saves the model
-  (outside the timed iterations on both).
+  greedy generate), TRL by ``generate(do_sample=True)``; so the samples and their lengths differ. Seconds per
+  generated token (every generated response, EOS included, greedy ones too) corrects the time for the lengths;
+- aligntool computes logits on the response positions only (``logits_to_keep``), as TRL does;
+- the loop around an iteration: the Trainer's (dataloader, collator, callbacks, its metrics) vs aligntool's engine
+  (its prompt draw, per-iteration rollout statistics computed every iteration, logged every 1000);
+- after training aligntool writes the final model, summary.json and metrics.jsonl; the TRL scripts save the model
+  (outside the timed iterations on all sides).
 
-Measured per run:
+Measured per run (scripts/benchlib.py, as in scripts/bench_online_dpo_vs_trl.py):
 - seconds per iteration: the median over iterations after the first 2 of the wall time between consecutive
-  iteration ends (TRL: on_step_end of a TrainerCallback; aligntool: the return of Engine._iteration), so each
-  iteration counts everything the loop does: prompts, generation, labels, forwards, backward, optimizer step;
-- of it, seconds of generation (aligntool: Engine.samples; TRL: OnlineDPOTrainer._generate), median likewise;
+  iteration ends (TRL: on_step_end of a TrainerCallback; aligntool: the return of Engine._iteration);
+- of it, seconds of generation (aligntool: Engine.samples; TRL: the trainer's ``_generate``), median likewise;
 - seconds per generated token: the same iterations' total time / the tokens they generated;
-- peak resident memory: that training adds (VmHWM reset through /proc/self/clear_refs once the libraries are imported,
-  minus the resident memory then: models, reference, optimizer state, activations, generation caches) and that of
-  the whole process (ru_maxrss).
-Prints every run, the load average before each, then the median ratios aligntool / TRL. Each run uses ``--threads``
-torch threads (default 1): on a small machine shared with other jobs, torch's default (one thread per core) spins
-against them and the timings of one side swung 8x between runs; with 1 thread they held within ~2x under load ~3-4.
+- peak resident memory that training adds (VmHWM reset once the libraries are imported, minus the resident memory
+  then) and that of the whole process (ru_maxrss).
+Prints every run, the load average before each, each side's medians, then the ratios aligntool / TRL for every pair.
+Each run uses ``--threads`` torch threads (default 1; see bench_online_dpo_vs_trl.py for why).
 
-    python scripts/bench_online_vs_trl.py [--iterations 12] [--batch-size 32] [--max-new-tokens 48] [--repeats 2]
-                                          [--model tiny | --hidden-size 512 --layers 8] [--learning-rate 2e-4]
-                                          [--beta 0.1] [--temperature 0.9] [--threads 1]
+    python scripts/bench_online_vs_trl.py [--iterations 8] [--batch-size 16] [--generations 2] [--max-new-tokens 32]
+                                          [--repeats 2] [--model tiny | --hidden-size 512 --layers 8]
+                                          [--learning-rate 1e-4] [--kl-coef 0.05] [--temperature 1.0] [--threads 1]
+                                          [--sides remax,reinforce_pp,grpo,rloo]
 """
 
 from __future__ import annotations
@@ -56,110 +59,70 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
 
-from benchlib import add_online_arguments, rss_mb, run_on_benchmark_model, run_worker
+import benchlib as B
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "online_dpo.yaml"
-SIDES = ("aligntool", "trl")
+OURS = ("remax", "reinforce_pp")
+THEIRS = ("grpo", "rloo")
+SIDES = OURS + THEIRS
 WARMUP = 2  # iterations left out of the figures
 TOY_ROWS = 2000
 SEED = 0
 QUIET = 1000  # logging_steps: no logging during the timed iterations
 
 
-def _recipe(a, out: str):
-    """The online DPO recipe with this benchmark's settings (the TRL side reads its prompts from it too)."""
+def _recipe(side: str, a, out: str):
+    """The side's recipe (remax or reinforce_pp) with this benchmark's settings; the TRL sides read their prompts from
+    the REINFORCE++ one (the same dataset, seed and batch: the same draw)."""
     from aligntool.recipe.loader import load_recipe
 
     overrides = [f"output_dir={out}", f"model.name_or_path={a.model}", f"dataset.toy.size={TOY_ROWS}",
-                 "reward.source=gold", "reward.bt_temperature=0.0", f"train.max_steps={a.iterations}",
+                 "reward.source=gold", f"train.max_steps={a.iterations}",
                  f"train.per_device_train_batch_size={a.batch_size}", f"train.learning_rate={a.learning_rate}",
-                 f"train.seed={SEED}", f"train.logging_steps={QUIET}", f"train.save_steps={QUIET * 1000}",
-                 "train.gradient_checkpointing=false", f"algo.beta={a.beta}", "algo.loss_type=sigmoid",
-                 f"algo.temperature={a.temperature}", "algo.top_p=1.0", f"algo.max_new_tokens={a.max_new_tokens}"]
-    return load_recipe(RECIPE, overrides)
+                 "train.optim=adamw_torch", "train.weight_decay=0.0", "train.lr_scheduler_type=linear",
+                 "train.warmup_steps=0", "train.max_grad_norm=1.0", f"train.seed={SEED}",
+                 f"train.logging_steps={QUIET}", f"train.save_steps={QUIET * 1000}",
+                 "train.gradient_checkpointing=false",
+                 f"algo.kl_coef={a.kl_coef}", f"algo.temperature={a.temperature}", "algo.top_p=1.0",
+                 f"algo.max_new_tokens={a.max_new_tokens}"]
+    if side == "reinforce_pp":
+        overrides += [f"algo.samples_per_prompt={a.generations}",
+                      f"algo.baseline={'group' if a.generations > 1 else 'none'}", "algo.kl_in=reward",
+                      "algo.kl_estimator=k1", "algo.gamma=1.0", "algo.ppo_epochs=1", "algo.num_minibatches=1"]
+    return load_recipe(REPO / "recipes" / f"{side}.yaml", overrides)
 
 
 def _import_libraries() -> None:
-    """Imported before the memory baseline: the same for both sides."""
+    """Imported before the memory baseline: the same for every side."""
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401
     import transformers  # noqa: F401
     import trl  # noqa: F401
-    import trl.experimental.online_dpo  # noqa: F401
 
     from aligntool import models, rewards  # noqa: F401
     from aligntool.online import engine  # noqa: F401
+    from aligntool.trainers import reinforce_pp, remax  # noqa: F401
 
 
-def _baseline() -> float | None:
-    baseline = rss_mb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        return None
-    return baseline
-
-
-def worker_aligntool(a, out: str) -> tuple[list[float], list[int], list[float]]:
-    from aligntool.online.engine import Engine
+def worker_aligntool(side: str, a, out: str) -> tuple[list[float], list[int], list[float]]:
     from aligntool.train import train
 
-    ends: list[float] = []
-    tokens: list[int] = []
-    gen: list[float] = []
-    inner_iteration, inner_samples = Engine._iteration, Engine.samples
-
-    def iteration(self, *args, **kwargs):
-        tokens.append(0)
-        gen.append(0.0)
-        result = inner_iteration(self, *args, **kwargs)
-        ends.append(time.perf_counter())
-        return result
-
-    def samples(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        rollouts = inner_samples(self, *args, **kwargs)
-        if tokens:
-            tokens[-1] += sum(int(ro.mask.sum()) for ro in rollouts)
-            gen[-1] += time.perf_counter() - t0
-        return rollouts
-
-    Engine._iteration, Engine.samples = iteration, samples
-    loaded = _recipe(a, out)
+    ends, tokens, gen = B.time_engine_iterations()
+    loaded = _recipe(side, a, out)
     ends.append(time.perf_counter())  # "end of iteration 0": the clock of the first iteration (a warm-up one)
     train(loaded)
     return ends, tokens, gen
 
 
-def trl_prompts(a, out: str) -> list[str]:
-    """The prompts aligntool's engine trains on, iteration after iteration (its own draw, Engine.batch_prompts)."""
-    from types import SimpleNamespace
-
-    from aligntool import data
-    from aligntool.online.engine import Engine
-
-    loaded = _recipe(a, out)
-    train_set, _ = data.load_for_recipe(loaded.recipe, loaded.spec.data)
-    fake = SimpleNamespace(args=SimpleNamespace(seed=SEED), state={"iteration": 0}, batch_size=a.batch_size,
-                           world=1, rank=0, prompts=list(dict.fromkeys(train_set["prompt"])))
-    drawn = []
-    for i in range(a.iterations):
-        fake.state["iteration"] = i
-        drawn += Engine.batch_prompts(fake)
-    return drawn
-
-
-def worker_trl(a, out: str) -> tuple[list[float], list[int], list[float]]:
+def worker_trl(side: str, a, out: str) -> tuple[list[float], list[int], list[float]]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from aligntool import models
     from aligntool.rewards import gold
@@ -168,15 +131,18 @@ def worker_trl(a, out: str) -> tuple[list[float], list[int], list[float]]:
         return gold(prompts, completions)
 
     path = str(models.resolve(a.model))
-    train_set = datasets.Dataset.from_list([{"prompt": p} for p in trl_prompts(a, out)])
+    prompts = B.engine_prompt_order(_recipe("reinforce_pp", a, out), a.iterations, a.batch_size, SEED)
+    train_set = datasets.Dataset.from_list([{"prompt": p} for p in prompts])
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    args = OnlineDPOConfig(
-        output_dir=out, max_steps=a.iterations, per_device_train_batch_size=a.batch_size,
-        learning_rate=a.learning_rate, seed=SEED, logging_steps=QUIET, save_strategy="no", eval_strategy="no",
-        report_to=["tensorboard"], bf16=False, gradient_checkpointing=False, train_sampling_strategy="sequential",
-        beta=a.beta, loss_type="sigmoid", max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=1.0,
-        top_k=0, missing_eos_penalty=None, disable_dropout=True)
+    config, trainer_cls = (GRPOConfig, GRPOTrainer) if side == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = config(
+        output_dir=out, max_steps=a.iterations, per_device_train_batch_size=a.batch_size * a.generations,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, num_generations=a.generations,
+        learning_rate=a.learning_rate, optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="linear",
+        warmup_steps=0, max_grad_norm=1.0, seed=SEED, logging_steps=QUIET, save_strategy="no", eval_strategy="no",
+        report_to=["tensorboard"], bf16=False, gradient_checkpointing=False, shuffle_dataset=False, beta=a.kl_coef,
+        max_completion_length=a.max_new_tokens, temperature=a.temperature, top_p=1.0, top_k=0, disable_dropout=True)
 
     ends: list[float] = []
     tokens: list[int] = []
@@ -189,15 +155,15 @@ def worker_trl(a, out: str) -> tuple[list[float], list[int], list[float]]:
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
 
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=gold_reward, args=args, train_dataset=train_set,
-                               processing_class=tokenizer, callbacks=[IterationEnds()])
+    trainer = trainer_cls(model=model, reward_funcs=gold_reward, args=args, train_dataset=train_set,
+                          processing_class=tokenizer, callbacks=[IterationEnds()])
     inner_generate = trainer._generate
 
     def generate(*args, **kwargs):
         t0 = time.perf_counter()
         result = inner_generate(*args, **kwargs)
         gen.append(time.perf_counter() - t0)
-        tokens.append(int(result[3].sum()))  # completion_mask: through the first EOS, both samples of every pair
+        tokens.append(sum(len(ids) for ids in result[1]))  # completion ids: through the first EOS
         return result
 
     trainer._generate = generate
@@ -216,43 +182,37 @@ def worker(side: str, a, out: str) -> dict:
     from aligntool import models
 
     models.resolve(a.model)
-    baseline = _baseline()
-    ends, tokens, gen = (worker_aligntool if side == "aligntool" else worker_trl)(a, out)
-    peak = rss_mb("VmHWM") - baseline if baseline is not None else None
-    iters = [t1 - t0 for t0, t1 in zip(ends, ends[1:])]
-    if len(iters) != len(tokens):
-        raise SystemExit(f"{side}: {len(iters)} timed iterations but {len(tokens)} generation counts")
-    kept = slice(WARMUP, None) if len(iters) > WARMUP else slice(None)
-    return {"iteration_s": statistics.median(iters[kept]), "generation_s": statistics.median(gen[kept]),
-            "token_s": sum(iters[kept]) / sum(tokens[kept]),
-            "tokens_per_iteration": sum(tokens[kept]) / len(tokens[kept]), "iterations": len(iters),
-            "train_peak_mb": peak, "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    baseline = B.memory_baseline()
+    ends, tokens, gen = (worker_aligntool if side in OURS else worker_trl)(side, a, out)
+    return B.timing_summary(side, ends, tokens, gen, WARMUP, baseline)
 
 
 def run_side(side: str, a) -> dict:
-    return run_worker(__file__, side, "--iterations", str(a.iterations), "--batch-size", str(a.batch_size),
-                      "--max-new-tokens", str(a.max_new_tokens), "--model", a.model, "--learning-rate",
-                      str(a.learning_rate), "--beta", str(a.beta), "--temperature", str(a.temperature), "--threads",
-                      str(a.threads))
+    return B.run_worker(__file__, side, "--iterations", str(a.iterations), "--batch-size", str(a.batch_size),
+                      "--generations", str(a.generations), "--max-new-tokens", str(a.max_new_tokens), "--model",
+                      a.model, "--learning-rate", str(a.learning_rate), "--kl-coef", str(a.kl_coef), "--temperature",
+                      str(a.temperature), "--threads", str(a.threads))
 
 
 def compare(a) -> None:
     load, model = os.getloadavg(), getattr(a, "label", a.model)
-    print(f"online DPO, aligntool vs TRL OnlineDPOTrainer, model {model}, {a.batch_size} prompts/iteration, "
-          f"{a.max_new_tokens} new tokens, temperature {a.temperature}, lr {a.learning_rate}, beta {a.beta}, "
-          f"{a.iterations} iterations (first {WARMUP} not counted), {a.repeats} alternating repeats, fp32 CPU, "
-          f"{os.cpu_count()} CPUs, torch threads {a.threads or 'default'}, "
+    sides = a.sides
+    print(f"critic-free online RL, aligntool (ReMax, REINFORCE++) vs TRL (GRPOTrainer, RLOOTrainer), model {model}, "
+          f"{a.batch_size} prompts/iteration, {a.generations} completions/prompt (ReMax: 1 sampled + 1 greedy), "
+          f"{a.max_new_tokens} new tokens, temperature {a.temperature}, lr {a.learning_rate}, KL weight "
+          f"{a.kl_coef}, {a.iterations} iterations (first {WARMUP} not counted), {a.repeats} alternating repeats, "
+          f"fp32, {os.cpu_count()} CPUs, torch threads {a.threads or 'default'}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'run':>4} {'side':>10} {'load':>5} {'s/iter':>8} {'gen s':>6} {'ms/token':>9} {'tokens/iter':>12} "
+    print(f"{'run':>4} {'side':>13} {'load':>5} {'s/iter':>8} {'gen s':>6} {'ms/token':>9} {'tokens/iter':>12} "
           f"{'train +MB':>10} {'process peak MB':>16}")
-    rows: dict[str, list[dict]] = {s: [] for s in SIDES}
+    rows: dict[str, list[dict]] = {s: [] for s in sides}
     for i in range(a.repeats):
-        for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
+        for side in (sides if i % 2 == 0 else sides[::-1]):
             load1 = os.getloadavg()[0]
             r = run_side(side, a)
             rows[side].append(r)
             tp = f"{r['train_peak_mb']:.0f}" if r["train_peak_mb"] else "n/a"
-            print(f"{i + 1:>4} {side:>10} {load1:>5.2f} {r['iteration_s']:>8.3f} {r['generation_s']:>6.3f} "
+            print(f"{i + 1:>4} {side:>13} {load1:>5.2f} {r['iteration_s']:>8.3f} {r['generation_s']:>6.3f} "
                   f"{1000 * r['token_s']:>9.3f} {r['tokens_per_iteration']:>12.0f} {tp:>10} "
                   f"{r['process_peak_mb']:>16.0f}", flush=True)
 
@@ -260,40 +220,48 @@ def compare(a) -> None:
         vals = [r[key] for r in rows[side] if r[key]]
         return statistics.median(vals) if vals else float("nan")
 
-    for side in SIDES:
-        print(f"median {side:>10}: {med(side, 'iteration_s'):.3f} s/iteration (generation "
+    for side in sides:
+        print(f"median {side:>13}: {med(side, 'iteration_s'):.3f} s/iteration (generation "
               f"{med(side, 'generation_s'):.3f}), {1000 * med(side, 'token_s'):.3f} "
               f"ms/generated token, {med(side, 'tokens_per_iteration'):.0f} tokens/iteration, training peak "
               f"+{med(side, 'train_peak_mb'):.0f} MB, process peak {med(side, 'process_peak_mb'):.0f} MB")
-    ratio = {k: med("aligntool", k) / med("trl", k) for k in ("iteration_s", "generation_s", "token_s",
-                                                               "train_peak_mb", "process_peak_mb")}
-    print(f"aligntool/TRL  time per iteration {ratio['iteration_s']:.3f} (generation {ratio['generation_s']:.3f})   "
-          f"time per generated token "
-          f"{ratio['token_s']:.3f}   training memory {ratio['train_peak_mb']:.3f}   process peak memory "
-          f"{ratio['process_peak_mb']:.3f}")
+    for ours in (s for s in sides if s in OURS):
+        for theirs in (s for s in sides if s in THEIRS):
+            ratio = {k: med(ours, k) / med(theirs, k) for k in ("iteration_s", "token_s", "train_peak_mb",
+                                                                 "process_peak_mb")}
+            print(f"{ours}/{theirs:<5} time per generated token {ratio['token_s']:.3f}   time per iteration "
+                  f"{ratio['iteration_s']:.3f}   training memory {ratio['train_peak_mb']:.3f}   process peak memory "
+                  f"{ratio['process_peak_mb']:.3f}")
     load = os.getloadavg()
     print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_online_arguments(ap, "prompts (= pairs) per iteration")
-    ap.add_argument("--learning-rate", type=float, default=2e-4)
-    ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--temperature", type=float, default=0.9)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default, one per core). "
-                    "Default 1: on a 2-core machine other jobs share, torch's default of 2 threads made iterations "
-                    "2-17 s and swing 8x between runs of the same side; 1 thread: 0.45-0.51 s")
+    B.add_online_arguments(ap, "prompts per iteration")
+    ap.set_defaults(iterations=8, batch_size=16, max_new_tokens=32)  # ~10 minutes for 2 repeats on a loaded 2-core box
+    ap.add_argument("--generations", type=int, default=2, help="completions per prompt: TRL num_generations = "
+                    "REINFORCE++ samples_per_prompt (ReMax: always 1 sampled + 1 greedy)")
+    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--kl-coef", type=float, default=0.05, help="KL weight: kl_coef (aligntool), beta (TRL)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default, one per core)")
+    ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES))
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.iterations <= WARMUP:
         ap.error(f"--iterations must be more than the {WARMUP} warm-up iterations")
+    if a.generations < 1 or (a.generations < 2 and any(s in a.sides for s in THEIRS)):
+        ap.error("--generations must be >= 1, and >= 2 with grpo or rloo (a group; RLOO leaves one out)")
     if a.worker:
         print(json.dumps(worker(a.worker, a, a.out)))
         return
-
-    run_on_benchmark_model(a, compare)
+    a.sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    unknown = [s for s in a.sides if s not in SIDES]
+    if unknown or not a.sides:
+        ap.error(f"--sides: unknown {unknown}; choose from {', '.join(SIDES)}")
+    B.run_on_benchmark_model(a, compare)
 
 
 if __name__ == "__main__":

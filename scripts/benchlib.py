@@ -58,3 +58,86 @@ def rss_mb(field: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+# ----------------------------------------------------------------- online-RL benchmarks against TRL (shared parts)
+def memory_baseline() -> float | None:
+    """The resident memory now, with the peak (VmHWM) reset to it through /proc/self/clear_refs (Linux >= 4.0), so
+    that VmHWM - baseline is what the work after this call added; None where that is not possible."""
+    from pathlib import Path
+
+    baseline = rss_mb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return baseline
+
+
+def engine_prompt_order(loaded, iterations: int, batch_size: int, seed: int) -> list[str]:
+    """The prompts aligntool's online engine trains on, iteration after iteration (its own draw,
+    Engine.batch_prompts, one process), so a TRL side can be fed the same batches through a sequential sampler."""
+    from types import SimpleNamespace
+
+    from aligntool import data
+    from aligntool.online.engine import Engine
+
+    train_set, _ = data.load_for_recipe(loaded.recipe, loaded.spec.data)
+    fake = SimpleNamespace(args=SimpleNamespace(seed=seed), state={"iteration": 0}, batch_size=batch_size, world=1,
+                           rank=0, prompts=list(dict.fromkeys(train_set["prompt"])))
+    drawn = []
+    for i in range(iterations):
+        fake.state["iteration"] = i
+        drawn += Engine.batch_prompts(fake)
+    return drawn
+
+
+def time_engine_iterations() -> tuple[list[float], list[int], list[float]]:
+    """Patch aligntool's Engine to record, per iteration: its end time (``ends``, to be seeded with the start time by
+    the caller), the tokens generated (every response of every ``Engine.samples`` call, greedy ones included, from
+    the masks: through EOS) and the seconds spent generating."""
+    import time
+
+    from aligntool.online.engine import Engine
+
+    ends: list[float] = []
+    tokens: list[int] = []
+    gen: list[float] = []
+    inner_iteration, inner_samples = Engine._iteration, Engine.samples
+
+    def iteration(self, *args, **kwargs):
+        tokens.append(0)
+        gen.append(0.0)
+        result = inner_iteration(self, *args, **kwargs)
+        ends.append(time.perf_counter())
+        return result
+
+    def samples(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        rollouts = inner_samples(self, *args, **kwargs)
+        if tokens:
+            tokens[-1] += sum(int(ro.mask.sum()) for ro in rollouts)
+            gen[-1] += time.perf_counter() - t0
+        return rollouts
+
+    Engine._iteration, Engine.samples = iteration, samples
+    return ends, tokens, gen
+
+
+def timing_summary(side: str, ends: list[float], tokens: list[int], gen: list[float], warmup: int,
+                   baseline: float | None) -> dict:
+    """Medians over the iterations after the first ``warmup``: seconds per iteration and of generation, seconds per
+    generated token (their total time / their tokens), tokens per iteration; the peak memory training added (VmHWM -
+    ``baseline``) and the process's peak (ru_maxrss)."""
+    import resource
+    import statistics
+
+    peak = rss_mb("VmHWM") - baseline if baseline is not None else None
+    iters = [t1 - t0 for t0, t1 in zip(ends, ends[1:])]
+    if len(iters) != len(tokens):
+        raise SystemExit(f"{side}: {len(iters)} timed iterations but {len(tokens)} generation counts")
+    kept = slice(warmup, None) if len(iters) > warmup else slice(None)
+    return {"iteration_s": statistics.median(iters[kept]), "generation_s": statistics.median(gen[kept]),
+            "token_s": sum(iters[kept]) / sum(tokens[kept]),
+            "tokens_per_iteration": sum(tokens[kept]) / len(tokens[kept]), "iterations": len(iters),
+            "train_peak_mb": peak, "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -41,6 +41,15 @@ def test_bench_remax_vs_ppo_prints_ratios(tiny_path):
         assert re.search(rf"ReMax/{side}\s+time per iteration [\d.]+\s+training memory ([\d.]+|nan)", out), out
 
 
+def test_bench_online_vs_trl_prints_ratios(tiny_path):
+    out = run_script("bench_online_vs_trl.py", "--iterations", "3", "--repeats", "1", "--batch-size", "2",
+                     "--max-new-tokens", "4")
+    for side in ("remax", "reinforce_pp", "grpo", "rloo"):  # one row per run; the figures themselves are not judged
+        assert re.search(rf"^\s+1\s+{side}\s+[\d.]+\s+", out, re.M), out
+    for pair in ("remax/grpo", "remax/rloo", "reinforce_pp/grpo", "reinforce_pp/rloo"):
+        assert re.search(rf"{pair}\s+time per generated token [\d.]+\s+time per iteration [\d.]+", out), out
+
+
 def test_bench_compress_prints_both_comparisons(tiny_path):
     out = run_script("bench_compress.py", "--quick", "--models", "tiny")
     for what, first, second in (("sparsity", "EvoPress", "uniform"), ("quant", "EvoPress", "uniform RTN"),

@@ -218,3 +218,86 @@ def best_of_n_unbiased(proxy: Sequence[float], gold: Sequence[float], n: int) ->
     total = math.comb(N, n)
     weights = [math.comb(i - 1, n - 1) / total for i in range(1, N + 1)]  # 0 for i < n
     return (sum(w * proxy[j] for w, j in zip(weights, order)), sum(w * gold[j] for w, j in zip(weights, order)))
+
+
+# ------------------------------------------------------------------------------------------------------ REINFORCE++
+# Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models" (arXiv 2501.03262), as
+# OpenRLHF implements it (github.com/OpenRLHF/OpenRLHF at 3c3be62: openrlhf/models/utils.py compute_approx_kl /
+# compute_reward, openrlhf/trainer/ppo_utils/experience_maker.py compute_advantages_and_returns /
+# get_cumulative_returns; the policy loss is ppo_policy_loss above, OpenRLHF's PolicyLoss).
+KL_CLAMP = 10.0  # OpenRLHF clamps every per-token KL estimate to [-10, 10]
+
+
+def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimates of the sampled tokens (Schulman's k1 / k2 / k3, OpenRLHF
+    ``compute_approx_kl``), with d = log pi - log pi_ref:
+
+        k1 = d,   k2 = d^2 / 2,   k3 = exp(-d) - 1 + d,   each clamped to [-10, 10]."""
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16 log-probs upcast, as OpenRLHF's .float()
+    d = logp.to(dtype) - logp_ref.to(dtype)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k2":
+        kl = d**2 / 2.0
+    elif estimator == "k3":
+        kl = (-d).exp() - 1 + d
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}")
+    return kl.clamp(-KL_CLAMP, KL_CLAMP)
+
+
+def group_baseline(score: torch.Tensor, n: int) -> torch.Tensor:
+    """REINFORCE++-baseline (OpenRLHF ``reinforce_baseline``): r_i - mean of the n rewards of its prompt. Rows
+    n*j .. n*j + n - 1 share prompt j."""
+    if score.numel() % n:
+        raise ValueError(f"{score.numel()} rewards do not split into groups of {n}")
+    groups = score.reshape(-1, n)
+    return (groups - groups.mean(-1, keepdim=True)).reshape(-1)
+
+
+def reinforce_pp_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                               reward_clip: float | None = 10.0) -> torch.Tensor:
+    """Token-level rewards (OpenRLHF ``compute_reward``; paper eq. for r(s_t, a_t)):
+
+        r_t = 1[t = last response token] * clip(r(x, y), -c, c) - kl_coef * KL_t
+
+    ``kl`` is the per-token estimate (``kl_estimate``; zeros when the KL is a loss term instead); a negative kl_coef
+    counts as 0, as in OpenRLHF. Masked positions get 0 (OpenRLHF masks them in ``get_cumulative_returns``)."""
+    kl_coef = max(kl_coef, 0.0)
+    if reward_clip is not None:
+        score = score.clamp(-reward_clip, reward_clip)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+    return (last * score.unsqueeze(-1).to(kl.dtype) - kl_coef * kl) * mask
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over the response (OpenRLHF ``get_cumulative_returns``: the returns are
+    the advantages before normalisation). Masked rewards count as 0."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = rewards[..., t] + gamma * running
+        returns[..., t] = running
+    return returns
+
+
+def global_normalize(adv: torch.Tensor, mask: torch.Tensor, all_sum=None, std: bool = True) -> torch.Tensor:
+    """REINFORCE++'s global advantage normalisation (OpenRLHF, end of ``compute_advantages_and_returns``): over every
+    response token of the global batch,
+
+        A <- (A - mean) * rsqrt(max(var, 1e-8)),   mean, var over the masked tokens (population variance)
+
+    (``std=False``: A - mean only, OpenRLHF's ``--algo.advantage.no_std_norm``). OpenRLHF's driver holds the whole
+    batch; here ``all_sum`` (a sum over processes, the engine's ``all_sum``) gives every process the global batch's
+    statistics. Masked positions get 0."""
+    total = all_sum or (lambda t: t)
+    dtype = torch.promote_types(adv.dtype, torch.float32)
+    adv, mask = adv.to(dtype), mask.to(dtype)
+    count = total(mask.sum())
+    mean = total((adv * mask).sum()) / count
+    out = adv - mean
+    if std:
+        var = total(((adv - mean) ** 2 * mask).sum()) / count
+        out = out * var.clamp(min=1e-8).rsqrt()
+    return out * mask
