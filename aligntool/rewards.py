@@ -124,28 +124,52 @@ def search_dirs(config: RewardConfig) -> tuple[str, ...]:
     return tuple(d for d in (config.base_dir, os.getcwd()) if d)
 
 
-def _accepting(fn):
-    """``fn`` called with only the keyword columns its signature takes (all of them when it has ``**kwargs``): a
-    plain ``fn(prompts, completions)`` works beside TRL-style ``fn(prompts, completions, **kwargs)``."""
+def _accepting(fn, name: str = "reward"):
+    """``fn`` as a call ``(prompts, completions, **columns)``. A function with parameters named ``prompts`` /
+    ``completions`` or with ``**kwargs`` is called by keyword, as TRL calls reward functions (so TRL's
+    ``def reward_len(completions, **kwargs)`` works), with only the columns it takes (all of them with ``**kwargs``);
+    any other function is called positionally ``fn(prompts, completions)``. A signature that cannot take the call is a
+    UserError now, before any model loads."""
     import inspect
 
     try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C function: no keywords
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C function: positional, no keywords
         return lambda prompts, completions, **columns: fn(prompts, completions)
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return fn
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return lambda prompts, completions, **columns: fn(
-        prompts, completions, **{k: v for k, v in columns.items() if k in names})
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    if var_kw or "completions" in names:
+        base = {k for k in ("prompts", "completions") if k in names or var_kw}
+
+        def call(prompts, completions, **columns):
+            given = {"prompts": prompts, "completions": completions}
+            return fn(**{k: given[k] for k in base}, **{k: v for k, v in columns.items()
+                                                         if (var_kw or k in names) and k not in given})
+
+        probe = {k: [] for k in base}
+    else:
+        def call(prompts, completions, **columns):
+            return fn(prompts, completions, **{k: v for k, v in columns.items() if k in names})
+
+        probe = None
+    try:
+        if probe is None:
+            inspect.signature(fn).bind([], [])
+        else:
+            inspect.signature(fn).bind_partial(**probe)
+    except TypeError as exc:
+        raise UserError(f"reward {name}: its signature cannot take (prompts, completions, **columns): {exc}; "
+                        "expected e.g. fn(prompts, completions, **kwargs)") from None
+    return call
 
 
-def checked(name: str, fn) -> Scorer:
+def checked(name: str, fn, allow_none: bool = False) -> Scorer:
     """``fn`` with its output checked on every call: one finite number per completion, else a one-line UserError that
-    names the function and the first bad row (an exception inside it likewise, with the batch's first prompt)."""
+    names the function and the first bad completion (an exception inside it likewise, with the batch's first prompt).
+    ``allow_none``: None passes through (TRL's GRPO / RLOO read it as "this function does not apply to the row")."""
     import math
 
-    call = _accepting(fn)
+    call = _accepting(fn, name)
 
     def score(prompts: list[str], completions: list[str], **columns) -> list[float]:
         try:
@@ -164,11 +188,20 @@ def checked(name: str, fn) -> Scorer:
         if len(values) != len(completions):
             raise UserError(f"reward {name}: returned {len(values)} values for {len(completions)} completions, "
                             "expected one number each")
+        out = []
         for i, v in enumerate(values):
-            ok = isinstance(v, (int, float)) or _is_scalar(v)
-            if not ok or not math.isfinite(float(v)):
-                raise UserError(f"reward {name}: row {i} (prompt {prompts[i][:60]!r}): {v!r} is not a finite number")
-        return [float(v) for v in values]
+            if v is None and allow_none:
+                out.append(None)
+                continue
+            try:
+                number = float(v) if isinstance(v, (int, float)) or _is_scalar(v) else math.nan
+            except (OverflowError, TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise UserError(f"reward {name}: completion {i} of {len(values)} in the batch (prompt "
+                                f"{prompts[i][:60]!r}): {v!r} is not a finite number")
+            out.append(number)
+        return out
 
     score.__name__ = name
     return score
@@ -179,10 +212,11 @@ def _is_scalar(v) -> bool:
     return hasattr(v, "item") and getattr(v, "ndim", 1) == 0 and isinstance(v.item(), (int, float))
 
 
-def terms(config: RewardConfig, device=None) -> list[tuple[str, Scorer, float]]:
+def terms(config: RewardConfig, device=None, allow_none: bool = False) -> list[tuple[str, Scorer, float]]:
     """The recipe's reward as weighted terms (name, checked scorer(prompts, completions, **columns), weight): one term
     for ``source`` / ``ensemble`` / ``function``, one per entry of ``functions``. TRL's GRPO / RLOO trainers take them
-    as ``reward_funcs`` + ``reward_weights``; aligntool's own methods use their weighted sum (``load``)."""
+    as ``reward_funcs`` + ``reward_weights`` (``allow_none``: a function may return None for a completion it does not
+    apply to, which TRL skips); aligntool's own methods use their weighted sum (``load``), numbers only."""
     if config.judge:
         raise UserError("reward.judge: a pairwise judge compares two completions and gives no score; this method needs "
                         "reward.source, reward.function(s) or reward.ensemble")
@@ -192,15 +226,15 @@ def terms(config: RewardConfig, device=None) -> list[tuple[str, Scorer, float]]:
         for i, term in enumerate(config.functions):
             key = f"reward.functions[{i}]"
             if term.function is not None:
-                out.append((term.function, checked(term.function, function_scorer(term.function, key, dirs)),
-                            term.weight))
+                out.append((term.function, checked(term.function, function_scorer(term.function, key, dirs),
+                                                   allow_none), term.weight))
             else:
                 out.append((term.source, checked(term.source, _source_scorer(term.source, config, device, key)),
                             term.weight))
         return out
     if config.function:
-        return [(config.function, checked(config.function, function_scorer(config.function, "reward.function", dirs)),
-                 1.0)]
+        fn = function_scorer(config.function, "reward.function", dirs)
+        return [(config.function, checked(config.function, fn, allow_none), 1.0)]
     if config.ensemble:
         check_same_tokenizer(config.ensemble)
         members = [reward_model_scorer(p, config.batch_size, "reward.ensemble", device, config.dtype)
@@ -229,7 +263,7 @@ def check_functions(config: RewardConfig | None) -> None:
         specs.append(("reward.source", config.source))
     for key, spec in specs:
         if spec:
-            function_scorer(spec, key, search_dirs(config))
+            _accepting(function_scorer(spec, key, search_dirs(config)), spec)  # its signature, too
 
 
 def _source_scorer(source: str, config: RewardConfig, device, key: str) -> Scorer:

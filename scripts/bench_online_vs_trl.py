@@ -80,8 +80,8 @@ def _recipe(side: str, a, out: str):
     the REINFORCE++ one (the same dataset, seed and batch: the same draw)."""
     from aligntool.recipe.loader import load_recipe
 
-    overrides = [f"output_dir={out}", f"model.name_or_path={a.model}", f"dataset.toy.size={TOY_ROWS}",
-                 "reward.source=gold", f"train.max_steps={a.iterations}",
+    overrides = [f"output_dir={out}", f"model.name_or_path={a.model}", "model.dtype=float32",
+                 f"dataset.toy.size={TOY_ROWS}", "reward.source=gold", f"train.max_steps={a.iterations}",
                  f"train.per_device_train_batch_size={a.batch_size}", f"train.learning_rate={a.learning_rate}",
                  "train.optim=adamw_torch", "train.weight_decay=0.0", "train.lr_scheduler_type=linear",
                  "train.warmup_steps=0", "train.max_grad_norm=1.0", f"train.seed={SEED}",

@@ -99,11 +99,29 @@ def test_kto_trains_on_a_users_jsonl_with_0_1_labels(tmp_path, tiny_path):
     path = write_jsonl(tmp_path / "mine.jsonl", rows)
     recipe = load_recipe("kto", [f"dataset.path={path}"]).recipe
     train_set, _ = data.load_for_recipe(recipe, "unpaired", log=lambda m: None)
-    assert train_set.features["label"].dtype == "bool" and train_set["label"] == [bool(r["label"]) for r in rows]
+    assert train_set.features["label"].dtype == "bool"
+    assert sorted((r["prompt"], r["completion"], r["label"]) for r in train_set) == sorted(
+        (r["prompt"], r["completion"], bool(r["label"])) for r in rows)
+    # a user's file is shuffled (seeded): TRL's KTO reads rows in order and takes its KL rows from the batch shifted
+    # by one, so a file of side-by-side pairs would give matched (prompt, completion) KL rows
+    assert [r["prompt"] for r in train_set] != [r["prompt"] for r in rows]
+    again, _ = data.load_for_recipe(recipe, "unpaired", log=lambda m: None)
+    assert again.to_list() == train_set.to_list()
     out = tmp_path / "out"
     assert main(["train", "--recipe", "kto", f"dataset.path={path}", "train.max_steps=2",
                  "train.per_device_train_batch_size=4", "train.save_steps=2", f"output_dir={out}"]) == 0
     assert json.loads((out / "summary.json").read_text())["global_step"] == 2
+
+
+def test_eval_fraction_of_split_pairs_holds_out_whole_pairs(tmp_path):
+    from aligntool import data
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs(40))
+    recipe = load_recipe("kto", [f"dataset.path={path}", "dataset.unpaired_from_pairs=true",
+                                 "dataset.eval_fraction=0.25"]).recipe
+    train_set, eval_set = data.load_for_recipe(recipe, "unpaired", log=lambda m: None)
+    assert len(train_set) == 60 and len(eval_set) == 20
+    assert not {r["prompt"] for r in train_set} & {r["prompt"] for r in eval_set}  # no pair on both sides
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

@@ -58,8 +58,11 @@ def test_columns_reach_only_the_functions_that_take_them():
 
 @pytest.mark.parametrize("fn,expected", [
     (lambda p, c: [1.0, 2.0], "reward m:f: returned 2 values for 3 completions"),
-    (lambda p, c: [1.0, math.nan, 0.0], "reward m:f: row 1 (prompt 'Q: 10+5= A:'): nan is not a finite number"),
-    (lambda p, c: [1.0, 2.0, "x"], "reward m:f: row 2 (prompt 'Q: 7+7= A:'): 'x' is not a finite number"),
+    (lambda p, c: [1.0, math.nan, 0.0],
+     "reward m:f: completion 1 of 3 in the batch (prompt 'Q: 10+5= A:'): nan is not a finite number"),
+    (lambda p, c: [1.0, 2.0, "x"], "reward m:f: completion 2 of 3 in the batch (prompt 'Q: 7+7= A:'): 'x' is not a "
+     "finite number"),
+    (lambda p, c: [1.0, 10**400, None], "reward m:f: completion 1 of 3 in the batch (prompt 'Q: 10+5= A:'): 1000"),
     (lambda p, c: 1 / 0, "reward m:f: raised ZeroDivisionError: division by zero (a batch of 3 completions"),
     (lambda p, c: 3.0, "reward m:f: returned float, expected a list of 3 numbers"),
 ])
@@ -67,6 +70,24 @@ def test_bad_outputs_name_the_function_and_the_first_bad_row(fn, expected):
     with pytest.raises(UserError) as err:
         rewards.checked("m:f", fn)(PROMPTS, COMPLETIONS)
     assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_trl_style_functions_are_called_by_keyword():
+    """TRL's documented example takes only the completions (by keyword); None means "does not apply" for TRL."""
+
+    def reward_len(completions, **kwargs):
+        return [-abs(20 - len(c)) for c in completions]
+
+    def only_answer(completions, answer, **kwargs):
+        return [None if a is None else float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+
+    assert rewards.checked("len", reward_len)(PROMPTS, COMPLETIONS) == [-18.0, -17.0, -11.0]
+    assert rewards.checked("ans", only_answer, allow_none=True)(PROMPTS, COMPLETIONS, answer=[3, None, 14]) == [
+        1.0, None, 0.0]
+    with pytest.raises(UserError, match="completion 1 of 3 in the batch"):
+        rewards.checked("ans", only_answer)(PROMPTS, COMPLETIONS, answer=[3, None, 14])
+    with pytest.raises(UserError, match=r"reward bad: its signature cannot take \(prompts, completions"):
+        rewards.checked("bad", lambda a, b, c: [0.0])
 
 
 def test_numpy_scalars_and_bools_are_numbers():
@@ -105,9 +126,10 @@ MODULE = '''
 CALLS = []
 
 
-def length_reward(prompts, completions, **columns):
-    """Rewards short answers; records what it was given."""
-    CALLS.append({"n": len(completions), "columns": sorted(columns)})
+def length_reward(completions, prompts, answer, **columns):
+    """Rewards short answers; records what it was given (the dataset's answer column, by prompt)."""
+    CALLS.append({"n": len(completions), "columns": sorted(columns),
+                  "answers_match": all(a == "A-" + p[-12:] for p, a in zip(prompts, answer))})
     return [-len(c) / 10 for c in completions]
 
 
@@ -134,10 +156,17 @@ def test_remax_with_weighted_functions_and_a_failure_that_keeps_the_last_checkpo
         "  source: gold                # or a reward-model folder, ensemble: [...] with aggregate, or module:function",
         "  functions: [{function: 'my_rewards_mod:length_reward', weight: 1.0}, {source: gold, weight: 0.5}]"))
     try:
+        from aligntool.toy import world
+
+        data = tmp_path / "prompts.jsonl"  # a user's prompts with an extra column the reward function reads
+        data.write_text("".join(json.dumps({"prompt": p, "answer": "A-" + p[-12:]}) + "\n"
+                                for p in world.prompts("train", 16, seed=3)))
         out = tmp_path / "ok"
-        assert main(["train", "--recipe", str(recipe), *QUICK, "train.max_steps=2", f"output_dir={out}"]) == 0
+        assert main(["train", "--recipe", str(recipe), *QUICK, "train.max_steps=2", f"dataset.path={data}",
+                     f"output_dir={out}"]) == 0
         mod = importlib.import_module("my_rewards_mod")
         assert [c["n"] for c in mod.CALLS] == [4, 4, 4, 4]  # sample + greedy per iteration, 4 prompts each
+        assert all(c["answers_match"] and c["columns"] == [] for c in mod.CALLS)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(math.isfinite(r["reward"]) for r in rows)
 
@@ -149,7 +178,7 @@ def test_remax_with_weighted_functions_and_a_failure_that_keeps_the_last_checkpo
         assert main(["train", "--recipe", str(recipe), *QUICK, "train.max_steps=4", "train.save_steps=2",
                      f"output_dir={bad}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith("aligntool: error: reward my_rewards_mod:flaky: row 3 (prompt ")
+        assert err.startswith("aligntool: error: reward my_rewards_mod:flaky: completion 3 of 4 in the batch (prompt ")
         assert "inf is not a finite number at iteration 3; last checkpoint kept: " in err
         assert err.endswith("checkpoint-2"), err
         assert (bad / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()

@@ -264,6 +264,16 @@ def check_template(data, columns: tuple[str, ...], tokenizer, where: str) -> Non
                         "or give plain-text rows")
 
 
+def _fraction_split(train, fraction: float, seed: int, log, what: str = "rows"):
+    """``dataset.eval_fraction``: (train, held-out) split of the rows, seeded."""
+    n_eval = max(1, round(fraction * len(train)))
+    if n_eval >= len(train):
+        raise UserError(f"dataset.eval_fraction: {fraction} of {len(train)} {what} leaves none to train on")
+    split = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    log(f"dataset.eval_fraction: {n_eval} of {len(train)} {what} held out for evaluation")
+    return split["train"], split["test"]
+
+
 def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
     """(train, eval or None) datasets for a validated recipe and a data kind, checked row by row. ``eval_fraction``
     carves a held-out split off the training rows when there is no eval set; with a tokenizer, conversational
@@ -292,23 +302,26 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
         train = train.select(range(cfg.max_samples))
     where = f"dataset.path {cfg.path}"
     if from_pairs and cfg.path != "toy":
+        if evald is None and cfg.eval_fraction:  # hold out whole pairs: a pair's two rows stay on one side
+            train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log, "pairs")
+            evald = unpair_dataset(evald, where, cfg.toy.seed, cfg.drop_invalid_rows, log)
         train = unpair_dataset(train, where, cfg.toy.seed, cfg.drop_invalid_rows, log)
         log(f"dataset.unpaired_from_pairs: {len(train) // 2} pairs -> {len(train)} unpaired rows")
     columns = check_columns(train, kind, where)
     train = labels_as_bool(check_rows(train, columns, where, cfg.drop_invalid_rows, log))
+    if kind == "unpaired" and not from_pairs and cfg.path != "toy":
+        # TRL's KTOTrainer reads rows in order and estimates its KL reference point from each batch's rows shifted by
+        # one: a file sorted by label or with a pair's rows side by side would bias it; shuffled with toy.seed
+        train = train.shuffle(seed=cfg.toy.seed).flatten_indices()
     if evald is not None:
         where_eval = f"dataset.eval_path {cfg.eval_path or 'toy'}"
         if from_pairs and cfg.eval_path:
             evald = unpair_dataset(evald, where_eval, cfg.toy.seed, cfg.drop_invalid_rows, log)
+        where_eval = where if from_pairs and cfg.eval_fraction and not cfg.eval_path else where_eval
         evald = check_rows(evald, check_columns(evald, kind, where_eval), where_eval, cfg.drop_invalid_rows, log)
         evald = labels_as_bool(evald)
     elif cfg.eval_fraction:
-        n_eval = max(1, round(cfg.eval_fraction * len(train)))
-        if n_eval >= len(train):
-            raise UserError(f"dataset.eval_fraction: {cfg.eval_fraction} of {len(train)} rows leaves none to train on")
-        split = train.train_test_split(test_size=n_eval, seed=cfg.toy.seed, shuffle=True)
-        train, evald = split["train"], split["test"]
-        log(f"dataset.eval_fraction: {len(evald)} of {len(train) + len(evald)} rows held out for evaluation")
+        train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log)
     if tokenizer is not None:
         check_template(train, columns, tokenizer, where)
     if tokenizer is not None and kind == "prompt":

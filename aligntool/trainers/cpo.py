@@ -66,6 +66,8 @@ class AlgoConfig(Strict):
     def _check(self):
         if self.simpo_gamma is not None and self.loss_type not in SIMPO:
             raise ValueError(f"simpo_gamma applies only to loss_type simpo (loss_type is {self.loss_type!r})")
+        if self.loss_type == "alphapo" and self.alpha == 0:
+            raise ValueError("loss_type alphapo needs alpha != 0 (alpha 0 is SimPO: use loss_type simpo)")
         if self.label_smoothing > 0 and self.loss_type not in SMOOTHED:
             raise ValueError(f"label_smoothing applies only to loss_type {', '.join(SMOOTHED)}")
         return self
