@@ -223,3 +223,85 @@ def test_orpo_loss_matches_the_paper(tmp_path, tiny_path):
     losses, chosen_rewards, rejected_rewards, _, _ = trainer.odds_ratio_loss(torch.tensor(AVG_W), torch.tensor(AVG_L))
     np.testing.assert_allclose(-losses.numpy(), 0.25 * l_or, rtol=1e-5)
     np.testing.assert_allclose((chosen_rewards - rejected_rewards).numpy(), 0.25 * (AVG_W - AVG_L), rtol=1e-5)
+
+
+class LogProbTable:
+    """A stand-in for a causal LM in TRL's fused-LM-head call: row i of ``input_ids`` (width 2, so one completion
+    token) gets the sequence log-prob ``values[input_ids[i, 0]]``; no entropy, no logits to speak of."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __call__(self, input_ids, labels=None, **kwargs):
+        from types import SimpleNamespace
+
+        import torch
+
+        log_probs = self.values[input_ids[:, 0]].unsqueeze(-1)
+        zeros = torch.zeros_like(log_probs).detach()
+        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, aux_loss=None)
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def test_kto_loss_matches_the_paper(tmp_path, tiny_path, monkeypatch):
+    """KTO (Ethayarajh et al. 2024, Eq. 8 and Sec. 4.1): r = log pi(y|x) - log pi_ref(y|x); z0 = max(0, mean over the
+    batch's mismatched (KL) rows of log pi - log pi_ref), no gradient; loss lambda_D (1 - sigmoid(beta (r - z0))) for a
+    desirable row, lambda_U (1 - sigmoid(beta (z0 - r))) for an undesirable one; reward beta r. TRL 1.16 has no separate
+    kto_loss: its KTOTrainer._compute_loss takes the log-probs from the policy and the reference, so both are tables
+    here (TRL also averages z0 over processes: one process here)."""
+    import torch
+
+    _, trainer = built_trainer("kto", tmp_path, "algo.beta=0.3", "algo.desirable_weight=1.5",
+                               "algo.undesirable_weight=0.7")
+    assert (trainer.args.beta, trainer.args.desirable_weight, trainer.args.undesirable_weight) == (0.3, 1.5, 0.7)
+    assert trainer.loss_type == "kto" and trainer.calculate_KL and not trainer.precompute_ref_logps
+    beta, lam_d, lam_u = 0.3, 1.5, 0.7
+    mode = "train" if trainer.model.training else "eval"
+    labels = np.array([True, False, True, False, False, True])
+    pol = np.array([-3.1, -2.0, -7.5, -0.4, -5.2, -1.0])
+    ref = np.array([-3.6, -1.2, -6.0, -1.9, -5.2, -4.0])
+    pol_kl = np.array([-4.0, -2.5, -6.1, -3.3, -0.9, -2.2])
+    r = pol - ref
+    cases = {"positive KL": np.array([-5.1, -3.0, -6.4, -4.2, -1.5, -2.0]),  # mean(pol_kl - ref_kl) = 0.53
+             "negative KL, clamped to 0": np.array([-3.0, -1.5, -5.6, -3.1, -0.2, -1.8])}  # mean = -0.63
+    n, m = len(pol), len(pol_kl)
+    for case, ref_kl in cases.items():
+        z0_raw = np.mean(pol_kl - ref_kl)
+        z0 = max(0.0, z0_raw)
+        assert (z0 > 0) == (case == "positive KL")
+        expected = np.where(labels, lam_d * (1 - sigmoid(beta * (r - z0))), lam_u * (1 - sigmoid(beta * (z0 - r))))
+        unclamped = np.where(labels, lam_d * (1 - sigmoid(beta * (r - z0_raw))),
+                             lam_u * (1 - sigmoid(beta * (z0_raw - r))))
+        policy = torch.tensor(np.concatenate([pol, pol_kl]), requires_grad=True)
+        monkeypatch.setattr(trainer, "ref_model", LogProbTable(torch.tensor(np.concatenate([ref, ref_kl]))))
+
+        def batch(rows):  # TRL's collated KTO batch: the completions' rows, and the batch's KL rows (all of them)
+            ids = torch.tensor([[i, i] for i in rows])
+            kl_ids = torch.tensor([[n + j, n + j] for j in range(m)])
+            ones, kl_ones = torch.ones_like(ids), torch.ones_like(kl_ids)
+            return {"input_ids": ids, "attention_mask": ones, "completion_mask": ones,
+                    "label": torch.tensor(labels[rows]), "KL_input_ids": kl_ids, "KL_attention_mask": kl_ones,
+                    "KL_completion_mask": kl_ones}
+
+        # per row: one completion at a time against the same KL rows (z0 depends only on those)
+        for i in range(n):
+            trainer._metrics[mode].clear()
+            loss = trainer._compute_loss(LogProbTable(policy), batch([i]), return_outputs=False)
+            np.testing.assert_allclose(loss.item(), expected[i], rtol=1e-12, err_msg=f"{case}: row {i}")
+            assert trainer._metrics[mode]["kl"] == [pytest.approx(z0, abs=1e-12)], case
+            reward = trainer._metrics[mode]["rewards/chosen" if labels[i] else "rewards/rejected"]
+            np.testing.assert_allclose(reward, [beta * r[i]], rtol=1e-12, atol=1e-15)
+        # the whole batch: the mean of the weighted row losses; z0 carries no gradient (d loss / d log pi, z0 fixed)
+        trainer._metrics[mode].clear()
+        loss = trainer._compute_loss(LogProbTable(policy), batch(list(range(n))), return_outputs=False)
+        np.testing.assert_allclose(loss.item(), expected.mean(), rtol=1e-12, err_msg=case)
+        assert not np.allclose(expected, unclamped) or z0 == z0_raw  # the clamp changes the loss in the clamped case
+        np.testing.assert_allclose(trainer._metrics[mode]["rewards/chosen"], [beta * r[labels].mean()], rtol=1e-12)
+        np.testing.assert_allclose(trainer._metrics[mode]["rewards/rejected"], [beta * r[~labels].mean()], rtol=1e-12)
+        loss.backward()
+        s_d, s_u = sigmoid(beta * (r - z0)), sigmoid(beta * (z0 - r))
+        grad = np.where(labels, -lam_d * beta * s_d * (1 - s_d), lam_u * beta * s_u * (1 - s_u)) / n
+        np.testing.assert_allclose(policy.grad.numpy(), np.concatenate([grad, np.zeros(m)]), rtol=1e-10, atol=1e-15)
