@@ -171,12 +171,21 @@ def unpack(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option(..., "--model", "-m", help="Model folder (a train output_dir), 'tiny', or a hub id."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Model folder (a train output_dir), 'tiny', 'tiny-arith', or a hub id."),
     reference: Optional[str] = typer.Option(None, "--reference",
-                                            help="Reference model for KL and win rate ('tiny' ok)."),
-    num_prompts: int = typer.Option(128, "--num-prompts", min=1,
-                                    help="Held-out toy prompts (or pairs, for reward models)."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+                                            help="Reference model for KL and win rate, or for the gains on "
+                                                 "arithmetic ('tiny' ok)."),
+    task: str = typer.Option("reviews", "--task", help="reviews: gold reward, KL, win rate on the toy world; "
+                             "arithmetic: greedy accuracy and pass@k on held-out toy addition questions."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", min=1,
+                                              help="Held-out toy prompts (or pairs, for reward models); default 128, "
+                                                   "all held-out questions for arithmetic."),
+    samples: int = typer.Option(8, "--samples", min=1, help="arithmetic: sampled completions per question."),
+    pass_k: Optional[str] = typer.Option(None, "--pass-k", help="arithmetic: the k of pass@k, comma-separated, "
+                                         "each <= --samples; default 1,4,8 (those <= --samples) and --samples."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="Default 48 (reviews), 8 (arithmetic)."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
@@ -184,14 +193,27 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
-    """Score a model on the toy world: gold reward (+ KL, win rate vs a reference), or a reward model's accuracy."""
+    """Score a model on the toy world: gold reward (+ KL, win rate vs a reference), or a reward model's accuracy;
+    with --task arithmetic, greedy accuracy and pass@k on held-out addition questions."""
     _DEBUG["on"] = _DEBUG["on"] or debug
     import json
 
     from aligntool.eval import toy as toy_eval
 
-    result = toy_eval.evaluate(model, reference=reference, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
-                               temperature=temperature, batch_size=batch_size, seed=seed, revise=revise)
+    if task not in toy_eval.TASKS:
+        raise UserError(f"--task: expected one of {', '.join(toy_eval.TASKS)}, got {task!r}")
+    if task == "arithmetic":
+        if revise:
+            raise UserError("--revise: applies to --task reviews only")
+        ks = toy_eval.parse_pass_k(pass_k, samples) if pass_k is not None else toy_eval.default_pass_k(samples)
+        result = toy_eval.evaluate_arithmetic(
+            model, reference=reference, num_prompts=num_prompts, samples=samples, pass_k=ks,
+            max_new_tokens=max_new_tokens or toy_eval.ARITH_MAX_NEW_TOKENS, temperature=temperature,
+            batch_size=batch_size, seed=seed)
+    else:
+        result = toy_eval.evaluate(model, reference=reference, num_prompts=num_prompts or 128,
+                                   max_new_tokens=max_new_tokens or 48, temperature=temperature,
+                                   batch_size=batch_size, seed=seed, revise=revise)
     if as_json:
         print(json.dumps(result))
         return

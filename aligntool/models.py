@@ -9,12 +9,16 @@ from aligntool.errors import UserError, first_line
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> str:
-    """'tiny' -> the built tiny model's folder; a local path must exist; anything shaped org/name is a hub id."""
-    if name_or_path == "tiny":
-        from aligntool.toy.tiny import tiny_model_path
+BUILT_IN = {"tiny": "tiny_model_path", "tiny-arith": "tiny_arith_model_path"}  # built on first use, then cached
 
-        return str(tiny_model_path(log=log))
+
+def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> str:
+    """'tiny' -> the built tiny model's folder, 'tiny-arith' -> the tiny model fine-tuned on toy addition
+    (``aligntool.toy.tiny.tiny_arith_model_path``); a local path must exist; anything shaped org/name is a hub id."""
+    if name_or_path in BUILT_IN:
+        from aligntool.toy import tiny
+
+        return str(getattr(tiny, BUILT_IN[name_or_path])(log=log))
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file() and not (local / "adapter_config.json").is_file():
@@ -24,7 +28,8 @@ def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> st
     parts = name_or_path.split("/")
     if name_or_path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
         raise UserError(f"{key}: {name_or_path}: model path does not exist "
-                        "(expected 'tiny', a local folder or a hub id org/name)")
+                        f"(expected a built-in model ({', '.join(map(repr, BUILT_IN))}), a local folder or a hub id "
+                        "org/name)")
     check_hub(name_or_path, key)
     return name_or_path  # hub id: transformers downloads it (or finds it in the HF cache)
 

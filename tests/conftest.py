@@ -47,6 +47,14 @@ def tiny_path() -> Path:
     return tiny_model_path(log=lambda m: None)
 
 
+@pytest.fixture(scope="session")
+def tiny_arith_path() -> Path:
+    """The built-in ``tiny-arith`` model (the tiny model fine-tuned on toy addition; built once, about a minute)."""
+    from aligntool.toy.tiny import tiny_arith_model_path
+
+    return tiny_arith_model_path(log=lambda m: None)
+
+
 @pytest.fixture
 def recipe_file(tmp_path):
     """Write a recipe YAML text to a file and return its path."""

@@ -9,6 +9,18 @@ and its standard error. With a reference model, also sample the reference and re
                             (the Monte-Carlo estimate of KL(pi || pi_ref) per sequence, in nats)
 
 For a reward model (a sequence classifier): pairwise accuracy on held-out toy pairs labelled by the gold reward.
+
+``--task arithmetic`` (``evaluate_arithmetic``): the verifiable addition task (``aligntool.toy.arith``) on held-out
+questions (never trained on), each answer checked exactly:
+
+    greedy_accuracy   mean over questions of 1[greedy completion is correct]
+    pass@k            mean over questions of the unbiased estimator from n = ``samples`` samples with c correct
+                      (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1):
+                      1 - C(n - c, k) / C(n, k); pass@1 = c / n is the sampled accuracy
+
+each with its standard error over questions (sd / sqrt(#questions)). With a reference, the same for it and the gain
+of each metric, paired over questions: mean and standard error of d_q = metric_q(model) - metric_q(reference), and
+``*_gain_in_stderrs`` = mean(d) / se(d).
 """
 
 from __future__ import annotations
@@ -114,4 +126,83 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
                       kl_to_reference=kl, kl_to_reference_stderr=kl_err, win_rate=sum(wins) / len(wins))
     result["samples"] = [{"prompt": p, "completion": t, "gold_reward": r}
                          for p, t, r in list(zip(prompts, texts, rewards))[:3]]
+    return result
+
+
+TASKS = ("reviews", "arithmetic")
+ARITH_MAX_NEW_TOKENS = 8  # the longest answer is " 98" plus EOS: 8 tokens never cut a right answer short
+
+
+def default_pass_k(samples: int) -> list[int]:
+    """pass@1, 4, 8 as far as ``samples`` allows, and pass@``samples``."""
+    return sorted({k for k in (1, 4, 8) if k <= samples} | {samples})
+
+
+def parse_pass_k(text: str, samples: int) -> list[int]:
+    """``--pass-k`` "1,4,8" -> [1, 4, 8]: distinct integers 1 <= k <= ``samples``."""
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"--pass-k: expected comma-separated integers such as 1,4,8, got {text!r}") from None
+    if not ks:
+        raise UserError(f"--pass-k: expected comma-separated integers such as 1,4,8, got {text!r}")
+    bad = [k for k in ks if not 1 <= k <= samples]
+    if bad:
+        raise UserError(f"--pass-k: every k must be between 1 and --samples ({samples}), got "
+                        f"{', '.join(map(str, bad))}")
+    return ks
+
+
+def arithmetic_scores(model, tokenizer, questions: list[str], samples: int, ks: list[int], max_new_tokens: int,
+                      temperature: float, batch_size: int, seed: int) -> dict:
+    """Per-question scores of one model: {"greedy_accuracy": [0/1 ...], "pass@k": [...] for k in ``ks``} and the
+    first few greedy completions."""
+    from aligntool.toy import arith
+
+    greedy, _ = sample(model, tokenizer, questions, max_new_tokens, 0.0, batch_size, seed)
+    scores = {"greedy_accuracy": [1.0 if arith.is_correct(q, t) else 0.0 for q, t in zip(questions, greedy)]}
+    repeated = [q for q in questions for _ in range(samples)]
+    texts, _ = sample(model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed + 1)
+    correct = [sum(arith.is_correct(q, t) for t in texts[i * samples : (i + 1) * samples])
+               for i, q in enumerate(questions)]
+    for k in ks:
+        scores[f"pass@{k}"] = [arith.pass_at_k(samples, c, k) for c in correct]
+    return scores, greedy
+
+
+def evaluate_arithmetic(model: str, reference: str | None = None, num_prompts: int | None = None, samples: int = 8,
+                        pass_k: list[int] | None = None, max_new_tokens: int = ARITH_MAX_NEW_TOKENS,
+                        temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> dict:
+    """See the module docstring: greedy accuracy and pass@k on ``num_prompts`` held-out questions (all: None)."""
+    from aligntool import models
+    from aligntool.rewards import is_reward_model
+    from aligntool.toy import arith
+
+    ks = pass_k or default_pass_k(samples)
+    parse_pass_k(",".join(map(str, ks)), samples)
+    path = models.resolve(model, key="--model", log=lambda m: None)
+    if is_reward_model(path):
+        raise UserError("--task arithmetic: needs a causal language model; --model is a reward model")
+    questions = arith.prompts("eval", num_prompts, seed=seed)
+    policy, tokenizer = _load_lm(model, "--model")
+    scores, greedy = arithmetic_scores(policy, tokenizer, questions, samples, ks, max_new_tokens, temperature,
+                                       batch_size, seed)
+    result = {"model": path, "kind": "causal_lm", "task": "arithmetic", "num_questions": len(questions),
+              "samples_per_question": samples, "temperature": temperature}
+    for name, values in scores.items():
+        result[name], result[f"{name}_stderr"] = _mean_stderr(values)
+    if reference:
+        ref, ref_tok = _load_lm(reference, "--reference")
+        ref_scores, _ = arithmetic_scores(ref, ref_tok, questions, samples, ks, max_new_tokens, temperature,
+                                          batch_size, seed)
+        result["reference"] = reference
+        for name, values in ref_scores.items():
+            result[f"reference_{name}"], result[f"reference_{name}_stderr"] = _mean_stderr(values)
+        for name in scores:  # paired over questions
+            gain, err = _mean_stderr([a - b for a, b in zip(scores[name], ref_scores[name])])
+            result[f"{name}_gain"], result[f"{name}_gain_stderr"] = gain, err
+            result[f"{name}_gain_in_stderrs"] = gain / err if err else 0.0 if gain == 0 else math.copysign(math.inf,
+                                                                                                          gain)
+    result["samples"] = [{"prompt": q, "completion": t, "correct": bool(c)}
+                                for q, t, c in list(zip(questions, greedy, scores["greedy_accuracy"]))[:3]]
     return result

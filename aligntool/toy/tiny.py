@@ -3,6 +3,12 @@
 ``tiny_model_path()`` builds it on first use (deterministically, about a minute on 2 CPU cores) and caches it under
 ``$ALIGNTOOL_CACHE/tiny-v<N>`` (default ``~/.cache/aligntool``). The folder is an ordinary transformers checkpoint
 (safetensors + tokenizer with a chat template), so every code path that loads a hub model loads it too.
+
+``tiny_arith_model_path()`` (the built-in name ``tiny-arith``) is the tiny model fine-tuned on the toy addition task
+(``aligntool.toy.arith``; train split only) with the same loop, cross-entropy on the answer tokens only:
+``-sum_t log p(y_t | question, y_<t)`` over the answer and EOS. ``ARITH_SFT`` is tuned so that it solves some held-out
+questions and leaves headroom for RL on the verifiable reward: greedy accuracy 0.26 +- 0.03 on all 306 held-out
+questions, sampled (T = 1) accuracy 0.18 +- 0.01, pass@8 0.68 +- 0.03. Cached as ``tiny-arith-v<N>.<M>``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ MODEL_SHAPE = dict(
 )
 VOCAB_SIZE = 640
 PRETRAIN = dict(documents=24_000, steps=500, batch_size=48, learning_rate=3e-3, warmup=50, seed=0)
+ARITH_BUILD_VERSION = 1  # bump when ARITH_SFT or build_tiny_arith_model changes what tiny-arith is
+ARITH_SFT = dict(steps=400, batch_size=128, learning_rate=3e-3, warmup=30, seed=0)
 
 
 def cache_dir() -> Path:
@@ -56,31 +64,43 @@ def build_lock(target: Path, log=lambda message: None):
 
 def tiny_model_path(log=print) -> Path:
     """Path of the built tiny model, building it first if the cache does not hold it yet."""
-    target = cache_dir() / f"tiny-v{BUILD_VERSION}"
+    return cached_build(cache_dir() / f"tiny-v{BUILD_VERSION}", "the built-in tiny model", "about a minute",
+                        build_tiny_model, log)
+
+
+def tiny_arith_model_path(log=print) -> Path:
+    """Path of ``tiny-arith`` (the tiny model fine-tuned on toy addition, ``build_tiny_arith_model``), building it
+    (and the tiny model it starts from) first if the cache does not hold it yet."""
+    base = tiny_model_path(log=log)
+    return cached_build(cache_dir() / f"tiny-arith-v{BUILD_VERSION}.{ARITH_BUILD_VERSION}", "the tiny-arith model",
+                        "under a minute", lambda out, progress: build_tiny_arith_model(out, base, progress=progress),
+                        log)
+
+
+def cached_build(target: Path, what: str, duration: str, build, log=print) -> Path:
+    """``target``, built by ``build(folder, progress=...)`` first if it holds no model yet: one builder at a time
+    (``build_lock``), into a temporary folder renamed into place when done (a killed build leaves nothing behind)."""
     if (target / "model.safetensors").is_file():
         return target
     with build_lock(target, log):
         if (target / "model.safetensors").is_file():  # built by another process while this one waited
             return target
-        _build_tiny(target, log)
-    return target
-
-
-def _build_tiny(target: Path, log) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
-    try:
-        log(f"Building the built-in tiny model into {target} (once; about a minute)...")
-        start = time.time()
-        with build_threads(log), stop_on_sigterm():
-            build_tiny_model(tmp, progress=True)
+        stem = target.name.rsplit("-v", 1)[0]  # .tiny-build-*, .tiny-arith-build-*
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-build-", dir=target.parent))
         try:
-            os.rename(tmp, target)  # atomic: a concurrent builder that lost the race just uses the winner's copy
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-        log(f"Built the tiny model in {time.time() - start:.0f}s.")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            log(f"Building {what} into {target} (once; {duration})...")
+            start = time.time()
+            with build_threads(log), stop_on_sigterm():
+                build(tmp, progress=True)
+            try:
+                os.rename(tmp, target)  # atomic: a concurrent builder that lost the race just uses the winner's copy
+            except OSError:
+                if not (target / "model.safetensors").is_file():
+                    raise
+            log(f"Built {what} in {time.time() - start:.0f}s.")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 @contextlib.contextmanager
@@ -254,3 +274,47 @@ def widened_copy(path: str, hidden: int, layers: int, out: str) -> str:
     print(f"model: random-init {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
           f"(hidden {hidden}, {layers} layers)")
     return out
+
+
+def build_tiny_arith_model(out: Path, base: Path, cfg: dict = ARITH_SFT, progress: bool = False, log=None) -> None:
+    """``tiny-arith``: the tiny model at ``base`` fine-tuned on toy addition (``arith.sft_rows`` of the train split,
+    never a held-out question: ``steps x batch_size`` rows, cycling through the split in a seeded order), with the
+    pretraining loop (``lm_step``, AdamW, warmup then linear decay) and the loss on the answer tokens only (the
+    answer and EOS, not the question). Prompt and answer are tokenised apart and concatenated, as a sampler sees
+    them (the prompt's tokens, then generated ones). Saved to ``out`` with the base's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aligntool.toy import arith
+
+    torch.manual_seed(cfg["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    rows = arith.sft_rows(cfg["steps"] * cfg["batch_size"], seed=cfg["seed"], split="train")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * max(0.05, 1 - s / cfg["steps"])
+    )
+    model.train()
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(cfg["steps"]), desc="fine-tuning tiny-arith", disable=not progress, mininterval=2):
+        batch = range(step * cfg["batch_size"], (step + 1) * cfg["batch_size"])
+        seqs = [(prompt_ids[i], answer_ids[i] + [eos]) for i in batch]
+        width = max(len(p) + len(a) for p, a in seqs)
+        ids = torch.full((len(seqs), width), pad)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for row, (p, a) in enumerate(seqs):
+            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[row, : len(p) + len(a)] = 1
+            labels[row, len(p) : len(p) + len(a)] = torch.tensor(a)
+        loss = lm_step(model, opt, sched, ids, mask, labels)
+        if log and (step + 1) % 50 == 0:
+            log(f"tiny-arith step {step + 1}/{cfg['steps']}: loss {loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
