@@ -113,6 +113,13 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       "(Meng et al. 2024; TRL CPOTrainer, loss_type simpo).", "offline-preference",
                       "aligntool.trainers.cpo", "trl.experimental.cpo:CPOConfig", "preference", "recipes/simpo.yaml",
                       {"loss_type": "simpo", "cpo_alpha": 0.0}),
+        # Critic-free RL with verifiable rewards through TRL's trainers (sampling inside the Trainer)
+        AlgorithmSpec("grpo", "GRPO and every TRL GRPO loss (dr_grpo, dapo, bnpo, ...): group-normalised advantages "
+                      "of G samples per prompt (Shao et al. 2024; TRL GRPOTrainer).", "online-rl",
+                      "aligntool.trainers.grpo", "trl:GRPOConfig", "prompt", "recipes/grpo.yaml", samples=True),
+        AlgorithmSpec("rloo", "RLOO: REINFORCE with the leave-one-out mean of k samples as baseline (Ahmadian et al. "
+                      "2024; TRL RLOOTrainer).", "online-rl", "aligntool.trainers.rloo", "trl:RLOOConfig", "prompt",
+                      "recipes/rloo.yaml", samples=True),
         # Online RL on aligntool's rollout engine (aligntool/online/engine.py); train.* = transformers.TrainingArguments
         AlgorithmSpec("ppo", "PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
                       "2022).", "online-rl", "aligntool.trainers.ppo", "transformers:TrainingArguments", "prompt",

@@ -269,6 +269,10 @@ class Run:
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except UserError as exc:  # e.g. a reward function failing mid-run (GRPO / RLOO): where to resume from
+            for cb in trainer.callback_handler.callbacks:  # the Trainer's progress bar ends before the message
+                if getattr(cb, "training_bar", None) is not None:
+                    cb.training_bar.close()
+                    cb.training_bar = None
             last = latest_checkpoint(out / "checkpoints", log=lambda m: None)
             raise UserError(f"{exc} at step {trainer.state.global_step + 1}; last checkpoint kept: "
                             f"{last or 'none'}") from None

@@ -135,3 +135,13 @@ def test_the_algo_to_trl_contract_is_declared():
                                                                                                "beta": 0.2}
     assert load_recipe("inpo").algo.trl_kwargs() == {"precompute_ref_log_probs": True}
     assert load_recipe("spo").algo.trl_kwargs() == {"beta": 0.1, "loss_type": "sigmoid"}
+
+
+def test_warmup_ratio_reaches_transformers_5_as_a_fractional_warmup_steps(tmp_path):
+    """transformers 5 has no warmup_ratio: a float warmup_steps < 1 is the ratio of the total steps."""
+    from aligntool.train import Run
+
+    loaded = load_recipe("grpo", ["train.warmup_ratio=0.1", "train.warmup_steps=null"])
+    assert Run(loaded, tmp_path).trl_config().warmup_steps == 0.1
+    assert "set warmup_ratio or warmup_steps, not both" in user_error(load_recipe, "sft", [
+        "train.warmup_ratio=0.1", "train.warmup_steps=3"])

@@ -183,9 +183,15 @@ class TrainConfig(BaseModel):
     eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (eval_strategy: steps).")
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
         None, description="When to evaluate on the eval set; switched off (and said so) when there is none.")
-    warmup_ratio: float | None = Field(None, ge=0, le=1, description="Share of the steps spent warming the learning "
-                                       "rate up.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Share of the steps spent warming the learning "
+                                       "rate up (transformers 5 reads it as a fractional warmup_steps).")
     warmup_steps: NonNegativeInt | None = Field(None, description="Steps spent warming the learning rate up.")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("set warmup_ratio or warmup_steps, not both")
+        return self
     lr_scheduler_type: str | None = Field(None, description="transformers scheduler: linear, cosine, constant, ...")
     weight_decay: NonNegativeFloat | None = Field(None, description="Decoupled weight decay of the optimizer.")
     max_grad_norm: NonNegativeFloat | None = Field(None, description="Clip the gradient norm to this value.")
@@ -414,6 +420,8 @@ class Recipe(Strict):
         train = self.train.model_dump(exclude_none=True, exclude={"step_law_constants"})  # aligntool's own key
         if train.get("optim") in OPTIMIZERS:
             del train["optim"]
+        if "warmup_ratio" in train:  # transformers 5 dropped warmup_ratio: a float warmup_steps < 1 is the ratio
+            train["warmup_steps"] = float(train.pop("warmup_ratio"))
         return {**train, **algo_config.trl_kwargs()}
 
 
