@@ -171,3 +171,39 @@ def test_algo_keys_are_trls_with_trls_defaults(name, cls):
             default = fields[key].default_factory()
         value = getattr(algo, key)
         assert value == default or (isinstance(value, float) and math.isclose(value, default)), (key, value, default)
+
+
+def test_grpo_on_tiny_arith_has_a_learning_signal(tmp_path, tiny_arith_path):
+    """On tiny-arith the groups disagree (some answers right, some wrong): rewards above 0, advantages, gradients,
+    and the weights move (on `tiny` every reward is 0 and GRPO has nothing to learn)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "g"
+    assert main(["train", "--recipe", "grpo", "train.max_steps=2", "train.logging_steps=1", "train.save_steps=100",
+                 f"output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
+    assert len(rows) == 2 and all(r["reward"] > 0 for r in rows), rows
+    assert all(r["frac_reward_zero_std"] < 1 and r["grad_norm"] > 0 for r in rows), rows
+    before = load_file(str(tiny_arith_path / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert any(not before[k].equal(after[k]) for k in before)
+
+
+def test_settings_trl_would_misread_are_refused_or_passed_on(tmp_path, recipe_file, capsys):
+    from aligntool.train import Run
+    from aligntool.trainers import grpo
+
+    # the recipe's remote-code and revision settings reach TRL, which loads the reference itself when beta > 0
+    loaded = load_recipe("grpo", ["model.trust_remote_code=true", "model.revision=abc123", "algo.beta=0.1"])
+    config = grpo.args(Run(loaded, tmp_path))
+    assert config.trust_remote_code is True and config.model_init_kwargs == {"revision": "abc123"}
+    for override, message in [
+        ("train.max_length=64", "train.max_length: does not apply to grpo, which limits the completions with "
+                                "algo.max_completion_length"),
+        ("ref_model.dtype=bfloat16", "ref_model: grpo uses the initial policy as its reference"),
+        ("train.learning_rate=auto", "train.learning_rate: auto: grpo trains on rows it generates during the run"),
+    ]:
+        code = main(["train", "--recipe", "grpo", "model.name_or_path=tiny", override,
+                     f"output_dir={tmp_path / 'x'}", "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and message in err, (override, err)

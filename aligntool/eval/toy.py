@@ -201,8 +201,8 @@ def evaluate_arithmetic(model: str, reference: str | None = None, num_prompts: i
         for name in scores:  # paired over questions
             gain, err = _mean_stderr([a - b for a, b in zip(scores[name], ref_scores[name])])
             result[f"{name}_gain"], result[f"{name}_gain_stderr"] = gain, err
-            result[f"{name}_gain_in_stderrs"] = gain / err if err else 0.0 if gain == 0 else math.copysign(math.inf,
-                                                                                                          gain)
+            # undefined (null in the JSON) when the paired differences do not vary (or one question)
+            result[f"{name}_gain_in_stderrs"] = gain / err if err else 0.0 if gain == 0 else None
     result["samples"] = [{"prompt": q, "completion": t, "correct": bool(c)}
                                 for q, t, c in list(zip(questions, greedy, scores["greedy_accuracy"]))[:3]]
     return result

@@ -143,7 +143,7 @@ def for_run(loaded, model_path: str, tokenizer, train_dataset, world: int = 1,
     if not auto:
         return None
     where = f"{source}: train.{sorted(auto)[0]}: auto"
-    if spec.kind == "pipeline":
+    if spec.kind == "pipeline" or (spec.kind == "trl" and spec.samples):
         raise UserError(f"{where}: {spec.name} trains on rows it generates during the run, so the training tokens D "
                         "are not known beforehand; set the value")
     try:

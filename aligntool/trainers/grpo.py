@@ -179,18 +179,27 @@ def reward_terms(run) -> list:
 def args(run, terms=None):
     """The TRL config of the run: train.* + algo.* + reward_weights + the generation section's vLLM fields."""
     terms = reward_terms(run) if terms is None else terms
-    return run.trl_config(reward_weights=[float(w) for _, _, w in terms], **generation_kwargs(run))
+    m = run.recipe.model
+    # with beta > 0 TRL loads the reference itself from the policy's folder: with the recipe's revision and remote code
+    extra = {"trust_remote_code": m.trust_remote_code}
+    if m.revision is not None:
+        extra["model_init_kwargs"] = {"revision": m.revision}
+    return run.trl_config(reward_weights=[float(w) for _, _, w in terms], **extra, **generation_kwargs(run))
 
 
 def build_trainer(run, trainer_cls):
     """A TRL GRPO-style trainer (GRPOTrainer, RLOOTrainer) on the run's policy, reward terms, data and LoRA config."""
     import contextlib
+    from pathlib import Path
 
     from aligntool.errors import UserError, first_line
 
     recipe = run.recipe
+    if recipe.train.max_length is not None:
+        raise UserError(f"{run.loaded.source}: train.max_length: does not apply to {run.loaded.spec.name}, which "
+                        "limits the completions with algo.max_completion_length")
     ref = recipe.ref_model
-    if ref is not None and (ref.name_or_path or ref.soup):
+    if ref is not None and (ref.name_or_path or ref.soup or ref.dtype != "auto"):
         # TRL builds its reference from the policy's own folder; a soup policy (policy_from_soup) is that folder
         if not (ref.soup and ref.policy_from_soup):
             raise UserError(f"{run.loaded.source}: ref_model: {run.loaded.spec.name} uses the initial policy as its "
@@ -198,6 +207,13 @@ def build_trainer(run, trainer_cls):
                             "as reference")
     terms = reward_terms(run)
     config = args(run, terms)
+    folder = Path(run.model_path)
+    if config.beta > 0 and recipe.peft is None and (folder / "adapter_config.json").is_file() \
+            and not (folder / "config.json").is_file():
+        # TRL would load the reference from the adapter's base model, not from the merged policy it starts from
+        raise UserError(f"{run.loaded.source}: model.name_or_path: {run.model_path} is a LoRA adapter; with "
+                        f"algo.beta > 0 {run.loaded.spec.name}'s KL reference would be its base model: merge it first "
+                        "(aligntool merge-lora), or set algo.beta: 0")
     policy = run.policy()
     engine = _vllm_engine(run, policy) if config.use_vllm else contextlib.nullcontext()
     try:
