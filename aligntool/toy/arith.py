@@ -6,7 +6,9 @@ own and the model has never seen a number: it has to learn the task from the dem
 in a few hundred SFT steps -- the headroom that pass@N (several samples per question) is about.
 
 Questions are split once and for all: a fixed 1/8 of them (by a hash of the question text) is held out, and training
-rows never use a held-out question, so held-out scores measure generalisation, not recall.
+rows never use a held-out question, so held-out scores are not recall of a trained question. The split is by
+question text: most held-out questions ``a+b`` have their commuted twin ``b+a`` (same answer) among the training
+questions (268 of the 306), so held-out accuracy includes what the model learned from the twin.
 
 Checking (``is_correct``): the completion is cut at the end-of-sequence marker (``<|end|>``), leading whitespace is
 dropped, and the text up to the first whitespace must equal the decimal answer exactly ("71" is right, "071", "7 1"
