@@ -70,6 +70,25 @@ def test_cached_build_calls_its_builder_once(tmp_path):
     assert (target / "model.safetensors").read_text() == "weights"
 
 
+def test_cached_build_repairs_a_half_copied_folder_and_sweeps_killed_builds(tmp_path):
+    """A target without weights is rebuilt (a plain rename onto it would fail every time), a temporary folder a killed
+    build left is removed, and the built folder is readable by others (a shared cache)."""
+    from aligntool.toy.tiny import cached_build
+
+    target = tmp_path / "m-v1"
+    target.mkdir()
+    (target / "config.json").write_text("{}")  # no weights
+    stale = tmp_path / ".m-build-dead"
+    stale.mkdir()
+
+    def build(out, progress):
+        (out / "model.safetensors").write_text("weights")
+
+    assert cached_build(target, "m", "no time", build, log=lambda m: None) == target
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"] and not stale.exists()
+    assert target.stat().st_mode & 0o755 == 0o755
+
+
 def test_tiny_arith_beats_tiny_on_held_out_questions(tiny_arith_path, tiny_path):
     """Greedy accuracy over all held-out questions: tiny has never seen a number (about 0); tiny-arith is built to
     solve some (about 0.26), paired gain above 4 standard errors."""

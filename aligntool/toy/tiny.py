@@ -85,8 +85,14 @@ def cached_build(target: Path, what: str, duration: str, build, log=print) -> Pa
     with build_lock(target, log):
         if (target / "model.safetensors").is_file():  # built by another process while this one waited
             return target
+        if target.exists():  # a folder without weights (copied in half, or from an older layout): built anew
+            log(f"note: {target} holds no model.safetensors; rebuilding it")
+            shutil.rmtree(target)
         stem = target.name.rsplit("-v", 1)[0]  # .tiny-build-*, .tiny-arith-build-*
+        for stale in target.parent.glob(f".{stem}-build-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-build-", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared ALIGNTOOL_CACHE from other users
         try:
             log(f"Building {what} into {target} (once; {duration})...")
             start = time.time()
