@@ -4,7 +4,6 @@ the eval CLI on the task, and its bad input."""
 
 import json
 import math
-import time
 
 import pytest
 
@@ -46,9 +45,8 @@ def test_tiny_arith_is_built_once_and_cached(tiny_arith_path):
 
     weights = tiny_arith_path / "model.safetensors"
     before = (weights.stat().st_mtime_ns, sorted(p.name for p in tiny_arith_path.iterdir()))
-    start = time.time()
     assert resolve("tiny-arith", log=lambda m: None) == str(tiny_arith_path)
-    assert time.time() - start < 2.0  # no rebuild
+    # no rebuild: a build renames a new folder into place (new files, new modification times)
     assert (weights.stat().st_mtime_ns, sorted(p.name for p in tiny_arith_path.iterdir())) == before
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(before[1])
 
