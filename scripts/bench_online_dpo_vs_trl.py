@@ -53,15 +53,12 @@ against them and the timings of one side swung 8x between runs; with 1 thread th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
-import statistics
 import time
 from pathlib import Path
 
-from benchlib import add_online_arguments, rss_mb, run_on_benchmark_model, run_worker
+import benchlib as B
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "online_dpo.yaml"
@@ -98,67 +95,19 @@ def _import_libraries() -> None:
     from aligntool.online import engine  # noqa: F401
 
 
-def _baseline() -> float | None:
-    baseline = rss_mb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        return None
-    return baseline
-
-
 def worker_aligntool(a, out: str) -> tuple[list[float], list[int], list[float]]:
-    from aligntool.online.engine import Engine
     from aligntool.train import train
 
-    ends: list[float] = []
-    tokens: list[int] = []
-    gen: list[float] = []
-    inner_iteration, inner_samples = Engine._iteration, Engine.samples
-
-    def iteration(self, *args, **kwargs):
-        tokens.append(0)
-        gen.append(0.0)
-        result = inner_iteration(self, *args, **kwargs)
-        ends.append(time.perf_counter())
-        return result
-
-    def samples(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        rollouts = inner_samples(self, *args, **kwargs)
-        if tokens:
-            tokens[-1] += sum(int(ro.mask.sum()) for ro in rollouts)
-            gen[-1] += time.perf_counter() - t0
-        return rollouts
-
-    Engine._iteration, Engine.samples = iteration, samples
+    ends, tokens, gen = B.time_engine_iterations()
     loaded = _recipe(a, out)
     ends.append(time.perf_counter())  # "end of iteration 0": the clock of the first iteration (a warm-up one)
     train(loaded)
     return ends, tokens, gen
 
 
-def trl_prompts(a, out: str) -> list[str]:
-    """The prompts aligntool's engine trains on, iteration after iteration (its own draw, Engine.batch_prompts)."""
-    from types import SimpleNamespace
-
-    from aligntool import data
-    from aligntool.online.engine import Engine
-
-    loaded = _recipe(a, out)
-    train_set, _ = data.load_for_recipe(loaded.recipe, loaded.spec.data)
-    fake = SimpleNamespace(args=SimpleNamespace(seed=SEED), state={"iteration": 0}, batch_size=a.batch_size,
-                           world=1, rank=0, prompts=list(dict.fromkeys(train_set["prompt"])))
-    drawn = []
-    for i in range(a.iterations):
-        fake.state["iteration"] = i
-        drawn += Engine.batch_prompts(fake)
-    return drawn
-
-
 def worker_trl(a, out: str) -> tuple[list[float], list[int], list[float]]:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     from aligntool import models
@@ -168,7 +117,8 @@ def worker_trl(a, out: str) -> tuple[list[float], list[int], list[float]]:
         return gold(prompts, completions)
 
     path = str(models.resolve(a.model))
-    train_set = datasets.Dataset.from_list([{"prompt": p} for p in trl_prompts(a, out)])
+    prompts = B.engine_prompt_order(_recipe(a, out), a.iterations, a.batch_size, SEED)
+    train_set = datasets.Dataset.from_list([{"prompt": p} for p in prompts])
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     args = OnlineDPOConfig(
@@ -178,62 +128,25 @@ def worker_trl(a, out: str) -> tuple[list[float], list[int], list[float]]:
         beta=a.beta, loss_type="sigmoid", max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=1.0,
         top_k=0, missing_eos_penalty=None, disable_dropout=True)
 
-    ends: list[float] = []
-    tokens: list[int] = []
-    gen: list[float] = []
-
-    class IterationEnds(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=gold_reward, args=args, train_dataset=train_set,
-                               processing_class=tokenizer, callbacks=[IterationEnds()])
-    inner_generate = trainer._generate
-
-    def generate(*args, **kwargs):
-        t0 = time.perf_counter()
-        result = inner_generate(*args, **kwargs)
-        gen.append(time.perf_counter() - t0)
-        tokens.append(int(result[3].sum()))  # completion_mask: through the first EOS, both samples of every pair
-        return result
-
-    trainer._generate = generate
+    trainer, ends, tokens, gen = B.time_trainer_iterations(
+        lambda callback: OnlineDPOTrainer(model=model, reward_funcs=gold_reward, args=args, train_dataset=train_set,
+                                          processing_class=tokenizer, callbacks=[callback]),
+        lambda result: int(result[3].sum()))  # completion_mask: through the first EOS, both samples of every pair
     trainer.train()
     trainer.save_model(out)
     return ends, tokens, gen
 
 
 def worker(side: str, a, out: str) -> dict:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    _import_libraries()
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    from aligntool import models
-
-    models.resolve(a.model)
-    baseline = _baseline()
-    ends, tokens, gen = (worker_aligntool if side == "aligntool" else worker_trl)(a, out)
-    peak = rss_mb("VmHWM") - baseline if baseline is not None else None
-    iters = [t1 - t0 for t0, t1 in zip(ends, ends[1:])]
-    if len(iters) != len(tokens):
-        raise SystemExit(f"{side}: {len(iters)} timed iterations but {len(tokens)} generation counts")
-    kept = slice(WARMUP, None) if len(iters) > WARMUP else slice(None)
-    return {"iteration_s": statistics.median(iters[kept]), "generation_s": statistics.median(gen[kept]),
-            "token_s": sum(iters[kept]) / sum(tokens[kept]),
-            "tokens_per_iteration": sum(tokens[kept]) / len(tokens[kept]), "iterations": len(iters),
-            "train_peak_mb": peak, "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    work = worker_aligntool if side == "aligntool" else worker_trl
+    return B.timed_worker(side, a, _import_libraries, lambda: work(a, out), WARMUP)
 
 
 def run_side(side: str, a) -> dict:
-    return run_worker(__file__, side, "--iterations", str(a.iterations), "--batch-size", str(a.batch_size),
-                      "--max-new-tokens", str(a.max_new_tokens), "--model", a.model, "--learning-rate",
-                      str(a.learning_rate), "--beta", str(a.beta), "--temperature", str(a.temperature), "--threads",
-                      str(a.threads))
+    return B.run_worker(__file__, side, "--iterations", str(a.iterations), "--batch-size", str(a.batch_size),
+                        "--max-new-tokens", str(a.max_new_tokens), "--model", a.model, "--learning-rate",
+                        str(a.learning_rate), "--beta", str(a.beta), "--temperature", str(a.temperature), "--threads",
+                        str(a.threads))
 
 
 def compare(a) -> None:
@@ -243,57 +156,27 @@ def compare(a) -> None:
           f"{a.iterations} iterations (first {WARMUP} not counted), {a.repeats} alternating repeats, fp32 CPU, "
           f"{os.cpu_count()} CPUs, torch threads {a.threads or 'default'}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'run':>4} {'side':>10} {'load':>5} {'s/iter':>8} {'gen s':>6} {'ms/token':>9} {'tokens/iter':>12} "
-          f"{'train +MB':>10} {'process peak MB':>16}")
-    rows: dict[str, list[dict]] = {s: [] for s in SIDES}
-    for i in range(a.repeats):
-        for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
-            load1 = os.getloadavg()[0]
-            r = run_side(side, a)
-            rows[side].append(r)
-            tp = f"{r['train_peak_mb']:.0f}" if r["train_peak_mb"] else "n/a"
-            print(f"{i + 1:>4} {side:>10} {load1:>5.2f} {r['iteration_s']:>8.3f} {r['generation_s']:>6.3f} "
-                  f"{1000 * r['token_s']:>9.3f} {r['tokens_per_iteration']:>12.0f} {tp:>10} "
-                  f"{r['process_peak_mb']:>16.0f}", flush=True)
-
-    def med(side, key):
-        vals = [r[key] for r in rows[side] if r[key]]
-        return statistics.median(vals) if vals else float("nan")
-
-    for side in SIDES:
-        print(f"median {side:>10}: {med(side, 'iteration_s'):.3f} s/iteration (generation "
-              f"{med(side, 'generation_s'):.3f}), {1000 * med(side, 'token_s'):.3f} "
-              f"ms/generated token, {med(side, 'tokens_per_iteration'):.0f} tokens/iteration, training peak "
-              f"+{med(side, 'train_peak_mb'):.0f} MB, process peak {med(side, 'process_peak_mb'):.0f} MB")
-    ratio = {k: med("aligntool", k) / med("trl", k) for k in ("iteration_s", "generation_s", "token_s",
-                                                               "train_peak_mb", "process_peak_mb")}
+    med = B.alternate_runs(SIDES, a.repeats, lambda side: run_side(side, a), 10)
+    ratio = B.ratios(med, "aligntool", "trl")
     print(f"aligntool/TRL  time per iteration {ratio['iteration_s']:.3f} (generation {ratio['generation_s']:.3f})   "
-          f"time per generated token "
-          f"{ratio['token_s']:.3f}   training memory {ratio['train_peak_mb']:.3f}   process peak memory "
-          f"{ratio['process_peak_mb']:.3f}")
-    load = os.getloadavg()
-    print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"time per generated token {ratio['token_s']:.3f}   {B.memory_ratios_text(ratio)}")
+    B.print_end_load()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_online_arguments(ap, "prompts (= pairs) per iteration")
+    ap = B.online_parser(__doc__, "prompts (= pairs) per iteration", SIDES)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default, one per core). "
                     "Default 1: on a 2-core machine other jobs share, torch's default of 2 threads made iterations "
                     "2-17 s and swing 8x between runs of the same side; 1 thread: 0.45-0.51 s")
-    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.iterations <= WARMUP:
-        ap.error(f"--iterations must be more than the {WARMUP} warm-up iterations")
+    a = B.parse_online(ap, WARMUP)
     if a.worker:
         print(json.dumps(worker(a.worker, a, a.out)))
         return
 
-    run_on_benchmark_model(a, compare)
+    B.run_on_benchmark_model(a, compare)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,8 @@ Each run uses ``--threads`` torch threads (default 1; see bench_online_dpo_vs_tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -121,7 +119,7 @@ def worker_aligntool(side: str, a, out: str) -> tuple[list[float], list[int], li
 
 def worker_trl(side: str, a, out: str) -> tuple[list[float], list[int], list[float]]:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from aligntool import models
@@ -144,54 +142,25 @@ def worker_trl(side: str, a, out: str) -> tuple[list[float], list[int], list[flo
         report_to=["tensorboard"], bf16=False, gradient_checkpointing=False, shuffle_dataset=False, beta=a.kl_coef,
         max_completion_length=a.max_new_tokens, temperature=a.temperature, top_p=1.0, top_k=0, disable_dropout=True)
 
-    ends: list[float] = []
-    tokens: list[int] = []
-    gen: list[float] = []
-
-    class IterationEnds(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-    trainer = trainer_cls(model=model, reward_funcs=gold_reward, args=args, train_dataset=train_set,
-                          processing_class=tokenizer, callbacks=[IterationEnds()])
-    inner_generate = trainer._generate
-
-    def generate(*args, **kwargs):
-        t0 = time.perf_counter()
-        result = inner_generate(*args, **kwargs)
-        gen.append(time.perf_counter() - t0)
-        tokens.append(sum(len(ids) for ids in result[1]))  # completion ids: through the first EOS
-        return result
-
-    trainer._generate = generate
+    trainer, ends, tokens, gen = B.time_trainer_iterations(
+        lambda callback: trainer_cls(model=model, reward_funcs=gold_reward, args=args, train_dataset=train_set,
+                                     processing_class=tokenizer, callbacks=[callback]),
+        lambda result: sum(len(ids) for ids in result[1]))  # completion ids: through the first EOS
     trainer.train()
     trainer.save_model(out)
     return ends, tokens, gen
 
 
 def worker(side: str, a, out: str) -> dict:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    _import_libraries()
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    from aligntool import models
-
-    models.resolve(a.model)
-    baseline = B.memory_baseline()
-    ends, tokens, gen = (worker_aligntool if side in OURS else worker_trl)(side, a, out)
-    return B.timing_summary(side, ends, tokens, gen, WARMUP, baseline)
+    work = worker_aligntool if side in OURS else worker_trl
+    return B.timed_worker(side, a, _import_libraries, lambda: work(side, a, out), WARMUP)
 
 
 def run_side(side: str, a) -> dict:
     return B.run_worker(__file__, side, "--iterations", str(a.iterations), "--batch-size", str(a.batch_size),
-                      "--generations", str(a.generations), "--max-new-tokens", str(a.max_new_tokens), "--model",
-                      a.model, "--learning-rate", str(a.learning_rate), "--kl-coef", str(a.kl_coef), "--temperature",
-                      str(a.temperature), "--threads", str(a.threads))
+                        "--generations", str(a.generations), "--max-new-tokens", str(a.max_new_tokens), "--model",
+                        a.model, "--learning-rate", str(a.learning_rate), "--kl-coef", str(a.kl_coef), "--temperature",
+                        str(a.temperature), "--threads", str(a.threads))
 
 
 def compare(a) -> None:
@@ -203,42 +172,17 @@ def compare(a) -> None:
           f"{a.kl_coef}, {a.iterations} iterations (first {WARMUP} not counted), {a.repeats} alternating repeats, "
           f"fp32, {os.cpu_count()} CPUs, torch threads {a.threads or 'default'}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'run':>4} {'side':>13} {'load':>5} {'s/iter':>8} {'gen s':>6} {'ms/token':>9} {'tokens/iter':>12} "
-          f"{'train +MB':>10} {'process peak MB':>16}")
-    rows: dict[str, list[dict]] = {s: [] for s in sides}
-    for i in range(a.repeats):
-        for side in (sides if i % 2 == 0 else sides[::-1]):
-            load1 = os.getloadavg()[0]
-            r = run_side(side, a)
-            rows[side].append(r)
-            tp = f"{r['train_peak_mb']:.0f}" if r["train_peak_mb"] else "n/a"
-            print(f"{i + 1:>4} {side:>13} {load1:>5.2f} {r['iteration_s']:>8.3f} {r['generation_s']:>6.3f} "
-                  f"{1000 * r['token_s']:>9.3f} {r['tokens_per_iteration']:>12.0f} {tp:>10} "
-                  f"{r['process_peak_mb']:>16.0f}", flush=True)
-
-    def med(side, key):
-        vals = [r[key] for r in rows[side] if r[key]]
-        return statistics.median(vals) if vals else float("nan")
-
-    for side in sides:
-        print(f"median {side:>13}: {med(side, 'iteration_s'):.3f} s/iteration (generation "
-              f"{med(side, 'generation_s'):.3f}), {1000 * med(side, 'token_s'):.3f} "
-              f"ms/generated token, {med(side, 'tokens_per_iteration'):.0f} tokens/iteration, training peak "
-              f"+{med(side, 'train_peak_mb'):.0f} MB, process peak {med(side, 'process_peak_mb'):.0f} MB")
+    med = B.alternate_runs(sides, a.repeats, lambda side: run_side(side, a), 13)
     for ours in (s for s in sides if s in OURS):
         for theirs in (s for s in sides if s in THEIRS):
-            ratio = {k: med(ours, k) / med(theirs, k) for k in ("iteration_s", "token_s", "train_peak_mb",
-                                                                 "process_peak_mb")}
+            ratio = B.ratios(med, ours, theirs)
             print(f"{ours}/{theirs:<5} time per generated token {ratio['token_s']:.3f}   time per iteration "
-                  f"{ratio['iteration_s']:.3f}   training memory {ratio['train_peak_mb']:.3f}   process peak memory "
-                  f"{ratio['process_peak_mb']:.3f}")
-    load = os.getloadavg()
-    print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+                  f"{ratio['iteration_s']:.3f}   {B.memory_ratios_text(ratio)}")
+    B.print_end_load()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    B.add_online_arguments(ap, "prompts per iteration")
+    ap = B.online_parser(__doc__, "prompts per iteration", SIDES)
     ap.set_defaults(iterations=8, batch_size=16, max_new_tokens=32)  # ~10 minutes for 2 repeats on a loaded 2-core box
     ap.add_argument("--generations", type=int, default=2, help="completions per prompt: TRL num_generations = "
                     "REINFORCE++ samples_per_prompt (ReMax: always 1 sampled + 1 greedy)")
@@ -247,11 +191,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default, one per core)")
     ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES))
-    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.iterations <= WARMUP:
-        ap.error(f"--iterations must be more than the {WARMUP} warm-up iterations")
+    a = B.parse_online(ap, WARMUP)
     if a.generations < 1 or (a.generations < 2 and any(s in a.sides for s in THEIRS)):
         ap.error("--generations must be >= 1, and >= 2 with grpo or rloo (a group; RLOO leaves one out)")
     if a.worker:

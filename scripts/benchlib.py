@@ -32,6 +32,26 @@ def add_online_arguments(ap, batch_help: str = "prompts per iteration") -> None:
     ap.add_argument("--layers", type=int, default=8, help="layers of the --hidden-size model")
 
 
+def online_parser(doc: str, batch_help: str, sides):
+    """The parser of an online-RL benchmark against TRL: described by ``doc``'s first line, with
+    ``add_online_arguments`` and the hidden ``--worker SIDE`` / ``--out`` options of its worker processes."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_online_arguments(ap, batch_help)
+    ap.add_argument("--worker", choices=list(sides), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    return ap
+
+
+def parse_online(ap, warmup: int):
+    """``ap.parse_args()``, refusing fewer iterations than ``warmup`` + 1 (none would be timed)."""
+    a = ap.parse_args()
+    if a.iterations <= warmup:
+        ap.error(f"--iterations must be more than the {warmup} warm-up iterations")
+    return a
+
+
 def run_on_benchmark_model(a, compare) -> None:
     """Build the model first (outside the timed runs): ``a.model`` itself, or with ``--hidden-size`` a random-init
     copy of it widened to that size (kept for the duration of ``compare(a)``); then run ``compare(a)``."""
@@ -141,3 +161,107 @@ def timing_summary(side: str, ends: list[float], tokens: list[int], gen: list[fl
             "token_s": sum(iters[kept]) / sum(tokens[kept]),
             "tokens_per_iteration": sum(tokens[kept]) / len(tokens[kept]), "iterations": len(iters),
             "train_peak_mb": peak, "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def alternate_runs(sides, repeats: int, run_side, width: int):
+    """Run every side ``repeats`` times, in fresh processes (``run_side(side)``, a dict of ``timing_summary``),
+    alternating the order (A B .., .. B A, ...) so that machine noise and drift hit all sides alike; print the table
+    head, a row per run (with the load average before it) and then each side's medians. Returns ``med(side, key)``:
+    the median of a figure over that side's runs (those where it is known), nan where none is."""
+    import os
+    import statistics
+
+    print(f"{'run':>4} {'side':>{width}} {'load':>5} {'s/iter':>8} {'gen s':>6} {'ms/token':>9} {'tokens/iter':>12} "
+          f"{'train +MB':>10} {'process peak MB':>16}")
+    rows: dict[str, list[dict]] = {s: [] for s in sides}
+    for i in range(repeats):
+        for side in (sides if i % 2 == 0 else sides[::-1]):
+            load1 = os.getloadavg()[0]
+            r = run_side(side)
+            rows[side].append(r)
+            tp = f"{r['train_peak_mb']:.0f}" if r["train_peak_mb"] else "n/a"
+            print(f"{i + 1:>4} {side:>{width}} {load1:>5.2f} {r['iteration_s']:>8.3f} {r['generation_s']:>6.3f} "
+                  f"{1000 * r['token_s']:>9.3f} {r['tokens_per_iteration']:>12.0f} {tp:>10} "
+                  f"{r['process_peak_mb']:>16.0f}", flush=True)
+
+    def med(side: str, key: str) -> float:
+        vals = [r[key] for r in rows[side] if r[key]]
+        return statistics.median(vals) if vals else float("nan")
+
+    for side in sides:
+        print(f"median {side:>{width}}: {med(side, 'iteration_s'):.3f} s/iteration (generation "
+              f"{med(side, 'generation_s'):.3f}), {1000 * med(side, 'token_s'):.3f} "
+              f"ms/generated token, {med(side, 'tokens_per_iteration'):.0f} tokens/iteration, training peak "
+              f"+{med(side, 'train_peak_mb'):.0f} MB, process peak {med(side, 'process_peak_mb'):.0f} MB")
+    return med
+
+
+def ratios(med, ours: str, theirs: str) -> dict:
+    """``med(ours, key) / med(theirs, key)`` for every timed and memory figure (``med`` from ``alternate_runs``)."""
+    return {k: med(ours, k) / med(theirs, k) for k in ("iteration_s", "generation_s", "token_s", "train_peak_mb",
+                                                       "process_peak_mb")}
+
+
+def memory_ratios_text(ratio: dict) -> str:
+    """The end every ratio line shares: the training and process peak memory ratios (from ``ratios``)."""
+    return f"training memory {ratio['train_peak_mb']:.3f}   process peak memory {ratio['process_peak_mb']:.3f}"
+
+
+def print_end_load() -> None:
+    import os
+
+    load = os.getloadavg()
+    print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def time_trainer_iterations(make_trainer, count_tokens):
+    """A TRL trainer timed like ``time_engine_iterations``: ``make_trainer(callback)`` builds it with that
+    TrainerCallback (which records the start and every step's end in ``ends``); its ``_generate`` is wrapped to record
+    the seconds it takes and ``count_tokens(its result)``. Returns the trainer, ends, tokens and generation seconds."""
+    import time
+
+    from transformers import TrainerCallback
+
+    ends: list[float] = []
+    tokens: list[int] = []
+    gen: list[float] = []
+
+    class IterationEnds(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    trainer = make_trainer(IterationEnds())
+    inner_generate = trainer._generate
+
+    def generate(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = inner_generate(*args, **kwargs)
+        gen.append(time.perf_counter() - t0)
+        tokens.append(count_tokens(result))
+        return result
+
+    trainer._generate = generate
+    return trainer, ends, tokens, gen
+
+
+def timed_worker(side: str, a, import_libraries, work, warmup: int) -> dict:
+    """One side's run in its worker process: ``import_libraries()``, ``a.threads`` torch threads (0: torch's
+    default), the model ``a.model`` resolved, the memory baseline taken, then ``work()`` (-> ends, tokens, generation
+    seconds) and its ``timing_summary``."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import_libraries()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    from aligntool import models
+
+    models.resolve(a.model)
+    baseline = memory_baseline()
+    ends, tokens, gen = work()
+    return timing_summary(side, ends, tokens, gen, warmup, baseline)
