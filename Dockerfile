@@ -13,11 +13,12 @@ RUN python3 -m pip install --upgrade pip && \
     python3 -m pip install torch --index-url https://download.pytorch.org/whl/cu124
 
 WORKDIR /opt/aligntool
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-lock.txt ./
 COPY aligntool ./aligntool
 COPY recipes ./recipes
 COPY scripts ./scripts
-RUN python3 -m pip install -e ".[deepspeed,bitsandbytes,plots]"
+# the tested versions (requirements-lock.txt); drop the -c for the newest ones
+RUN python3 -m pip install -c requirements-lock.txt -e ".[deepspeed,bitsandbytes,plots]"
 
 WORKDIR /work
 ENTRYPOINT ["aligntool"]
