@@ -132,9 +132,10 @@ def test_console_script_misspelt_recipe_key_is_the_only_output(tmp_path):
 def test_console_script_missing_column_is_the_only_output(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"p{i}", "chose": "a", "rejected": "b"}) + "\n" for i in range(4)))
-    # a fresh datasets cache: datasets draws its "Generating train split" bar for a file it has not read before
+    # a fresh datasets cache: datasets draws its "Generating train split" bar for a file it has not read before;
+    # offline, bitsandbytes' kernel loader logged two lines (the kernels package's, then its own)
     proc = _console(tmp_path, "train", "--recipe", "dpo", f"dataset.path={data}", f"output_dir={tmp_path / 'out'}",
-                    HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
+                    HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"), HF_HUB_OFFLINE="1")
     _one_line(proc, "chosen", str(data))
 
 
