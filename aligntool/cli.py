@@ -401,15 +401,60 @@ def tiny():
     print(tiny_model_path(log=lambda m: print(m, file=sys.stderr)))
 
 
+# options of `accelerate launch` that users give to `aligntool train`: what aligntool takes instead
+_ACCELERATE_LAUNCH = (
+    "is an option of `accelerate launch`, not of aligntool: run `accelerate launch --config_file FILE -m aligntool.cli "
+    "train --recipe ...`, or let aligntool launch it (--nproc N, and the recipe's distributed.backend: ddp, deepspeed "
+    "or fsdp)")
+_ACCELERATE_FLAGS = {
+    "config_file": _ACCELERATE_LAUNCH, "use_deepspeed": _ACCELERATE_LAUNCH, "deepspeed_config_file": _ACCELERATE_LAUNCH,
+    "use_fsdp": _ACCELERATE_LAUNCH, "multi_gpu": _ACCELERATE_LAUNCH,
+    "zero_stage": "is an option of `accelerate launch`; aligntool takes distributed.backend=deepspeed "
+                  "distributed.zero_stage=N",
+    "num_processes": "is an option of `accelerate launch`; aligntool takes --nproc N",
+    "num_machines": "is an option of `accelerate launch`; aligntool takes --nnodes N",
+    "machine_rank": "is an option of `accelerate launch`; aligntool takes --node-rank N",
+    "main_process_ip": "is an option of `accelerate launch`; aligntool takes --master-addr HOST",
+    "main_process_port": "is an option of `accelerate launch`; aligntool takes --master-port PORT",
+    "mixed_precision": "is an option of `accelerate launch`; aligntool takes train.bf16=true or train.fp16=true",
+}
+
+
+def _usage_message(exc: Exception) -> str:
+    """One line for a command-line mistake: Typer's message with its suggestions (the close option or command
+    names), and where the command's help is."""
+    option = getattr(exc, "option_name", None) or ""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "aligntool"
+    accelerate = _ACCELERATE_FLAGS.get(option[2:].replace("-", "_")) if option.startswith("--") else None
+    if accelerate and command.endswith(" train"):
+        return f"{option} {accelerate}"
+    possibilities = [p for p in getattr(exc, "possibilities", None) or [] if p != "--help"]
+    if option and possibilities:  # click's "(Possible options: ...)", said as aligntool says it elsewhere
+        message = f"{getattr(exc, 'message', exc)} (did you mean {' or '.join(possibilities)}?)"
+    else:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = " ".join(message.split()).rstrip(".")  # one line
+    if ctx is None:
+        return message
+    return f"{message}{' See' if message.endswith('?') else '; see'} `{command} --help`"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: a ``UserError`` becomes one line on stderr and exit code 2 (traceback only with --debug)."""
+    """Entry point: a ``UserError`` or a command-line usage error becomes one line on stderr and exit code 2
+    (traceback only with --debug)."""
     import warnings
+
+    from aligntool import quiet
 
     # transformers 5 renamed gradient_checkpointing; TRL still uses the old names on every step
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    quiet.install()  # bitsandbytes' import-time kernel-loader warnings (TRL and peft import it)
     args = list(sys.argv[1:] if argv is None else argv)
     _DEBUG["on"] = "--debug" in args
+    if not args:  # no_args_is_help: the help, on stdout, as `aligntool --help` prints it
+        args = ["--help"]
     try:
         rc = app(args=args, prog_name="aligntool", standalone_mode=False)
     except UserError as exc:
@@ -419,12 +464,18 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
+    except typer.TyperException as exc:  # Typer's own (vendored click) usage errors: unknown option, bad value, ...
+        if _DEBUG["on"]:
+            raise
+        print(f"aligntool: error: {_usage_message(exc)}", file=sys.stderr)
+        return UserError.exit_code
+    except typer.Abort:
+        print("aligntool: aborted", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("aligntool: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # preemption, click usage errors and friends
-        import click
-
+    except Exception as exc:  # preemption and friends
         from aligntool.launch.preemption import Preempted
 
         if isinstance(exc, Preempted):  # a checkpoint was written: resumable, but not finished
@@ -432,11 +483,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"aligntool: {exc}", file=sys.stderr)
             # under torchrun a rank exits 0 (any other code is a failure to torchrun); the launcher exits 75
             return 0 if "LOCAL_RANK" in os.environ else Preempted.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return 2
         raise
     return rc if isinstance(rc, int) else 0
 

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 from aligntool.errors import UserError, first_line
+from aligntool.quiet import without_progress_bars
 
 DATA_KINDS: dict[str, list[tuple[str, ...]]] = {
     "language_modeling": [("text",), ("messages",), ("prompt", "completion")],
@@ -274,6 +275,7 @@ def _fraction_split(train, fraction: float, seed: int, log, what: str = "rows"):
     return split["train"], split["test"]
 
 
+@without_progress_bars  # our checks answer in one line; datasets' bars for each file and map would come first
 def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
     """(train, eval or None) datasets for a validated recipe and a data kind, checked row by row. ``eval_fraction``
     carves a held-out split off the training rows when there is no eval set; with a tokenizer, conversational

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from aligntool import registry
 from aligntool.errors import UserError, first_line
 from aligntool.recipe.schema import Recipe, TrainConfig
-from aligntool.recipe.suggest import did_you_mean
+from aligntool.recipe.suggest import closest, did_you_mean
 
 
 class SafeLoader(yaml.SafeLoader):
@@ -96,7 +96,31 @@ def resolve_recipe_path(recipe: str) -> Path:
         return builtin
     if path.exists():
         raise UserError(f"{recipe}: is not a file (expected a YAML recipe)")
-    raise UserError(f"{recipe}: recipe file not found")
+    raise UserError(f"{recipe}: recipe file not found{_recipe_suggestion(recipe, path)}")
+
+
+def builtin_recipe_names() -> list[str]:
+    """The names ``--recipe`` takes for the recipes shipped with aligntool (recipes/NAME.yaml)."""
+    return sorted(p.stem for p in registry.RECIPES_DIR.glob("*.yaml"))
+
+
+def _recipe_suggestion(recipe: str, path: Path) -> str:
+    """A did-you-mean for a missing recipe: a built-in name close to a bare name (``dop`` -> dpo; ``dpo.yaml`` where
+    there is no such file -> dpo), or a YAML file close to the name in the folder it names."""
+    names = builtin_recipe_names()
+    if "/" not in recipe:
+        stem = path.stem if path.suffix in (".yaml", ".yml") else recipe
+        name = stem if stem in names else closest(stem, names)
+        if name:
+            return f" (did you mean the built-in recipe {name!r}? `aligntool recipes` lists them)"
+    folder = path.parent
+    if folder.is_dir():
+        match = closest(path.name, [p.name for p in folder.iterdir() if p.suffix in (".yaml", ".yml")])
+        if match:
+            return f" (did you mean {str(folder / match)!r}?)"
+    if "/" not in recipe and not path.suffix:
+        return ", and no built-in recipe has that name (`aligntool recipes` lists them)"
+    return ""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
