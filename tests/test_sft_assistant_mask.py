@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import user_error
+from conftest import REPO, user_error
 
 from aligntool import models, tokens
 from aligntool.toy.families import FAMILIES, family_model_path
@@ -220,6 +220,28 @@ def test_rows_without_an_assistant_turn_are_dropped_and_counted(tmp_path, capsys
     data.write_text(json.dumps(rows[-1]) + "\n")
     message = user_error(build, "tiny", data, tmp_path / "out2")
     assert "assistant message" in message
+
+
+def test_packed_rows_are_not_counted_as_dropped(messages_file, tmp_path, capsys):
+    """Packing makes fewer rows than it is given, none dropped: the same assistant tokens are in the loss, no note."""
+    trainer, run = build("tiny", messages_file, tmp_path, "algo.packing=true", "train.max_length=128")
+    assert len(trainer.train_dataset) < len(ROWS)
+    in_loss = sum(lab != -100 for row in trainer.train_dataset for lab in row["labels"])
+    assert in_loss == sum(sum(expected(run.tokenizer, r["messages"], "<|end|>")[1]) for r in ROWS)
+    run._check_rows_left(trainer)
+    assert "dropped" not in capsys.readouterr().err
+
+
+def test_training_templates_ship_with_the_package():
+    """Every template file matches the package data of pyproject.toml (a wheel would lack it otherwise)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["aligntool"]
+    files = [p.relative_to(REPO / "aligntool").as_posix() for p in tokens.TRAINING_TEMPLATES_DIR.iterdir()]
+    assert sorted(f.split("/")[-1] for f in files) == sorted(
+        f"{name}_training.jinja" for name in [*tokens.TEMPLATES, "tiny"])
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)
 
 
 # ---------------------------------------------------------------- end to end

@@ -53,8 +53,15 @@ class AlgoConfig(Strict):
         return self
 
 
-NO_MARKERS_FIX = ("set model.chat_template to a copy of the template with {% generation %} ... {% endgeneration %} "
-                  "around each assistant reply and its end-of-turn token (examples: aligntool/chat_templates/)")
+def _no_markers(run) -> str:
+    """What the template lacks and the fix, for the note and the error."""
+    from aligntool import tokens
+
+    spec = run.recipe.model.chat_template
+    which = f"model.chat_template {spec}" if spec else f"the chat template of {run.model_path}"
+    return (f"{which} has no {{% generation %}} markers and aligntool knows no marked copy of it", "set "
+            "model.chat_template to a copy of the template with {% generation %} ... {% endgeneration %} around each "
+            f"assistant reply and its end-of-turn token (examples: {tokens.TRAINING_TEMPLATES_DIR})")
 
 
 def assistant_only(run) -> tuple[bool, str | None]:
@@ -81,12 +88,11 @@ def assistant_only(run) -> tuple[bool, str | None]:
         return False, None  # prompt/completion rows: the completion only (TRL's completion_only_loss)
     template = tokens.training_chat_template(run.tokenizer)
     if template is None:
+        lacks, fix = _no_markers(run)
         if setting:
-            raise UserError(f"{source}: algo.assistant_only_loss: the chat template of {run.model_path} has no "
-                            f"{{% generation %}} markers and aligntool knows no marked copy of it; {NO_MARKERS_FIX}")
-        log(f"note: the chat template of {run.model_path} has no {{% generation %}} markers and aligntool knows no "
-            f"marked copy of it: the loss covers whole conversations, system and user turns included; for the "
-            f"assistant's turns only, {NO_MARKERS_FIX} (algo.assistant_only_loss: false silences this note)")
+            raise UserError(f"{source}: algo.assistant_only_loss: {lacks}; {fix}")
+        log(f"note: {lacks}: the loss covers whole conversations, system and user turns included; for the assistant's "
+            f"turns only, {fix} (algo.assistant_only_loss: false silences this note)")
         return False, None
     if messages:
         run.train_dataset = _rows_with_an_assistant_turn(data, "training", source, log)
