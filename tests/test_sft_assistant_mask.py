@@ -127,8 +127,11 @@ def test_training_template_renders_like_the_models_own(name):
 
 @pytest.mark.parametrize("name", CHAT)
 def test_training_template_marks_exactly_the_assistant_turns(name):
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
     tok = models.load_tokenizer(str(model_path(name)))
     training = tokens.training_chat_template(tok)
+    assert is_chat_template_stop_token_trained(tok, chat_template=training)  # TRL's own check agrees
     for row in ROWS:
         ids, mask = expected(tok, row["messages"], END_OF_TURN[template_name(name)],
                             REPLY_PREFIX.get(template_name(name), ""))
