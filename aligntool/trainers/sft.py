@@ -53,7 +53,7 @@ class AlgoConfig(Strict):
         return self
 
 
-def _no_markers(run) -> str:
+def _no_markers(run) -> tuple[str, str]:
     """What the template lacks and the fix, for the note and the error."""
     from aligntool import tokens
 
@@ -95,26 +95,25 @@ def assistant_only(run) -> tuple[bool, str | None]:
             f"turns only, {fix} (algo.assistant_only_loss: false silences this note)")
         return False, None
     if messages:
-        run.train_dataset = _rows_with_an_assistant_turn(data, "training", source, log)
+        where = f"dataset.path {run.recipe.dataset.path}"
+        run.train_dataset = _rows_with_an_assistant_turn(data, "training", where, log)
         if run.eval_dataset is not None:
-            run.eval_dataset = _rows_with_an_assistant_turn(run.eval_dataset, "eval", source, log)
+            run.eval_dataset = _rows_with_an_assistant_turn(run.eval_dataset, "eval", "the eval set", log)
     return True, template
 
 
-def _rows_with_an_assistant_turn(data, name: str, source: str, log):
-    def has_turn(row):
-        return any(m.get("role") == "assistant" for m in row["messages"])
-
-    kept = data.filter(has_turn)
-    if len(kept) == 0:
+def _rows_with_an_assistant_turn(data, name: str, where: str, log):
+    keep = [i for i, turns in enumerate(data["messages"]) if any(m.get("role") == "assistant" for m in turns)]
+    if not keep:
         from aligntool.errors import UserError
 
-        raise UserError(f"{source}: dataset: none of the {len(data)} {name} rows has an assistant message, and the "
-                        "loss covers only the assistant's turns (algo.assistant_only_loss)")
-    if len(kept) < len(data):
-        log(f"note: {len(data) - len(kept)} of {len(data)} {name} rows were dropped (no assistant message: nothing "
-            "to train on with the loss on the assistant's turns only)")
-    return kept
+        raise UserError(f"{where}: none of the {len(data)} {name} rows has an assistant message, and the loss covers "
+                        "only the assistant's turns (algo.assistant_only_loss; false trains on whole conversations)")
+    if len(keep) == len(data):
+        return data
+    log(f"note: {len(data) - len(keep)} of {len(data)} {name} rows were dropped (no assistant message: nothing to "
+        "train on with the loss on the assistant's turns only)")
+    return data.select(keep)
 
 
 def build(run):
