@@ -15,10 +15,16 @@ Real checkpoints differ in ways that break training silently (the bugs peers' us
   masks), so a real EOS stays in the loss; the tests check the labels of every family.
 - **chat template**: ``model.chat_template`` sets one for a tokenizer that has none (a file, or a name in
   ``TEMPLATES``), or replaces the shipped one.
+- **training template**: assistant-only SFT loss needs ``{% generation %}`` markers around what the assistant writes
+  (transformers' ``return_assistant_tokens_mask``); real templates have none, and TRL swaps in a marked copy only for
+  templates byte-identical to those it ships (none of ``TEMPLATES`` nor the tiny model's). ``training_chat_template``
+  finds the marked copy (``aligntool/chat_templates/*_training.jinja``, then TRL's); it is used while the trainer
+  tokenizes the data only (``chat_template_swapped``), so the saved model keeps its own template.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from aligntool.errors import UserError
@@ -58,6 +64,7 @@ TEMPLATES = {
         "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
     ),
 }
+TRAINING_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
 _MARK = "Zq7Xv"  # assistant text no template writes, to find what follows an assistant turn
 
 
@@ -77,6 +84,57 @@ def set_chat_template(tokenizer, spec: str, key: str = "model.chat_template", ba
     if "messages" not in text:
         raise UserError(f"{key}: {path}: does not look like a Jinja chat template (it never reads `messages`)")
     tokenizer.chat_template = text
+
+
+def _template_text(tokenizer) -> str | None:
+    """The tokenizer's chat template (the ``default`` one of a set of named templates)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def has_generation_markers(template: str | None) -> bool:
+    """Whether a chat template marks assistant output with ``{% generation %}`` (TRL's test)."""
+    from trl.chat_template_utils import has_generation_markers as trl_has
+
+    return bool(template) and trl_has(template)
+
+
+def training_chat_template(tokenizer) -> str | None:
+    """A copy of the tokenizer's chat template that renders byte-identically and marks each assistant reply and its
+    end-of-turn token with ``{% generation %}``: the template itself when it has the markers, aligntool's copy of
+    each template in ``TEMPLATES`` and of the tiny model's, else TRL's copy of a checkpoint's template it knows (Qwen,
+    Llama 3, Gemma, Phi-3, ...). None when there is none (no template, or one nobody has marked)."""
+    template = _template_text(tokenizer)
+    if not template:
+        return None
+    if has_generation_markers(template):
+        return template
+    from aligntool.toy.tiny import CHAT_TEMPLATE as tiny_template
+
+    ours = {text: name for name, text in TEMPLATES.items()} | {tiny_template: "tiny"}
+    if template in ours:
+        return (TRAINING_TEMPLATES_DIR / f"{ours[template]}_training.jinja").read_text(encoding="utf-8")
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        return get_training_chat_template(tokenizer)
+    except Exception:  # noqa: BLE001 - TRL raises ValueError for a template it does not know, others while probing it
+        return None
+
+
+@contextlib.contextmanager
+def chat_template_swapped(tokenizer, template: str | None):
+    """``template`` as the tokenizer's chat template inside the block (a trainer tokenizing its data), the tokenizer's
+    own one again after it, whatever happens: what is saved with the model is never the training copy."""
+    if template is None or template == tokenizer.chat_template:
+        yield
+        return
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        yield
+    finally:
+        tokenizer.chat_template = saved
 
 
 def end_of_turn_id(tokenizer) -> int | None:

@@ -300,16 +300,25 @@ class Run:
                        last_log=next((h for h in reversed(trainer.state.log_history) if "loss" in h), {}))
 
     def _check_rows_left(self, trainer) -> None:
-        """TRL drops rows that truncation leaves without a completion: say how many, and stop if none is left."""
+        """TRL drops rows that truncation leaves without a token in the loss (a completion's, or with SFT's
+        assistant-only loss an assistant turn's): say how many, and stop if none is left."""
+        args = trainer.args
+        packing = getattr(args, "packing", False)
+        # packed rows are fewer than the rows given, none dropped (TRL packs the eval set as the training set unless
+        # eval_packing says otherwise)
+        packed = {"training": packing, "eval": packing if getattr(args, "eval_packing", None) is None
+                  else args.eval_packing}
         max_length = getattr(trainer.args, "max_length", None)
-        why = f"no completion token left within train.max_length={max_length}" if max_length else "TRL's filtering"
+        what = "assistant" if getattr(trainer.args, "assistant_only_loss", False) else "completion"
+        why = f"no {what} token left within train.max_length={max_length}" if max_length else "TRL's filtering"
         for name, given, kept in (("training", self.train_dataset, trainer.train_dataset),
                                   ("eval", self.eval_dataset, trainer.eval_dataset)):
-            if given is None or kept is None or len(kept) == len(given):
+            if given is None or kept is None or len(kept) == len(given) or packed[name]:
                 continue
             if len(kept) == 0:
                 raise UserError(f"{self.loaded.source}: train.max_length: all {len(given)} {name} rows were dropped "
-                                f"({why}); raise train.max_length or shorten the prompts")
+                                f"({why}); raise train.max_length or shorten the "
+                                f"{'conversations' if what == 'assistant' else 'prompts'}")
             log(f"note: {len(given) - len(kept)} of {len(given)} {name} rows were dropped ({why})")
 
     def reference(self):
