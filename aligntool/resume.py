@@ -8,8 +8,9 @@ the new resolved recipe (and the number of processes) is compared with what the 
 ``recipe.yaml`` and ``run.json``, written at the start and left alone until this comparison passed -- and:
 
 * a change of a key that shapes the run is refused, in one line naming each changed key with both values, unless
-  ``--accept-changes`` says it is deliberate (the run then continues from its checkpoint with the new recipe, and
-  the keys whose new value the restored optimizer / scheduler state overrides are named);
+  ``--accept-changes`` says it is deliberate (the run then continues from its checkpoint with the new recipe: a new
+  learning rate becomes the schedule's peak, ``apply_learning_rate``; the keys whose new value the restored
+  optimizer state overrides are named);
 * a change of a harmless key (logging, checkpoint and evaluation frequency, loggers, names) is noted and used;
 * a finished run (``summary.json``) is not trained again: it says so and exits 0, unless accepted changes (e.g. a
   larger ``train.max_steps``) ask it to train on.
@@ -35,9 +36,9 @@ HARMLESS = {"description", "output_dir", "train.logging_steps", "train.logging_f
             "train.run_name", "train.disable_tqdm", "train.dataloader_num_workers", "train.gradient_checkpointing",
             "dataset.eval_path", "dataset.eval_split", "generation.gpu_memory_utilization",
             "generation.enforce_eager", "generation.server_base_url"}
-# keys whose new value an accepted resume does not fully apply: the checkpoint's optimizer and scheduler state win
-SCHEDULE = ("train.learning_rate", "train.lr_scheduler_type", "train.warmup_ratio", "train.warmup_steps",
-            "train.weight_decay", "train.optim", "optimizer")
+# keys whose new value an accepted resume does not apply: the optimizer state restored from the checkpoint wins
+# (a new learning rate, scheduler, warm-up or max_steps does apply: ``apply_learning_rate`` and the new schedule)
+OPTIMIZER_STATE = ("train.weight_decay", "train.optim", "optimizer")
 ACCEPT_FLAG = "--accept-changes"
 
 
@@ -122,12 +123,33 @@ def check_resume(out: Path, resolved: dict, world_size: int, accept_changes: boo
         log(f"note: --resume with changed settings that do not change the training: {_show(harmless)}")
     if serious:
         log(f"note: {ACCEPT_FLAG}: continuing the checkpoint under changed settings: {_show(serious)}")
-        kept = [key for key, _, _ in serious if key.startswith(SCHEDULE)]
+        kept = [key for key, _, _ in serious if key.startswith(OPTIMIZER_STATE)]
         if kept:
-            log(f"note: {', '.join(kept)}: the optimizer and learning-rate scheduler state are restored from the "
-                "checkpoint, so the run goes on with the checkpoint's learning rates (start over to apply a new "
-                "schedule)")
+            log(f"note: {', '.join(kept)}: the optimizer and its state are restored from the checkpoint, so the "
+                "run goes on with the checkpoint's (start over to apply the new value)")
     return False
+
+
+def apply_learning_rate(optimizer, scheduler, learning_rate: float, log) -> None:
+    """After a checkpoint's optimizer and scheduler state were loaded: make an accepted new ``learning_rate`` the
+    peak of the schedule. The restored state holds the old peak (``base_lrs``, each group's ``initial_lr`` and
+    ``lr``); the schedule's shape (scheduler type, warm-up, max_steps) is the new recipe's already, since
+    transformers' schedules are functions that a checkpoint does not store. Groups keep their ratios to the first
+    one (e.g. aligntool's optimizers give some groups their own rate). Nothing changes when the peak is unchanged."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper, if any
+    base = getattr(scheduler, "base_lrs", None)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not base or not lambdas or not learning_rate or base[0] == learning_rate:
+        return
+    ratio = learning_rate / base[0]
+    scheduler.base_lrs = [b * ratio for b in base]
+    for group, peak, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+        if "initial_lr" in group:
+            group["initial_lr"] = peak
+        group["lr"] = peak * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    log(f"note: learning rate: the schedule's peak is now {learning_rate:g} (the checkpoint's: {base[0]:g}); "
+        f"next step at {scheduler._last_lr[0]:g}")
 
 
 def _finished_step(out: Path) -> int | None:

@@ -98,6 +98,21 @@ def _callbacks(metrics_file: Path, stage: str | None):
     return [MetricsJsonl(), StopOnNonFinite(), MarkComplete(), preemption.callback()], divergence
 
 
+def _new_learning_rate_callback():
+    """On a resume: the recipe's learning rate as the schedule's peak (``--accept-changes`` may have changed it; the
+    Trainer restored the checkpoint's optimizer and scheduler just before ``on_train_begin``)."""
+    from transformers import TrainerCallback
+
+    from aligntool.resume import apply_learning_rate
+
+    class NewLearningRate(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            if optimizer is not None and lr_scheduler is not None:
+                apply_learning_rate(optimizer, lr_scheduler, args.learning_rate, log)
+
+    return NewLearningRate()
+
+
 class Divergence:
     """Set by the non-finite checks on the main process during training; ``stop()`` shares it with every rank."""
 
@@ -255,6 +270,8 @@ class Run:
         root = self.loaded.recipe.output_dir
         stage = str(out.relative_to(Path(root).expanduser())) if out != Path(root).expanduser() else None
         callbacks, divergence = _callbacks(Path(root).expanduser() / "metrics.jsonl", stage)
+        if checkpoint:
+            callbacks.append(_new_learning_rate_callback())
         for cb in callbacks:
             trainer.add_callback(cb)
         self._check_rows_left(trainer)
