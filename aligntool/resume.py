@@ -30,7 +30,7 @@ RUN_FILE = "run.json"  # what recipe.yaml cannot hold: the number of processes t
 WORLD_KEY = "processes (world size)"
 
 # keys that change what is logged, saved or evaluated, or how fast, but not the training itself
-HARMLESS = {"description", "output_dir", "train.logging_steps", "train.logging_first_step", "train.logging_strategy",
+HARMLESS = {"description", "train.logging_steps", "train.logging_first_step", "train.logging_strategy",
             "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.eval_steps",
             "train.eval_strategy", "train.eval_on_start", "train.per_device_eval_batch_size", "train.report_to",
             "train.run_name", "train.disable_tqdm", "train.dataloader_num_workers", "train.gradient_checkpointing",
@@ -58,6 +58,8 @@ def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
     A new ``auto`` value (Step Law) is resolved from the data, model and world size, which are compared
     themselves: it is not a change."""
     a, b = _flat(old), _flat(new)
+    for flat in (a, b):  # the folder itself: a run moved (or copied) elsewhere is the same run
+        flat.pop("output_dir", None)
     changed = []
     for key in sorted(a.keys() | b.keys()):
         before, after = a.get(key), b.get(key)
