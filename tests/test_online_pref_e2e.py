@@ -85,6 +85,10 @@ def test_inpo_iterations_first_loss_resume_and_saved_stages(tmp_path, tiny_path)
     # a rerun continues after the finished iterations and keeps their data (as if cut after the last one)
     before = (tmp_path / "iter-1" / "samples.jsonl").stat().st_mtime_ns
     (tmp_path / "summary.json").unlink()
+    from aligntool.errors import UserError
+
+    with pytest.raises(UserError, match=r"algo.eta 0.1 -> 0.2.*--accept-changes"):  # a pipeline's recipe is checked
+        train(load_recipe(REPO / "recipes" / "inpo.yaml", [*args, "algo.eta=0.2"]), resume=True)
     again = train(load_recipe(REPO / "recipes" / "inpo.yaml", [*args, "algo.iterations=2"]), resume=True)
     assert again["per_iteration"] == [] and (tmp_path / "iter-1" / "samples.jsonl").stat().st_mtime_ns == before
 
