@@ -43,7 +43,12 @@ def train(
     recipe: str = typer.Option(..., "--recipe", "-r",
                                help="Recipe YAML file, or a built-in recipe name (dpo, sft, ...)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. train.max_steps=50."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in output_dir "
+                                "(the recipe must match the run's own recipe.yaml and process count; a finished run "
+                                "is left as it is)."),
+    accept_changes: bool = typer.Option(False, "--accept-changes", help="With --resume: continue the checkpoint even "
+                                        "though data, model, method, schedule or process count changed (each change "
+                                        "is listed); without it such a resume is refused."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the previous run in output_dir (its summary, "
                                    "metrics, checkpoints and iterations); without it such a folder is refused."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this node (torchrun): GPUs, or CPU ranks."),
@@ -60,7 +65,9 @@ def train(
     from aligntool.launch.entry import Launch, start
 
     launch = Launch(nproc, nnodes, node_rank, master_addr, master_port, slurm)
-    code = start(recipe, list(overrides or []), resume, overwrite, launch, _DEBUG["on"])
+    if accept_changes and not (resume or slurm):
+        raise UserError("--accept-changes: only with --resume (it accepts a changed recipe for the resumed run)")
+    code = start(recipe, list(overrides or []), resume, overwrite, launch, _DEBUG["on"], accept_changes=accept_changes)
     if code:
         raise typer.Exit(code)
 
@@ -69,22 +76,28 @@ def train(
 def merge_lora(
     adapter: str = typer.Argument(..., help="A LoRA adapter folder (a run with a peft section)."),
     out: str = typer.Option(..., "--out", help="Where to write the merged model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out already holds (refused without "
+                                   "it)."),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Merge a LoRA adapter into its base model and save a plain transformers model folder (safetensors)."""
     _DEBUG["on"] = _DEBUG["on"] or debug
     from aligntool import models
+    from aligntool.outputs import atomic_path, check_output
 
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"merge-lora: {adapter}: no adapter_config.json (expected a LoRA adapter folder)")
+    target = Path(out).expanduser()
+    check_output(target, overwrite)
     from aligntool.rewards import is_reward_model
 
     head = "reward" if is_reward_model(str(path)) else "causal_lm"
     model = models.merged_adapter(str(path), key="merge-lora", head=head)
-    target = Path(out).expanduser()
-    model.save_pretrained(target, safe_serialization=True)
-    models.load_tokenizer(str(path), key="merge-lora").save_pretrained(target)
+    tokenizer = models.load_tokenizer(str(path), key="merge-lora")
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     print(target)
 
 
@@ -130,6 +143,8 @@ def compress(
                                                     help="Recipe overrides KEY=VALUE, e.g. compress.sparsity=0.6."),
     resume: bool = typer.Option(False, "--resume",
                                 help="Continue an interrupted EvoPress search from its saved state."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier output in output_dir (refused "
+                                   "without it)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
     """Compress a model after training (EvoPress per-layer search, uniform baseline, JLCM codebooks); writes a model
@@ -139,7 +154,7 @@ def compress(
     from aligntool.compress.run import compress as run_compress
 
     loaded = load_compress_recipe(recipe, list(overrides or []))
-    report = run_compress(loaded, resume=resume)
+    report = run_compress(loaded, resume=resume, overwrite=overwrite)
     b, h = report["bytes"], report["heldout"]
     print(f"budget: {report['budget']}", file=sys.stderr)
     print(f"held-out perplexity {h['ppl_dense']:.3f} -> {h['ppl']:.3f}, KL(dense||compressed) {h['kl']:.4f}; "
@@ -153,19 +168,23 @@ def unpack(
     packed_dir: Path = typer.Argument(..., metavar="PACKED",
                                       help="A packed folder (OUTPUT_DIR/packed of a compress run)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the rebuilt model to."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out already holds (refused without "
+                                   "it)."),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Rebuild a model folder from the packed compressed form (checksum checked)."""
     _DEBUG["on"] = _DEBUG["on"] or debug
     from aligntool.compress.packed import load_packed
     from aligntool.models import load_tokenizer
+    from aligntool.outputs import atomic_path, check_output
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} is a file; give a folder to write the model to")
-
+    out = out.expanduser()
+    check_output(out, overwrite)
     model = load_packed(packed_dir)
-    model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(str(packed_dir), key="PACKED").save_pretrained(out)
+    tokenizer = load_tokenizer(str(packed_dir), key="PACKED")
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     print(out)
 
 
@@ -202,6 +221,9 @@ def evaluate(
 
     if task not in toy_eval.TASKS:
         raise UserError(f"--task: expected one of {', '.join(toy_eval.TASKS)}, got {task!r}")
+    _not_packed(model, "--model")
+    if reference is not None:
+        _not_packed(reference, "--reference")
     if task == "arithmetic":
         if revise:
             raise UserError("--revise: applies to --task reviews only")
@@ -228,20 +250,39 @@ def evaluate(
     Console().print(table)
 
 
+def _not_packed(path: str, option: str) -> None:
+    """A packed compressed folder is not a model folder: name the command that rebuilds one."""
+    from aligntool.compress.packed import is_packed
+
+    if is_packed(Path(path).expanduser()):
+        parent = Path(path).expanduser().parent
+        also = (f" (or evaluate the compress output {parent} itself, which holds the same weights unpacked)"
+                if (parent / "compression_report.json").is_file() else "")
+        raise UserError(f"{option}: {path} is a packed compressed model, not a model folder; rebuild one with "
+                        f"`aligntool unpack {path} --out DIR` and evaluate DIR{also}")
+
+
 @app.command()
 def soup(
     models_: List[str] = typer.Argument(..., metavar="MODEL...", help="Two or more model folders (or hub ids)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the averaged model to."),
     weights: Optional[List[float]] = typer.Option(None, "--weight", "-w", help="One per model (default equal)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out already holds (refused without "
+                                   "it)."),
     debug: bool = typer.Option(False, "--debug"),
 ):
-    """Average models in weight space (a SALSA soup) and write a model folder transformers loads."""
+    """Average models in weight space (a SALSA soup) and write a model folder transformers loads. LoRA adapter
+    folders of one base are merged into it first and the merged models averaged (the exact average of the models;
+    averaging the A and B matrices would not be)."""
     from aligntool import models
+    from aligntool.outputs import check_output
 
     if len(models_) < 2:
         raise UserError("soup: give at least two models")
     if weights and (len(weights) != len(models_) or abs(sum(weights) - 1) > 1e-6):
         raise UserError(f"--weight: need one weight per model ({len(models_)}) summing to 1, got {weights}")
+    out = out.expanduser()
+    check_output(out, overwrite)
     print(models.make_soup(list(models_), weights or None, out, key="soup", log=lambda m: print(m, file=sys.stderr)))
 
 

@@ -255,9 +255,17 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
         raise UserError(f"{key}: could not load {path!r}: {first_line(exc)}") from None
 
 
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
 def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str = "ref_model.soup", log=print) -> Path:
     """Write the weight-space average of ``paths`` (identical architectures and shapes) to ``out`` as a model folder
-    that transformers loads; the tokenizer and config are the first model's. Returns ``out``."""
+    that transformers loads; the tokenizer and config are the first model's. Returns ``out``.
+
+    A LoRA adapter folder counts as its base with the adapter merged: the soup of adapters of one base is
+    base + sum_i w_i B_i A_i, the average of the models they make. (Averaging the A and B matrices themselves would
+    give (sum w_i B_i)(sum w_i A_i), which is not that, so adapters are never averaged as adapters.)"""
     import json
     import shutil
 
@@ -267,14 +275,20 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
 
     weights = weights or [1 / len(paths)] * len(paths)
     folders = [Path(resolve(p, key=key, log=log)) for p in paths]
-    configs = [json.loads((f / "config.json").read_text()) for f in folders]
+    adapters = [f for f in folders if _is_adapter(f)]
+    configs = [_soup_config(f, key) for f in folders]
     for f, c in zip(folders[1:], configs[1:]):
         if c.get("architectures") != configs[0].get("architectures"):
             raise UserError(f"{key}: {f} is a {c.get('architectures')}, "
                             f"{folders[0]} a {configs[0].get('architectures')}; "
                             "a soup needs one architecture")
-    states = []
+    states, merged = [], None
     for f in folders:
+        if _is_adapter(f):  # its base with the adapter merged, as load_model gives it
+            model = merged_adapter(str(f), key=key)
+            merged = model if merged is None else merged
+            states.append({k: v.detach() for k, v in model.state_dict().items()})
+            continue
         check_weights(str(f), key)
         files = sorted(f.glob("*.safetensors"))
         if not files:
@@ -283,18 +297,43 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
         for file in files:
             state.update(load_file(str(file)))
         states.append(state)
+    if adapters:  # a merged model's state dict names tied tensors twice; a saved folder may name them once
+        names = set.intersection(*(set(s) for s in states))
+        states = [{k: v for k, v in s.items() if k in names} for s in states]
     try:
         averaged = soup(states, weights)
     except ValueError as exc:
         raise UserError(f"{key}: {exc}") from None
     from aligntool.outputs import atomic_path
 
+    record = json.dumps({"models": [str(f) for f in folders], "weights": weights}, indent=2)
     with atomic_path(out) as tmp:
-        shutil.copytree(folders[0], tmp, ignore=shutil.ignore_patterns(
-            "*.safetensors", "*.safetensors.index.json", "checkpoints", "tensorboard", "*.jsonl", "*.bin"))
-        save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "soup.json").write_text(json.dumps({"models": [str(f) for f in folders], "weights": weights}, indent=2))
+        if adapters:  # written as transformers writes the merged model (config of the base, tied weights once)
+            first = merged if _is_adapter(folders[0]) else load_model(str(folders[0]), key=key)
+            first.load_state_dict(averaged, strict=False)
+            first.save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(str(folders[0]), key=key).save_pretrained(tmp)
+        else:
+            shutil.copytree(folders[0], tmp, ignore=shutil.ignore_patterns(
+                "*.safetensors", "*.safetensors.index.json", "checkpoints", "tensorboard", "*.jsonl", "*.bin"))
+            save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "soup.json").write_text(record)
     return out
+
+
+def _soup_config(folder: Path, key: str) -> dict:
+    """config.json of a model folder, or of the base a LoRA adapter folder names (its architecture)."""
+    import json
+
+    if _is_adapter(folder):
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{key}: {folder}/adapter_config.json names no base_model_name_or_path")
+        folder = Path(resolve(base, key=key, log=lambda m: None))
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{key}: {folder}: no config.json")
+    return json.loads((folder / "config.json").read_text())
 
 
 def merged_adapter(path: str, dtype: str = "auto", trust_remote_code: bool = False, key: str = "ADAPTER",

@@ -1,6 +1,7 @@
 """Everything a run writes into its ``output_dir``, and the rules that keep it safe to stop, rerun and resume.
 
-    recipe.yaml      the fully resolved recipe
+    recipe.yaml      the fully resolved recipe (``--resume`` compares the new one with it: aligntool/resume.py)
+    run.json         the number of processes the run uses (compared on ``--resume`` too)
     metrics.jsonl    one JSON object per logging (and eval) step
     summary.json     final metrics, wall time, peak memory
     checkpoints/     checkpoint-<step>/ folders; a COMPLETE file marks one that finished writing
@@ -213,12 +214,48 @@ def previous_run(out: Path) -> str | None:
 
 
 def check_previous_run(out: Path, resume: bool, overwrite: bool) -> str | None:
-    """What a new run in ``out`` would replace (None if nothing); an error unless ``resume`` or ``overwrite``."""
+    """What a new run in ``out`` would replace (None if nothing); an error unless ``resume`` or ``overwrite``. A
+    training run's folder may hold other files (the ``aligntool slurm`` script, a soup): only a previous run counts."""
     previous = previous_run(out) if out.is_dir() else None
-    if previous and not resume and not overwrite:
-        raise UserError(f"output_dir: {out} already holds {previous}; pass --resume to continue it, --overwrite to "
-                        "replace it, or choose another output_dir")
+    check_output(out, resume or overwrite, key="output_dir", holds=previous or "",
+                 how="--resume to continue it, --overwrite to replace it")
     return previous
+
+
+def existing_output(out: Path) -> str | None:
+    """What ``out`` already holds that writing a new result there would replace (None: absent or empty)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "a file"
+    previous = previous_run(out)
+    if previous:
+        return previous
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE]
+    if not entries:
+        return None
+    if (out / "compression_report.json").is_file():
+        return "a compress output (compression_report.json)"
+    if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
+        return "a model"
+    return f"{len(entries)} file{'s' if len(entries) > 1 else ''} ({', '.join(sorted(p.name for p in entries)[:3])}" \
+        f"{', ...' if len(entries) > 3 else ''})"
+
+
+def check_output(out: Path, overwrite: bool, key: str = "--out", holds: str | None = None,
+                 how: str = "--overwrite to replace it") -> str | None:
+    """The one rule of every command that writes a folder (train, soup, merge-lora, unpack, compress): an output
+    that already holds something is replaced only when asked (``overwrite``); a file is never replaced by a folder.
+    ``holds``: what the caller found there ("" for nothing; default: ``existing_output``). Returns what will be
+    replaced, or None. The write itself stays atomic (``atomic_path``): the old folder goes only once the new one
+    is complete."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{key}: {out} is a file; give a folder to write to")
+    holds = existing_output(out) if holds is None else holds
+    if holds and not overwrite:
+        raise UserError(f"{key}: {out} already holds {holds}; pass {how}, or choose another folder")
+    return holds
 
 
 def clear_previous_run(out: Path) -> None:

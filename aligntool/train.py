@@ -98,6 +98,21 @@ def _callbacks(metrics_file: Path, stage: str | None):
     return [MetricsJsonl(), StopOnNonFinite(), MarkComplete(), preemption.callback()], divergence
 
 
+def _new_learning_rate_callback():
+    """On a resume: the recipe's learning rate as the schedule's peak (``--accept-changes`` may have changed it; the
+    Trainer restored the checkpoint's optimizer and scheduler just before ``on_train_begin``)."""
+    from transformers import TrainerCallback
+
+    from aligntool.resume import apply_learning_rate
+
+    class NewLearningRate(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            if optimizer is not None and lr_scheduler is not None:
+                apply_learning_rate(optimizer, lr_scheduler, args.learning_rate, log)
+
+    return NewLearningRate()
+
+
 class Divergence:
     """Set by the non-finite checks on the main process during training; ``stop()`` shares it with every rank."""
 
@@ -255,6 +270,8 @@ class Run:
         root = self.loaded.recipe.output_dir
         stage = str(out.relative_to(Path(root).expanduser())) if out != Path(root).expanduser() else None
         callbacks, divergence = _callbacks(Path(root).expanduser() / "metrics.jsonl", stage)
+        if checkpoint:
+            callbacks.append(_new_learning_rate_callback())
         for cb in callbacks:
             trainer.add_callback(cb)
         self._check_rows_left(trainer)
@@ -337,28 +354,43 @@ class Run:
         return models.load_model(path, **{**models.options(m), "dtype": ref.dtype}, key="ref_model.name_or_path")
 
 
-def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> dict:
+def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> dict:
     """Run the recipe to the end; returns the summary written to summary.json. A folder holding a previous run is
     refused unless ``resume`` (continue it) or ``overwrite`` (replace it); a folder another run is writing to is
-    refused always."""
+    refused always. ``resume`` compares the recipe with the one the run started with (aligntool/resume.py): changes
+    that shape the training are refused unless ``accept_changes``, and a finished run is not trained again (its
+    summary is returned)."""
     import contextlib
 
     from aligntool.outputs import RunLock, check_previous_run, clear_previous_run
+    from aligntool.resume import check_flags
 
+    check_flags(resume, overwrite)
     out = Path(loaded.recipe.output_dir).expanduser()
     if is_main_process():
         prepare_output_dir(out)
     with RunLock(out) if is_main_process() else contextlib.nullcontext():
         if is_main_process():
             previous = check_previous_run(out, resume, overwrite)
-            if previous and overwrite and not resume:
+            if previous and overwrite:
                 log(f"note: --overwrite: replacing {previous} in {out}")
                 clear_previous_run(out)
+        if resume and _finished(loaded, out, accept_changes):  # every rank decides alike, from the same files
+            return json.loads((out / "summary.json").read_text())
         return _train(loaded, out, resume)
+
+
+def _finished(loaded: LoadedRecipe, out: Path, accept_changes: bool) -> bool:
+    """``--resume``: the recipe checked against the run's own (a UserError for unaccepted changes); True when the run
+    is finished and nothing is to be trained."""
+    from aligntool.resume import check_resume
+
+    return check_resume(out, loaded.resolved(), int(os.environ.get("WORLD_SIZE", "1")), accept_changes, log)
 
 
 def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     from aligntool.launch import preemption
+    from aligntool.resume import write_run_file
 
     spec = loaded.spec
     module = spec.load()
@@ -366,8 +398,9 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
         raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
 
     run = prepare(loaded, out, resume)
-    if is_main_process():  # written once the inputs are known to be good
+    if is_main_process():  # written once the inputs are known to be good (and, on --resume, the recipe checked)
         write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
+        write_run_file(out, int(os.environ.get("WORLD_SIZE", "1")))
         if not resume:
             (out / "metrics.jsonl").write_text("")
     # SIGUSR1/SIGTERM from here on mean "checkpoint at the step end and stop"; before, they stop the process at once

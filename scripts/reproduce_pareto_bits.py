@@ -153,7 +153,7 @@ def compress_point(model: Path, method: str, bits: int, out: Path, group: int, a
         f"compress.group_size={group}", f"compress.jlcm_steps={a.jlcm_steps}",
         f"compress.jlcm_tokens={a.calib * a.seq_len}", *([f"compress.layers={a.layers}"] if a.layers else [])])
     with contextlib.redirect_stderr(io.StringIO()):
-        report = compress(recipe, progress=False)
+        report = compress(recipe, progress=False, overwrite=True)  # a point redone with new settings
     return report
 
 

@@ -337,7 +337,7 @@ def test_resume_falls_back_past_a_corrupted_latest_checkpoint(capsys, tmp_path, 
         fh.truncate(100)
     summary = train(load_recipe("dpo", ["train.max_steps=6", "train.save_steps=2",
                                         "train.per_device_train_batch_size=4", "dataset.toy.size=32",
-                                        f"output_dir={out}"]), resume=True)
+                                        f"output_dir={out}"]), resume=True, accept_changes=True)
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 6
     assert "skipping" in capsys.readouterr().err
 
@@ -357,7 +357,7 @@ def test_a_crafted_pickle_in_an_online_checkpoint_is_refused(capsys, tmp_path, t
     mark = tmp_path / "pwned"
     monkeypatch.setenv("EXPLOIT_MARK", str(mark))
     torch.save({"optimizer": Exploit()}, tmp_path / "o" / "checkpoints" / "checkpoint-1" / "optimizer.pt")
-    expect_error(capsys, [*args, "train.max_steps=2", "--resume"], "optimizer.pt", "refused")
+    expect_error(capsys, [*args, "train.max_steps=2", "--resume", "--accept-changes"], "optimizer.pt", "refused")
     assert not mark.exists()
 
 

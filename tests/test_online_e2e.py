@@ -41,7 +41,8 @@ def test_online_resume_continues_from_the_checkpoint(name, extra, tmp_path, tiny
         policy = load_file(str(tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors"))
         key = "model.layers.0.mlp.down_proj.weight"
         assert f"critic_lm.{key}" in critic and not critic[f"critic_lm.{key}"].equal(policy[key])
-    summary = train(load_recipe(REPO / "recipes" / f"{name}.yaml", [*args, "train.max_steps=4"]), resume=True)
+    summary = train(load_recipe(REPO / "recipes" / f"{name}.yaml", [*args, "train.max_steps=4"]), resume=True,
+                    accept_changes=True)
     assert summary["global_step"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

@@ -82,8 +82,13 @@ def test_inpo_iterations_first_loss_resume_and_saved_stages(tmp_path, tiny_path)
         assert (stage / "iteration.done").is_file() and (stage / "model.safetensors").is_file()
         pairs = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
         assert pairs and all(p["p_chosen_over_rejected"] > 0.5 for p in pairs)
-    # a rerun continues after the finished iterations and keeps their data
+    # a rerun continues after the finished iterations and keeps their data (as if cut after the last one)
     before = (tmp_path / "iter-1" / "samples.jsonl").stat().st_mtime_ns
+    (tmp_path / "summary.json").unlink()
+    from aligntool.errors import UserError
+
+    with pytest.raises(UserError, match=r"algo.eta 0.1 -> 0.2.*--accept-changes"):  # a pipeline's recipe is checked
+        train(load_recipe(REPO / "recipes" / "inpo.yaml", [*args, "algo.eta=0.2"]), resume=True)
     again = train(load_recipe(REPO / "recipes" / "inpo.yaml", [*args, "algo.iterations=2"]), resume=True)
     assert again["per_iteration"] == [] and (tmp_path / "iter-1" / "samples.jsonl").stat().st_mtime_ns == before
 

@@ -297,7 +297,7 @@ def test_sft_trains_with_our_optimizer_and_resumes(tmp_path, tiny_path, optim, e
     assert any(not moved[k].equal(base[k]) for k in base)
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in logs if "loss" in r)
-    summary = train(load_recipe("sft", [*args, "train.max_steps=5"]), resume=True)
+    summary = train(load_recipe("sft", [*args, "train.max_steps=5"]), resume=True, accept_changes=True)
     # the Trainer loaded our optimizer's state from the last checkpoint and went on
     assert summary["resumed_from"].endswith("checkpoint-3") and summary["global_step"] == 5
 
@@ -312,8 +312,8 @@ def test_online_ppo_trains_with_cosmos_and_resumes(tmp_path, tiny_path):
     state = torch.load(tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)["optimizer"]
     kinds = [("basis" in s, tuple(s["exp_avg"].shape)) for s in state["state"].values()]
     assert (True, (128, 128)) in kinds and (False, (1, 128)) in kinds
-    assert train(load_recipe(REPO / "recipes" / "ppo.yaml", [*args, "train.max_steps=3"]), resume=True)[
-        "global_step"] == 3
+    assert train(load_recipe(REPO / "recipes" / "ppo.yaml", [*args, "train.max_steps=3"]), resume=True,
+                 accept_changes=True)["global_step"] == 3
 
 
 def expect_error(capsys, args, *needles):

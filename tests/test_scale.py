@@ -263,7 +263,8 @@ def test_lora_online_rl_uses_the_adapter_disabled_policy_as_reference_and_resume
             "train.logging_steps=1", "algo.max_new_tokens=8", "dataset.toy.size=16", "train.learning_rate=1e-2"]
     train(load_recipe(REPO / "recipes" / "ppo.yaml", [*args, "train.max_steps=2"]))
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    summary = train(load_recipe(REPO / "recipes" / "ppo.yaml", [*args, "train.max_steps=4"]), resume=True)
+    summary = train(load_recipe(REPO / "recipes" / "ppo.yaml", [*args, "train.max_steps=4"]), resume=True,
+                    accept_changes=True)
     assert summary["global_step"] == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

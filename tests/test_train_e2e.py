@@ -86,7 +86,9 @@ def test_dpo_moves_the_policy_and_resume_continues(tmp_path, tiny_path):
     assert summary["resumed_from"] is None
     # a checkpoint without the COMPLETE marker (a run killed mid-save) is never resumed from
     (tmp_path / "checkpoints" / "checkpoint-5").mkdir()
-    summary = train(load_recipe("dpo", [*FAST, f"output_dir={tmp_path}", "train.max_steps=6"]), resume=True)
+    # (a longer run than the recipe it started with: a change --resume accepts only when told)
+    summary = train(load_recipe("dpo", [*FAST, f"output_dir={tmp_path}", "train.max_steps=6"]), resume=True,
+                    accept_changes=True)
     assert summary["resumed_from"].endswith("checkpoint-4") and summary["global_step"] == 6
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r][-2:] == [5, 6]

@@ -146,6 +146,28 @@ def write_packed(model, tokenizer, encoded: dict[str, tuple[str, dict, dict]], o
     return (out / "packed.safetensors").stat().st_size + (out / "manifest.json").stat().st_size
 
 
+def tensor_bytes(model) -> int:
+    """Bytes of the model's tensors as ``write_packed`` would store them uncompressed (tied tensors once): the dense
+    size the packed size compares with, whatever folder (a full model, a LoRA adapter on its base) it came from."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        ptr = (t.data_ptr(), tuple(t.shape), t.stride())
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def is_packed(path: str | Path) -> bool:
+    """A packed folder (``write_packed``): ``manifest.json`` of this format beside ``packed.safetensors``."""
+    path = Path(path)
+    try:
+        return (path / "packed.safetensors").is_file() and json.loads(
+            (path / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_packed(path: str | Path):
     """Rebuild the model from a packed folder (a ``transformers`` causal LM in eval mode)."""
     from safetensors import SafetensorError

@@ -179,12 +179,14 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
-    """Run a compress recipe end to end; returns the report (also written to compression_report.json)."""
+def compress(recipe, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run a compress recipe end to end; returns the report (also written to compression_report.json). An output_dir
+    that already holds something (an earlier compress output, a training run) is replaced only with ``overwrite``."""
+    from aligntool.outputs import check_output
+
     cfg = recipe.compress
     out = Path(recipe.output_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not (out / "compression_report.json").is_file():
-        raise UserError(f"output_dir: {out} exists and is not a compress output; choose another folder")
+    check_output(out, overwrite, key="output_dir")
     state_path = out.with_name(f".{out.name}.search.json")
     if resume and not state_path.is_file():
         raise UserError(f"--resume: no search state at {state_path}")
@@ -193,6 +195,9 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
     _check_weights(path)
     tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template)
     model = models.load_model(path, **models.options(m, revision=True)).eval()
+    # the dense size of what is compressed: the model as loaded (a LoRA adapter folder: its base with the adapter
+    # merged), not the files of ``path``
+    dense_bytes = packed.tensor_bytes(model)
     # the layers first: a pattern that selects nothing (or a module compress cannot handle) fails before any pass
     selected = None if cfg.mode == "depth" else layers.compressible_layers(model, cfg.layers)
     torch.manual_seed(cfg.seed)
@@ -246,7 +251,6 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
 
     calib_scores = scores(model, calib, dense_calib, bs)
     held_scores = scores(model, heldout, dense_heldout, bs)
-    dense_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -260,8 +264,8 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
             "model": path, "method": cfg.method, "mode": cfg.mode, "budget": achieved,
             **({"saliency": {"kind": "mfac", "gradients": cfg.mfac_gradients, "block": cfg.mfac_block,
                              "damp": cfg.mfac_damp, "obs_update": cfg.mfac_update}} if cfg.saliency == "mfac" else {}),
-            "bytes": {"model_file_dense": dense_bytes, "packed": packed_bytes,
-                      "ratio": round(packed_bytes / dense_bytes, 4) if dense_bytes else None,
+            "bytes": {"model_dense": dense_bytes, "packed": packed_bytes,
+                      "ratio": round(packed_bytes / dense_bytes, 4),
                       "compressed_layers_dense": layer_dense, "compressed_layers_packed": layer_packed,
                       "compressed_layers_ratio": round(layer_packed / layer_dense, 4)},
             "calibration": {"windows": calib.shape[0], "seq_len": calib.shape[1], "kl": calib_scores["kl"]},
@@ -276,5 +280,5 @@ def compress(recipe, resume: bool = False, progress: bool = True) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     state_path.unlink(missing_ok=True)
     log(f"held-out ppl {dense_ppl:.3f} -> {held_scores['ppl']:.3f}, KL {held_scores['kl']:.4f}; "
-        f"{dense_bytes or '?'} -> {packed_bytes} bytes; written to {out}")
+        f"model {dense_bytes} -> {packed_bytes} bytes packed; written to {out}")
     return report

@@ -42,10 +42,13 @@ def check_processes(launch: Launch) -> None:
         raise UserError("--master-addr: needed with --nnodes > 1 (the host of node 0)")
 
 
-def start(recipe: str, overrides: list[str], resume: bool, overwrite: bool, launch: Launch, debug: bool) -> int:
+def start(recipe: str, overrides: list[str], resume: bool, overwrite: bool, launch: Launch, debug: bool,
+          accept_changes: bool = False) -> int:
     """Validate the recipe, then train here or under torchrun; returns the exit code."""
     from aligntool.recipe.loader import load_recipe
+    from aligntool.resume import check_flags
 
+    check_flags(resume, overwrite)
     loaded = load_recipe(recipe, overrides)  # validate before spawning anything
     out = Path(loaded.recipe.output_dir).expanduser()
     in_rank = "LOCAL_RANK" in os.environ
@@ -55,34 +58,48 @@ def start(recipe: str, overrides: list[str], resume: bool, overwrite: bool, laun
 
         if not in_rank:
             launch.nnodes, launch.node_rank, launch.master_addr, launch.master_port = slurm_env()
-        resume = resume or latest_checkpoint(out / "checkpoints") is not None or any(out.glob("iter-*/iteration.done"))
+        started = latest_checkpoint(out / "checkpoints") is not None or any(out.glob("iter-*/iteration.done"))
+        # a requeued job (SLURM_RESTART_COUNT > 0) resumes what it started, even where its first start replaced a
+        # previous run with --overwrite; its recipe is checked like any --resume
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        if started and (requeued or not overwrite):
+            resume, overwrite = True, False
     if not in_rank:
         check_processes(launch)
         if launch.nproc > 1 or launch.nnodes > 1:
-            return relaunch(recipe, overrides, resume, overwrite, launch, debug, loaded, out)
-    return train_here(loaded, out, resume, overwrite, debug)
+            return relaunch(recipe, overrides, resume, overwrite, launch, debug, loaded, out, accept_changes)
+    return train_here(loaded, out, resume, overwrite, debug, accept_changes)
 
 
-def relaunch(recipe, overrides, resume, overwrite, launch: Launch, debug: bool, loaded, out: Path) -> int:
+def relaunch(recipe, overrides, resume, overwrite, launch: Launch, debug: bool, loaded, out: Path,
+             accept_changes: bool = False) -> int:
     from aligntool import models
     from aligntool.launch.torchrun import run_forwarding_signals, torchrun_command
     from aligntool.outputs import check_previous_run
 
     check_previous_run(out, resume, overwrite)  # before any rank starts
+    if resume:  # the recipe against the run's own, and a finished run, before any rank starts
+        from aligntool.resume import check_resume
+
+        said = []  # the notes are the main rank's to print; only "finished" is said here
+        if check_resume(out, loaded.resolved(), launch.nproc * launch.nnodes, accept_changes, log=said.append):
+            print(said[-1], file=sys.stderr)
+            return 0
     models.resolve(loaded.recipe.model.name_or_path, log=lambda m: print(m, file=sys.stderr))  # built once, here
     argv = ["train", "--recipe", recipe, *overrides, *(["--resume"] if resume else []),
-            *(["--overwrite"] if overwrite else []), *(["--debug"] if debug else [])]
+            *(["--overwrite"] if overwrite else []), *(["--accept-changes"] if accept_changes else []),
+            *(["--debug"] if debug else [])]
     master_addr = None if launch.nnodes == 1 else launch.master_addr  # one node: torchrun's standalone rendezvous
     cmd = torchrun_command(argv, launch.nproc, launch.nnodes, launch.node_rank, master_addr, launch.master_port)
     return run_forwarding_signals(cmd, finished=lambda: (out / "summary.json").is_file())
 
 
-def train_here(loaded, out: Path, resume: bool, overwrite: bool, debug: bool) -> int:
+def train_here(loaded, out: Path, resume: bool, overwrite: bool, debug: bool, accept_changes: bool = False) -> int:
     from aligntool.outputs import disk_full_error
     from aligntool.train import train
 
     try:
-        train(loaded, resume=resume, overwrite=overwrite)
+        train(loaded, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:

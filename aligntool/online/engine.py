@@ -607,6 +607,9 @@ class Engine:
         resumed_from = None
         if self.run.resume and (ckpt := latest_checkpoint(self._checkpoint_dir())):
             self.load_checkpoint(ckpt)
+            from aligntool.resume import apply_learning_rate
+
+            apply_learning_rate(self.optimizer, self.scheduler, self.args.learning_rate, log)  # --accept-changes
             log(f"Resuming from {ckpt} (iteration {self.state['iteration']})")
             resumed_from = ckpt
         start_iteration = self.state["iteration"]
