@@ -221,6 +221,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
+def is_adapter(path: str) -> bool:
+    """A LoRA adapter folder (a peft run's output): adapter_config.json and no config.json of its own."""
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
 def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
                head: str = "causal_lm", pad_token_id: int | None = None, key="model.name_or_path",
                quantization_config=None, attn_implementation: str | None = None):
@@ -229,8 +234,11 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
     output) loads as its base with the adapter merged."""
     import transformers
 
-    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
-        return merged_adapter(path, dtype, trust_remote_code, key=key, head=head, pad_token_id=pad_token_id)
+    if is_adapter(path):
+        model = merged_adapter(path, dtype, trust_remote_code, key=key, head=head, pad_token_id=pad_token_id)
+        # peft froze the base's weights when it wrapped them; merged, they are a plain model's again, which full
+        # fine-tuning of an adapter output trains (else "element 0 of tensors does not require grad")
+        return model.requires_grad_(True)
     check_weights(path, key)
     check_remote_code(path, key, trust_remote_code)
     check_head(path, head, key, trust_remote_code, revision)

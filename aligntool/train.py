@@ -401,11 +401,42 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
         run.ref_path = str(soup_dir)
         if recipe.ref_model.policy_from_soup:
             run.model_path = str(soup_dir)
+    if models.is_adapter(run.model_path):
+        run.model_path = _merged_base(loaded, run.model_path, out)
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision,
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log)
     _step_law(run)
     return run
+
+
+MERGED_BASE = "merged_base"
+
+
+def _merged_base(loaded: LoadedRecipe, adapter: str, out: Path) -> str:
+    """A run started from a LoRA adapter folder (``model.name_or_path`` a peft run's output): the policy is the
+    adapter's base with that adapter merged. That model is written to ``output_dir/merged_base`` (a plain model
+    folder with the tokenizer) and the run starts from there, because two things read the policy's folder again:
+    a new LoRA adapter names it as its ``base_model_name_or_path`` (eval, bon, merge-lora and the next stage load the
+    adapter on it: on the first base they would drop the earlier stage), and TRL's trainers build the frozen
+    reference of full fine-tuning from the policy's ``name_or_path`` (the first base otherwise, not the SFT model)."""
+    from accelerate import PartialState
+
+    from aligntool.outputs import atomic_path
+
+    target = (out / MERGED_BASE).expanduser().resolve()
+    with PartialState(cpu=not _cuda()).main_process_first():
+        if is_main_process():
+            m = loaded.recipe.model
+            merged = models.load_model(adapter, **models.options(m))
+            tokenizer = models.load_tokenizer(adapter, m.trust_remote_code)
+            with atomic_path(target) as tmp:
+                merged.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                (tmp / "merged_from.json").write_text(json.dumps({"adapter": str(Path(adapter).resolve())}) + "\n")
+            log(f"note: model.name_or_path {adapter} is a LoRA adapter: its base with the adapter merged is written to "
+                f"{target}, and the run starts from it")
+    return str(target)
 
 
 def _step_law(run: Run) -> None:
