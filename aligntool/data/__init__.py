@@ -7,6 +7,8 @@ data kind          accepted columns (standard = plain strings, conversational = 
 =================  ==============================================================================================
 language_modeling  ``text`` | ``messages`` | ``prompt`` + ``completion``
 preference         ``chosen`` + ``rejected``, with an explicit ``prompt`` or with the prompt implicit in both
+                   (plain texts: their common start, or in HH-RLHF dialogues up to the last
+                   ``"\\n\\nAssistant:"``, see ``split_implicit_prompt``; conversations: TRL splits them)
 prompt             ``prompt`` (other columns are ignored), for methods that sample their own completions
 unpaired           ``prompt`` + ``completion`` + ``label`` (true: desirable, false: undesirable), TRL's unpaired
                    preference format, for KTO; ``dataset.unpaired_from_pairs`` reads paired data instead
@@ -71,6 +73,41 @@ def unpair_rows(pairs: list[dict], seed: int) -> list[dict]:
     return rows
 
 
+ASSISTANT_TURN = "\n\nAssistant:"  # HH-RLHF's dialogue format: "\n\nHuman: ...\n\nAssistant: ..." turns
+
+
+def split_implicit_prompt(row: dict) -> dict:
+    r"""(prompt, chosen, rejected) of a pair whose ``chosen`` and ``rejected`` texts each hold the whole exchange.
+
+    The prompt is their common start (TRL's ``extract_prompt``), except in dialogue-formatted texts (HH-RLHF's
+    ``\n\nHuman: ... \n\nAssistant: ...``): two replies often begin with the same letters ("D" of "DuckDuckGo" and
+    of "Duckduckgo"), and the common start then runs into the replies and cuts a word in two. There the prompt ends at
+    the last ``\n\nAssistant:`` of the common start, as TRL's own HH conversion script
+    (examples/datasets/hh-rlhf-helpful-base.py) splits it, and each completion is the rest of its text (from the
+    space after the colon)."""
+    from trl.data_utils import extract_prompt
+
+    split = extract_prompt(row)
+    common = split["prompt"]
+    if not common.endswith(ASSISTANT_TURN) and ASSISTANT_TURN in common:
+        end = common.rfind(ASSISTANT_TURN) + len(ASSISTANT_TURN)
+        return {"prompt": row["chosen"][:end], "chosen": row["chosen"][end:], "rejected": row["rejected"][end:]}
+    return split
+
+
+def implicit_prompts(data, where: str, log=print):
+    """Pairs of plain texts without a ``prompt`` column get one (``split_implicit_prompt``); conversational pairs and
+    pairs with a prompt are left to TRL, which splits conversations at the first differing message."""
+    if "prompt" in data.column_names or _cell_kind(data[0]["chosen"]) != "text":
+        return data
+    dialogue = sum(ASSISTANT_TURN in c for c in data["chosen"])
+    data = data.map(split_implicit_prompt)
+    if dialogue:
+        log(f"{where}: no prompt column: each pair's prompt is its dialogue up to the last '\\n\\nAssistant:' turn "
+            f"the two texts share ({dialogue} of {len(data)} rows are dialogues; other rows: their common start)")
+    return data
+
+
 def unpair_dataset(data, where: str, seed: int, drop: bool, log=print):
     """A paired dataset (prompt, chosen, rejected; an implicit prompt is taken from the common start as TRL does) as
     unpaired rows: ``dataset.unpaired_from_pairs``."""
@@ -82,9 +119,12 @@ def unpair_dataset(data, where: str, seed: int, drop: bool, log=print):
     columns = check_columns(data, "preference", where)
     data = check_rows(data, columns, where, drop, log)
     if "prompt" not in data.column_names:
-        from trl.data_utils import extract_prompt
+        if _cell_kind(data[0]["chosen"]) == "text":
+            data = implicit_prompts(data, where, log)
+        else:
+            from trl.data_utils import extract_prompt
 
-        data = data.map(extract_prompt)
+            data = data.map(extract_prompt)
     pairs = data.select_columns(["prompt", "chosen", "rejected"]).to_list()
     return datasets.Dataset.from_list(unpair_rows(pairs, seed))
 
@@ -322,6 +362,10 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
         evald = labels_as_bool(evald)
     elif cfg.eval_fraction:
         train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log)
+    if kind == "preference":
+        train = implicit_prompts(train, where, log)
+        evald = implicit_prompts(evald, f"dataset.eval_path {cfg.eval_path or 'toy'}", log) \
+            if evald is not None else None
     if tokenizer is not None:
         check_template(train, columns, tokenizer, where)
     if tokenizer is not None and kind == "prompt":
