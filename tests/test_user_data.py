@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import user_error
+
 from aligntool import data
 from aligntool.recipe.loader import load_recipe
 
@@ -46,3 +48,86 @@ def test_plain_text_pairs_keep_trls_common_start():
     rows = [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]
     split = data.split_implicit_prompt(rows[0])
     assert split == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+
+
+# ------------------------------------------------------------------ item 6: dataset.split on files and folders
+def _pairs(n: int, start: int = 0) -> list[dict]:
+    return [{"prompt": f"q{i}", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(start, start + n)]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _load(*overrides, recipe="dpo", kind="preference", base_dir=None):
+    loaded = load_recipe(recipe, list(overrides))
+    return data.load_for_recipe(loaded.recipe, kind, log=lambda m: None, base_dir=base_dir)
+
+
+def test_dataset_split_on_a_file_is_applied_with_slices_and_checked(tmp_path):
+    f = _jsonl(tmp_path / "pairs.jsonl", _pairs(20))
+    train, _ = _load(f"dataset.path={f}", "dataset.split=train[:10%]")
+    assert [r["prompt"] for r in train] == ["q0", "q1"]
+    train, _ = _load(f"dataset.path={f}", "dataset.split=train[15:]")
+    assert len(train) == 5 and train[0]["prompt"] == "q15"
+    message = user_error(_load, f"dataset.path={f}", "dataset.split=validation")
+    assert message.startswith("dataset.split: 'validation'") and "'train'" in message and str(f) in message
+    assert "train[:10%]" in message
+    assert "Unrecognized" in user_error(_load, f"dataset.path={f}", "dataset.split=train[:abc]")
+    # an eval file with eval_split left at its default ('test') is taken whole; a split named explicitly is applied
+    e = _jsonl(tmp_path / "eval.jsonl", _pairs(6, 100))
+    _, evald = _load(f"dataset.path={f}", f"dataset.eval_path={e}")
+    assert len(evald) == 6
+    _, evald = _load(f"dataset.path={f}", f"dataset.eval_path={e}", "dataset.eval_split=train[:2]")
+    assert len(evald) == 2
+    assert "dataset.eval_split: 'test'" in user_error(_load, f"dataset.path={f}", f"dataset.eval_path={e}",
+                                                      "dataset.eval_split=test")
+
+
+def test_a_saved_dataset_dict_takes_slices_and_names_its_splits(tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_pairs(10)),
+                          "validation": datasets.Dataset.from_list(_pairs(4, 50))}).save_to_disk(str(folder))
+    train, _ = _load(f"dataset.path={folder}", "dataset.split=validation[:2]")
+    assert [r["prompt"] for r in train] == ["q50", "q51"]
+    message = user_error(_load, f"dataset.path={folder}", "dataset.split=test")
+    assert "'train', 'validation'" in message
+
+
+# ------------------------------------------------------------ item 10: folders of shards, globs, relative paths
+def test_a_folder_of_parquet_shards_and_a_glob_are_read(tmp_path):
+    import datasets
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(3):
+        datasets.Dataset.from_list(_pairs(4, 10 * i)).to_parquet(str(folder / f"train-0000{i}-of-00003.parquet"))
+    train, _ = _load(f"dataset.path={folder}")
+    assert len(train) == 12
+    train, _ = _load(f"dataset.path={folder}/*.parquet", "dataset.split=train[:5]")
+    assert len(train) == 5
+    (tmp_path / "empty").mkdir()
+    message = user_error(_load, f"dataset.path={tmp_path / 'empty'}")
+    assert "save_to_disk" in message and ".parquet" in message
+    message = user_error(_load, f"dataset.path={tmp_path}/nothing-*.jsonl")
+    assert "not found" in message
+
+
+def test_relative_data_paths_are_resolved_against_the_recipe_folder(tmp_path, monkeypatch):
+    recipes = tmp_path / "project" / "recipes"
+    _jsonl(recipes / "data" / "pairs.jsonl", _pairs(8))
+    recipe = recipes / "mine.yaml"
+    recipe.write_text("algorithm: dpo\ndataset:\n  path: data/pairs.jsonl\n  eval_path: data/missing.jsonl\n")
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    loaded = load_recipe(str(recipe))
+    message = user_error(data.load_for_recipe, loaded.recipe, "preference", log=lambda m: None,
+                         base_dir=loaded.base_dir)
+    assert message.startswith("dataset.eval_path: data/missing.jsonl: dataset file not found")
+    assert str(recipes / "data" / "missing.jsonl") in message and str(tmp_path / "data" / "missing.jsonl") in message
+    loaded = load_recipe(str(recipe), ["dataset.eval_path=null"])
+    train, _ = data.load_for_recipe(loaded.recipe, "preference", log=lambda m: None, base_dir=loaded.base_dir)
+    assert len(train) == 8

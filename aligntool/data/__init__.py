@@ -153,40 +153,118 @@ def _looks_like_hub_id(path: str) -> bool:
     return len(parts) in (1, 2) and not path.startswith((".", "~")) and all(parts) and Path(path).suffix == ""
 
 
-def load_any(path: str, split: str, key: str):
-    """A ``datasets.Dataset`` from a file, a saved folder or a hub id. ``key`` names the recipe key, for messages."""
+GLOB_CHARS = "*?["
+
+
+def local_candidates(path: str, base_dir: Path | None) -> list[Path]:
+    """Where a relative data path of a recipe is looked for: the recipe file's folder first (as reward sources and
+    chat template files are), then the working directory; an absolute path is itself."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or base_dir is None:
+        return [given.absolute()]
+    return [(Path(base_dir) / given).absolute(), given.absolute()]
+
+
+def _exists(path: Path) -> bool:
+    import glob
+
+    return path.exists() or (any(c in str(path) for c in GLOB_CHARS) and bool(glob.glob(str(path), recursive=True)))
+
+
+def _split_key(key: str) -> str:
+    return key.replace("path", "split")  # dataset.path -> dataset.split, dataset.eval_path -> dataset.eval_split
+
+
+def apply_split(splits: dict, spec: str, where: str, key: str):
+    """``spec`` in datasets' split syntax (``train``, ``train[:10%]``, ``train[10:20]+test``) applied to the splits a
+    local source has (a file or a glob has one, ``train``). An unknown split or a malformed spec names what exists."""
+    import datasets
+    from datasets import ReadInstruction
+
+    try:
+        parts = ReadInstruction.from_spec(spec).to_absolute({name: len(d) for name, d in splits.items()})
+    except (ValueError, AssertionError) as exc:
+        names = ", ".join(map(repr, splits))
+        why = first_line(exc) if "Unknown split" not in str(exc) else "no such split"
+        raise UserError(f"{key}: {spec!r}: {why}; {where} has the split(s) {names} (datasets' split syntax: e.g. "
+                        f"{next(iter(splits))}[:10%], {next(iter(splits))}[100:200])") from None
+    chosen = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts]
+    return chosen[0] if len(chosen) == 1 else datasets.concatenate_datasets(chosen)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder written by ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FILE_LOADERS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def load_any(path: str, split: str, key: str, base_dir: Path | None = None, split_given: bool = True):
+    """A ``datasets.Dataset`` from a file, a glob of files, a folder of data files (parquet shards, jsonl, ...), a
+    saved folder or a hub id. ``key`` names the recipe key, for messages. A relative path is looked for in the
+    recipe's folder (``base_dir``), then the working directory. ``split`` (datasets' split syntax, slices included)
+    applies to every source; a file has one split, ``train``, and ``split_given`` False (the key left at its default,
+    e.g. eval_split ``test`` for an eval file) takes it whole."""
     import datasets
 
-    local = Path(path).expanduser()
-    if local.is_file():
-        loader = FILE_LOADERS.get(local.suffix.lower())
+    candidates = local_candidates(path, base_dir)
+    local = next((c for c in candidates if _exists(c)), candidates[0])
+    split_key = _split_key(key)
+    shown = str(local)
+    if local.is_file() or (not local.exists() and _exists(local)):  # a file, or a glob of files of one type
+        suffixes = {Path(f).suffix.lower() for f in _glob(local)} if not local.is_file() else {local.suffix.lower()}
+        loader = FILE_LOADERS.get(next(iter(suffixes))) if len(suffixes) == 1 else None
         if loader is None:
-            raise UserError(f"{key}: {path}: unsupported file type {local.suffix!r}; "
-                            f"expected one of {', '.join(FILE_LOADERS)}")
-        if local.suffix.lower() == ".jsonl":
-            _check_jsonl(local)
-        if local.stat().st_size == 0 or (loader in ("json", "csv") and not local.read_bytes().strip()):
-            raise UserError(f"{key}: {path}: the file is empty")
+            raise UserError(f"{key}: {shown}: unsupported file type {', '.join(sorted(suffixes))}; "
+                            f"expected one of {', '.join(FILE_LOADERS)} (one type per glob)")
+        files = [local] if local.is_file() else [Path(f) for f in _glob(local)]
+        for file in files:
+            if file.suffix.lower() == ".jsonl":
+                _check_jsonl(file)
+            if file.stat().st_size == 0 or (loader in ("json", "csv") and not file.read_bytes().strip()):
+                raise UserError(f"{key}: {file}: the file is empty")
         try:
-            return datasets.load_dataset(loader, data_files=str(local), split="train")
+            data = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
-            raise UserError(f"{key}: {path}: could not read as {loader}: {first_line(exc)}") from None
+            raise UserError(f"{key}: {shown}: could not read as {loader}: {first_line(exc)}") from None
+        return apply_split({"train": data}, split if split_given else "train", shown, split_key)
     if local.is_dir():
-        try:
-            data = datasets.load_from_disk(str(local))
-        except FileNotFoundError:
-            raise UserError(f"{key}: {path}: folder is not a dataset saved with `save_to_disk`") from None
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise UserError(f"{key}: {path}: no split {split!r}; splits found: {', '.join(data)}")
-            data = data[split]
-        return data
+        if _is_saved_dataset(local):
+            try:
+                data = datasets.load_from_disk(str(local))
+            except FileNotFoundError:
+                raise UserError(f"{key}: {shown}: folder is not a dataset saved with `save_to_disk`") from None
+            if isinstance(data, datasets.DatasetDict):
+                return apply_split(dict(data), split, shown, split_key)
+            return apply_split({"train": data}, split if split_given else "train", shown, split_key)
+        files = _data_files(local)
+        if not files:
+            raise UserError(f"{key}: {shown}: folder is neither a dataset saved with `save_to_disk` nor a folder of "
+                            f"data files ({', '.join(FILE_LOADERS)})")
+        try:  # datasets names the splits after the files (train-*.parquet, test.jsonl, ...), 'train' otherwise
+            data = datasets.load_dataset(str(local))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{key}: {shown}: could not read its data files: {first_line(exc)}") from None
+        if list(data) == ["train"] and not split_given:
+            split = "train"
+        return apply_split(dict(data), split, shown, split_key)
+    tried = " or ".join(str(c) for c in candidates)
     if not _looks_like_hub_id(path):
-        raise UserError(f"{key}: {path}: dataset file not found")
+        raise UserError(f"{key}: {path}: dataset file not found (looked for {tried})")
     try:
         return datasets.load_dataset(path, split=split)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{key}: could not load hub dataset {path!r} (split {split!r}): {first_line(exc)}") from None
+        raise UserError(f"{key}: could not load hub dataset {path!r} (split {split!r}; no local file or folder "
+                        f"{tried}): {first_line(exc)}") from None
+
+
+def _glob(pattern: Path) -> list[str]:
+    import glob
+
+    return sorted(f for f in glob.glob(str(pattern), recursive=True) if Path(f).is_file())
 
 
 def check_columns(data, kind: str, where: str) -> tuple[str, ...]:
@@ -314,10 +392,11 @@ def _fraction_split(train, fraction: float, seed: int, log, what: str = "rows"):
     return split["train"], split["test"]
 
 
-def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
+def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path | None = None):
     """(train, eval or None) datasets for a validated recipe and a data kind, checked row by row. ``eval_fraction``
     carves a held-out split off the training rows when there is no eval set; with a tokenizer, conversational
-    prompts of the sampling methods become text."""
+    prompts of the sampling methods become text. Relative data paths are looked for in ``base_dir`` (the recipe's
+    folder) first, then the working directory."""
     import datasets
 
     cfg = recipe.dataset
@@ -334,10 +413,11 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
                 toy_rows(kind, cfg.toy.eval_size, cfg.toy.seed + 1, "eval", cfg.toy.bt_temperature, cfg.toy.task)
             )
     else:
-        train = load_any(cfg.path, cfg.split, "dataset.path")
+        train = load_any(cfg.path, cfg.split, "dataset.path", base_dir, "split" in cfg.model_fields_set)
         evald = None
     if cfg.eval_path:
-        evald = load_any(cfg.eval_path, cfg.eval_split, "dataset.eval_path")
+        evald = load_any(cfg.eval_path, cfg.eval_split, "dataset.eval_path", base_dir,
+                         "eval_split" in cfg.model_fields_set)
     if cfg.max_samples is not None and len(train) > cfg.max_samples:
         train = train.select(range(cfg.max_samples))
     where = f"dataset.path {cfg.path}"

@@ -130,12 +130,15 @@ class ToyDataConfig(Strict):
 class DatasetConfig(Strict):
     path: str = Field(
         "toy",
-        description="'toy' (built-in data in the shape the algorithm needs), a .jsonl/.json/.parquet/.csv file, "
-        "a folder saved by `datasets`, or a hub id.",
+        description="'toy' (built-in data in the shape the algorithm needs), a .jsonl/.json/.parquet/.csv file, a glob "
+        "of such files, a folder of them (e.g. parquet shards), a folder saved by `datasets`, or a hub id. A relative "
+        "path is looked for in the recipe file's folder first, then the working directory.",
     )
-    split: str = Field("train", description="Split to train on (hub datasets and saved DatasetDicts).")
+    split: str = Field("train", description="Split to train on, in datasets' split syntax with slices (train[:10%], "
+                       "train[100:200]); a file or a glob has one split, 'train'.")
     eval_path: str | None = Field(None, description="Held-out data, same formats as `path`.")
-    eval_split: str = Field("test", description="Split of `eval_path` to evaluate on (hub datasets and DatasetDicts).")
+    eval_split: str = Field("test", description="Split of `eval_path` to evaluate on (same syntax); an eval file with "
+                            "eval_split left at its default is read whole.")
     max_samples: PositiveInt | None = Field(None, description="Keep only the first N training rows.")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Without an eval set (eval_path, toy.eval_size): hold out this fraction of the "
