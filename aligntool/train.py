@@ -185,6 +185,12 @@ class Run:
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
         if _cuda() and not _bf16_supported() and kwargs.get("bf16"):
             raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
+        if not _cuda() and kwargs.get("fp16"):
+            # transformers accepts fp16 on a CPU and then trains in fp32 as if it were not set (fp16 mixed precision
+            # is CUDA autocast + a loss scaler): refuse rather than let the recipe say what the run does not do
+            raise UserError(f"{self.loaded.source}: train.fp16: fp16 mixed precision needs a CUDA GPU and this machine "
+                            "has none (the run would be fp32); use train.bf16: true (torch's CPU autocast) or drop "
+                            "train.fp16")
         if not _cuda() and kwargs.get("bf16"):
             # an explicit train.bf16=true on a CPU is honoured (torch's CPU autocast): slow, but a GPU run's memory;
             # transformers only accepts it when told this is a CPU run
@@ -408,7 +414,18 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log,
                                                                    base_dir=loaded.base_dir)
     _step_law(run)
+    _note_steps_and_epochs(run)
     return run
+
+
+def _note_steps_and_epochs(run: Run) -> None:
+    """``train.max_steps`` and ``train.num_train_epochs`` both set: transformers trains max_steps and ignores the
+    epochs; say so (a recipe's max_steps and an epochs override would otherwise run the recipe's steps silently)."""
+    t = run.recipe.train
+    if t.max_steps is not None and t.num_train_epochs is not None:
+        log(f"note: train.max_steps={t.max_steps} and train.num_train_epochs={t.num_train_epochs} are both set: "
+            f"max_steps wins (as in transformers), the run stops after {t.max_steps} steps; set train.max_steps=-1 "
+            "(or null) to train by epochs")
 
 
 MERGED_BASE = "merged_base"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import user_error
 
 from aligntool import data
@@ -131,3 +132,35 @@ def test_relative_data_paths_are_resolved_against_the_recipe_folder(tmp_path, mo
     loaded = load_recipe(str(recipe), ["dataset.eval_path=null"])
     train, _ = data.load_for_recipe(loaded.recipe, "preference", log=lambda m: None, base_dir=loaded.base_dir)
     assert len(train) == 8
+
+
+# ------------------------------------------------------------------ item 6: settings accepted and ignored
+FAST = ["dataset.toy.size=16", "train.per_device_train_batch_size=4", "train.logging_steps=1", "train.save_steps=100"]
+
+
+@pytest.mark.slow
+def test_max_steps_minus_one_unsets_it_and_both_set_says_which_wins(tmp_path, tiny_path, capsys):
+    from aligntool.train import train
+
+    assert load_recipe("dpo", ["train.max_steps=-1"]).recipe.train.max_steps is None
+    result = train(load_recipe("dpo", [*FAST, "train.max_steps=-1", "train.num_train_epochs=0.5",
+                                       f"output_dir={tmp_path / 'epochs'}"]))
+    assert result["global_step"] == 2  # half of 16 rows in batches of 4
+    assert "both set" not in capsys.readouterr().err
+    result = train(load_recipe("dpo", [*FAST, "train.max_steps=3", "train.num_train_epochs=0.5",
+                                       f"output_dir={tmp_path / 'steps'}"]))
+    assert result["global_step"] == 3
+    err = capsys.readouterr().err
+    assert ("note: train.max_steps=3 and train.num_train_epochs=0.5 are both set: max_steps wins" in err
+            and "train.max_steps=-1" in err)
+
+
+def test_fp16_on_a_cpu_is_refused_in_one_line(tmp_path, tiny_path):
+    import torch
+
+    from aligntool.train import train
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine honours fp16")
+    message = user_error(train, load_recipe("dpo", [*FAST, "train.fp16=true", f"output_dir={tmp_path}"]))
+    assert "train.fp16" in message and "CUDA GPU" in message and "train.bf16" in message

@@ -166,8 +166,9 @@ class TrainConfig(BaseModel):
         None, description="Peak learning rate of the optimizer; 'auto' = Step Law's eta_opt(N, D) (Li et al. 2025) "
         "for this model's non-embedding parameters N and the run's training tokens D (`aligntool suggest` shows it; "
         "fitted on pretraining, an extrapolation for fine-tuning). The value used is written to recipe.yaml.")
-    max_steps: PositiveInt | None = Field(None, description="Optimizer steps (online methods: iterations); overrides "
-                                          "num_train_epochs.")
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps (online methods: iterations); wins over "
+                                          "num_train_epochs when both are set (as in transformers; the log says so). "
+                                          "-1 or null: unset, train by num_train_epochs.")
     num_train_epochs: PositiveFloat | None = Field(None, description="Passes over the training data.")
     per_device_train_batch_size: PositiveInt | Literal["auto"] | None = Field(
         None, description="Rows per step and process (online methods: prompts per iteration and process); 'auto' = "
@@ -190,6 +191,11 @@ class TrainConfig(BaseModel):
                                        "rate up (transformers 5 reads it as a fractional warmup_steps).")
     warmup_steps: NonNegativeInt | None = Field(None, description="Steps spent warming the learning rate up.")
 
+    @field_validator("max_steps", mode="before")
+    @classmethod
+    def _unset_steps(cls, v):
+        return None if v == -1 and not isinstance(v, bool) else v  # transformers' way to unset max_steps
+
     @model_validator(mode="after")
     def _one_warmup(self):
         if self.warmup_ratio is not None and self.warmup_steps is not None:
@@ -203,7 +209,8 @@ class TrainConfig(BaseModel):
                               "(bitsandbytes), or aligntool's own lion_kappa / cosmos (settings: the optimizer "
                               "section).")
     bf16: bool | None = Field(None, description="bf16 mixed precision (on by default on a GPU that supports it).")
-    fp16: bool | None = Field(None, description="fp16 mixed precision.")
+    fp16: bool | None = Field(None, description="fp16 mixed precision (CUDA GPUs only: refused on a CPU, where bf16 "
+                              "works).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
                                                 "more time. Default: TRL's (on) on GPUs, off on CPUs.")
     report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
