@@ -164,3 +164,63 @@ def test_fp16_on_a_cpu_is_refused_in_one_line(tmp_path, tiny_path):
         pytest.skip("a CUDA machine honours fp16")
     message = user_error(train, load_recipe("dpo", [*FAST, "train.fp16=true", f"output_dir={tmp_path}"]))
     assert "train.fp16" in message and "CUDA GPU" in message and "train.bf16" in message
+
+
+# --------------------------------------------------------------- item 10: settings named with what is expected
+def test_train_deepspeed_given_an_accelerate_yaml_says_what_is_expected(tmp_path, tiny_path):
+    from aligntool.train import train
+
+    config = tmp_path / "zero3.yaml"  # TRL's tests/distributed/data/accelerate_configs/zero3.yaml, in short
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
+                      "  zero_stage: 3\nnum_processes: 2\n")
+    message = user_error(train, load_recipe("dpo", [*FAST, f"train.deepspeed={config}", f"output_dir={tmp_path}/o"]))
+    assert f"train.deepspeed: {config} is an accelerate config" in message
+    assert "DeepSpeed JSON" in message and "distributed.backend: deepspeed" in message and "--config_file" in message
+    message = user_error(train, load_recipe("dpo", [*FAST, f"train.deepspeed={tmp_path}/none.json",
+                                                    f"output_dir={tmp_path}/o"]))
+    assert "file not found" in message
+
+
+def test_report_to_a_logger_that_is_not_installed_names_the_package(tmp_path, tiny_path):
+    import importlib.util
+
+    from aligntool.train import train
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    message = user_error(train, load_recipe("dpo", [*FAST, "train.report_to=wandb", f"output_dir={tmp_path}"]))
+    assert "train.report_to: wandb needs the wandb package" in message and "pip install wandb" in message
+    message = user_error(train, load_recipe("dpo", [*FAST, "train.report_to=[wandbb]", f"output_dir={tmp_path}"]))
+    assert "unknown logger 'wandbb'" in message and "wandb" in message
+
+
+def test_max_length_beyond_learned_positions_is_refused_and_beyond_rotary_context_noted(tmp_path, capsys):
+    from aligntool.toy.families import family_model_path
+    from aligntool.train import prepare
+
+    gpt2 = family_model_path("gpt2")  # learned positions: n_positions 512
+    loaded = load_recipe("dpo", [*FAST, f"model.name_or_path={gpt2}", "train.max_length=1024",
+                                 f"output_dir={tmp_path}/a"])
+    message = user_error(prepare, loaded, tmp_path / "a")
+    assert "train.max_length: 1024 tokens" in message and "positions for 512 tokens only" in message
+    llama = family_model_path("llama3")  # rotary, max_position_embeddings 512
+    loaded = load_recipe("dpo", [*FAST, f"model.name_or_path={llama}", "train.max_length=1024",
+                                 f"output_dir={tmp_path}/b"])
+    prepare(loaded, tmp_path / "b")
+    assert "note: train.max_length=1024 is beyond the model's configured context (max_position_embeddings 512)" \
+        in capsys.readouterr().err
+
+
+def test_a_bare_hub_name_is_tried_as_a_hub_id_after_the_local_folder(tmp_path, tiny_path, monkeypatch):
+    import shutil
+
+    from aligntool import models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)  # not in the HF cache
+    message = user_error(models.resolve, "gpt2")
+    assert "model.name_or_path: 'gpt2' is a hub id" in message and "HF_HUB_OFFLINE is set" in message
+    assert "does not exist" not in message and str(tmp_path / "gpt2") in message
+    shutil.copytree(tiny_path, tmp_path / "gpt2")  # a local folder of that name comes first
+    assert models.resolve("gpt2") == "gpt2"

@@ -70,7 +70,8 @@ def Sampling(temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int =
 
 class ModelConfig(Strict):
     name_or_path: str = Field(
-        "tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name."
+        "tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name (or a bare hub "
+        "name such as gpt2, when no local folder has that name)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' keeps the checkpoint's own (float32 for the tiny model)."
