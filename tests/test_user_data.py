@@ -132,6 +132,10 @@ def test_relative_data_paths_are_resolved_against_the_recipe_folder(tmp_path, mo
     loaded = load_recipe(str(recipe), ["dataset.eval_path=null"])
     train, _ = data.load_for_recipe(loaded.recipe, "preference", log=lambda m: None, base_dir=loaded.base_dir)
     assert len(train) == 8
+    loaded = load_recipe(str(recipe), ["dataset.eval_path=null"])  # later errors name the file that was read
+    message = user_error(data.load_for_recipe, loaded.recipe, "unpaired",
+                         log=lambda m: None, base_dir=loaded.base_dir)
+    assert message.startswith(f"dataset.path {recipes / 'data' / 'pairs.jsonl'}: missing column")
 
 
 # ------------------------------------------------------------------ item 6: settings accepted and ignored

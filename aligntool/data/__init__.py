@@ -165,6 +165,14 @@ def local_candidates(path: str, base_dir: Path | None) -> list[Path]:
     return [(Path(base_dir) / given).absolute(), given.absolute()]
 
 
+def shown_path(path: str | None, base_dir: Path | None) -> str | None:
+    """A data path as messages show it: the local file or folder it resolved to (``local_candidates``), else as
+    given (toy, a hub id)."""
+    if path is None or path == "toy":
+        return path
+    return next((str(c) for c in local_candidates(path, base_dir) if _exists(c)), path)
+
+
 def _exists(path: Path) -> bool:
     import glob
 
@@ -420,7 +428,7 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
                          "eval_split" in cfg.model_fields_set)
     if cfg.max_samples is not None and len(train) > cfg.max_samples:
         train = train.select(range(cfg.max_samples))
-    where = f"dataset.path {cfg.path}"
+    where = f"dataset.path {shown_path(cfg.path, base_dir)}"
     if from_pairs and cfg.path != "toy":
         if evald is None and cfg.eval_fraction:  # hold out whole pairs: a pair's two rows stay on one side
             train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log, "pairs")
@@ -434,7 +442,7 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
         # one: a file sorted by label or with a pair's rows side by side would bias it; shuffled with toy.seed
         train = train.shuffle(seed=cfg.toy.seed).flatten_indices()
     if evald is not None:
-        where_eval = f"dataset.eval_path {cfg.eval_path or 'toy'}"
+        where_eval = f"dataset.eval_path {shown_path(cfg.eval_path, base_dir) if cfg.eval_path else 'toy'}"
         if from_pairs and cfg.eval_path:
             evald = unpair_dataset(evald, where_eval, cfg.toy.seed, cfg.drop_invalid_rows, log)
         where_eval = where if from_pairs and cfg.eval_fraction and not cfg.eval_path else where_eval
@@ -444,7 +452,7 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
         train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log)
     if kind == "preference":
         train = implicit_prompts(train, where, log)
-        evald = implicit_prompts(evald, f"dataset.eval_path {cfg.eval_path or 'toy'}", log) \
+        evald = implicit_prompts(evald, f"dataset.eval_path {shown_path(cfg.eval_path, base_dir) or 'toy'}", log) \
             if evald is not None else None
     if tokenizer is not None:
         check_template(train, columns, tokenizer, where)
