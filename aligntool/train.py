@@ -530,13 +530,18 @@ def _merged_base(loaded: LoadedRecipe, adapter: str, out: Path) -> str:
     from accelerate import PartialState
 
     from aligntool.outputs import atomic_path
+    from aligntool.rewards import is_reward_model
 
+    head = "reward" if is_reward_model(adapter) else "causal_lm"  # a reward model's adapter stays one
+    if head == "reward" and loaded.spec.name != "reward":
+        raise UserError(f"model.name_or_path: {adapter} is a LoRA adapter of a reward model (task_type SEQ_CLS); "
+                        f"{loaded.spec.name} needs a causal language model")
     target = (out / MERGED_BASE).expanduser().resolve()
     with PartialState(cpu=not _cuda()).main_process_first():
         if is_main_process():
             m = loaded.recipe.model
-            merged = models.load_model(adapter, **models.options(m))
             tokenizer = models.load_tokenizer(adapter, m.trust_remote_code)
+            merged = models.load_model(adapter, **models.options(m), head=head, pad_token_id=tokenizer.pad_token_id)
             with atomic_path(target) as tmp:
                 merged.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)

@@ -92,3 +92,21 @@ def test_full_fine_tuning_of_a_lora_output_trains(sft_adapter, tmp_path, monkeyp
     saved = _logits(models.load_model(str(out)), ids)
     assert torch.allclose(saved, _logits(trainer.model, ids), atol=1e-4)
     assert (saved - sft).abs().max() > 1e-3  # it trained
+
+
+@pytest.mark.slow
+def test_a_reward_models_adapter_continues_as_a_reward_model_and_is_refused_as_a_policy(tmp_path, tiny_path):
+    from conftest import user_error
+
+    fast = [*FAST, "peft.r=8"]
+    first = tmp_path / "rm"
+    train(load_recipe("reward", [*fast, f"output_dir={first}"]))
+    second = tmp_path / "rm2"
+    assert train(load_recipe("reward", [*fast, f"model.name_or_path={first}", f"output_dir={second}"]))[
+        "global_step"] == 2
+    assert json.loads((second / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((second / "merged_base").resolve())
+    assert models.architectures(str(second / "merged_base")) == ["LlamaForSequenceClassification"]
+    message = user_error(train, load_recipe("dpo", [*FAST, f"model.name_or_path={first}",
+                                                    f"output_dir={tmp_path / 'dpo'}"]))
+    assert "is a LoRA adapter of a reward model" in message and not (tmp_path / "dpo" / "merged_base").exists()
