@@ -470,11 +470,11 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
         run.model_path = _merged_base(loaded, run.model_path, out)
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision,
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
+    _check_positions(run)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log,
                                                                    base_dir=loaded.base_dir)
     _step_law(run)
     _note_steps_and_epochs(run)
-    _check_positions(run)
     return run
 
 
