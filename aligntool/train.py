@@ -238,10 +238,7 @@ class Run:
             kwargs.pop("load_best_model_at_end", None)
         report_to = kwargs.get("report_to") or []
         report_to = [report_to] if isinstance(report_to, str) else list(report_to)
-        _check_report_to(report_to, self.loaded.source)
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
-        if isinstance(self.recipe.train.model_extra.get("deepspeed"), str):
-            _check_deepspeed_file(self.recipe.train.model_extra["deepspeed"], self.loaded.source)
         if _cuda() and not _bf16_supported() and kwargs.get("bf16"):
             raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
         if not _cuda() and kwargs.get("fp16"):
@@ -452,6 +449,7 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     from aligntool.launch.distributed import setup
 
     recipe, spec = loaded.recipe, loaded.spec
+    _check_train_settings(loaded)
     rewards.check_functions(recipe.reward)  # a reward function that cannot be imported fails before any model loads
     run = Run(loaded, out, resume=resume, setup=setup(recipe, out))
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
@@ -476,6 +474,16 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     _step_law(run)
     _note_steps_and_epochs(run)
     return run
+
+
+def _check_train_settings(loaded: LoadedRecipe) -> None:
+    """``train.*`` values that transformers would only reject deep inside the Trainer (a logger whose package is
+    missing, an accelerate YAML as ``train.deepspeed``): checked before anything loads."""
+    report_to = loaded.recipe.train.report_to or []
+    _check_report_to([report_to] if isinstance(report_to, str) else list(report_to), loaded.source)
+    deepspeed = (loaded.recipe.train.model_extra or {}).get("deepspeed")
+    if isinstance(deepspeed, str):
+        _check_deepspeed_file(deepspeed, loaded.source)
 
 
 def _check_positions(run: Run) -> None:
