@@ -241,12 +241,6 @@ class Run:
         kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
         if _cuda() and not _bf16_supported() and kwargs.get("bf16"):
             raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
-        if not _cuda() and kwargs.get("fp16"):
-            # transformers accepts fp16 on a CPU and then trains in fp32 as if it were not set (fp16 mixed precision
-            # is CUDA autocast + a loss scaler): refuse rather than let the recipe say what the run does not do
-            raise UserError(f"{self.loaded.source}: train.fp16: fp16 mixed precision needs a CUDA GPU and this machine "
-                            "has none (the run would be fp32); use train.bf16: true (torch's CPU autocast) or drop "
-                            "train.fp16")
         if not _cuda() and kwargs.get("bf16"):
             # an explicit train.bf16=true on a CPU is honoured (torch's CPU autocast): slow, but a GPU run's memory;
             # transformers only accepts it when told this is a CPU run
@@ -478,12 +472,18 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
 
 def _check_train_settings(loaded: LoadedRecipe) -> None:
     """``train.*`` values that transformers would only reject deep inside the Trainer (a logger whose package is
-    missing, an accelerate YAML as ``train.deepspeed``): checked before anything loads."""
+    missing, an accelerate YAML as ``train.deepspeed``) or accept and ignore (fp16 on a CPU): checked before anything
+    loads."""
     report_to = loaded.recipe.train.report_to or []
     _check_report_to([report_to] if isinstance(report_to, str) else list(report_to), loaded.source)
     deepspeed = (loaded.recipe.train.model_extra or {}).get("deepspeed")
     if isinstance(deepspeed, str):
         _check_deepspeed_file(deepspeed, loaded.source)
+    if loaded.recipe.train.fp16 and not _cuda():
+        # transformers accepts fp16 on a CPU and then trains in fp32 as if it were not set (fp16 mixed precision is
+        # CUDA autocast + a loss scaler): refuse rather than let the recipe say what the run does not do
+        raise UserError(f"{loaded.source}: train.fp16: fp16 mixed precision needs a CUDA GPU and this machine has "
+                        "none (the run would be fp32); use train.bf16: true (torch's CPU autocast) or drop train.fp16")
 
 
 def _check_positions(run: Run) -> None:
