@@ -362,7 +362,8 @@ def suggest(
     path = models.resolve(m.name_or_path, log=log)
     tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template,
                                       base_dir=loaded.base_dir, log=log)
-    train_set, _ = data_mod.load_for_recipe(loaded.recipe, loaded.spec.data, tokenizer, log=log)
+    train_set, _ = data_mod.load_for_recipe(loaded.recipe, loaded.spec.data, tokenizer, log=log,
+                                            base_dir=loaded.base_dir)
     s, values = steplaw.for_run(loaded, path, tokenizer, train_set, nproc, force=True)
     accum = loaded.recipe.train.gradient_accumulation_steps or 1
     t = loaded.recipe.train

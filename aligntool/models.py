@@ -14,7 +14,8 @@ BUILT_IN = {"tiny": "tiny_model_path", "tiny-arith": "tiny_arith_model_path"}  #
 
 def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> str:
     """'tiny' -> the built tiny model's folder, 'tiny-arith' -> the tiny model fine-tuned on toy addition
-    (``aligntool.toy.tiny.tiny_arith_model_path``); a local path must exist; anything shaped org/name is a hub id."""
+    (``aligntool.toy.tiny.tiny_arith_model_path``); then a local folder, if there is one; else anything shaped
+    org/name, or a bare name such as 'gpt2', is a hub id."""
     if name_or_path in BUILT_IN:
         from aligntool.toy import tiny
 
@@ -26,11 +27,18 @@ def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> st
                             "or a LoRA adapter folder)")
         return str(local)
     parts = name_or_path.split("/")
-    if name_or_path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
+    if name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
         raise UserError(f"{key}: {name_or_path}: model path does not exist "
                         f"(expected a built-in model ({', '.join(map(repr, BUILT_IN))}), a local folder or a hub id "
                         "org/name)")
-    check_hub(name_or_path, key)
+    # not a local folder: a hub id, org/name or a bare name such as 'gpt2' (the hub's models without an org)
+    try:
+        check_hub(name_or_path, key)
+    except UserError as exc:
+        if len(parts) == 1:
+            raise UserError(f"{exc}; nor is it a local folder ({local.absolute()}) or a built-in model "
+                            f"({', '.join(map(repr, BUILT_IN))})") from None
+        raise
     return name_or_path  # hub id: transformers downloads it (or finds it in the HF cache)
 
 
@@ -221,6 +229,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
+def is_adapter(path: str) -> bool:
+    """A LoRA adapter folder (a peft run's output): adapter_config.json and no config.json of its own."""
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
 def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
                head: str = "causal_lm", pad_token_id: int | None = None, key="model.name_or_path",
                quantization_config=None, attn_implementation: str | None = None):
@@ -229,8 +242,11 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
     output) loads as its base with the adapter merged."""
     import transformers
 
-    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
-        return merged_adapter(path, dtype, trust_remote_code, key=key, head=head, pad_token_id=pad_token_id)
+    if is_adapter(path):
+        model = merged_adapter(path, dtype, trust_remote_code, key=key, head=head, pad_token_id=pad_token_id)
+        # peft froze the base's weights when it wrapped them; merged, they are a plain model's again, which full
+        # fine-tuning of an adapter output trains (else "element 0 of tensors does not require grad")
+        return model.requires_grad_(True)
     check_weights(path, key)
     check_remote_code(path, key, trust_remote_code)
     check_head(path, head, key, trust_remote_code, revision)

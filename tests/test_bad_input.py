@@ -89,7 +89,7 @@ def test_out_of_range_algo_value_and_bad_loss_type(capsys, recipe_file):
 
 def test_override_without_equals_and_override_type(capsys):
     expect_error(capsys, ["train", "--recipe", "dpo", "train.max_steps"], "train.max_steps", "KEY=VALUE")
-    expect_error(capsys, ["train", "--recipe", "dpo", "train.max_steps=-1"], "train.max_steps", "greater than 0")
+    expect_error(capsys, ["train", "--recipe", "dpo", "train.max_steps=-2"], "train.max_steps", "greater than 0")
     expect_error(capsys, ["train", "--recipe", "dpo", "model.bogus=1"], "unknown key 'model.bogus'")
 
 

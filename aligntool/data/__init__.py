@@ -7,6 +7,8 @@ data kind          accepted columns (standard = plain strings, conversational = 
 =================  ==============================================================================================
 language_modeling  ``text`` | ``messages`` | ``prompt`` + ``completion``
 preference         ``chosen`` + ``rejected``, with an explicit ``prompt`` or with the prompt implicit in both
+                   (plain texts: their common start, or in HH-RLHF dialogues up to the last
+                   ``"\\n\\nAssistant:"``, see ``split_implicit_prompt``; conversations: TRL splits them)
 prompt             ``prompt`` (other columns are ignored), for methods that sample their own completions
 unpaired           ``prompt`` + ``completion`` + ``label`` (true: desirable, false: undesirable), TRL's unpaired
                    preference format, for KTO; ``dataset.unpaired_from_pairs`` reads paired data instead
@@ -72,6 +74,41 @@ def unpair_rows(pairs: list[dict], seed: int) -> list[dict]:
     return rows
 
 
+ASSISTANT_TURN = "\n\nAssistant:"  # HH-RLHF's dialogue format: "\n\nHuman: ...\n\nAssistant: ..." turns
+
+
+def split_implicit_prompt(row: dict) -> dict:
+    r"""(prompt, chosen, rejected) of a pair whose ``chosen`` and ``rejected`` texts each hold the whole exchange.
+
+    The prompt is their common start (TRL's ``extract_prompt``), except in dialogue-formatted texts (HH-RLHF's
+    ``\n\nHuman: ... \n\nAssistant: ...``): two replies often begin with the same letters ("D" of "DuckDuckGo" and
+    of "Duckduckgo"), and the common start then runs into the replies and cuts a word in two. There the prompt ends at
+    the last ``\n\nAssistant:`` of the common start, as TRL's own HH conversion script
+    (examples/datasets/hh-rlhf-helpful-base.py) splits it, and each completion is the rest of its text (from the
+    space after the colon)."""
+    from trl.data_utils import extract_prompt
+
+    split = extract_prompt(row)
+    common = split["prompt"]
+    if not common.endswith(ASSISTANT_TURN) and ASSISTANT_TURN in common:
+        end = common.rfind(ASSISTANT_TURN) + len(ASSISTANT_TURN)
+        return {"prompt": row["chosen"][:end], "chosen": row["chosen"][end:], "rejected": row["rejected"][end:]}
+    return split
+
+
+def implicit_prompts(data, where: str, log=print):
+    """Pairs of plain texts without a ``prompt`` column get one (``split_implicit_prompt``); conversational pairs and
+    pairs with a prompt are left to TRL, which splits conversations at the first differing message."""
+    if "prompt" in data.column_names or _cell_kind(data[0]["chosen"]) != "text":
+        return data
+    dialogue = sum(ASSISTANT_TURN in c for c in data["chosen"])
+    data = data.map(split_implicit_prompt)
+    if dialogue:
+        log(f"{where}: no prompt column: each pair's prompt is its dialogue up to the last '\\n\\nAssistant:' turn "
+            f"the two texts share ({dialogue} of {len(data)} rows are dialogues; other rows: their common start)")
+    return data
+
+
 def unpair_dataset(data, where: str, seed: int, drop: bool, log=print):
     """A paired dataset (prompt, chosen, rejected; an implicit prompt is taken from the common start as TRL does) as
     unpaired rows: ``dataset.unpaired_from_pairs``."""
@@ -83,9 +120,12 @@ def unpair_dataset(data, where: str, seed: int, drop: bool, log=print):
     columns = check_columns(data, "preference", where)
     data = check_rows(data, columns, where, drop, log)
     if "prompt" not in data.column_names:
-        from trl.data_utils import extract_prompt
+        if _cell_kind(data[0]["chosen"]) == "text":
+            data = implicit_prompts(data, where, log)
+        else:
+            from trl.data_utils import extract_prompt
 
-        data = data.map(extract_prompt)
+            data = data.map(extract_prompt)
     pairs = data.select_columns(["prompt", "chosen", "rejected"]).to_list()
     return datasets.Dataset.from_list(unpair_rows(pairs, seed))
 
@@ -114,40 +154,126 @@ def _looks_like_hub_id(path: str) -> bool:
     return len(parts) in (1, 2) and not path.startswith((".", "~")) and all(parts) and Path(path).suffix == ""
 
 
-def load_any(path: str, split: str, key: str):
-    """A ``datasets.Dataset`` from a file, a saved folder or a hub id. ``key`` names the recipe key, for messages."""
+GLOB_CHARS = "*?["
+
+
+def local_candidates(path: str, base_dir: Path | None) -> list[Path]:
+    """Where a relative data path of a recipe is looked for: the recipe file's folder first (as reward sources and
+    chat template files are), then the working directory; an absolute path is itself."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or base_dir is None:
+        return [given.absolute()]
+    return [(Path(base_dir) / given).absolute(), given.absolute()]
+
+
+def shown_path(path: str | None, base_dir: Path | None) -> str | None:
+    """A data path as messages show it: the local file or folder it resolved to (``local_candidates``), else as
+    given (toy, a hub id)."""
+    if path is None or path == "toy":
+        return path
+    return next((str(c) for c in local_candidates(path, base_dir) if _exists(c)), path)
+
+
+def _exists(path: Path) -> bool:
+    import glob
+
+    return path.exists() or (any(c in str(path) for c in GLOB_CHARS) and bool(glob.glob(str(path), recursive=True)))
+
+
+def _split_key(key: str) -> str:
+    return key.replace("path", "split")  # dataset.path -> dataset.split, dataset.eval_path -> dataset.eval_split
+
+
+def apply_split(splits: dict, spec: str, where: str, key: str):
+    """``spec`` in datasets' split syntax (``train``, ``train[:10%]``, ``train[10:20]+test``) applied to the splits a
+    local source has (a file or a glob has one, ``train``). An unknown split or a malformed spec names what exists."""
+    import datasets
+    from datasets import ReadInstruction
+
+    try:
+        parts = ReadInstruction.from_spec(spec).to_absolute({name: len(d) for name, d in splits.items()})
+    except (ValueError, AssertionError) as exc:
+        names = ", ".join(map(repr, splits))
+        why = first_line(exc) if "Unknown split" not in str(exc) else "no such split"
+        raise UserError(f"{key}: {spec!r}: {why}; {where} has the split(s) {names} (datasets' split syntax: e.g. "
+                        f"{next(iter(splits))}[:10%], {next(iter(splits))}[100:200])") from None
+    chosen = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts]
+    return chosen[0] if len(chosen) == 1 else datasets.concatenate_datasets(chosen)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder written by ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FILE_LOADERS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def load_any(path: str, split: str, key: str, base_dir: Path | None = None, split_given: bool = True):
+    """A ``datasets.Dataset`` from a file, a glob of files, a folder of data files (parquet shards, jsonl, ...), a
+    saved folder or a hub id. ``key`` names the recipe key, for messages. A relative path is looked for in the
+    recipe's folder (``base_dir``), then the working directory. ``split`` (datasets' split syntax, slices included)
+    applies to every source; a file has one split, ``train``, and ``split_given`` False (the key left at its default,
+    e.g. eval_split ``test`` for an eval file) takes it whole."""
     import datasets
 
-    local = Path(path).expanduser()
-    if local.is_file():
-        loader = FILE_LOADERS.get(local.suffix.lower())
+    candidates = local_candidates(path, base_dir)
+    local = next((c for c in candidates if _exists(c)), candidates[0])
+    split_key = _split_key(key)
+    shown = str(local)
+    if local.is_file() or (not local.exists() and _exists(local)):  # a file, or a glob of files of one type
+        suffixes = {Path(f).suffix.lower() for f in _glob(local)} if not local.is_file() else {local.suffix.lower()}
+        loader = FILE_LOADERS.get(next(iter(suffixes))) if len(suffixes) == 1 else None
         if loader is None:
-            raise UserError(f"{key}: {path}: unsupported file type {local.suffix!r}; "
-                            f"expected one of {', '.join(FILE_LOADERS)}")
-        if local.suffix.lower() == ".jsonl":
-            _check_jsonl(local)
-        if local.stat().st_size == 0 or (loader in ("json", "csv") and not local.read_bytes().strip()):
-            raise UserError(f"{key}: {path}: the file is empty")
+            raise UserError(f"{key}: {shown}: unsupported file type {', '.join(sorted(suffixes))}; "
+                            f"expected one of {', '.join(FILE_LOADERS)} (one type per glob)")
+        files = [local] if local.is_file() else [Path(f) for f in _glob(local)]
+        for file in files:
+            if file.suffix.lower() == ".jsonl":
+                _check_jsonl(file)
+            if file.stat().st_size == 0 or (loader in ("json", "csv") and not file.read_bytes().strip()):
+                raise UserError(f"{key}: {file}: the file is empty")
         try:
-            return datasets.load_dataset(loader, data_files=str(local), split="train")
+            data = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
-            raise UserError(f"{key}: {path}: could not read as {loader}: {first_line(exc)}") from None
+            raise UserError(f"{key}: {shown}: could not read as {loader}: {first_line(exc)}") from None
+        return apply_split({"train": data}, split if split_given else "train", shown, split_key)
     if local.is_dir():
-        try:
-            data = datasets.load_from_disk(str(local))
-        except FileNotFoundError:
-            raise UserError(f"{key}: {path}: folder is not a dataset saved with `save_to_disk`") from None
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise UserError(f"{key}: {path}: no split {split!r}; splits found: {', '.join(data)}")
-            data = data[split]
-        return data
+        if _is_saved_dataset(local):
+            try:
+                data = datasets.load_from_disk(str(local))
+            except FileNotFoundError:
+                raise UserError(f"{key}: {shown}: folder is not a dataset saved with `save_to_disk`") from None
+            if isinstance(data, datasets.DatasetDict):
+                return apply_split(dict(data), split, shown, split_key)
+            return apply_split({"train": data}, split if split_given else "train", shown, split_key)
+        files = _data_files(local)
+        if not files:
+            raise UserError(f"{key}: {shown}: folder is neither a dataset saved with `save_to_disk` nor a folder of "
+                            f"data files ({', '.join(FILE_LOADERS)})")
+        try:  # datasets names the splits after the files (train-*.parquet, test.jsonl, ...), 'train' otherwise
+            data = datasets.load_dataset(str(local))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{key}: {shown}: could not read its data files: {first_line(exc)}") from None
+        if list(data) == ["train"] and not split_given:
+            split = "train"
+        return apply_split(dict(data), split, shown, split_key)
+    tried = " or ".join(str(c) for c in candidates)
     if not _looks_like_hub_id(path):
-        raise UserError(f"{key}: {path}: dataset file not found")
+        raise UserError(f"{key}: {path}: dataset file not found (looked for {tried})")
     try:
         return datasets.load_dataset(path, split=split)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{key}: could not load hub dataset {path!r} (split {split!r}): {first_line(exc)}") from None
+        raise UserError(f"{key}: could not load hub dataset {path!r} (split {split!r}; no local file or folder "
+                        f"{tried}): {first_line(exc)}") from None
+
+
+def _glob(pattern: Path) -> list[str]:
+    import glob
+
+    return sorted(f for f in glob.glob(str(pattern), recursive=True) if Path(f).is_file())
 
 
 def check_columns(data, kind: str, where: str) -> tuple[str, ...]:
@@ -276,10 +402,11 @@ def _fraction_split(train, fraction: float, seed: int, log, what: str = "rows"):
 
 
 @without_progress_bars  # our checks answer in one line; datasets' bars for each file and map would come first
-def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
+def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path | None = None):
     """(train, eval or None) datasets for a validated recipe and a data kind, checked row by row. ``eval_fraction``
     carves a held-out split off the training rows when there is no eval set; with a tokenizer, conversational
-    prompts of the sampling methods become text."""
+    prompts of the sampling methods become text. Relative data paths are looked for in ``base_dir`` (the recipe's
+    folder) first, then the working directory."""
     import datasets
 
     cfg = recipe.dataset
@@ -296,13 +423,14 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
                 toy_rows(kind, cfg.toy.eval_size, cfg.toy.seed + 1, "eval", cfg.toy.bt_temperature, cfg.toy.task)
             )
     else:
-        train = load_any(cfg.path, cfg.split, "dataset.path")
+        train = load_any(cfg.path, cfg.split, "dataset.path", base_dir, "split" in cfg.model_fields_set)
         evald = None
     if cfg.eval_path:
-        evald = load_any(cfg.eval_path, cfg.eval_split, "dataset.eval_path")
+        evald = load_any(cfg.eval_path, cfg.eval_split, "dataset.eval_path", base_dir,
+                         "eval_split" in cfg.model_fields_set)
     if cfg.max_samples is not None and len(train) > cfg.max_samples:
         train = train.select(range(cfg.max_samples))
-    where = f"dataset.path {cfg.path}"
+    where = f"dataset.path {shown_path(cfg.path, base_dir)}"
     if from_pairs and cfg.path != "toy":
         if evald is None and cfg.eval_fraction:  # hold out whole pairs: a pair's two rows stay on one side
             train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log, "pairs")
@@ -316,7 +444,7 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
         # one: a file sorted by label or with a pair's rows side by side would bias it; shuffled with toy.seed
         train = train.shuffle(seed=cfg.toy.seed).flatten_indices()
     if evald is not None:
-        where_eval = f"dataset.eval_path {cfg.eval_path or 'toy'}"
+        where_eval = f"dataset.eval_path {shown_path(cfg.eval_path, base_dir) if cfg.eval_path else 'toy'}"
         if from_pairs and cfg.eval_path:
             evald = unpair_dataset(evald, where_eval, cfg.toy.seed, cfg.drop_invalid_rows, log)
         where_eval = where if from_pairs and cfg.eval_fraction and not cfg.eval_path else where_eval
@@ -324,6 +452,10 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print):
         evald = labels_as_bool(evald)
     elif cfg.eval_fraction:
         train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log)
+    if kind == "preference":
+        train = implicit_prompts(train, where, log)
+        evald = implicit_prompts(evald, f"dataset.eval_path {shown_path(cfg.eval_path, base_dir) or 'toy'}", log) \
+            if evald is not None else None
     if tokenizer is not None:
         check_template(train, columns, tokenizer, where)
     if tokenizer is not None and kind == "prompt":

@@ -70,7 +70,8 @@ def Sampling(temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int =
 
 class ModelConfig(Strict):
     name_or_path: str = Field(
-        "tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name."
+        "tiny", description="'tiny' (the built-in toy model), a local folder, or a hub id org/name (or a bare hub "
+        "name such as gpt2, when no local folder has that name)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' keeps the checkpoint's own (float32 for the tiny model)."
@@ -130,12 +131,15 @@ class ToyDataConfig(Strict):
 class DatasetConfig(Strict):
     path: str = Field(
         "toy",
-        description="'toy' (built-in data in the shape the algorithm needs), a .jsonl/.json/.parquet/.csv file, "
-        "a folder saved by `datasets`, or a hub id.",
+        description="'toy' (built-in data in the shape the algorithm needs), a .jsonl/.json/.parquet/.csv file, a glob "
+        "of such files, a folder of them (e.g. parquet shards), a folder saved by `datasets`, or a hub id. A relative "
+        "path is looked for in the recipe file's folder first, then the working directory.",
     )
-    split: str = Field("train", description="Split to train on (hub datasets and saved DatasetDicts).")
+    split: str = Field("train", description="Split to train on, in datasets' split syntax with slices (train[:10%], "
+                       "train[100:200]); a file or a glob has one split, 'train'.")
     eval_path: str | None = Field(None, description="Held-out data, same formats as `path`.")
-    eval_split: str = Field("test", description="Split of `eval_path` to evaluate on (hub datasets and DatasetDicts).")
+    eval_split: str = Field("test", description="Split of `eval_path` to evaluate on (same syntax); an eval file with "
+                            "eval_split left at its default is read whole.")
     max_samples: PositiveInt | None = Field(None, description="Keep only the first N training rows.")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Without an eval set (eval_path, toy.eval_size): hold out this fraction of the "
@@ -163,8 +167,9 @@ class TrainConfig(BaseModel):
         None, description="Peak learning rate of the optimizer; 'auto' = Step Law's eta_opt(N, D) (Li et al. 2025) "
         "for this model's non-embedding parameters N and the run's training tokens D (`aligntool suggest` shows it; "
         "fitted on pretraining, an extrapolation for fine-tuning). The value used is written to recipe.yaml.")
-    max_steps: PositiveInt | None = Field(None, description="Optimizer steps (online methods: iterations); overrides "
-                                          "num_train_epochs.")
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps (online methods: iterations); wins over "
+                                          "num_train_epochs when both are set (as in transformers; the log says so). "
+                                          "-1 or null: unset, train by num_train_epochs.")
     num_train_epochs: PositiveFloat | None = Field(None, description="Passes over the training data.")
     per_device_train_batch_size: PositiveInt | Literal["auto"] | None = Field(
         None, description="Rows per step and process (online methods: prompts per iteration and process); 'auto' = "
@@ -187,6 +192,11 @@ class TrainConfig(BaseModel):
                                        "rate up (transformers 5 reads it as a fractional warmup_steps).")
     warmup_steps: NonNegativeInt | None = Field(None, description="Steps spent warming the learning rate up.")
 
+    @field_validator("max_steps", mode="before")
+    @classmethod
+    def _unset_steps(cls, v):
+        return None if v == -1 and not isinstance(v, bool) else v  # transformers' way to unset max_steps
+
     @model_validator(mode="after")
     def _one_warmup(self):
         if self.warmup_ratio is not None and self.warmup_steps is not None:
@@ -200,7 +210,8 @@ class TrainConfig(BaseModel):
                               "(bitsandbytes), or aligntool's own lion_kappa / cosmos (settings: the optimizer "
                               "section).")
     bf16: bool | None = Field(None, description="bf16 mixed precision (on by default on a GPU that supports it).")
-    fp16: bool | None = Field(None, description="fp16 mixed precision.")
+    fp16: bool | None = Field(None, description="fp16 mixed precision (CUDA GPUs only: refused on a CPU, where bf16 "
+                              "works).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
                                                 "more time. Default: TRL's (on) on GPUs, off on CPUs.")
     report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
