@@ -271,10 +271,6 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
         raise UserError(f"{key}: could not load {path!r}: {first_line(exc)}") from None
 
 
-def _is_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
-
-
 def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str = "ref_model.soup", log=print) -> Path:
     """Write the weight-space average of ``paths`` (identical architectures and shapes) to ``out`` as a model folder
     that transformers loads; the tokenizer and config are the first model's. Returns ``out``.
@@ -291,7 +287,7 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
 
     weights = weights or [1 / len(paths)] * len(paths)
     folders = [Path(resolve(p, key=key, log=log)) for p in paths]
-    adapters = [f for f in folders if _is_adapter(f)]
+    adapters = [f for f in folders if is_adapter(f)]
     configs = [_soup_config(f, key) for f in folders]
     for f, c in zip(folders[1:], configs[1:]):
         if c.get("architectures") != configs[0].get("architectures"):
@@ -300,7 +296,7 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
                             "a soup needs one architecture")
     states, merged = [], None
     for f in folders:
-        if _is_adapter(f):  # its base with the adapter merged, as load_model gives it
+        if is_adapter(f):  # its base with the adapter merged, as load_model gives it
             model = merged_adapter(str(f), key=key)
             merged = model if merged is None else merged
             states.append({k: v.detach() for k, v in model.state_dict().items()})
@@ -325,7 +321,7 @@ def make_soup(paths: list[str], weights: list[float] | None, out: Path, key: str
     record = json.dumps({"models": [str(f) for f in folders], "weights": weights}, indent=2)
     with atomic_path(out) as tmp:
         if adapters:  # written as transformers writes the merged model (config of the base, tied weights once)
-            first = merged if _is_adapter(folders[0]) else load_model(str(folders[0]), key=key)
+            first = merged if is_adapter(folders[0]) else load_model(str(folders[0]), key=key)
             first.load_state_dict(averaged, strict=False)
             first.save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(str(folders[0]), key=key).save_pretrained(tmp)
@@ -341,7 +337,7 @@ def _soup_config(folder: Path, key: str) -> dict:
     """config.json of a model folder, or of the base a LoRA adapter folder names (its architecture)."""
     import json
 
-    if _is_adapter(folder):
+    if is_adapter(folder):
         cfg = json.loads((folder / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path")
         if not base:

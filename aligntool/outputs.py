@@ -215,8 +215,14 @@ def previous_run(out: Path) -> str | None:
 
 def check_previous_run(out: Path, resume: bool, overwrite: bool) -> str | None:
     """What a new run in ``out`` would replace (None if nothing); an error unless ``resume`` or ``overwrite``. A
-    training run's folder may hold other files (the ``aligntool slurm`` script, a soup): only a previous run counts."""
+    training run's folder may hold other files (the ``aligntool slurm`` script, a soup): a previous run counts, and so
+    does a model or a compress output (a LoRA run would put its adapter beside the old weights, and every loader
+    would then read the old model)."""
     previous = previous_run(out) if out.is_dir() else None
+    if previous is None and out.is_dir():
+        other = existing_output(out)
+        if other == "a model" or (other or "").startswith("a compress output"):
+            previous = other
     check_output(out, resume or overwrite, key="output_dir", holds=previous or "",
                  how="--resume to continue it, --overwrite to replace it")
     return previous
@@ -258,14 +264,21 @@ def check_output(out: Path, overwrite: bool, key: str = "--out", holds: str | No
     return holds
 
 
+# the files of a saved model beside its weights (a new run's model must not be mixed with an old one's)
+MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json")
+
+
 def clear_previous_run(out: Path) -> None:
-    """``--overwrite``: remove what a new run replaces -- the summary, metrics, checkpoints and iteration folders --
-    so that nothing of the old run can be resumed from or mistaken for the new one. Stage files of pipelines
+    """``--overwrite``: remove what a new run replaces -- the summary, metrics, checkpoints, iteration folders and the
+    old model (weights, configs, a LoRA run's ``merged_base``) -- so that nothing of the old run can be resumed from or
+    mistaken for the new one. Stage files of pipelines
     (``stages.json`` and the ``*.jsonl`` it lists) stay: each is reused only when its settings hash still matches."""
-    for name in ("summary.json", "metrics.jsonl"):
+    for name in ("summary.json", "metrics.jsonl", "compression_report.json", *MODEL_FILES):
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    for folder in out.glob("iter-*"):
+    for pattern in ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin"):
+        for file in out.glob(pattern):
+            file.unlink(missing_ok=True)
+    for folder in (out / "checkpoints", out / "merged_base", *out.glob("iter-*")):
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -53,17 +53,18 @@ def _flat(data, prefix: str = "") -> dict:
     return out
 
 
-def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+def differences(old: dict, new: dict, old_auto: frozenset = frozenset()) -> list[tuple[str, object, object]]:
     """Every dotted key whose value differs, with (old, new); a key missing on one side is None (unset) there.
-    A new ``auto`` value (Step Law) is resolved from the data, model and world size, which are compared
-    themselves: it is not a change."""
+    A key the run started with as ``auto`` (``old_auto``: Step Law resolved it, and recipe.yaml holds the value) and
+    that is still ``auto`` is not a change: the data, model and world size it is derived from are compared
+    themselves. An explicit value switched to ``auto`` is a change."""
     a, b = _flat(old), _flat(new)
     for flat in (a, b):  # the folder itself: a run moved (or copied) elsewhere is the same run
         flat.pop("output_dir", None)
     changed = []
     for key in sorted(a.keys() | b.keys()):
         before, after = a.get(key), b.get(key)
-        if after == "auto" and before is not None:
+        if after == "auto" and key in old_auto:
             continue
         if before != after:
             changed.append((key, before, after))
@@ -78,35 +79,43 @@ def _show(changes) -> str:
     return ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changes)
 
 
-def write_run_file(out: Path, world_size: int) -> None:
+def auto_keys(resolved: dict) -> list[str]:
+    """The dotted keys of a recipe whose value is ``auto`` (before Step Law resolves them)."""
+    return sorted(key for key, value in _flat(resolved).items() if value == "auto")
+
+
+def write_run_file(out: Path, world_size: int, auto: list[str] = ()) -> None:
     from aligntool.outputs import write_atomic
 
-    write_atomic(out / RUN_FILE, json.dumps({"world_size": world_size}) + "\n")
+    write_atomic(out / RUN_FILE, json.dumps({"world_size": world_size, "auto": list(auto)}) + "\n")
 
 
-def started_with(out: Path) -> tuple[dict | None, int | None]:
-    """The resolved recipe and the number of processes the run in ``out`` started with (None where unknown: a
-    folder from before these files, or one whose start failed before writing them)."""
+def started_with(out: Path) -> tuple[dict | None, int | None, frozenset]:
+    """The resolved recipe, the number of processes and the ``auto`` keys the run in ``out`` started with (None /
+    empty where unknown: a folder from before these files, or one whose start failed before writing them)."""
     import yaml
 
     recipe = world = None
+    auto: frozenset = frozenset()
     try:
         recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     except (OSError, yaml.YAMLError):
         pass
     try:
-        world = int(json.loads((out / RUN_FILE).read_text())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads((out / RUN_FILE).read_text())
+        world = int(info["world_size"])
+        auto = frozenset(info.get("auto") or ())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    return (recipe if isinstance(recipe, dict) else None), world
+    return (recipe if isinstance(recipe, dict) else None), world, auto
 
 
 def check_resume(out: Path, resolved: dict, world_size: int, accept_changes: bool, log) -> bool:
     """The decision of ``--resume`` in ``out`` with the new ``resolved`` recipe on ``world_size`` processes: raises
     a ``UserError`` for changes that are not accepted; returns True when the run is already finished and nothing is
     to be trained (said in one line by ``log``), False when training goes on."""
-    old, old_world = started_with(out)
-    changes = differences(old, resolved) if old is not None else []
+    old, old_world, old_auto = started_with(out)
+    changes = differences(old, resolved, old_auto) if old is not None else []
     if old_world is not None and old_world != world_size:
         changes.append((WORLD_KEY, old_world, world_size))
     serious = [c for c in changes if not _harmless(c[0])]
@@ -116,7 +125,9 @@ def check_resume(out: Path, resolved: dict, world_size: int, accept_changes: boo
         raise UserError(f"--resume: the recipe differs from the one the run in {out} started with: {_show(serious)}; "
                         f"restore those values, pass {ACCEPT_FLAG} to continue the checkpoint under the new ones, "
                         "or use --overwrite or another output_dir to start over")
-    if finished and not serious:
+    # a finished run trains on only when the accepted changes give it more to train
+    extends = any(key in ("train.max_steps", "train.num_train_epochs") for key, _, _ in serious)
+    if finished and not extends:
         step = _finished_step(out)
         log(f"{out} holds a finished run ({'step ' + str(step) + ', ' if step is not None else ''}summary.json): "
             f"nothing to resume (to train further, raise train.max_steps and pass {ACCEPT_FLAG})")

@@ -423,6 +423,10 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False, a
 
     check_flags(resume, overwrite)
     out = Path(loaded.recipe.output_dir).expanduser()
+    source = Path(loaded.recipe.model.name_or_path).expanduser()
+    if source.is_dir() and out.exists() and source.resolve() == out.resolve():
+        raise UserError(f"output_dir: {out} is the model this run starts from (model.name_or_path); a run writes its "
+                        "own folder: choose another output_dir")
     if is_main_process():
         prepare_output_dir(out)
     with RunLock(out) if is_main_process() else contextlib.nullcontext():
@@ -446,17 +450,18 @@ def _finished(loaded: LoadedRecipe, out: Path, accept_changes: bool) -> bool:
 
 def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     from aligntool.launch import preemption
-    from aligntool.resume import write_run_file
+    from aligntool.resume import auto_keys, write_run_file
 
     spec = loaded.spec
     module = spec.load()
     if resume and spec.kind == "trl" and latest_checkpoint(out / "checkpoints") is None:
         raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
 
+    auto = auto_keys(loaded.resolved())  # before Step Law fills them in: recipe.yaml holds the values it chose
     run = prepare(loaded, out, resume)
     if is_main_process():  # written once the inputs are known to be good (and, on --resume, the recipe checked)
         write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
-        write_run_file(out, int(os.environ.get("WORLD_SIZE", "1")))
+        write_run_file(out, int(os.environ.get("WORLD_SIZE", "1")), auto)
         if not resume:
             (out / "metrics.jsonl").write_text("")
     # SIGUSR1/SIGTERM from here on mean "checkpoint at the step end and stop"; before, they stop the process at once

@@ -90,3 +90,26 @@ def train_two_processes(recipe: str, out: Path, *overrides: str) -> tuple[dict, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     return summary, proc.stderr
+
+
+def expect_error(capsys, args, *needles) -> str:
+    """``aligntool ARGS`` in-process: exit code 2 and one line on stderr holding every needle; returns the line."""
+    from aligntool.cli import main
+
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("aligntool: error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def ok(capsys, args) -> str:
+    """``aligntool ARGS`` in-process: exit code 0; returns what it wrote to stderr."""
+    from aligntool.cli import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.err

@@ -6,28 +6,10 @@ import json
 
 import pytest
 import torch
-
-from aligntool.cli import main
+from conftest import expect_error, ok
 
 SMALL = ["calibration.seq_len=32", "calibration.num_sequences=16", "calibration.heldout_sequences=4",
          "compress.method=uniform", "compress.group_size=64"]
-
-
-def expect_error(capsys, args, *needles) -> str:
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("aligntool: error: "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
-
-
-def ok(capsys, args) -> str:
-    code = main(args)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
-    return captured.err
 
 
 def a_run(folder):
@@ -123,3 +105,25 @@ def test_compress_of_an_adapter_measures_the_merged_model_and_asks_before_rewrit
     ok(capsys, ["unpack", str(out / "packed"), "--out", str(tmp_path / "u")])
     expect_error(capsys, ["unpack", str(out / "packed"), "--out", str(tmp_path / "u")], "already holds a model")
     ok(capsys, ["unpack", str(out / "packed"), "--out", str(tmp_path / "u"), "--overwrite"])
+
+
+@pytest.mark.slow
+def test_train_refuses_a_folder_that_holds_a_model_and_overwrite_replaces_the_whole_model(capsys, tmp_path, tiny_path):
+    """A LoRA run into a model folder would put its adapter beside the old weights, and every loader would read the
+    old model: refused without --overwrite; with it, the old weights go. The folder a run starts from is never its
+    output."""
+    import shutil
+
+    from aligntool.models import is_adapter
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_path, out)
+    args = ["train", "--recipe", "sft", "peft.r=4", "train.max_steps=1", "dataset.toy.size=8", f"output_dir={out}"]
+    expect_error(capsys, args, f"output_dir: {out} already holds a model", "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == (tiny_path / "model.safetensors").read_bytes()
+    ok(capsys, [*args, "--overwrite"])
+    assert is_adapter(str(out)) and not (out / "model.safetensors").exists()
+    source = ["train", "--recipe", "sft", "train.max_steps=1", f"model.name_or_path={out}", f"output_dir={out}"]
+    expect_error(capsys, [*source, "--overwrite"], "is the model this run starts from")
+    assert is_adapter(str(out))
+

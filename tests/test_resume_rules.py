@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import expect_error, ok
 
 from aligntool.cli import main
 from aligntool.resume import check_resume, differences
@@ -14,23 +15,6 @@ TRL = ["train.max_steps=4", "train.save_steps=2", "train.per_device_train_batch_
        "train.max_length=48", "dataset.toy.size=16"]
 ONLINE = ["train.max_steps=2", "train.save_steps=1", "train.per_device_train_batch_size=2", "algo.max_new_tokens=4",
           "dataset.toy.size=4", "train.logging_steps=1"]
-
-
-def expect_error(capsys, args, *needles) -> str:
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("aligntool: error: "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
-
-
-def ok(capsys, args) -> str:
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 0, err[-3000:]
-    return err
 
 
 def losses(out):
@@ -48,9 +32,13 @@ def test_the_comparison_names_each_changed_key_and_lets_harmless_ones_pass(tmp_p
     (tmp_path / "run.json").write_text('{"world_size": 1}')
     new = {"train": {"learning_rate": 1e-5, "max_steps": 4, "logging_steps": 1, "lr_scheduler_type": "cosine",
                      "per_device_train_batch_size": "auto"}, "dataset": {"path": "b.jsonl"}}
-    assert differences(old, new) == [("dataset.path", "a.jsonl", "b.jsonl"),
-                                     ("train.learning_rate", 5e-4, 1e-5), ("train.logging_steps", 10, 1),
-                                     ("train.lr_scheduler_type", None, "cosine")]  # 'auto' is resolved, not a change
+    # a run that started with the batch 'auto' holds Step Law's value in recipe.yaml: 'auto' again is no change
+    assert differences(old, new, frozenset({"train.per_device_train_batch_size"})) == [
+        ("dataset.path", "a.jsonl", "b.jsonl"), ("train.learning_rate", 5e-4, 1e-5), ("train.logging_steps", 10, 1),
+        ("train.lr_scheduler_type", None, "cosine")]
+    # but an explicit value switched to 'auto' is one (Step Law would pick another batch)
+    assert ("train.per_device_train_batch_size", 8, "auto") in differences(old, new)
+    new["train"]["per_device_train_batch_size"] = 8
     from aligntool.errors import UserError
 
     with pytest.raises(UserError) as err:
@@ -71,6 +59,13 @@ def test_the_comparison_names_each_changed_key_and_lets_harmless_ones_pass(tmp_p
     said = []
     assert check_resume(tmp_path, old, 1, False, log=said.append) is True  # finished: nothing to train
     assert "finished run (step 4" in said[-1]
+    # an accepted change that gives a finished run nothing more to train leaves it finished
+    lower = {**old, "train": {**old["train"], "learning_rate": 1e-5}}
+    said = []
+    assert check_resume(tmp_path, lower, 1, True, log=said.append) is True
+    assert "nothing to resume" in said[-1] and not any("continuing" in s for s in said)
+    longer = {**old, "train": {**old["train"], "max_steps": 8}}
+    assert check_resume(tmp_path, longer, 1, True, log=print) is False
 
 
 def test_resume_and_overwrite_together_are_refused(capsys, tmp_path):

@@ -83,8 +83,12 @@ def test_dataset_split_on_a_file_is_applied_with_slices_and_checked(tmp_path):
     assert len(evald) == 6
     _, evald = _load(f"dataset.path={f}", f"dataset.eval_path={e}", "dataset.eval_split=train[:2]")
     assert len(evald) == 2
-    assert "dataset.eval_split: 'test'" in user_error(_load, f"dataset.path={f}", f"dataset.eval_path={e}",
-                                                      "dataset.eval_split=test")
+    # judged by value: a run's own recipe.yaml writes every default out (eval_split: test) and must read the data
+    # as the first run did
+    _, evald = _load(f"dataset.path={f}", f"dataset.eval_path={e}", "dataset.eval_split=test")
+    assert len(evald) == 6
+    assert "dataset.eval_split: 'validation'" in user_error(_load, f"dataset.path={f}", f"dataset.eval_path={e}",
+                                                            "dataset.eval_split=validation")
 
 
 def test_a_saved_dataset_dict_takes_slices_and_names_its_splits(tmp_path):

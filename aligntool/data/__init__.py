@@ -410,6 +410,9 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
     import datasets
 
     cfg = recipe.dataset
+    # a split left at its default reads a file whole; judged by value, not by whether the key was written, so that a
+    # run's own recipe.yaml (every default filled in) reads the data as the first run did
+    defaults = type(cfg).model_fields
     from_pairs = getattr(cfg, "unpaired_from_pairs", False)
     if from_pairs and kind != "unpaired":
         raise UserError(f"dataset.unpaired_from_pairs: applies to algorithms that train on unpaired data (kto); this "
@@ -423,11 +426,11 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
                 toy_rows(kind, cfg.toy.eval_size, cfg.toy.seed + 1, "eval", cfg.toy.bt_temperature, cfg.toy.task)
             )
     else:
-        train = load_any(cfg.path, cfg.split, "dataset.path", base_dir, "split" in cfg.model_fields_set)
+        train = load_any(cfg.path, cfg.split, "dataset.path", base_dir, cfg.split != defaults["split"].default)
         evald = None
     if cfg.eval_path:
         evald = load_any(cfg.eval_path, cfg.eval_split, "dataset.eval_path", base_dir,
-                         "eval_split" in cfg.model_fields_set)
+                         cfg.eval_split != defaults["eval_split"].default)
     if cfg.max_samples is not None and len(train) > cfg.max_samples:
         train = train.select(range(cfg.max_samples))
     where = f"dataset.path {shown_path(cfg.path, base_dir)}"
