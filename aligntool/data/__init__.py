@@ -104,8 +104,9 @@ def implicit_prompts(data, where: str, log=print):
     dialogue = sum(ASSISTANT_TURN in c for c in data["chosen"])
     data = data.map(split_implicit_prompt)
     if dialogue:
-        log(f"{where}: no prompt column: each pair's prompt is its dialogue up to the last '\\n\\nAssistant:' turn "
-            f"the two texts share ({dialogue} of {len(data)} rows are dialogues; other rows: their common start)")
+        log(f"note: {where}: no prompt column: each pair's prompt is its dialogue up to the last "
+            f"'\\n\\nAssistant:' turn the two texts share ({dialogue} of {len(data)} rows are dialogues; other "
+            "rows: their common start)")
     return data
 
 
@@ -457,8 +458,9 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
         train, evald = _fraction_split(train, cfg.eval_fraction, cfg.toy.seed, log)
     if kind == "preference":
         train = implicit_prompts(train, where, log)
-        evald = implicit_prompts(evald, f"dataset.eval_path {shown_path(cfg.eval_path, base_dir) or 'toy'}", log) \
-            if evald is not None else None
+        if evald is not None:  # eval rows carved from the training file were described with the training rows
+            evald = implicit_prompts(evald, f"dataset.eval_path {shown_path(cfg.eval_path, base_dir)}", log) \
+                if cfg.eval_path else implicit_prompts(evald, where, lambda message: None)
     if tokenizer is not None:
         check_template(train, columns, tokenizer, where)
     if tokenizer is not None and kind == "prompt":

@@ -70,6 +70,7 @@ def assistant_only(run) -> tuple[bool, str | None]:
     from ``run``'s datasets, counted in a note."""
     from trl.data_utils import is_conversational
 
+    from aligntool import data as data_mod
     from aligntool import tokens
     from aligntool.errors import UserError
     from aligntool.outputs import log
@@ -81,7 +82,7 @@ def assistant_only(run) -> tuple[bool, str | None]:
         if setting:
             raise UserError(f"{source}: algo.assistant_only_loss: applies to conversational rows (`messages`, or "
                             f"`prompt`/`completion` lists of {{role, content}} messages); dataset.path "
-                            f"{run.recipe.dataset.path} holds plain text")
+                            f"{data_mod.shown_path(run.recipe.dataset.path, run.loaded.base_dir)} holds plain text")
         return False, None
     messages = "prompt" not in data.column_names  # TRL's own order: prompt/completion first, then messages
     if setting is None and not messages:
@@ -95,7 +96,7 @@ def assistant_only(run) -> tuple[bool, str | None]:
             f"turns only, {fix} (algo.assistant_only_loss: false silences this note)")
         return False, None
     if messages:
-        where = f"dataset.path {run.recipe.dataset.path}"
+        where = f"dataset.path {data_mod.shown_path(run.recipe.dataset.path, run.loaded.base_dir)}"
         run.train_dataset = _rows_with_an_assistant_turn(data, "training", where, log)
         if run.eval_dataset is not None:
             run.eval_dataset = _rows_with_an_assistant_turn(run.eval_dataset, "eval", "the eval set", log)
