@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, user_error
 
+from aligntool import outputs
 from aligntool.errors import UserError
 from aligntool.launch import distributed
-from aligntool.outputs import check_model_saved, model_problem
 from aligntool.recipe.loader import load_recipe
 
 CONFIGS = REPO / "tests" / "data" / "accelerate_configs"
@@ -40,15 +40,15 @@ def launcher(monkeypatch):
     """Set a launcher's environment for this test (the per-process cache of it is reset before and after)."""
     for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
-    distributed._LAUNCHER.clear()
+    vars(distributed).get("_LAUNCHER", {}).clear()
 
     def set_env(env: dict):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        distributed._LAUNCHER.clear()
+        vars(distributed).get("_LAUNCHER", {}).clear()
 
     yield set_env
-    distributed._LAUNCHER.clear()
+    vars(distributed).get("_LAUNCHER", {}).clear()
 
 
 # ------------------------------------------------------------------------------------ the launcher's backend
@@ -132,23 +132,23 @@ def test_model_problem_finds_what_a_run_can_leave_instead_of_a_model(tmp_path, t
 
     good = tmp_path / "good"
     _save_tiny(tiny_path, good)
-    assert model_problem(good) is None
-    check_model_saved(good)
+    assert outputs.model_problem(good) is None
+    outputs.check_model_saved(good)
     # ZeRO-3 without gathered weights: only DeepSpeed's shards
     shards = tmp_path / "zero3"
     (shards / "global_step2").mkdir(parents=True)
     (shards / "config.json").write_text((good / "config.json").read_text())
-    assert "global_step2" in model_problem(shards) and "no loadable model" in model_problem(shards)
+    assert "global_step2" in outputs.model_problem(shards) and "no loadable model" in outputs.model_problem(shards)
     # ... or placeholders: every weight an empty partition
     names = load_file(str(good / "model.safetensors"))
     save_file({k: torch.empty(0) for k in names}, str(shards / "model.safetensors"))
-    assert "not gathered" in model_problem(shards)
+    assert "not gathered" in outputs.model_problem(shards)
     # a cut write
     cut = tmp_path / "cut"
     _save_tiny(tiny_path, cut)
     data = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
-    assert "truncated" in model_problem(cut)
+    assert "truncated" in outputs.model_problem(cut)
     # a sharded save whose index names a missing shard, or a weight no shard holds
     sharded = tmp_path / "sharded"
     _save_tiny(tiny_path, sharded)
@@ -156,15 +156,15 @@ def test_model_problem_finds_what_a_run_can_leave_instead_of_a_model(tmp_path, t
     weight_map = {k: "model-00001-of-00001.safetensors" for k in load_file(str(good / "model.safetensors"))}
     index = sharded / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert model_problem(sharded) is None
+    assert outputs.model_problem(sharded) is None
     index.write_text(json.dumps({"weight_map": {**weight_map, "lm_head.extra": "model-00001-of-00001.safetensors"}}))
-    assert "lm_head.extra" in model_problem(sharded)
+    assert "lm_head.extra" in outputs.model_problem(sharded)
     index.write_text(json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}}))
-    assert "missing" in model_problem(sharded)
+    assert "missing" in outputs.model_problem(sharded)
     # no config, and the one-line error a command ends with
     (good / "config.json").unlink()
-    assert "config.json" in model_problem(good)
-    message = user_error(check_model_saved, good)
+    assert "config.json" in outputs.model_problem(good)
+    message = user_error(outputs.check_model_saved, good)
     assert message.startswith(f"output_dir: {good}: the run finished but its model is not loadable")
 
 
@@ -174,9 +174,9 @@ def test_model_problem_accepts_a_lora_adapter_folder(tmp_path, tiny_path):
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), LoraConfig(r=4, task_type="CAUSAL_LM"))
     model.save_pretrained(tmp_path / "adapter")
-    assert model_problem(tmp_path / "adapter") is None
+    assert outputs.model_problem(tmp_path / "adapter") is None
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
-    assert "adapter_model.safetensors" in model_problem(tmp_path / "adapter")
+    assert "adapter_model.safetensors" in outputs.model_problem(tmp_path / "adapter")
 
 
 STEP = ["train.max_steps=1", "dataset.toy.size=16", "train.logging_steps=1", "train.save_steps=1000"]
@@ -256,7 +256,7 @@ def test_accelerate_launch_with_trls_configs_runs_that_backend_and_saves_a_loada
         assert summary["distributed"]["zero_stage"] == 3 and "ZeRO-3: weights loaded sharded" in proc.stderr
     else:
         assert "FSDP: parameters sharded over 2 processes" in proc.stderr
-    assert model_problem(out) is None
+    assert outputs.model_problem(out) is None
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -275,3 +275,17 @@ def test_user_error_is_raised_for_an_unreadable_launcher_config(tmp_path):
     with pytest.raises(UserError, match="cannot be read"):
         distributed.launcher_backend({"ACCELERATE_USE_DEEPSPEED": "true",
                                       "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "missing.json")})
+
+
+@pytest.mark.slow
+def test_one_process_zero3_without_a_launcher_saves_a_loadable_model(tmp_path, tiny_path):
+    """One process, distributed.backend deepspeed (no torchrun): aligntool gives DeepSpeed a one-process rendezvous
+    on a port the store binds itself (MASTER_PORT 0: no probed port to lose), and the ZeRO-3 model is saved whole."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "aligntool.cli", "train", "--recipe", "dpo", *STEP,
+                           "distributed.backend=deepspeed", "distributed.zero_stage=3", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["distributed"]["described"] == "DeepSpeed ZeRO-3"
+    assert outputs.model_problem(out) is None

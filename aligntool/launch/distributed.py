@@ -159,10 +159,11 @@ def setup(recipe, out: Path) -> Setup:
     backend = recipe.distributed.backend
     if backend == "deepspeed" and "RANK" not in os.environ:
         # one process started without a launcher: DeepSpeed would look for MPI (mpi4py) to find its rank; give it
-        # the one-process rendezvous torchrun would
+        # the one-process rendezvous torchrun would. Port 0: the store binds a port of its own choosing (no other
+        # process needs to find it), so no probed-free port can be taken in between (EADDRINUSE)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "0"))
     if world_size() > 1 and not _cuda() and backend != "ddp":
         from accelerate import PartialState
 
@@ -172,14 +173,6 @@ def setup(recipe, out: Path) -> Setup:
         else:
             _cpu_fsdp_state(recipe, kwargs, out)
     return Setup(kwargs)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cpu_fsdp_state(recipe, kwargs: dict, out: Path) -> None:
