@@ -375,27 +375,15 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
 
         result = Engine(run, module.method(run)).train()
     result["wall_time_s"] = round(time.time() - start, 2)
-    result["distributed"] = _backend_used(loaded.recipe)
+    from aligntool.launch.distributed import backend_used
+
+    result["distributed"] = backend_used(loaded.recipe)
     if is_main_process():
         # "Done" only for a model that loads: e.g. ZeRO-3 without gathered weights writes only DeepSpeed's shards
         check_model_saved(out, f" ({result['distributed']['described']})")
         write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
         log(f"Done in {result['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
     return result
-
-
-def _backend_used(recipe) -> dict:
-    """summary.json's record of how the processes shared the work (the launcher's choice already in the recipe)."""
-    d = recipe.distributed
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    described = {"ddp": "DDP" if world > 1 else "one process", "fsdp": f"FSDP2 {d.fsdp_sharding}",
-                 "deepspeed": f"DeepSpeed ZeRO-{d.zero_stage}"}[d.backend]
-    from aligntool.launch.distributed import launcher_backend
-
-    launcher = "accelerate launch" if launcher_backend() else None
-    return {"backend": d.backend, "described": described, "world_size": world,
-            **({"zero_stage": d.zero_stage} if d.backend == "deepspeed" else {}),
-            **({"launcher": launcher} if launcher else {})}
 
 
 def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:

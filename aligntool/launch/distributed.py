@@ -134,6 +134,17 @@ def adopt_launcher(recipe) -> str | None:
     return f"accelerate launch: {found['described']} from the launcher's config (recipe.yaml records it)"
 
 
+def backend_used(recipe) -> dict:
+    """summary.json's record of how the processes shared the work (a launcher's choice is in the recipe by now)."""
+    d = recipe.distributed
+    world = world_size()
+    described = {"ddp": "DDP" if world > 1 else "one process", "fsdp": f"FSDP2 {d.fsdp_sharding}",
+                 "deepspeed": f"DeepSpeed ZeRO-{d.zero_stage}"}[d.backend]
+    return {"backend": d.backend, "described": described, "world_size": world,
+            **({"zero_stage": d.zero_stage} if d.backend == "deepspeed" else {}),
+            **({"launcher": "accelerate launch"} if launcher_backend() else {})}
+
+
 def trainer_kwargs(recipe, out: Path, write: bool = False) -> dict:
     """The backend's TrainingArguments keywords (and, with ``write``, its config files); no process state."""
     from aligntool.launch.configs import training_kwargs
