@@ -289,3 +289,15 @@ def test_one_process_zero3_without_a_launcher_saves_a_loadable_model(tmp_path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["distributed"]["described"] == "DeepSpeed ZeRO-3"
     assert outputs.model_problem(out) is None
+
+
+def test_the_launchers_deepspeed_training_keys_fill_the_recipe_or_are_refused_when_they_differ(launcher):
+    """gradient_accumulation_steps / gradient_clipping in the accelerate config's deepspeed_config: DeepSpeed's
+    "auto" entries come from train.*, so the launcher's values go there (or a different recipe value is refused)."""
+    launcher({**ZERO3_ENV, "ACCELERATE_CONFIG_DS_FIELDS": "zero_stage,gradient_accumulation_steps,gradient_clipping",
+              "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "0.5"})
+    recipe = load_recipe("dpo").recipe
+    distributed.adopt_launcher(recipe)
+    assert (recipe.train.gradient_accumulation_steps, recipe.train.max_grad_norm) == (4, 0.5)
+    message = user_error(distributed.adopt_launcher, load_recipe("dpo", ["train.gradient_accumulation_steps=2"]).recipe)
+    assert "gradient_accumulation_steps 4" in message and "train.gradient_accumulation_steps 2" in message

@@ -47,7 +47,8 @@ _LAUNCHER: dict = {}
 # _deepspeed_config_checks); once adopted into the recipe's config they are dropped from this process's environment
 _DS_FIELD_VARS = ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
                   "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
-                  "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "ACCELERATE_DEEPSPEED_ZERO3_INIT")
+                  "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "ACCELERATE_DEEPSPEED_ZERO3_INIT",
+                  "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING")
 
 
 def _true(value: str | None) -> bool:
@@ -93,7 +94,7 @@ def launcher_backend(env=None) -> dict | None:
                                 f"(set it to cpu or none)")
         return {"backend": "deepspeed", "zero_stage": int(stage), "offload_optimizer": str(off_opt).lower() == "cpu",
                 "offload_params": str(off_par).lower() == "cpu", "config_file": config_file,
-                "described": f"DeepSpeed ZeRO-{stage}"}
+                "described": f"DeepSpeed ZeRO-{stage}", "train": {} if config_file else _deepspeed_train_keys(env)}
     if _true(env.get("ACCELERATE_USE_FSDP")):
         version = env.get("FSDP_VERSION", "1")
         if version != "2":
@@ -118,12 +119,18 @@ def adopt_launcher(recipe) -> str | None:
         return None
     d = recipe.distributed
     given = d.model_fields_set
-    launcher = {k: v for k, v in found.items() if k not in ("config_file", "described")}
+    launcher = {k: v for k, v in found.items() if k not in ("config_file", "described", "train")}
     clashes = [f"distributed.{k}: {getattr(d, k)!r}" for k, v in launcher.items() if k in given and getattr(d, k) != v]
     if clashes:
         raise UserError(f"accelerate launch: the launcher's config runs {found['described']} but the recipe sets "
                         f"{', '.join(clashes)}; remove the key (the launcher then decides) or launch with a config "
                         f"that matches it")
+    for key, value in found.get("train", {}).items():  # the launcher's DeepSpeed training keys (gradient_clipping..)
+        if getattr(recipe.train, key) is None:
+            setattr(recipe.train, key, value)
+        elif getattr(recipe.train, key) != value:
+            raise UserError(f"accelerate launch: the launcher's deepspeed_config sets {TRAIN_KEYS[key][0]} {value} but "
+                            f"the recipe sets train.{key} {getattr(recipe.train, key)}; remove one of them")
     from aligntool.recipe.schema import DistributedConfig
 
     recipe.distributed = DistributedConfig.model_validate(
@@ -132,6 +139,26 @@ def adopt_launcher(recipe) -> str | None:
         for var in _DS_FIELD_VARS:
             os.environ.pop(var, None)
     return f"accelerate launch: {found['described']} from the launcher's config (recipe.yaml records it)"
+
+
+# train.* keys an accelerate config's deepspeed_config may set: (its name, the variable the launcher sets, type);
+# TrainingArguments fill DeepSpeed's "auto" entries from train.*, so the launcher's values go there
+TRAIN_KEYS = {"gradient_accumulation_steps": ("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                                              int),
+              "max_grad_norm": ("gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING", float)}
+
+
+def _deepspeed_train_keys(env) -> dict:
+    """The train.* values the launcher's ``deepspeed_config`` named (accelerate lists them in
+    ACCELERATE_CONFIG_DS_FIELDS)."""
+    named, found = env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(","), {}
+    for key, (name, var, cast) in TRAIN_KEYS.items():
+        if name in named and var in env:
+            try:
+                found[key] = cast(env[var])
+            except ValueError:
+                raise UserError(f"accelerate launch: deepspeed_config: {name}: {env[var]!r} is not a number") from None
+    return found
 
 
 def backend_used(recipe) -> dict:
