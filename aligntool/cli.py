@@ -127,6 +127,11 @@ def slurm(
     script = sbatch_script(recipe, overrides, nodes, gpus_per_node, time_limit, output_dir,
                            job_name=f"aligntool-{loaded.spec.name}", partition=partition, account=account,
                            cpus_per_task=cpus_per_task, signal_lead=signal_lead)
+    from aligntool.outputs import prepare_output_dir
+
+    # SLURM opens `#SBATCH --output=OUTPUT_DIR/slurm-%j.out` before the script's first line runs: the folder must
+    # exist (and be writable) at submission, or the job dies at once ("Could not open stdout file")
+    prepare_output_dir(Path(output_dir))
     path = Path(out) if out else Path(output_dir) / "slurm.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)

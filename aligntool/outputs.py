@@ -311,3 +311,83 @@ def disk_full_error(out: Path, exc: BaseException) -> UserError | None:
     kept = f"the last complete checkpoint {last.name} is intact" if last else "no complete checkpoint yet"
     return UserError(f"output_dir: {out}: no space left on the device ({have}; {need}); {kept} -- free space, then "
                      "rerun with --resume")
+
+
+# ---------------------------------------------------------------------------------------------- the final model
+def _safetensors_problem(file: Path, folder: Path) -> tuple[str | None, set[str]]:
+    """(why ``file`` is not a usable weights file or None, the tensor names it holds). Reads the header only; a
+    tensor with no elements is what a ZeRO-3 model saved without gathering holds (each rank's partition is elsewhere),
+    and a file shorter than its header says is a cut write."""
+    import struct
+
+    rel = file.relative_to(folder)
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                return f"{rel}: truncated (header of {n} bytes in a {size}-byte file)", set()
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        return f"{rel}: unreadable ({type(exc).__name__})", set()
+    header.pop("__metadata__", None)
+    if not header:
+        return f"{rel}: holds no tensors", set()
+    end = max(info["data_offsets"][1] for info in header.values())
+    if 8 + n + end > size:
+        return f"{rel}: truncated ({size} bytes; its header needs {8 + n + end})", set()
+    empty = [name for name, info in header.items() if 0 in info.get("shape", [1])]
+    if empty:
+        return (f"{rel}: {len(empty)} of {len(header)} tensors are empty (e.g. {empty[0]}): the weights were not "
+                "gathered when saved (a sharded run's partitions)"), set()
+    return None, set(header)
+
+
+def model_problem(folder: Path) -> str | None:
+    """Why ``folder`` does not hold a model that loads (None if it does): a full model (config.json + safetensors
+    weights, one file or the shards an index names, every indexed weight present) or a LoRA adapter
+    (adapter_config.json + adapter weights). Structural and cheap for any size: JSON files parse, safetensors headers
+    read and agree with the file sizes, no tensor is an empty placeholder; no weight is loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder}: no such folder"
+    adapter = (folder / "adapter_config.json").is_file()
+    config = folder / ("adapter_config.json" if adapter else "config.json")
+    if not config.is_file():
+        return f"{folder}: no config.json (nor adapter_config.json): no model was saved"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{config.name}: unreadable ({type(exc).__name__})"
+    stem = "adapter_model" if adapter else "model"
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return _safetensors_problem(single, folder)[0]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{index.name}: unreadable ({type(exc).__name__})"
+        present: set[str] = set()
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                return f"{index.name}: names {shard}, which is missing"
+            problem, names = _safetensors_problem(folder / shard, folder)
+            if problem:
+                return problem
+            present |= names
+        missing = sorted(set(weight_map) - present)
+        if missing:
+            return f"{index.name}: {len(missing)} weights it names are in no shard (e.g. {missing[0]})"
+        return None
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt") or p.name.startswith("global_step"))
+    seen = f" (found only {', '.join(others[:3])})" if others else ""
+    return f"{folder}: no {single.name} or {index.name}{seen}: no loadable model was saved"
+
+
+def check_model_saved(folder: Path, how: str = "") -> None:
+    """Raise a one-line error unless ``folder`` holds a model that loads (see model_problem): checked before a
+    command reports success, so that "Done" always means a usable model."""
+    problem = model_problem(folder)
+    if problem is not None:
+        raise UserError(f"output_dir: {folder}: the run finished but its model is not loadable{how}: {problem}")

@@ -21,6 +21,7 @@ from aligntool.errors import UserError, first_line
 from aligntool.outputs import (
     COMPLETE_MARKER,
     append_metrics,
+    check_model_saved,
     checkpoint_step,
     is_main_process,
     latest_checkpoint,
@@ -477,7 +478,12 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
 
         result = Engine(run, module.method(run)).train()
     result["wall_time_s"] = round(time.time() - start, 2)
+    from aligntool.launch.distributed import backend_used
+
+    result["distributed"] = backend_used(loaded.recipe)
     if is_main_process():
+        # "Done" only for a model that loads: e.g. ZeRO-3 without gathered weights writes only DeepSpeed's shards
+        check_model_saved(out, f" ({result['distributed']['described']})")
         write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
         log(f"Done in {result['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
     return result

@@ -29,14 +29,6 @@ KEYS = {"ppo": ("policy_loss", "value_loss", "kl"), "remax": ("loss", "kl", "rew
         "online_dpo": ("loss", "kl", "grad_norm")}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def curve(out, recipe):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [float(v) for r in rows for v in (r["step"], *(r[k] for k in KEYS[recipe]))]  # flat: approx compares it
@@ -66,7 +58,9 @@ def test_sharded_online_methods_match_one_process_and_resume(tmp_path, single, b
     runs = [f"{name}:{recipe}{''.join(',' + e for e in extra)}" for name, (recipe, extra) in METHODS.items()]
     recipe, extra = METHODS[resumed]
     runs.append(f"+{resumed}:{recipe}{''.join(',' + e for e in extra)},train.max_steps=3")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    # --standalone: torchrun's rendezvous binds a port of its own choosing (a port probed free and handed over could
+    # be taken by another process before torchrun bound it: EADDRINUSE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(REPO / "tests" / "online_sharded_driver.py"), str(tmp_path), *runs, "--", *COMMON, *backend,
            "train.max_steps=2", "train.save_steps=2", "train.per_device_train_batch_size=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
