@@ -83,7 +83,7 @@ def merge_lora(
     """Merge a LoRA adapter into its base model and save a plain transformers model folder (safetensors)."""
     _DEBUG["on"] = _DEBUG["on"] or debug
     from aligntool import models
-    from aligntool.outputs import atomic_path, check_output
+    from aligntool.outputs import atomic_path, check_model_saved, check_output
 
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
@@ -98,6 +98,7 @@ def merge_lora(
     with atomic_path(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+    check_model_saved(target, key="--out", what="merged")
     print(target)
 
 
@@ -165,6 +166,9 @@ def compress(
     print(f"held-out perplexity {h['ppl_dense']:.3f} -> {h['ppl']:.3f}, KL(dense||compressed) {h['kl']:.4f}; "
           f"compressed layers {b['compressed_layers_dense']} -> {b['compressed_layers_packed']} bytes "
           f"({b['compressed_layers_ratio']:.3f})", file=sys.stderr)
+    from aligntool.outputs import check_model_saved
+
+    check_model_saved(Path(loaded.output_dir), key="output_dir", what="compressed")
     print(loaded.output_dir)
 
 
@@ -181,7 +185,7 @@ def unpack(
     _DEBUG["on"] = _DEBUG["on"] or debug
     from aligntool.compress.packed import load_packed
     from aligntool.models import load_tokenizer
-    from aligntool.outputs import atomic_path, check_output
+    from aligntool.outputs import atomic_path, check_model_saved, check_output
 
     out = out.expanduser()
     check_output(out, overwrite)
@@ -190,6 +194,7 @@ def unpack(
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+    check_model_saved(out, key="--out", what="unpacked")
     print(out)
 
 
@@ -288,7 +293,11 @@ def soup(
         raise UserError(f"--weight: need one weight per model ({len(models_)}) summing to 1, got {weights}")
     out = out.expanduser()
     check_output(out, overwrite)
-    print(models.make_soup(list(models_), weights or None, out, key="soup", log=lambda m: print(m, file=sys.stderr)))
+    from aligntool.outputs import check_model_saved
+
+    written = models.make_soup(list(models_), weights or None, out, key="soup", log=lambda m: print(m, file=sys.stderr))
+    check_model_saved(written, key="--out", what="averaged")
+    print(written)
 
 
 @app.command()

@@ -385,9 +385,10 @@ def model_problem(folder: Path) -> str | None:
     return f"{folder}: no {single.name} or {index.name}{seen}: no loadable model was saved"
 
 
-def check_model_saved(folder: Path, how: str = "") -> None:
+def check_model_saved(folder: Path, how: str = "", key: str = "output_dir", what: str = "the run finished") -> None:
     """Raise a one-line error unless ``folder`` holds a model that loads (see model_problem): checked before a
-    command reports success, so that "Done" always means a usable model."""
+    command reports success (train, merge-lora, unpack, soup, compress), so that "Done" always means a usable
+    model."""
     problem = model_problem(folder)
     if problem is not None:
-        raise UserError(f"output_dir: {folder}: the run finished but its model is not loadable{how}: {problem}")
+        raise UserError(f"{key}: {folder}: {what} but its model is not loadable{how}: {problem}")

@@ -3,6 +3,7 @@ holds something unless --overwrite; compress measures the model it compressed (a
 a soup of LoRA adapters is the average of the merged models; eval of a packed folder points to `aligntool unpack`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_a_soup_of_lora_adapters_is_the_average_of_the_merged_models(capsys, tmp
     ma, mb = merged_adapter(str(a)).state_dict(), merged_adapter(str(b)).state_dict()
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not ma[key].equal(mb[key])
+    assert set(ma) - set(got) <= {"lm_head.weight"}, set(ma) - set(got)  # only a tied head may be left out
     for k, v in got.items():
         torch.testing.assert_close(v, 0.25 * ma[k] + 0.75 * mb[k], rtol=1e-5, atol=1e-6)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,3 +129,27 @@ def test_train_refuses_a_folder_that_holds_a_model_and_overwrite_replaces_the_wh
     expect_error(capsys, [*source, "--overwrite"], "is the model this run starts from")
     assert is_adapter(str(out))
 
+
+def test_merge_lora_does_not_report_a_model_it_did_not_write(capsys, tmp_path, tiny_path, monkeypatch):
+    """The rule of train's "Done" holds for every command that writes a model (merge-lora, unpack, soup, compress
+    call the same check): a save that left no loadable weights ends in one line, not in the folder's path printed
+    as a result."""
+    from transformers import PreTrainedModel
+
+    lora = adapter(tiny_path, tmp_path / "lora", 0)
+    capsys.readouterr()
+    real = PreTrainedModel.save_pretrained
+
+    def config_only(self, folder, *args, **kwargs):  # a save cut after the config (a full disk, a failed gather)
+        real(self, folder, *args, **kwargs)
+        for weights in Path(folder).glob("*.safetensors"):
+            weights.unlink()
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", config_only)
+    from aligntool.cli import main
+
+    assert main(["merge-lora", str(lora), "--out", str(tmp_path / "merged")]) == 2
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]  # after transformers' loading bar: the work was done, then checked
+    assert last.startswith("aligntool: error: --out: ") and "merged but its model is not loadable" in last, last
+    assert "no model.safetensors" in last and str(tmp_path / "merged") not in captured.out  # no path as a result
