@@ -423,6 +423,12 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False, a
     from aligntool.resume import check_flags
 
     check_flags(resume, overwrite)
+    from aligntool.launch.distributed import adopt_launcher
+
+    # an `accelerate launch` backend becomes the recipe's before anything compares or writes it (--resume compares
+    # the recipe with the run's recipe.yaml, which records the adopted backend)
+    if note := adopt_launcher(loaded.recipe):
+        log(note)
     out = Path(loaded.recipe.output_dir).expanduser()
     source = Path(loaded.recipe.model.name_or_path).expanduser()
     if source.is_dir() and out.exists() and source.resolve() == out.resolve():

@@ -258,6 +258,9 @@ def test_accelerate_launch_with_trls_configs_runs_that_backend_and_saves_a_loada
         assert "FSDP: parameters sharded over 2 processes" in proc.stderr
     assert outputs.model_problem(out) is None
     AutoModelForCausalLM.from_pretrained(out)
+    if backend == "fsdp":  # the launcher's backend is the run's before --resume compares recipes: not a change
+        proc = _accelerate_launch(config, out, "--resume")
+        assert proc.returncode == 0 and "nothing to resume" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ in single-process runs accelerate's own set-up is used as it is.
 
 Under ``accelerate launch --config_file X`` the launcher's choice of backend (the environment accelerate's launcher
 gives each rank: ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_ZERO_STAGE, ACCELERATE_USE_FSDP, FSDP_VERSION, ...)
-becomes the run's ``distributed`` section (``adopt_launcher``), so that the model is built, sharded and saved for
+becomes the run's ``distributed`` section (``adopt_launcher``, called by ``train`` before anything reads the
+recipe), so that the model is built, sharded and saved for
 that backend and recipe.yaml says what ran; a recipe that names another backend is refused in one line.
 """
 
@@ -188,11 +189,8 @@ def trainer_kwargs(recipe, out: Path, write: bool = False) -> dict:
 
 def setup(recipe, out: Path) -> Setup:
     """Config files, then (multi-process CPU runs with DeepSpeed or FSDP) the process group and accelerate's state."""
-    from aligntool.outputs import is_main_process, log
+    from aligntool.outputs import is_main_process
 
-    note = adopt_launcher(recipe)
-    if note:
-        log(note)
     kwargs = trainer_kwargs(recipe, out, write=is_main_process())
     backend = recipe.distributed.backend
     if backend == "deepspeed" and "RANK" not in os.environ:
