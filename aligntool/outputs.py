@@ -104,12 +104,34 @@ def summary(algorithm: str, kind: str, global_step: int, train_time_s: float, sa
             **details}
 
 
+def write_recipe(out: Path, resolved: dict) -> None:
+    """recipe.yaml: the fully resolved recipe of the run (what ``--resume`` compares a new recipe with)."""
+    import yaml
+
+    write_atomic(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+
+def write_summary(out: Path, result: dict) -> None:
+    """summary.json, written last: its presence means the run finished (``previous_run``, ``--resume``)."""
+    write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """A whole JSONL file at once (a pipeline stage's output), atomically."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 def checkpoint_step(path: Path) -> int | None:
     """N of a ``checkpoint-N`` folder, else None."""
     name = path.name
     return (int(name[len(CHECKPOINT_PREFIX):])
             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() else None)
+
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    """The COMPLETE marker, written last into a checkpoint folder: it means every file of it is written."""
+    write_atomic(checkpoint / COMPLETE_MARKER, f"{step}\n")
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
