@@ -12,8 +12,9 @@ from typing import Literal
 from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from aligntool.errors import UserError
+from aligntool.recipe.base import Strict
 from aligntool.recipe.loader import _explain, read_recipe
-from aligntool.recipe.schema import ModelConfig, Strict
+from aligntool.recipe.schema import ModelConfig
 
 
 class CalibrationConfig(Strict):

@@ -33,30 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from aligntool.errors import UserError, first_line
-from aligntool.recipe.schema import Sampling, Strict
+from aligntool.recipe.base import DEFAULT_ITERATIONS
 
-DEFAULT_ITERATIONS = 100  # when train.max_steps is not set (logged)
 SEED_STRIDE = 7919  # a prime: the prompt streams of seeds s and s + 1 never coincide
-
-
-def online_config(**sampling) -> type[Strict]:
-    """The settings every online method shares (its ``algo`` section extends these), with the method's sampling
-    defaults (temperature, top_p, max_new_tokens; see aligntool.recipe.schema.Sampling)."""
-
-    class OnlineConfig(Sampling(**sampling)):
-        missing_eos_penalty: float | None = Field(
-            None, ge=0, description="Subtracted from the score of responses cut off before EOS (for online_dpo / xpo: "
-            "from the preference scores, as TRL).")
-        disable_dropout: bool = Field(True, description="Dropout off in the policy (LoRA's included) and the "
-                                      "reference, as TRL's trainers default: rollouts are scored in eval mode and "
-                                      "updated in train mode, so with dropout the PPO/P3O ratio would not be 1 at the "
-                                      "sampling policy.")
-
-    return OnlineConfig
 
 
 class PolicyWithValue(nn.Module):

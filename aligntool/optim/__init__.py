@@ -3,17 +3,14 @@
 - ``lion_kappa``: Lion-kappa (Chen, Liu, Liang, Liu, ICLR 2024), ``LionKappa``;
 - ``cosmos``: COSMOS (Liu et al. 2025), ``Cosmos``.
 
-Their settings are the recipe's ``optimizer:`` section (``OptimizerConfig``). Torch is imported only when an optimizer
-is built, so that the recipe schema can import this package cheaply."""
+Their settings are the recipe's ``optimizer:`` section (``aligntool.recipe.optimizer.OptimizerConfig``). Torch is
+imported only when an optimizer is built."""
 
 from __future__ import annotations
 
-# the schema first: it imports OptimizerConfig (defined on its Strict base) while it is being built, so this package
-# must never be the one that starts importing it
-import aligntool.recipe.schema  # noqa: F401, I001
-from aligntool.optim.config import OPTIMIZERS, OptimizerConfig
+from aligntool.recipe.optimizer import OPTIMIZERS, OptimizerConfig
 
-__all__ = ["OPTIMIZERS", "OptimizerConfig", "LionKappa", "Cosmos", "optimizer_cls_and_kwargs"]
+__all__ = ["LionKappa", "Cosmos", "optimizer_cls_and_kwargs"]
 
 
 def __getattr__(name):

@@ -8,7 +8,7 @@ what makes the method what it is (``beta``, ``loss_type``, ...) and is validated
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -23,49 +23,12 @@ from pydantic import (
     model_validator,
 )
 
+from aligntool.recipe.base import Strict
+from aligntool.recipe.optimizer import OPTIMIZERS, OptimizerConfig
+
 # bitsandbytes class names accepted for train.optim, mapped to transformers' optimizer names
 OPTIM_ALIASES = {"AdamW": "adamw_torch", "AdamW8bit": "adamw_8bit", "PagedAdamW8bit": "paged_adamw_8bit",
                  "Lion8bit": "lion_8bit", "PagedLion8bit": "paged_lion_8bit", "Lion": "lion_32bit"}
-
-
-class Strict(BaseModel):
-    """Base of every recipe section: unknown keys are errors, numbers are finite.
-
-    The contract between an ``algo`` section and the algorithm's TRL config is declared once, here: ``trl_fields``
-    name the fields that go into the TRL config under the same name, ``trl_extra()`` adds what is renamed, converted or
-    fixed; nothing else of the section reaches TRL (the rest is read by aligntool's own trainer code)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-    trl_fields: ClassVar[tuple[str, ...]] = ()
-
-    def trl_extra(self) -> dict:
-        return {}
-
-    def trl_kwargs(self) -> dict:
-        """The keyword arguments this section gives the TRL config (None = TRL's own default)."""
-        values = {f: getattr(self, f) for f in self.trl_fields if getattr(self, f) is not None}
-        return {**values, **self.trl_extra()}
-
-
-def Sampling(temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 48, top_k: int | None = None,
-             seed: int | None = None) -> type[Strict]:
-    """The sampling settings of the methods that sample (online RL, RSO, SPPO, INPO), declared once: a base class with
-    the fields, their descriptions, and this method's defaults (``top_k`` and ``seed`` only where given)."""
-    from pydantic import create_model
-
-    fields = {
-        "temperature": (float, Field(temperature, gt=0, description="Sampling temperature (1 = the policy's own "
-                                     "distribution, on-policy).")),
-        "top_p": (float, Field(top_p, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens "
-                               "holding this much probability (1 = off).")),
-        "max_new_tokens": (int, Field(max_new_tokens, gt=0, description="Length limit of each sampled response, in "
-                                      "tokens.")),
-    }
-    if top_k is not None:
-        fields["top_k"] = (int, Field(top_k, ge=0, description="Keep only the k most likely tokens (0 = off)."))
-    if seed is not None:
-        fields["seed"] = (int, Field(seed, description="Seed of the sampling (and of the method's own draws)."))
-    return create_model("Sampling", __base__=Strict, **fields)
 
 
 class ModelConfig(Strict):
@@ -232,8 +195,6 @@ class TrainConfig(BaseModel):
             return v
         from transformers.training_args import OptimizerNames
 
-        from aligntool.optim.config import OPTIMIZERS
-
         if v in OPTIMIZERS:  # aligntool's own (aligntool/optim), built by it for every trainer
             return v
         v = OPTIM_ALIASES.get(v, v)
@@ -391,9 +352,6 @@ class GenerationConfig(Strict):
         if self.vllm_mode == "server" and self.backend == "vllm" and not self.server_base_url:
             raise ValueError("vllm_mode server needs server_base_url (the URL `trl vllm-serve` listens on)")
         return self
-
-
-from aligntool.optim.config import OPTIMIZERS, OptimizerConfig  # noqa: E402  (after Strict, which it builds on)
 
 
 class Recipe(Strict):

@@ -176,7 +176,7 @@ def for_run(loaded, model_path: str, tokenizer, train_dataset, world: int = 1,
     accum = t.gradient_accumulation_steps or fields["gradient_accumulation_steps"].default
     steps = t.max_steps
     if spec.kind == "online":  # the rollout engine runs max_steps iterations (or its default), one batch each
-        from aligntool.online.engine import DEFAULT_ITERATIONS
+        from aligntool.recipe.base import DEFAULT_ITERATIONS
 
         steps, accum = steps or DEFAULT_ITERATIONS, 1
     constants = t.step_law_constants

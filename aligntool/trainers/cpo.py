@@ -28,7 +28,7 @@ import functools
 
 from pydantic import Field, field_validator, model_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 from aligntool.trainers.kto import trl_choices
 
 SMOOTHED = ("sigmoid", "simpo", "alphapo")  # TRL ignores label_smoothing for hinge and ipo

@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from aligntool.losses.preference import f_alpha_to_trl_coef
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 
 @functools.lru_cache(maxsize=1)

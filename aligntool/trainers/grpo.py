@@ -40,7 +40,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from aligntool.recipe.schema import Sampling
+from aligntool.recipe.base import Sampling
 
 
 class AlgoConfig(Sampling(temperature=1.0, seed=0)):  # the authors sample at temperature 1

@@ -26,7 +26,7 @@ import functools
 
 from pydantic import Field, field_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 
 def trl_choices(config: str, field_name: str) -> tuple[str, ...]:

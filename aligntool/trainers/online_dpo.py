@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from aligntool.online.engine import online_config
+from aligntool.recipe.base import online_config
 
 
 class AlgoConfig(online_config(temperature=0.9)):  # TRL's online DPO / XPO sample at 0.9

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from aligntool.online.engine import online_config
+from aligntool.recipe.base import online_config
 
 
 class AlgoConfig(online_config()):

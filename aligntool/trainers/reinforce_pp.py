@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from aligntool.online.engine import online_config
+from aligntool.recipe.base import online_config
 
 
 class AlgoConfig(online_config()):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from aligntool.online.engine import online_config
+from aligntool.recipe.base import online_config
 
 
 class AlgoConfig(online_config(top_p=0.9)):  # the official scripts sample with top_p 0.9

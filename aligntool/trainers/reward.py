@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 
 class AlgoConfig(Strict):

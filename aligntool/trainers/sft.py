@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 
 class AlgoConfig(Strict):

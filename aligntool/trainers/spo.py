@@ -27,7 +27,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 STOP_WORDS = frozenset(
     "the a an and or but was were is are be been it its this that with for from into of on in at to by as i you he she "

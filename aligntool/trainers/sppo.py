@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from aligntool.recipe.schema import Sampling
+from aligntool.recipe.base import Sampling
 
 
 class AlgoConfig(Sampling(temperature=0.7, top_p=0.9, seed=0)):  # the official pipeline's vLLM sampling

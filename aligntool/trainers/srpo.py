@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 DEFAULT_TEMPLATE = "{prompt}{previous} Revised:"
 

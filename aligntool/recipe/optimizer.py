@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
-from aligntool.recipe.schema import Strict
+from aligntool.recipe.base import Strict
 
 # the train.optim names that select an optimizer of this package (every other name is transformers' / bitsandbytes')
 OPTIMIZERS = ("lion_kappa", "cosmos")
