@@ -62,7 +62,7 @@ def train(
 ):
     """Train a model as the recipe says; outputs go to the recipe's output_dir."""
     _DEBUG["on"] = _DEBUG["on"] or debug
-    from aligntool.launch.entry import Launch, start
+    from aligntool.entry import Launch, start
 
     launch = Launch(nproc, nnodes, node_rank, master_addr, master_port, slurm)
     if accept_changes and not (resume or slurm):

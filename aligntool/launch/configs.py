@@ -25,28 +25,10 @@ def deepspeed_config(d) -> dict:
             "fp16": {"enabled": "auto"}}
 
 
-def launcher_deepspeed_config(d) -> dict | None:
-    """The DeepSpeed JSON that ``accelerate launch`` named (its config's ``deepspeed_config_file``), as the run's
-    config: used as written, except that ZeRO-3 gathers whole 16-bit weights when the model is saved (without it only
-    DeepSpeed's partitioned checkpoint is written, and output_dir holds no loadable model)."""
-    from aligntool.launch.distributed import launcher_backend
-
-    found = launcher_backend()
-    if d.backend != "deepspeed" or not found or not found.get("config_file"):
-        return None
-    config = json.loads(Path(found["config_file"]).read_text())
-    zero = config.setdefault("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
-        from aligntool.outputs import log
-
-        log(f"note: {found['config_file']}: stage3_gather_16bit_weights_on_model_save set to true (the final model is "
-            "saved whole)")
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return config
-
-
-def training_kwargs(d, out: Path, write: bool) -> dict:
+def training_kwargs(d, out: Path, write: bool, launcher_config: dict | None = None) -> dict:
     """TrainingArguments keywords for the backend; writes deepspeed.json / accelerate_config.yaml when ``write``.
+    ``launcher_config``: the DeepSpeed JSON ``accelerate launch`` named (distributed.launcher_deepspeed_config), used
+    instead of the one built from the recipe.
 
     The DeepSpeed config goes to TrainingArguments as a dict, not as the path of deepspeed.json: every rank has it at
     once (a rank reading the file the main process is still writing failed the run), and the file is a record."""
@@ -60,7 +42,7 @@ def training_kwargs(d, out: Path, write: bool) -> dict:
            "mixed_precision": "no", "main_training_function": "main"}
     if d.backend == "deepspeed":
         path = out / "deepspeed.json"
-        config = launcher_deepspeed_config(d) or deepspeed_config(d)
+        config = launcher_config or deepspeed_config(d)
         if write:
             write_atomic(path, json.dumps(config, indent=2) + "\n")
         acc.update(distributed_type="DEEPSPEED", deepspeed_config={"deepspeed_config_file": str(path)})

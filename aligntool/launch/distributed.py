@@ -110,6 +110,28 @@ def launcher_backend(env=None) -> dict | None:
     return None
 
 
+def launcher_deepspeed_config(d) -> dict | None:
+    """The DeepSpeed JSON that ``accelerate launch`` named (its config's ``deepspeed_config_file``), as the run's
+    config: used as written, except that ZeRO-3 gathers whole 16-bit weights when the model is saved (without it only
+    DeepSpeed's partitioned checkpoint is written, and output_dir holds no loadable model)."""
+    if d.backend != "deepspeed":
+        return None
+    found = launcher_backend()
+    if not found or not found.get("config_file"):
+        return None
+    import json
+
+    config = json.loads(Path(found["config_file"]).read_text())
+    zero = config.setdefault("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        from aligntool.outputs import log
+
+        log(f"note: {found['config_file']}: stage3_gather_16bit_weights_on_model_save set to true (the final model is "
+            "saved whole)")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
 def adopt_launcher(recipe) -> str | None:
     """Make the recipe's ``distributed`` section the launcher's (see launcher_backend), so that everything that reads
     it (the model's loading under ZeRO-3, the reference, the saving, recipe.yaml) follows what actually runs. Keys the
@@ -178,7 +200,7 @@ def trainer_kwargs(recipe, out: Path, write: bool = False) -> dict:
     from aligntool.launch.configs import training_kwargs
 
     d = recipe.distributed
-    kwargs = training_kwargs(d, out, write=write)
+    kwargs = training_kwargs(d, out, write=write, launcher_config=launcher_deepspeed_config(d))
     if world_size() > 1 and not _cuda():
         if d.backend != "deepspeed":
             kwargs["use_cpu"] = True  # without it accelerate sees no GPUs and skips the gloo group

@@ -8,7 +8,6 @@ import torch
 from trl import DPOTrainer
 
 from aligntool.losses.preference import spo_ssl_loss
-from aligntool.trainers.spo import AlgoConfig
 
 SPO_HEAD_FILE = "spo_head.safetensors"
 
@@ -33,10 +32,11 @@ class SPOTrainer(DPOTrainer):
     """TRL's DPOTrainer (any DPO loss type) + lam * SPO's self-supervised degree loss.
 
     ``spo_columns`` name the dataset columns holding the degraded responses' token ids (``spo_<src>_<d>``);
-    ``algo`` is the recipe's ``algo`` section. The degree head is registered on the policy as ``spo_head``
-    before TRL wraps it (LoRA adapters, DDP, DeepSpeed, FSDP all see it)."""
+    ``algo`` is the recipe's ``algo`` section (``spo.AlgoConfig``, not imported here: spo.py imports this module).
+    The degree head is registered on the policy as ``spo_head`` before TRL wraps it (LoRA adapters, DDP, DeepSpeed,
+    FSDP all see it)."""
 
-    def __init__(self, *args, algo: AlgoConfig, spo_columns: list[str], **kwargs):
+    def __init__(self, *args, algo, spo_columns: list[str], **kwargs):
         policy = kwargs["model"]
         with torch.random.fork_rng(devices=[]):  # the same head on every rank and in every run of a recipe
             torch.manual_seed(kwargs["args"].seed)

@@ -1,5 +1,6 @@
 """How `aligntool train` starts: in this process, or re-launched under torchrun on N processes (and nodes), inside a
-SLURM job step or not. The CLI parses the flags and calls ``start``; everything about processes is here.
+SLURM job step or not. The CLI parses the flags and calls ``start``; everything about processes is here (the
+process machinery it uses, below ``train``, is in aligntool.launch).
 
 - ``--slurm``: nodes, node rank and main address come from SLURM's environment, and a folder that holds a checkpoint
   (or finished iterations) is resumed, as a requeued job must;
