@@ -57,7 +57,7 @@ def check_installed() -> str:
 
 
 @contextlib.contextmanager
-def _cpu_engine_options(dtype: torch.dtype, enforce_eager: bool):
+def engine_options(dtype: torch.dtype, enforce_eager: bool):
     """While TRL builds its vLLM engine: the extra ``LLM`` options its constructor does not take (dtype, eager), and
     on CPUs plain ``F.linear`` instead of vLLM's repacked weights (see the module docstring)."""
     import trl.generation.vllm_generation as tvg
@@ -97,7 +97,7 @@ class VLLMSampler:
         self.mode = cfg.vllm_mode
         eager = on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
         dtype = next(lm.parameters()).dtype if on_cpu else "auto"
-        with _cpu_engine_options(dtype, eager):
+        with engine_options(dtype, eager):
             self.generation = VLLMGeneration(
                 model=lm, accelerator=accelerator, processing_class=tokenizer, mode=cfg.vllm_mode,
                 server_base_url=cfg.server_base_url, gpu_memory_utilization=cfg.gpu_memory_utilization,

@@ -6,26 +6,19 @@ anything of aligntool's or anything heavy (pydantic only), so that every ``algo`
 - ``online_config(...)``: the settings every online method shares (its ``algo`` section extends them);
 - ``DEFAULT_ITERATIONS``: the online engine's number of iterations when ``train.max_steps`` is not set (Step Law
   reads it too);
-- ``structural_only(info)``: recipes are validated twice (``STRUCTURAL`` context first: keys, types, ranges; then
-  in full), so that a check of a value against a list only TRL or transformers knows runs in the second pass only.
+- ``structural_pass()``: recipes are validated twice (keys, types and ranges first, then in full), so that a check
+  of a value against a list only TRL or transformers knows (``in_structural_pass()``) runs in the second pass only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_ITERATIONS = 100  # online methods: iterations when train.max_steps is not set (logged)
-
-# the validation context of the first, structural pass (aligntool.recipe.loader): validators that need TRL or
-# transformers (a value against the installed library's list) return at once when structural_only(info)
-STRUCTURAL = {"structural": True}
-
-
-def structural_only(info: ValidationInfo) -> bool:
-    """True in the structural pass, where a validator must not import TRL, transformers or torch."""
-    return bool((info.context or {}).get("structural"))
 
 
 class Strict(BaseModel):
@@ -82,3 +75,23 @@ def online_config(**sampling) -> type[Strict]:
                                       "sampling policy.")
 
     return OnlineConfig
+
+
+_STRUCTURAL = contextvars.ContextVar("aligntool_structural_pass", default=False)
+
+
+@contextlib.contextmanager
+def structural_pass():
+    """The recipe loader's first pass (aligntool.recipe.loader): keys, types and ranges, with no TRL, transformers or
+    torch imported, so that these errors come first and instantly, even where torch is absent (a login node). Checks
+    of a value against a list only the installed library knows (``in_structural_pass()`` true) wait for the second,
+    full pass."""
+    token = _STRUCTURAL.set(True)
+    try:
+        yield
+    finally:
+        _STRUCTURAL.reset(token)
+
+
+def in_structural_pass() -> bool:
+    return _STRUCTURAL.get()

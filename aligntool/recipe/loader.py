@@ -6,6 +6,7 @@ what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from aligntool import registry
 from aligntool.errors import UserError, first_line
+from aligntool.recipe.base import structural_pass
 from aligntool.recipe.schema import Recipe, TrainConfig
 from aligntool.recipe.suggest import closest, did_you_mean
 
@@ -308,15 +310,19 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     except UserError as exc:
         at = lines.get(("algorithm",), source)
         raise UserError(f"{at}: algorithm: {exc}") from None
-    try:
-        parsed = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise _explain(exc, Recipe, (), source, lines) from None
-    algo_cls = spec.load().AlgoConfig
-    try:
-        algo = algo_cls.model_validate({**spec.algo_defaults, **parsed.algo})
-    except ValidationError as exc:
-        raise _explain(exc, algo_cls, ("algo",), source, lines) from None
+    algo_cls = spec.load().AlgoConfig  # a method module imports no torch or TRL at import
+    # two passes: keys, types and ranges first, with no TRL, transformers or torch (instant, and on a machine without
+    # torch); then in full, with the checks of values against the installed TRL's / transformers' own lists
+    for structural in (True, False):
+        with structural_pass() if structural else contextlib.nullcontext():
+            try:
+                parsed = Recipe.model_validate(data)
+            except ValidationError as exc:
+                raise _explain(exc, Recipe, (), source, lines) from None
+            try:
+                algo = algo_cls.model_validate({**spec.algo_defaults, **parsed.algo})
+            except ValidationError as exc:
+                raise _explain(exc, algo_cls, ("algo",), source, lines) from None
     _check_train_extras(parsed.train, spec, source, lines)
     if parsed.reward is not None and not spec.samples:
         at = lines.get(("reward",), source)

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from aligntool.recipe.base import Strict
+from aligntool.recipe.base import Strict, in_structural_pass
 from aligntool.recipe.optimizer import OPTIMIZERS, OptimizerConfig
 
 # bitsandbytes class names accepted for train.optim, mapped to transformers' optimizer names
@@ -191,7 +191,7 @@ class TrainConfig(BaseModel):
     @field_validator("optim")
     @classmethod
     def _optim(cls, v):
-        if v is None:
+        if v is None or in_structural_pass():  # transformers' list of names: in the second, full pass
             return v
         from transformers.training_args import OptimizerNames
 

@@ -24,21 +24,13 @@ computed. The math is TRL's; this module only exposes and checks its knobs.
 
 from __future__ import annotations
 
-import functools
-
 from pydantic import Field, field_validator, model_validator
 
 from aligntool.recipe.base import Strict
-from aligntool.trainers.kto import trl_choices
+from aligntool.trainers.base import trl_lists
 
 SMOOTHED = ("sigmoid", "simpo", "alphapo")  # TRL ignores label_smoothing for hinge and ipo
 SIMPO = ("simpo", "alphapo")
-
-
-@functools.lru_cache(maxsize=1)
-def trl_loss_types() -> tuple[str, ...]:
-    """The loss types of the installed TRL's CPOConfig."""
-    return trl_choices("trl.experimental.cpo:CPOConfig", "loss_type")
 
 
 class AlgoConfig(Strict):
@@ -58,9 +50,7 @@ class AlgoConfig(Strict):
     @field_validator("loss_type")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in trl_loss_types():
-            raise ValueError(f"loss_type {value!r} is not one of TRL's CPO loss types: {', '.join(trl_loss_types())}")
-        return value
+        return trl_lists.check(value, trl_lists.cpo_loss_types, " CPO loss types")
 
     @model_validator(mode="after")
     def _check(self):

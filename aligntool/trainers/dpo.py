@@ -20,37 +20,17 @@ Two conventions, stated because papers and reimplementations differ:
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from aligntool.losses.preference import f_alpha_to_trl_coef
 from aligntool.recipe.base import Strict
-
-
-@functools.lru_cache(maxsize=1)
-def trl_loss_types() -> tuple[str, ...]:
-    """The DPO loss types of the installed TRL, read from its DPOConfig (the one list: a loss type TRL adds is
-    accepted without a change here; the parity test checks aligntool's online restatement covers each one)."""
-    import dataclasses
-    import re
-
-    from trl import DPOConfig
-
-    field = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
-    types = tuple(re.findall(r"`'(\w+)'`", field.metadata.get("help", "")))
-    if not types:
-        raise RuntimeError("cannot read the DPO loss types from this TRL's DPOConfig")
-    return types
+from aligntool.trainers.base import trl_lists
 
 
 def check_loss_types(value: str | list[str]) -> str | list[str]:
-    """A validator: each named loss type must be one of TRL's."""
-    for t in [value] if isinstance(value, str) else value:
-        if t not in trl_loss_types():
-            raise ValueError(f"loss_type {t!r} is not one of TRL's: {', '.join(trl_loss_types())}")
-    return value
+    """A validator: each named loss type must be one of TRL's DPO loss types."""
+    return trl_lists.check(value, trl_lists.dpo_loss_types)
 
 
 # TRL accepts a non-default f-divergence only with losses built on the chosen-rejected reward difference.
@@ -103,6 +83,8 @@ class AlgoConfig(Strict):
     def trl_extra(self) -> dict:
         if self.f_divergence_type != "alpha_divergence":
             return {}
+        from aligntool.losses.preference import f_alpha_to_trl_coef
+
         return {"f_alpha_divergence_coef": f_alpha_to_trl_coef(0.5 if self.f_alpha is None else self.f_alpha)}
 
 

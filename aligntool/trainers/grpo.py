@@ -35,33 +35,12 @@ vllm_max_model_length / vllm_server_base_url (set those through ``generation``, 
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from aligntool.recipe.base import Strict
-
-
-@functools.lru_cache(maxsize=1)
-def trl_loss_types() -> tuple[str, ...]:
-    """The GRPO loss types of the installed TRL, read from its GRPOConfig's help text ("Supported values are 'grpo',
-    'dr_grpo', ... and 'vespo'." and the "'name': ..." paragraphs): a loss TRL adds is accepted without a change
-    here."""
-    import dataclasses
-    import re
-
-    from trl import GRPOConfig
-
-    field = next(f for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type")
-    text = field.metadata.get("help", "")
-    listed = re.search(r"[Ss]upported values are (.*?)\.(?:\s|$)", text)
-    types = re.findall(r"'(\w+)'", listed.group(1)) if listed else []
-    types += re.findall(r"(?:^|\s)'(\w+)'(?: \(default\))?:", text)
-    types = tuple(dict.fromkeys(types))
-    if not types:
-        raise RuntimeError("cannot read the GRPO loss types from this TRL's GRPOConfig")
-    return types
+from aligntool.trainers.base import trl_lists
 
 
 class SampledRLConfig(Strict):
@@ -135,9 +114,7 @@ class AlgoConfig(SampledRLConfig):
     @field_validator("loss_type")
     @classmethod
     def _loss_type(cls, v):
-        if v not in trl_loss_types():
-            raise ValueError(f"loss_type {v!r} is not one of TRL's: {', '.join(trl_loss_types())}")
-        return v
+        return trl_lists.check(v, trl_lists.grpo_loss_types)
 
 
 # generation.* -> the TRL config fields it sets; a recipe sets them through `generation`, not `train`
@@ -240,7 +217,7 @@ def _vllm_engine(run, policy):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM for the KV cache
     g = run.recipe.generation
     eager = on_cpu if g.enforce_eager is None else g.enforce_eager
-    return vllm_backend._cpu_engine_options(next(policy.parameters()).dtype if on_cpu else "auto", eager)
+    return vllm_backend.engine_options(next(policy.parameters()).dtype if on_cpu else "auto", eager)
 
 
 def build(run):

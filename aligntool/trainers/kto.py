@@ -22,35 +22,10 @@ batch. Data: TRL's unpaired format, ``prompt`` + ``completion`` + ``label`` (see
 
 from __future__ import annotations
 
-import functools
-
 from pydantic import Field, field_validator
 
 from aligntool.recipe.base import Strict
-
-
-def trl_choices(config: str, field_name: str) -> tuple[str, ...]:
-    """The values a field of a TRL config class ("module:Class") takes, from its ``choices`` metadata: the one list,
-    so that what TRL adds is accepted without a change here."""
-    import dataclasses
-    import importlib
-    import warnings
-
-    module, cls = config.split(":")
-    with warnings.catch_warnings():  # trl.experimental says it is experimental on import; the module docstrings say so
-        warnings.simplefilter("ignore")
-        config_cls = getattr(importlib.import_module(module), cls)
-    field = next(f for f in dataclasses.fields(config_cls) if f.name == field_name)
-    choices = tuple(field.metadata.get("choices") or ())
-    if not choices:
-        raise RuntimeError(f"cannot read the {field_name} values of this TRL's {cls}")
-    return choices
-
-
-@functools.lru_cache(maxsize=1)
-def trl_loss_types() -> tuple[str, ...]:
-    """The loss types of the installed TRL's KTOConfig."""
-    return trl_choices("trl:KTOConfig", "loss_type")
+from aligntool.trainers.base import trl_lists
 
 
 class AlgoConfig(Strict):
@@ -68,9 +43,7 @@ class AlgoConfig(Strict):
     @field_validator("loss_type")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in trl_loss_types():
-            raise ValueError(f"loss_type {value!r} is not one of TRL's KTO loss types: {', '.join(trl_loss_types())}")
-        return value
+        return trl_lists.check(value, trl_lists.kto_loss_types, " KTO loss types")
 
     trl_fields = ("beta", "desirable_weight", "undesirable_weight", "loss_type", "precompute_ref_log_probs")
 
