@@ -121,7 +121,7 @@ def test_a_failing_reward_function_stops_the_run_in_one_line(capsys, tmp_path, t
 
 
 def test_unknown_loss_type_lists_trls(capsys, tmp_path):
-    from aligntool.trainers.grpo import trl_loss_types
+    from aligntool.trainers.base.trl_lists import grpo_loss_types as trl_loss_types
 
     types = trl_loss_types()
     # read from TRL's help text: the eight of TRL 1.16 at least, and no stray quoted word

@@ -224,7 +224,7 @@ def test_dpo_family_ipo_is_the_papers_sequence_form_and_per_token_on_request():
 
 def test_dpo_family_loss_is_finite_with_finite_gradients_at_extreme_log_ratios():
     """Every loss type, discopop included: m * exp(-z) at z = -2000 is 0 * inf = NaN unless computed stably."""
-    from aligntool.trainers.dpo import trl_loss_types
+    from aligntool.trainers.base.trl_lists import dpo_loss_types as trl_loss_types
 
     for t in trl_loss_types():
         for sign in (1.0, -1.0):

@@ -62,7 +62,7 @@ def test_algo_and_train_reach_the_trl_config(tmp_path):
 
 
 def test_every_trl_dpo_loss_type_is_accepted():
-    from aligntool.trainers.dpo import trl_loss_types
+    from aligntool.trainers.base.trl_lists import dpo_loss_types as trl_loss_types
 
     for loss in trl_loss_types():
         assert load_recipe("dpo", [f"algo.loss_type={loss}"]).algo.loss_type == loss

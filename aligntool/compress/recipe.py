@@ -176,7 +176,7 @@ def load_compress_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) 
     try:
         parsed = CompressRecipe.model_validate(data)
     except ValidationError as exc:
-        raise _explain(exc, CompressRecipe, (), source, lines) from None
+        raise _explain(exc.errors(), CompressRecipe, (), source, lines) from None
     if parsed.output_dir is None:
         parsed.output_dir = f"runs/compress-{parsed.compress.method}-{parsed.compress.mode}"
     return parsed

@@ -6,7 +6,6 @@ what was expected.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from pathlib import Path
@@ -184,8 +183,8 @@ def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | No
 _UNION_TAG = re.compile(r"^(constrained-\w+|literal\[.*\]|function-\w+\[.*\]|int|float|str|bool|none)$")
 
 
-def _explain(err: ValidationError, root: type[BaseModel], prefix: tuple, source: str, lines: dict) -> UserError:
-    errors = err.errors()
+def _explain(errors: list[dict], root: type[BaseModel], prefix: tuple, source: str, lines: dict) -> UserError:
+    """The first of pydantic's ``errors`` as one line: where, which key, what is wrong (did-you-mean for a key)."""
     e = errors[0]
     loc = tuple(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p)))
     if loc != tuple(str(p) for p in e["loc"]):  # a union (e.g. a number or 'auto'): say what each member expects
@@ -208,6 +207,22 @@ def _explain(err: ValidationError, root: type[BaseModel], prefix: tuple, source:
     got = e.get("input")
     got = "" if isinstance(got, dict) else f" (got {got!r})"  # a whole section is too long to echo
     return UserError(f"{at}: {key + ': ' if key else ''}{msg}{got}")
+
+
+# errors of aligntool's own validators (ValueError): said by the full pass, in its order
+_OWN_ERRORS = ("value_error", "assertion_error")
+
+
+def _validate(model: type[BaseModel], data: dict, prefix: tuple, source: str, lines: dict, structural: bool = False):
+    """``model`` validated, or the first error as a UserError. In the structural pass only pydantic's own errors
+    (unknown or missing keys, types, ranges) are raised; with none of them, None."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [e for e in exc.errors() if not structural or e["type"] not in _OWN_ERRORS]
+        if not errors:
+            return None
+        raise _explain(errors, model, prefix, source, lines) from None
 
 
 def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source: str, lines: dict) -> None:
@@ -311,18 +326,15 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
         at = lines.get(("algorithm",), source)
         raise UserError(f"{at}: algorithm: {exc}") from None
     algo_cls = spec.load().AlgoConfig  # a method module imports no torch or TRL at import
-    # two passes: keys, types and ranges first, with no TRL, transformers or torch (instant, and on a machine without
-    # torch); then in full, with the checks of values against the installed TRL's / transformers' own lists
-    for structural in (True, False):
-        with structural_pass() if structural else contextlib.nullcontext():
-            try:
-                parsed = Recipe.model_validate(data)
-            except ValidationError as exc:
-                raise _explain(exc, Recipe, (), source, lines) from None
-            try:
-                algo = algo_cls.model_validate({**spec.algo_defaults, **parsed.algo})
-            except ValidationError as exc:
-                raise _explain(exc, algo_cls, ("algo",), source, lines) from None
+    # two passes: pydantic's own checks (keys, types, ranges) first, with no TRL, transformers or torch (instant, and
+    # on a machine without torch); then in full: aligntool's validators, in their order, with the checks of values
+    # against the installed TRL's / transformers' own lists
+    with structural_pass():
+        parsed = _validate(Recipe, data, (), source, lines, structural=True)
+        if parsed is not None:
+            _validate(algo_cls, {**spec.algo_defaults, **parsed.algo}, ("algo",), source, lines, structural=True)
+    parsed = _validate(Recipe, data, (), source, lines)
+    algo = _validate(algo_cls, {**spec.algo_defaults, **parsed.algo}, ("algo",), source, lines)
     _check_train_extras(parsed.train, spec, source, lines)
     if parsed.reward is not None and not spec.samples:
         at = lines.get(("reward",), source)
