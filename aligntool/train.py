@@ -19,16 +19,19 @@ from aligntool import data as data_mod
 from aligntool import models
 from aligntool.errors import UserError, first_line
 from aligntool.outputs import (
-    COMPLETE_MARKER,
     append_metrics,
     check_model_saved,
     checkpoint_step,
     is_main_process,
     latest_checkpoint,
     log,
+    mark_complete,
     prepare_output_dir,
+    start_metrics,
     summary,
-    write_atomic,
+    write_recipe,
+    write_run_file,
+    write_summary,
 )
 from aligntool.recipe.loader import LoadedRecipe
 
@@ -91,7 +94,7 @@ def _callbacks(metrics_file: Path, stage: str | None):
                 if model is not None and not _finite_weights(model):
                     diverged(args, state, "non-finite weights")
                 elif ckpt.is_dir():
-                    write_atomic(ckpt / COMPLETE_MARKER, f"{state.global_step}\n")
+                    mark_complete(ckpt, state.global_step)
 
     from aligntool.launch import preemption
 
@@ -457,7 +460,7 @@ def _finished(loaded: LoadedRecipe, out: Path, accept_changes: bool) -> bool:
 
 def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     from aligntool.launch import preemption
-    from aligntool.resume import auto_keys, write_run_file
+    from aligntool.resume import auto_keys
 
     spec = loaded.spec
     module = spec.load()
@@ -467,10 +470,10 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     auto = auto_keys(loaded.resolved())  # before Step Law fills them in: recipe.yaml holds the values it chose
     run = prepare(loaded, out, resume)
     if is_main_process():  # written once the inputs are known to be good (and, on --resume, the recipe checked)
-        write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
+        write_recipe(out, loaded.resolved())
         write_run_file(out, int(os.environ.get("WORLD_SIZE", "1")), auto)
         if not resume:
-            (out / "metrics.jsonl").write_text("")
+            start_metrics(out)
     # SIGUSR1/SIGTERM from here on mean "checkpoint at the step end and stop"; before, they stop the process at once
     preemption.reset()
     preemption.install()
@@ -490,7 +493,7 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     if is_main_process():
         # "Done" only for a model that loads: e.g. ZeRO-3 without gathered weights writes only DeepSpeed's shards
         check_model_saved(out, f" ({result['distributed']['described']})")
-        write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
+        write_summary(out, result)
         log(f"Done in {result['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
     return result
 
@@ -596,7 +599,7 @@ def _merged_base(loaded: LoadedRecipe, adapter: str, out: Path) -> str:
     reference of full fine-tuning from the policy's ``name_or_path`` (the first base otherwise, not the SFT model)."""
     from accelerate import PartialState
 
-    from aligntool.outputs import atomic_path
+    from aligntool.outputs import atomic_path, write_merged_from
     from aligntool.rewards import is_reward_model
 
     head = "reward" if is_reward_model(adapter) else "causal_lm"  # a reward model's adapter stays one
@@ -612,7 +615,7 @@ def _merged_base(loaded: LoadedRecipe, adapter: str, out: Path) -> str:
             with atomic_path(target) as tmp:
                 merged.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                (tmp / "merged_from.json").write_text(json.dumps({"adapter": str(Path(adapter).resolve())}) + "\n")
+                write_merged_from(tmp, adapter)
             log(f"note: model.name_or_path {adapter} is a LoRA adapter: its base with the adapter merged is written to "
                 f"{target}, and the run starts from it")
     return str(target)
