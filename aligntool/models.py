@@ -68,7 +68,6 @@ def check_hub(repo_id: str, key: str, revision: str | None = None) -> None:
 
 
 HUB_TIMEOUT_S = 5
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
 def options(model_cfg, revision: bool = False) -> dict:

@@ -1,12 +1,27 @@
-"""Everything a run writes into its ``output_dir``, and the rules that keep it safe to stop, rerun and resume.
+"""Everything a run writes into its ``output_dir``, and the rules that keep it safe to stop, rerun and resume. This
+module is the one writer of these files (the writers below; a method module calls them, never ``open``):
 
-    recipe.yaml      the fully resolved recipe (``--resume`` compares the new one with it: aligntool/resume.py)
-    run.json         the number of processes the run uses (compared on ``--resume`` too)
-    metrics.jsonl    one JSON object per logging (and eval) step
-    summary.json     final metrics, wall time, peak memory
-    checkpoints/     checkpoint-<step>/ folders; a COMPLETE file marks one that finished writing
-    .aligntool.lock  held (flock) by the run writing here; a second run into the same folder is refused
-    model files      the final model (safetensors + config + tokenizer)
+    recipe.yaml        the fully resolved recipe (``--resume`` compares the new one with it: aligntool/resume.py)
+                       ``write_recipe``
+    run.json           the number of processes the run uses and its ``auto`` keys (compared on ``--resume`` too)
+                       ``write_run_file``
+    metrics.jsonl      one JSON object per logging (and eval) step: ``start_metrics``, ``append_metrics``
+    summary.json       final metrics, wall time, peak memory; written last (``summary``, ``write_summary``)
+    checkpoints/       checkpoint-<step>/ folders (the Trainer's, or the online engine's); a COMPLETE file marks one
+                       that finished writing: ``mark_complete``
+    iter-<t>/          a pipeline's iteration (SPPO, INPO): its own checkpoints/ and model, ``samples.jsonl``,
+                       ``stages.json`` and ``iteration.done`` (``mark_iteration_done``) once trained
+    <stage>.jsonl      a pipeline stage's rows (``write_jsonl``), and ``stages.json``, the settings hash of each
+                       finished stage (``write_stage_index``); a rerun reuses a stage whose hash still matches
+    merged_base/       a run started from a LoRA adapter: its base with the adapter merged, and ``merged_from.json``
+                       (``write_merged_from``)
+    soup/              the reference soup of ``ref_model.soup`` (models.make_soup, with its ``soup.json``)
+    deepspeed.json, accelerate_config.yaml
+                       the backend's configs, a record of the run (aligntool/launch/configs.py, through
+                       ``write_atomic``)
+    tensorboard/       transformers' TensorBoard logs
+    .aligntool.lock    held (flock) by the run writing here; a second run into the same folder is refused
+    model files        the final model (safetensors + config + tokenizer), checked by ``check_model_saved``
 
 Files are written atomically (temp file + rename). Before a resume every checkpoint is checked, newest first, and one
 with a missing, truncated or unreadable file is skipped with a note; a full disk ends in one line naming the folder
@@ -29,6 +44,9 @@ from aligntool.errors import UserError
 COMPLETE_MARKER = "COMPLETE"
 LOCK_FILE = ".aligntool.lock"
 CHECKPOINT_PREFIX = "checkpoint-"
+RUN_FILE = "run.json"  # what recipe.yaml cannot hold: the number of processes the run started with
+STAGE_INDEX = "stages.json"
+ITERATION_DONE = "iteration.done"
 
 
 def is_main_process() -> bool:
@@ -111,6 +129,16 @@ def write_recipe(out: Path, resolved: dict) -> None:
     write_atomic(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
 
+def write_run_file(out: Path, world_size: int, auto: list[str] = ()) -> None:
+    """run.json: the number of processes and the keys the recipe left ``auto`` (Step Law filled them in)."""
+    write_atomic(out / RUN_FILE, json.dumps({"world_size": world_size, "auto": list(auto)}) + "\n")
+
+
+def start_metrics(out: Path) -> None:
+    """An empty metrics.jsonl at the start of a run (a resumed run appends to its own)."""
+    write_atomic(out / "metrics.jsonl", "")
+
+
 def write_summary(out: Path, result: dict) -> None:
     """summary.json, written last: its presence means the run finished (``previous_run``, ``--resume``)."""
     write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
@@ -119,6 +147,21 @@ def write_summary(out: Path, result: dict) -> None:
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """A whole JSONL file at once (a pipeline stage's output), atomically."""
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_stage_index(folder: Path, done: dict) -> None:
+    """stages.json of a pipeline folder: the settings hash of each finished stage."""
+    write_atomic(folder / STAGE_INDEX, json.dumps(done, indent=2) + "\n")
+
+
+def mark_iteration_done(folder: Path) -> None:
+    """``iter-t/iteration.done``: the iteration's model is trained and saved (a rerun skips it)."""
+    write_atomic(folder / ITERATION_DONE, "")
+
+
+def write_merged_from(folder: Path, adapter: str) -> None:
+    """merged_base/merged_from.json: the adapter whose base, merged with it, the run started from."""
+    write_atomic(folder / "merged_from.json", json.dumps({"adapter": str(Path(adapter).resolve())}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

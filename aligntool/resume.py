@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 
 from aligntool.errors import UserError
+from aligntool.outputs import RUN_FILE
 
-RUN_FILE = "run.json"  # what recipe.yaml cannot hold: the number of processes the run started with
 WORLD_KEY = "processes (world size)"
 
 # keys that change what is logged, saved or evaluated, or how fast, but not the training itself
@@ -82,12 +82,6 @@ def _show(changes) -> str:
 def auto_keys(resolved: dict) -> list[str]:
     """The dotted keys of a recipe whose value is ``auto`` (before Step Law resolves them)."""
     return sorted(key for key, value in _flat(resolved).items() if value == "auto")
-
-
-def write_run_file(out: Path, world_size: int, auto: list[str] = ()) -> None:
-    from aligntool.outputs import write_atomic
-
-    write_atomic(out / RUN_FILE, json.dumps({"world_size": world_size, "auto": list(auto)}) + "\n")
 
 
 def started_with(out: Path) -> tuple[dict | None, int | None, frozenset]:

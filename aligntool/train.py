@@ -13,119 +13,25 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from aligntool import data as data_mod
 from aligntool import models
 from aligntool.errors import UserError, first_line
 from aligntool.outputs import (
-    COMPLETE_MARKER,
-    append_metrics,
     check_model_saved,
     checkpoint_step,
     is_main_process,
     latest_checkpoint,
     log,
     prepare_output_dir,
+    start_metrics,
     summary,
-    write_atomic,
+    write_recipe,
+    write_run_file,
+    write_summary,
 )
 from aligntool.recipe.loader import LoadedRecipe
-
-
-def _non_finite(logs: dict) -> str | None:
-    import math
-
-    for key in ("loss", "grad_norm", "eval_loss"):
-        value = logs.get(key)
-        if isinstance(value, (int, float)) and not math.isfinite(value):
-            return f"{key} {value}"
-    return None
-
-
-def _finite_weights(model) -> bool:
-    import torch
-
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel())
-
-
-def _callbacks(metrics_file: Path, stage: str | None):
-    from transformers import TrainerCallback
-
-    class MetricsJsonl(TrainerCallback):
-        """Appends every logged dict, with its step, epoch (and pipeline stage), to the run's metrics.jsonl."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                append_metrics(metrics_file, {"step": state.global_step, "epoch": state.epoch,
-                                              **({"stage": stage} if stage else {}), **logs})
-
-    def diverged(args, state, what: str) -> None:
-        """Recorded on the main process; StopOnNonFinite stops every rank at the next step end (the Trainer then
-        closes its progress bar) and Run.fit reports the error."""
-        if divergence.error is None:
-            last = latest_checkpoint(Path(args.output_dir), log=lambda m: None)
-            divergence.error = UserError(f"training diverged: {what} at step {state.global_step}; last good "
-                                         f"checkpoint: {last or 'none'} (lower train.learning_rate, or check the data)")
-
-    class StopOnNonFinite(TrainerCallback):
-        """A NaN/inf loss or gradient norm stops the run with the step and the last good checkpoint (the Trainer
-        itself would train on and say "Done"; aligntool also turns off its NaN filter of the logged loss). The main
-        process judges what it logs; the decision is shared at each step end so that all ranks stop together."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs and (what := _non_finite(logs)):
-                diverged(args, state, what)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if divergence.stop():
-                control.should_training_stop, control.should_save = True, False
-
-    class MarkComplete(TrainerCallback):
-        """Trainer writes trainer_state.json last; on_save runs after it, so the marker means 'fully written'. A
-        checkpoint whose weights are not finite is never marked (and the run stops)."""
-
-        def on_save(self, args, state, control, model=None, **kwargs):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if model is not None and not _finite_weights(model):
-                    diverged(args, state, "non-finite weights")
-                elif ckpt.is_dir():
-                    write_atomic(ckpt / COMPLETE_MARKER, f"{state.global_step}\n")
-
-    from aligntool.launch import preemption
-
-    divergence = Divergence()
-    return [MetricsJsonl(), StopOnNonFinite(), MarkComplete(), preemption.callback()], divergence
-
-
-def _new_learning_rate_callback():
-    """On a resume: the recipe's learning rate as the schedule's peak (``--accept-changes`` may have changed it; the
-    Trainer restored the checkpoint's optimizer and scheduler just before ``on_train_begin``)."""
-    from transformers import TrainerCallback
-
-    from aligntool.resume import apply_learning_rate
-
-    class NewLearningRate(TrainerCallback):
-        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-            if optimizer is not None and lr_scheduler is not None:
-                apply_learning_rate(optimizer, lr_scheduler, args.learning_rate, log)
-
-    return NewLearningRate()
-
-
-class Divergence:
-    """Set by the non-finite checks on the main process during training; ``stop()`` shares it with every rank."""
-
-    error: UserError | None = None
-
-    def stop(self) -> bool:
-        """True on every rank once the main process recorded an error (collective: all ranks call it together)."""
-        from aligntool.launch.preemption import any_rank
-
-        if any_rank(self.error is not None) and self.error is None:
-            self.error = UserError("training diverged (see the main process's message)")
-        return self.error is not None
+from aligntool.train_callbacks import new_learning_rate_callback, run_callbacks
+from aligntool.train_checks import check_positions, check_train_settings, note_steps_and_epochs
 
 
 def _cuda() -> bool:
@@ -138,62 +44,6 @@ def _bf16_supported() -> bool:
     import torch
 
     return _cuda() and torch.cuda.is_bf16_supported()
-
-
-# transformers' logging integrations (train.report_to) and the package each needs
-REPORT_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml", "neptune": "neptune",
-                   "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
-                   "codecarbon": "codecarbon", "dagshub": "dagshub", "azure_ml": "azureml-core", "flyte": "flytekit",
-                   "kubeflow": "kubeflow", "tensorboard": "tensorboard"}
-
-
-def _check_report_to(names: list[str], source: str) -> None:
-    """A logger of ``train.report_to`` must be one transformers knows and its package installed: named here, instead
-    of transformers' RuntimeError traceback when the Trainer builds its callbacks."""
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
-
-    available = set(get_available_reporting_integrations())
-    for name in names:
-        if name in ("none", "all"):
-            continue
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise UserError(f"{source}: train.report_to: unknown logger {name!r}; expected one of "
-                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (tensorboard is always on)")
-        if name not in available:
-            package = REPORT_PACKAGES.get(name, name)
-            raise UserError(f"{source}: train.report_to: {name} needs the {package} package, which is not installed "
-                            f"(pip install {package}), or drop {name} from train.report_to")
-
-
-def _check_deepspeed_file(value: str, source: str) -> None:
-    """``train.deepspeed`` (transformers' field) takes a DeepSpeed JSON config; an accelerate config (the YAML
-    ``accelerate config`` writes, with ``distributed_type: DEEPSPEED``) is a common mix-up, which transformers reports
-    as a bare JSON error."""
-    if value.lstrip().startswith("{"):
-        return  # an inline JSON text: transformers parses it
-    path = Path(value).expanduser()
-    hint = ("a DeepSpeed JSON config file; or set distributed.backend: deepspeed (and distributed.zero_stage), for "
-            "which aligntool writes deepspeed.json itself")
-    if not path.is_file():
-        raise UserError(f"{source}: train.deepspeed: {path}: file not found; expected {hint}")
-    text = path.read_text(errors="replace")
-    try:
-        json.loads(text)
-        return
-    except ValueError:
-        pass
-    try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError:
-        parsed = None
-    if isinstance(parsed, dict) and ({"distributed_type", "compute_environment", "deepspeed_config"} & set(parsed)):
-        raise UserError(f"{source}: train.deepspeed: {path} is an accelerate config (YAML), not a DeepSpeed config; "
-                        f"train.deepspeed takes {hint} (an accelerate config goes to `accelerate launch "
-                        "--config_file`)")
-    raise UserError(f"{source}: train.deepspeed: {path} is not valid JSON; expected {hint}")
 
 
 @dataclass
@@ -326,9 +176,9 @@ class Run:
             log(f"Resuming from {checkpoint}")
         root = self.loaded.recipe.output_dir
         stage = str(out.relative_to(Path(root).expanduser())) if out != Path(root).expanduser() else None
-        callbacks, divergence = _callbacks(Path(root).expanduser() / "metrics.jsonl", stage)
+        callbacks, divergence = run_callbacks(Path(root).expanduser() / "metrics.jsonl", stage)
         if checkpoint:
-            callbacks.append(_new_learning_rate_callback())
+            callbacks.append(new_learning_rate_callback())
         for cb in callbacks:
             trainer.add_callback(cb)
         self._check_rows_left(trainer)
@@ -457,7 +307,7 @@ def _finished(loaded: LoadedRecipe, out: Path, accept_changes: bool) -> bool:
 
 def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     from aligntool.launch import preemption
-    from aligntool.resume import auto_keys, write_run_file
+    from aligntool.resume import auto_keys
 
     spec = loaded.spec
     module = spec.load()
@@ -467,10 +317,10 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     auto = auto_keys(loaded.resolved())  # before Step Law fills them in: recipe.yaml holds the values it chose
     run = prepare(loaded, out, resume)
     if is_main_process():  # written once the inputs are known to be good (and, on --resume, the recipe checked)
-        write_atomic(out / "recipe.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
+        write_recipe(out, loaded.resolved())
         write_run_file(out, int(os.environ.get("WORLD_SIZE", "1")), auto)
         if not resume:
-            (out / "metrics.jsonl").write_text("")
+            start_metrics(out)
     # SIGUSR1/SIGTERM from here on mean "checkpoint at the step end and stop"; before, they stop the process at once
     preemption.reset()
     preemption.install()
@@ -490,7 +340,7 @@ def _train(loaded: LoadedRecipe, out: Path, resume: bool) -> dict:
     if is_main_process():
         # "Done" only for a model that loads: e.g. ZeRO-3 without gathered weights writes only DeepSpeed's shards
         check_model_saved(out, f" ({result['distributed']['described']})")
-        write_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
+        write_summary(out, result)
         log(f"Done in {result['wall_time_s']:.1f}s; model, metrics.jsonl and summary.json are in {out}")
     return result
 
@@ -502,7 +352,7 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     from aligntool.launch.distributed import setup
 
     recipe, spec = loaded.recipe, loaded.spec
-    _check_train_settings(loaded)
+    check_train_settings(loaded)
     rewards.check_functions(recipe.reward)  # a reward function that cannot be imported fails before any model loads
     run = Run(loaded, out, resume=resume, setup=setup(recipe, out))
     run.model_path = models.resolve(recipe.model.name_or_path, log=log)
@@ -521,70 +371,16 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
         run.model_path = _merged_base(loaded, run.model_path, out)
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision,
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
-    _check_positions(run)
+    check_positions(run)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log,
                                                                    base_dir=loaded.base_dir)
     _step_law(run)
-    _note_steps_and_epochs(run)
+    note_steps_and_epochs(run)
     return run
 
 
-def _check_train_settings(loaded: LoadedRecipe) -> None:
-    """``train.*`` values that transformers would only reject deep inside the Trainer (a logger whose package is
-    missing, an accelerate YAML as ``train.deepspeed``) or accept and ignore (fp16 on a CPU): checked before anything
-    loads."""
-    report_to = loaded.recipe.train.report_to or []
-    _check_report_to([report_to] if isinstance(report_to, str) else list(report_to), loaded.source)
-    deepspeed = (loaded.recipe.train.model_extra or {}).get("deepspeed")
-    if isinstance(deepspeed, str):
-        _check_deepspeed_file(deepspeed, loaded.source)
-    if loaded.recipe.train.fp16 and not _cuda():
-        # transformers accepts fp16 on a CPU and then trains in fp32 as if it were not set (fp16 mixed precision is
-        # CUDA autocast + a loss scaler): refuse rather than let the recipe say what the run does not do
-        raise UserError(f"{loaded.source}: train.fp16: fp16 mixed precision needs a CUDA GPU and this machine has "
-                        "none (the run would be fp32); use train.bf16: true (torch's CPU autocast) or drop train.fp16")
-
-
-def _check_positions(run: Run) -> None:
-    """``train.max_length`` against the positions the model has: a model with learned absolute positions (GPT-2's
-    ``n_positions``) has no embedding row past them (an IndexError deep in the forward pass): refused with both
-    numbers. A rotary model runs past its configured ``max_position_embeddings`` but was not trained there: a note."""
-    max_length = run.recipe.train.max_length
-    if max_length is None:
-        return
-    from transformers import AutoConfig
-
-    m = run.recipe.model
-    try:
-        cfg = AutoConfig.from_pretrained(run.model_path, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    except Exception:  # noqa: BLE001 - the model's own loading reports a bad config
-        return
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if not isinstance(positions, int) or max_length <= positions:
-        return
-    rotary = bool(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-                  or getattr(cfg, "rotary_dim", None) or getattr(cfg, "rotary_pct", None))
-    if rotary:
-        log(f"note: train.max_length={max_length} is beyond the model's configured context (max_position_embeddings "
-            f"{positions}): its rotary positions run past what it was trained on, and quality may drop there")
-        return
-    raise UserError(f"{run.loaded.source}: train.max_length: {max_length} tokens, but {m.name_or_path} has learned "
-                    f"positions for {positions} tokens only (n_positions / max_position_embeddings in its config); "
-                    f"set train.max_length <= {positions}")
-
-
-def _note_steps_and_epochs(run: Run) -> None:
-    """``train.max_steps`` and ``train.num_train_epochs`` both set: transformers trains max_steps and ignores the
-    epochs; say so (a recipe's max_steps and an epochs override would otherwise run the recipe's steps silently)."""
-    t = run.recipe.train
-    if t.max_steps is not None and t.num_train_epochs is not None:
-        log(f"note: train.max_steps={t.max_steps} and train.num_train_epochs={t.num_train_epochs} are both set: "
-            f"max_steps wins (as in transformers), the run stops after {t.max_steps} steps; set train.max_steps=-1 "
-            "(or null) to train by epochs")
-
-
 MERGED_BASE = "merged_base"
+
 
 
 def _merged_base(loaded: LoadedRecipe, adapter: str, out: Path) -> str:
@@ -596,7 +392,7 @@ def _merged_base(loaded: LoadedRecipe, adapter: str, out: Path) -> str:
     reference of full fine-tuning from the policy's ``name_or_path`` (the first base otherwise, not the SFT model)."""
     from accelerate import PartialState
 
-    from aligntool.outputs import atomic_path
+    from aligntool.outputs import atomic_path, write_merged_from
     from aligntool.rewards import is_reward_model
 
     head = "reward" if is_reward_model(adapter) else "causal_lm"  # a reward model's adapter stays one
@@ -612,7 +408,7 @@ def _merged_base(loaded: LoadedRecipe, adapter: str, out: Path) -> str:
             with atomic_path(target) as tmp:
                 merged.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                (tmp / "merged_from.json").write_text(json.dumps({"adapter": str(Path(adapter).resolve())}) + "\n")
+                write_merged_from(tmp, adapter)
             log(f"note: model.name_or_path {adapter} is a LoRA adapter: its base with the adapter merged is written to "
                 f"{target}, and the run starts from it")
     return str(target)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from aligntool.cli import main
-from aligntool.toy import arith
+from aligntool.toy import arith, world
 
 
 # ---------------------------------------------------------------------------------------------------- pass@k
@@ -37,7 +37,7 @@ def test_tiny_arith_trains_on_the_train_split_only():
     from aligntool.toy.tiny import ARITH_SFT
 
     rows = arith.sft_rows(ARITH_SFT["steps"] * ARITH_SFT["batch_size"], seed=ARITH_SFT["seed"], split="train")
-    assert not any(arith.is_eval_question(r["prompt"]) for r in rows)
+    assert not any(world.is_eval_prompt(r["prompt"]) for r in rows)
 
 
 def test_tiny_arith_is_built_once_and_cached(tiny_arith_path):

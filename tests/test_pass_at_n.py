@@ -13,7 +13,7 @@ from conftest import REPO
 
 from aligntool.errors import UserError
 from aligntool.losses.sft import dco_gradient_factor, dco_loss
-from aligntool.toy import arith
+from aligntool.toy import arith, world
 
 PS = [1e-9, 1e-4, 0.01, 0.05, 0.3, 0.7, 0.99]
 NS = [1, 2, 4, 16, 64]
@@ -126,7 +126,7 @@ def test_rows_and_split():
     for r in rows[:50]:
         a, b = map(int, r["prompt"][3:-4].split("+"))
         assert r["completion"] == f" {a + b}"
-    assert all(arith.is_eval_question(r["prompt"]) for r in arith.sft_rows(20, split="eval"))
+    assert all(world.is_eval_prompt(r["prompt"]) for r in arith.sft_rows(20, split="eval"))
     assert arith.sft_rows(30, seed=1) == arith.sft_rows(30, seed=1) != arith.sft_rows(30, seed=2)
 
 

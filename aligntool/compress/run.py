@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -190,11 +191,7 @@ def compress(recipe, resume: bool = False, progress: bool = True, overwrite: boo
     state_path = out.with_name(f".{out.name}.search.json")
     if resume and not state_path.is_file():
         raise UserError(f"--resume: no search state at {state_path}")
-    m = recipe.model
-    path = models.resolve(m.name_or_path, log=log)
-    _check_weights(path)
-    tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template)
-    model = models.load_model(path, **models.options(m, revision=True)).eval()
+    path, tokenizer, model = _load(recipe.model)
     # the dense size of what is compressed: the model as loaded (a LoRA adapter folder: its base with the adapter
     # merged), not the files of ``path``
     dense_bytes = packed.tensor_bytes(model)
@@ -208,59 +205,20 @@ def compress(recipe, resume: bool = False, progress: bool = True, overwrite: boo
     dense_heldout = log_probs(model, heldout, bs)
     dense_ppl = _ppl(_nll(dense_heldout, heldout), heldout)  # from the cached log-probs: no second pass
     log(f"Compressing {path} ({cfg.method}, {cfg.mode}) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
-
-    search_info = None
     if cfg.method == "jlcm":
-        _, inputs = layers.input_stats(model, selected, calib, bs, keep_tokens=min(cfg.jlcm_tokens, calib.numel()),
-                                       seed=cfg.seed)
-        encoded, rows = _jlcm(cfg, selected, inputs)
-        achieved = {"bits": cfg.bits, "bits_per_weight": 8 * sum(r["bytes_packed"] for r in rows)
-                    / sum(r["weights"] for r in rows), "groups": cfg.jlcm_groups}
+        encoded, rows, achieved, search_info = _compress_jlcm(model, cfg, selected, calib)
     else:
-        norms, grads = {}, None
-        if cfg.mode == "sparsity" and cfg.saliency == "mfac":
-            weights = sum(x.numel for x in selected.values())
-            need = 4 * cfg.mfac_gradients * weights * (2 if cfg.mfac_update else 1) / 2**30
-            log(f"M-FAC: {cfg.mfac_gradients} per-window gradients of {weights:,} weights, blocks of "
-                f"{cfg.mfac_block} (about {need:.2f} GiB of gradients{' and inverses' if cfg.mfac_update else ''})")
-            with torch.enable_grad():
-                grads = mfac.layer_gradients(model, selected, calib[: cfg.mfac_gradients])
-        elif cfg.mode == "sparsity":
-            norms, _ = layers.input_stats(model, selected, calib, bs)
-        space = _space(model, cfg, selected, norms, grads)
-        del grads
-        if cfg.method == "evopress":
-            def fitness(candidate, idx):
-                space.apply(candidate)
-                ids = calib[idx]
-                return scores(model, ids, dense_calib[idx] if cfg.evopress.fitness == "kl" else None, bs)[
-                    cfg.evopress.fitness]
-
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            state = evopress.search(space, fitness, len(calib), calib.shape[1], cfg.evopress, cfg.seed, state_path,
-                                    resume, _fingerprint(recipe, path), log=log, progress=progress)
-            chosen = tuple(state["parent"])
-            search_info = {"generations": state["generation"], "history": state["history"]}
-        else:
-            chosen = space.uniform()
-        space.check(chosen)
-        space.apply(chosen)
-        encoded, rows = _encode(space, chosen)
-        achieved = space.achieved(chosen)
+        search = _Search(state_path, resume, _fingerprint(recipe, path), progress)
+        encoded, rows, achieved, search_info = _compress_levels(model, cfg, selected, calib, dense_calib, search)
     compress_time = time.time() - start
 
     calib_scores = scores(model, calib, dense_calib, bs)
     held_scores = scores(model, heldout, dense_heldout, bs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        packed_bytes = packed.write_packed(model, tokenizer, encoded, tmp / "packed")
+
+    def make_report(packed_bytes: int) -> dict:
         layer_dense = sum(r["bytes_dense"] for r in rows)
         layer_packed = sum(r["bytes_packed"] for r in rows)
-        report = {
+        return {
             "model": path, "method": cfg.method, "mode": cfg.mode, "budget": achieved,
             **({"saliency": {"kind": "mfac", "gradients": cfg.mfac_gradients, "block": cfg.mfac_block,
                              "damp": cfg.mfac_damp, "obs_update": cfg.mfac_update}} if cfg.saliency == "mfac" else {}),
@@ -273,12 +231,97 @@ def compress(recipe, resume: bool = False, progress: bool = True, overwrite: boo
                         "ppl_dense": dense_ppl},
             "search": search_info, "compress_time_s": round(compress_time, 2), "layers": rows,
         }
+
+    report = _write_output(out, model, tokenizer, encoded, make_report)
+    state_path.unlink(missing_ok=True)
+    log(f"held-out ppl {dense_ppl:.3f} -> {held_scores['ppl']:.3f}, KL {held_scores['kl']:.4f}; "
+        f"model {dense_bytes} -> {report['bytes']['packed']} bytes packed; written to {out}")
+    return report
+
+
+def _load(m):
+    """(resolved path, tokenizer, model in eval mode) of the recipe's ``model`` section."""
+    path = models.resolve(m.name_or_path, log=log)
+    _check_weights(path)
+    tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template)
+    model = models.load_model(path, **models.options(m, revision=True)).eval()
+    return path, tokenizer, model
+
+
+def _compress_jlcm(model, cfg, selected, calib):
+    """JLCM: codebooks fitted on each layer's calibration inputs. Returns (encoded, rows, achieved, search info)."""
+    _, inputs = layers.input_stats(model, selected, calib, cfg.eval_batch_size,
+                                   keep_tokens=min(cfg.jlcm_tokens, calib.numel()), seed=cfg.seed)
+    encoded, rows = _jlcm(cfg, selected, inputs)
+    achieved = {"bits": cfg.bits, "bits_per_weight": 8 * sum(r["bytes_packed"] for r in rows)
+                / sum(r["weights"] for r in rows), "groups": cfg.jlcm_groups}
+    return encoded, rows, achieved, None
+
+
+@dataclass
+class _Search:
+    """Where an EvoPress search keeps its state, and how it runs."""
+
+    state_path: Path
+    resume: bool
+    fingerprint: str
+    progress: bool
+
+
+def _compress_levels(model, cfg, selected, calib, dense_calib, search: _Search):
+    """Per-unit levels (sparsity, bits or dropped blocks): chosen by the EvoPress search or uniform, then applied.
+    Returns (encoded, rows, achieved, search info)."""
+    bs = cfg.eval_batch_size
+    space = _space(model, cfg, selected, *_saliency(model, cfg, selected, calib))
+    search_info = None
+    if cfg.method == "evopress":
+        def fitness(candidate, idx):
+            space.apply(candidate)
+            ids = calib[idx]
+            return scores(model, ids, dense_calib[idx] if cfg.evopress.fitness == "kl" else None, bs)[
+                cfg.evopress.fitness]
+
+        search.state_path.parent.mkdir(parents=True, exist_ok=True)
+        state = evopress.search(space, fitness, len(calib), calib.shape[1], cfg.evopress, cfg.seed, search.state_path,
+                                search.resume, search.fingerprint, log=log, progress=search.progress)
+        chosen = tuple(state["parent"])
+        search_info = {"generations": state["generation"], "history": state["history"]}
+    else:
+        chosen = space.uniform()
+    space.check(chosen)
+    space.apply(chosen)
+    encoded, rows = _encode(space, chosen)
+    return encoded, rows, space.achieved(chosen), search_info
+
+
+def _saliency(model, cfg, selected, calib) -> tuple[dict, dict | None]:
+    """(input norms, M-FAC gradients) for the sparsity levels; empty for the other modes."""
+    norms, grads = {}, None
+    if cfg.mode == "sparsity" and cfg.saliency == "mfac":
+        weights = sum(x.numel for x in selected.values())
+        need = 4 * cfg.mfac_gradients * weights * (2 if cfg.mfac_update else 1) / 2**30
+        log(f"M-FAC: {cfg.mfac_gradients} per-window gradients of {weights:,} weights, blocks of "
+            f"{cfg.mfac_block} (about {need:.2f} GiB of gradients{' and inverses' if cfg.mfac_update else ''})")
+        with torch.enable_grad():
+            grads = mfac.layer_gradients(model, selected, calib[: cfg.mfac_gradients])
+    elif cfg.mode == "sparsity":
+        norms, _ = layers.input_stats(model, selected, calib, cfg.eval_batch_size)
+    return norms, grads
+
+
+def _write_output(out: Path, model, tokenizer, encoded: dict, make_report) -> dict:
+    """The output folder, assembled beside its place and renamed into it: the model, ``packed/``, the report
+    (``make_report(packed bytes)``) and levels.png. Returns the report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        report = make_report(packed.write_packed(model, tokenizer, encoded, tmp / "packed"))
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _plot(rows, cfg.mode, cfg.method, tmp / "levels.png")
+        _plot(report["layers"], report["mode"], report["method"], tmp / "levels.png")
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    state_path.unlink(missing_ok=True)
-    log(f"held-out ppl {dense_ppl:.3f} -> {held_scores['ppl']:.3f}, KL {held_scores['kl']:.4f}; "
-        f"model {dense_bytes} -> {packed_bytes} bytes packed; written to {out}")
     return report

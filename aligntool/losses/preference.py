@@ -159,8 +159,7 @@ def rloo_kl_loss(logp: torch.Tensor, logratio: torch.Tensor) -> tuple[torch.Tens
     k = logp.shape[-1]
     if k < 2:
         raise ValueError("the RLOO estimator needs k >= 2 samples per prompt")
-    reward = -logratio.detach()
-    advantage = reward - (reward.sum(-1, keepdim=True) - reward) / (k - 1)
+    advantage = rloo_advantages(-logratio.detach())
     surrogate = -(advantage * logp).mean()
     kl = logratio.detach().mean()
     return kl + surrogate - surrogate.detach(), kl

@@ -37,11 +37,6 @@ def all_questions() -> list[str]:
     return [question(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
 
 
-def is_eval_question(prompt: str) -> bool:
-    """A fixed 1/8 of the questions is held out (the toy world's rule); training rows never use them."""
-    return world.is_eval_prompt(prompt)
-
-
 def prompts(split: str, n: int | None = None, seed: int = 0) -> list[str]:
     """``n`` distinct questions of ``split`` ("train" or "eval"), shuffled by ``seed`` (all of them for n=None)."""
     return world.split_of(all_questions(), split, n, seed)

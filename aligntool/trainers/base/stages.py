@@ -1,6 +1,7 @@
-"""Stage files of multi-stage methods (sample -> score -> select -> train): JSONL written atomically, each tagged with
-a hash of the settings that produced it, so a rerun reuses a finished stage and redoes a stage whose settings changed.
-Only the main process computes a stage; the other ranks then read its file."""
+"""Stage files of multi-stage methods (sample -> score -> select -> train): JSONL written atomically by
+aligntool/outputs.py (``write_jsonl``, ``write_stage_index``), each tagged with a hash of the settings that produced
+it, so a rerun reuses a finished stage and redoes a stage whose settings changed. Only the main process computes a
+stage; the other ranks then read its file."""
 
 from __future__ import annotations
 
@@ -18,12 +19,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from aligntool.outputs import write_atomic
-
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
 def cached_stage(folder: Path, name: str, settings: dict, compute: Callable[[], list[dict]], force: bool = False,
                  log=print) -> list[dict]:
     """Rows of stage ``name``: read from ``folder/name.jsonl`` when its settings hash matches, else computed and saved.
@@ -33,7 +28,9 @@ def cached_stage(folder: Path, name: str, settings: dict, compute: Callable[[], 
     import torch
     from accelerate import PartialState
 
-    path, index = folder / f"{name}.jsonl", folder / "stages.json"
+    from aligntool.outputs import STAGE_INDEX, write_jsonl, write_stage_index
+
+    path, index = folder / f"{name}.jsonl", folder / STAGE_INDEX
     digest = settings_hash(settings)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group on CPU machines
     with state.main_process_first():
@@ -47,9 +44,7 @@ def cached_stage(folder: Path, name: str, settings: dict, compute: Callable[[], 
         rows = compute()
         write_jsonl(path, rows)
         done[name] = digest
-        from aligntool.outputs import write_atomic
-
-        write_atomic(index, json.dumps(done, indent=2) + "\n")
+        write_stage_index(folder, done)
         return rows
 
 
@@ -75,7 +70,7 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
 
     from aligntool import models
     from aligntool.errors import UserError
-    from aligntool.outputs import is_main_process, log
+    from aligntool.outputs import ITERATION_DONE, is_main_process, log, mark_iteration_done
 
     prompts = list(dict.fromkeys(run.train_dataset["prompt"]))
     if len(prompts) < iterations:
@@ -83,7 +78,7 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
     policy_path, summaries = run.model_path, []
     for t in range(1, iterations + 1):
         stage = run.stage(f"iter-{t}", model_path=policy_path)
-        if (stage.output_dir / "iteration.done").is_file():
+        if (stage.output_dir / ITERATION_DONE).is_file():
             log(f"{name}: iteration {t} already finished; reusing {stage.output_dir}")
             policy_path = str(stage.output_dir)
             continue
@@ -99,7 +94,7 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
         summary["iteration"], summary["pairs"] = t, len(rows)
         summaries.append(summary)
         if is_main_process():
-            (stage.output_dir / "iteration.done").write_text("")
+            mark_iteration_done(stage.output_dir)
         policy_path = str(stage.output_dir)
 
     final = models.load_model(policy_path, **models.options(run.recipe.model))

@@ -1,0 +1,193 @@
+"""The bodies of the commands other than ``train`` (``cli.py`` holds their options and help): merge-lora, compress,
+unpack, eval, soup, suggest, recipes. Heavy imports (torch, transformers, TRL) stay inside the functions, so importing
+this module costs nothing and ``aligntool --help`` stays instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from aligntool.errors import UserError
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def merge_lora(adapter: str, out: str, overwrite: bool) -> None:
+    from aligntool import models
+    from aligntool.outputs import atomic_path, check_model_saved, check_output
+    from aligntool.rewards import is_reward_model
+
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"merge-lora: {adapter}: no adapter_config.json (expected a LoRA adapter folder)")
+    target = Path(out).expanduser()
+    check_output(target, overwrite)
+    head = "reward" if is_reward_model(str(path)) else "causal_lm"
+    model = models.merged_adapter(str(path), key="merge-lora", head=head)
+    tokenizer = models.load_tokenizer(str(path), key="merge-lora")
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    check_model_saved(target, key="--out", what="merged")
+    print(target)
+
+
+def compress(recipe: str, overrides: list[str], resume: bool, overwrite: bool) -> None:
+    from aligntool.compress.recipe import load_compress_recipe
+    from aligntool.compress.run import compress as run_compress
+    from aligntool.outputs import check_model_saved
+
+    loaded = load_compress_recipe(recipe, overrides)
+    report = run_compress(loaded, resume=resume, overwrite=overwrite)
+    b, h = report["bytes"], report["heldout"]
+    _stderr(f"budget: {report['budget']}")
+    _stderr(f"held-out perplexity {h['ppl_dense']:.3f} -> {h['ppl']:.3f}, KL(dense||compressed) {h['kl']:.4f}; "
+            f"compressed layers {b['compressed_layers_dense']} -> {b['compressed_layers_packed']} bytes "
+            f"({b['compressed_layers_ratio']:.3f})")
+    check_model_saved(Path(loaded.output_dir), key="output_dir", what="compressed")
+    print(loaded.output_dir)
+
+
+def unpack(packed_dir: Path, out: Path, overwrite: bool) -> None:
+    from aligntool.compress.packed import load_packed
+    from aligntool.models import load_tokenizer
+    from aligntool.outputs import atomic_path, check_model_saved, check_output
+
+    out = out.expanduser()
+    check_output(out, overwrite)
+    model = load_packed(packed_dir)
+    tokenizer = load_tokenizer(str(packed_dir), key="PACKED")
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    check_model_saved(out, key="--out", what="unpacked")
+    print(out)
+
+
+def evaluate(model: str, reference: str | None, task: str, num_prompts: int | None, samples: int,
+             pass_k: str | None, max_new_tokens: int | None, temperature: float, batch_size: int, seed: int,
+             revise: int, as_json: bool) -> None:
+    from aligntool.eval import toy as toy_eval
+
+    if task not in toy_eval.TASKS:
+        raise UserError(f"--task: expected one of {', '.join(toy_eval.TASKS)}, got {task!r}")
+    _not_packed(model, "--model")
+    if reference is not None:
+        _not_packed(reference, "--reference")
+    if task == "arithmetic":
+        if revise:
+            raise UserError("--revise: applies to --task reviews only")
+        ks = toy_eval.parse_pass_k(pass_k, samples) if pass_k is not None else toy_eval.default_pass_k(samples)
+        result = toy_eval.evaluate_arithmetic(
+            model, reference=reference, num_prompts=num_prompts, samples=samples, pass_k=ks,
+            max_new_tokens=max_new_tokens or toy_eval.ARITH_MAX_NEW_TOKENS, temperature=temperature,
+            batch_size=batch_size, seed=seed)
+    else:
+        result = toy_eval.evaluate(model, reference=reference, num_prompts=num_prompts or 128,
+                                   max_new_tokens=max_new_tokens or 48, temperature=temperature,
+                                   batch_size=batch_size, seed=seed, revise=revise)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"aligntool eval: {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _not_packed(path: str, option: str) -> None:
+    """A packed compressed folder is not a model folder: name the command that rebuilds one."""
+    from aligntool.compress.packed import is_packed
+
+    if is_packed(Path(path).expanduser()):
+        parent = Path(path).expanduser().parent
+        also = (f" (or evaluate the compress output {parent} itself, which holds the same weights unpacked)"
+                if (parent / "compression_report.json").is_file() else "")
+        raise UserError(f"{option}: {path} is a packed compressed model, not a model folder; rebuild one with "
+                        f"`aligntool unpack {path} --out DIR` and evaluate DIR{also}")
+
+
+def soup(models_: list[str], out: Path, weights: list[float] | None, overwrite: bool) -> None:
+    from aligntool import models
+    from aligntool.outputs import check_model_saved, check_output
+
+    if len(models_) < 2:
+        raise UserError("soup: give at least two models")
+    if weights and (len(weights) != len(models_) or abs(sum(weights) - 1) > 1e-6):
+        raise UserError(f"--weight: need one weight per model ({len(models_)}) summing to 1, got {weights}")
+    out = out.expanduser()
+    check_output(out, overwrite)
+    written = models.make_soup(list(models_), weights or None, out, key="soup", log=_stderr)
+    check_model_saved(written, key="--out", what="averaged")
+    print(written)
+
+
+def suggest_for_recipe(recipe: str, overrides: list[str], constants: str, nproc: int) -> None:
+    """``aligntool suggest --recipe``: N from the recipe's model, D from its data and schedule."""
+    from aligntool import data as data_mod
+    from aligntool import models
+    from aligntool.recipe import steplaw
+    from aligntool.recipe.loader import load_recipe
+
+    loaded = load_recipe(recipe, overrides + [f"train.step_law_constants={constants}"])
+    m = loaded.recipe.model
+    path = models.resolve(m.name_or_path, log=_stderr)
+    tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template,
+                                      base_dir=loaded.base_dir, log=_stderr)
+    train_set, _ = data_mod.load_for_recipe(loaded.recipe, loaded.spec.data, tokenizer, log=_stderr,
+                                            base_dir=loaded.base_dir)
+    s, values = steplaw.for_run(loaded, path, tokenizer, train_set, nproc, force=True)
+    accum = loaded.recipe.train.gradient_accumulation_steps or 1
+    t = loaded.recipe.train
+    print(f"{loaded.source} ({loaded.spec.name}, model {m.name_or_path}, {len(train_set)} training rows; the recipe "
+          f"has learning_rate {t.learning_rate or 'default'}, per_device_train_batch_size "
+          f"{t.per_device_train_batch_size or 'default'}, max_steps {t.max_steps or 'unset (epochs)'})")
+    for line in steplaw.format_suggestion(s, nproc, accum):
+        print(line)
+    print("recipe: train.learning_rate: auto and train.per_device_train_batch_size: auto apply these values")
+
+
+# methods of the reference papers that are options of every (or one) algorithm rather than algorithms of their own
+OPTIONS = [
+    ("train.learning_rate, train.per_device_train_batch_size", "auto",
+     "Step Law (Li et al. 2025): eta_opt(N, D), B_opt(D) for the model and the run's tokens; `aligntool suggest`"),
+    ("train.optim (+ optimizer.kappa)", "lion_kappa",
+     "Lion-kappa (Chen et al. 2023): Lion with sign (l1) or normalised momentum (l2); every trainer"),
+    ("train.optim (+ optimizer.rank)", "cosmos",
+     "COSMOS (Liu et al. 2025): SOAP on the leading eigensubspace, Muon on the rest, Adam for 1-D; every trainer"),
+    ("algo.loss (+ algo.pass_n), sft", "dco",
+     "Direct Coverage Optimization (Chen et al. 2025): fine-tuning for pass@N; recipes/sft_pass_at_n.yaml"),
+    ("dataset.toy.task", "arithmetic", "a verifiable toy task: 'Q: a+b= A:' with exactly checked answers"),
+    ("compress.saliency (mode sparsity)", "mfac",
+     "M-FAC (Frantar et al. 2021): OBS saliency and update from the empirical Fisher; "
+     "recipes/compress_sparsity_mfac.yaml"),
+]
+
+
+def recipes() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from aligntool.registry import ALGORITHMS
+
+    table = Table(box=None, show_header=True, header_style="bold")
+    for col in ("algorithm", "family", "recipe", "description"):
+        table.add_column(col, overflow="fold")
+    for spec in ALGORITHMS.values():
+        table.add_row(spec.name, spec.family, spec.recipe, spec.summary)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    options = Table(box=None, show_header=True, header_style="bold", title="options from the papers, any recipe")
+    for col in ("key", "value", "description"):
+        options.add_column(col, overflow="fold")
+    for row in OPTIONS:
+        options.add_row(*row)
+    console.print(options)

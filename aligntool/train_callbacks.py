@@ -1,0 +1,105 @@
+"""The Trainer callbacks of a run (``Run.fit``): metrics.jsonl rows, a stop on a non-finite loss or gradient norm, the
+COMPLETE marker of each checkpoint (``outputs.mark_complete``), the preemption checkpoint, and on a resume the
+recipe's learning rate as the schedule's peak."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aligntool.errors import UserError
+from aligntool.outputs import append_metrics, latest_checkpoint, log, mark_complete
+
+
+def _non_finite(logs: dict) -> str | None:
+    import math
+
+    for key in ("loss", "grad_norm", "eval_loss"):
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"{key} {value}"
+    return None
+
+
+def _finite_weights(model) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel())
+
+
+def run_callbacks(metrics_file: Path, stage: str | None):
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        """Appends every logged dict, with its step, epoch (and pipeline stage), to the run's metrics.jsonl."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                append_metrics(metrics_file, {"step": state.global_step, "epoch": state.epoch,
+                                              **({"stage": stage} if stage else {}), **logs})
+
+    def diverged(args, state, what: str) -> None:
+        """Recorded on the main process; StopOnNonFinite stops every rank at the next step end (the Trainer then
+        closes its progress bar) and Run.fit reports the error."""
+        if divergence.error is None:
+            last = latest_checkpoint(Path(args.output_dir), log=lambda m: None)
+            divergence.error = UserError(f"training diverged: {what} at step {state.global_step}; last good "
+                                         f"checkpoint: {last or 'none'} (lower train.learning_rate, or check the data)")
+
+    class StopOnNonFinite(TrainerCallback):
+        """A NaN/inf loss or gradient norm stops the run with the step and the last good checkpoint (the Trainer
+        itself would train on and say "Done"; aligntool also turns off its NaN filter of the logged loss). The main
+        process judges what it logs; the decision is shared at each step end so that all ranks stop together."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and (what := _non_finite(logs)):
+                diverged(args, state, what)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if divergence.stop():
+                control.should_training_stop, control.should_save = True, False
+
+    class MarkComplete(TrainerCallback):
+        """Trainer writes trainer_state.json last; on_save runs after it, so the marker means 'fully written'. A
+        checkpoint whose weights are not finite is never marked (and the run stops)."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if model is not None and not _finite_weights(model):
+                    diverged(args, state, "non-finite weights")
+                elif ckpt.is_dir():
+                    mark_complete(ckpt, state.global_step)
+
+    from aligntool.launch import preemption
+
+    divergence = Divergence()
+    return [MetricsJsonl(), StopOnNonFinite(), MarkComplete(), preemption.callback()], divergence
+
+
+def new_learning_rate_callback():
+    """On a resume: the recipe's learning rate as the schedule's peak (``--accept-changes`` may have changed it; the
+    Trainer restored the checkpoint's optimizer and scheduler just before ``on_train_begin``)."""
+    from transformers import TrainerCallback
+
+    from aligntool.resume import apply_learning_rate
+
+    class NewLearningRate(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            if optimizer is not None and lr_scheduler is not None:
+                apply_learning_rate(optimizer, lr_scheduler, args.learning_rate, log)
+
+    return NewLearningRate()
+
+
+class Divergence:
+    """Set by the non-finite checks on the main process during training; ``stop()`` shares it with every rank."""
+
+    error: UserError | None = None
+
+    def stop(self) -> bool:
+        """True on every rank once the main process recorded an error (collective: all ranks call it together)."""
+        from aligntool.launch.preemption import any_rank
+
+        if any_rank(self.error is not None) and self.error is None:
+            self.error = UserError("training diverged (see the main process's message)")
+        return self.error is not None
