@@ -1,15 +1,21 @@
-"""The single table of algorithms: recipe name -> where its trainer lives, what data it needs, its default recipe.
+"""The single table of algorithms, and the one list of facts about them: recipe name -> where its code lives, what data
+it needs, its default recipe, and what it can do (generation backends, judge, value head, batch unit, sharding).
 
-Each algorithm is one of three kinds, and its module (``aligntool/trainers/<name>.py``, beside its ``AlgoConfig``)
-provides the entry point of that kind:
+Every list of methods elsewhere (the recipe checks and their messages, field descriptions, Step Law, the README's
+algorithm and capability tables, written by ``scripts/registry_tables.py``) is derived from this table with
+``names(...)``, so adding a method here adds it everywhere.
+
+Each algorithm is one of three kinds, and its ``module`` (beside its ``AlgoConfig``) provides the entry point of that
+kind:
 
     trl       build(run) -> a transformers/TRL Trainer, which train.py fits (sft, reward, the DPO family, ...)
     pipeline  pipeline(run) -> summary: stages (sample, score, select) that end in run.fit, once or per iteration
-    online    method(run) -> an object with step(engine, prompts), run on aligntool.online.engine.Engine
+    online    method(run) -> an object with step(engine, prompts), run on aligntool's rollout engine (aligntool/online)
 
-Adding an algorithm = one module under ``aligntool/trainers/`` (an ``AlgoConfig`` and the entry point; a trainer class
-of its own goes in ``<name>_trainer.py``), one line here, one YAML under ``recipes/``. Modules import TRL only inside
-their entry point or in ``*_trainer.py``, so this table, recipe checks and ``aligntool --help`` stay fast.
+Adding an algorithm = its module (an ``AlgoConfig`` and the entry point; a trainer class of its own goes in
+``<name>_trainer.py``), one entry here, one YAML under ``recipes/``. Modules import TRL only inside their entry point or
+in ``*_trainer.py``, so this table, recipe checks and ``aligntool --help`` stay fast. This file imports nothing but
+the standard library (at import time).
 """
 
 from __future__ import annotations
@@ -18,29 +24,53 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 KINDS = ("trl", "pipeline", "online")
+# the shapes of training data; the columns of each are aligntool.data's DATA_KINDS (a test keeps the two equal)
+DATA_KINDS = ("language_modeling", "preference", "prompt", "unpaired")
+# where `generation.backend: vllm` runs: TRL's trainer (its use_vllm / vllm_* fields) or aligntool's rollout engine
+VLLM_PATHS = ("trl", "engine")
+# what train.per_device_train_batch_size counts: given rows (examples, pairs), prompts per iteration (the engine),
+# completions (TRL's GRPO / RLOO), or rows the method generates during the run (pipelines: pairs it samples)
+BATCH_UNITS = ("rows", "prompts", "completions", "generated")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AlgorithmSpec:
     name: str
-    summary: str
+    summary: str  # one line for `aligntool recipes` and the README: what it is, the paper
     family: str  # for people: supervised, reward, offline-preference, hybrid-preference, pipeline, online-rl, ...
-    module: str  # trainer module: AlgoConfig + the entry point of its kind
+    module: str  # its code: AlgoConfig + the entry point of its kind
     trl_config: str  # "module:Class" whose fields `train.*` may set
-    data: str  # data kind, see aligntool.data.formats.DATA_KINDS
+    data: str  # one of DATA_KINDS
     recipe: str  # default recipe, relative to the repository root
+    kind: str = "trl"  # one of KINDS: which entry point the module provides
     algo_defaults: dict = field(default_factory=dict)  # presets of a named variant (ipo = dpo with loss_type ipo)
     samples: bool = False  # samples its own completions, scored by the recipe's `reward` section
-    kind: str = "trl"  # one of KINDS: which entry point the module provides
+    vllm: str | None = None  # generation.backend vllm through one of VLLM_PATHS; None: transformers only
+    preferences: bool = False  # labels pairs with a preference source (aligntool/preferences.py): reward.judge allowed
+    value_head: bool = False  # trains a value head (a critic) beside the policy
+    batch_unit: str = "rows"  # one of BATCH_UNITS: what train.per_device_train_batch_size counts
+    sharded: bool = True  # online: runs under ZeRO-3 / FSDP (False: samples from the reference, which they partition)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"{self.name}: kind {self.kind!r} is not one of {KINDS}")
+        for key, allowed in (("kind", KINDS), ("data", DATA_KINDS), ("batch_unit", BATCH_UNITS),
+                             ("vllm", (None, *VLLM_PATHS))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{self.name}: {key} {getattr(self, key)!r} is not one of {allowed}")
+        if (self.kind == "online") != (self.vllm == "engine"):
+            raise ValueError(f"{self.name}: the online methods, and only they, generate with vLLM on the engine")
+        if (self.preferences or self.vllm) and not self.samples:
+            raise ValueError(f"{self.name}: preferences and vllm apply to methods that sample")
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The values `generation.backend` may take for this method."""
+        return ("hf", "vllm") if self.vllm else ("hf",)
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -53,104 +83,150 @@ class AlgorithmSpec:
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for spec in [
-        AlgorithmSpec("sft", "Supervised fine-tuning on demonstrations (TRL SFTTrainer).", "supervised",
-                      "aligntool.trainers.sft", "trl:SFTConfig", "language_modeling", "recipes/sft.yaml"),
-        AlgorithmSpec("reward", "Bradley-Terry reward model on preference pairs (TRL RewardTrainer).", "reward",
-                      "aligntool.trainers.reward", "trl:RewardConfig", "preference", "recipes/reward.yaml"),
-        AlgorithmSpec("dpo", "Direct Preference Optimization and every TRL DPO loss: IPO, hinge/SLiC, robust, "
-                      "RPO mixes, f-DPO divergences, ... (TRL DPOTrainer).", "offline-preference",
-                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/dpo.yaml"),
-        # Named DPO variants: TRL's DPOTrainer with the paper's loss preset (aligntool/trainers/dpo.py).
-        AlgorithmSpec("ipo", "IPO: squared loss toward a 1/(2 tau) margin (Azar et al. 2023).", "offline-preference",
-                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/ipo.yaml",
-                      {"loss_type": "ipo"}),
-        AlgorithmSpec("slic", "SLiC-HF hinge loss max(0, 1 - beta * margin) (Zhao et al. 2023).", "offline-preference",
-                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/slic.yaml",
-                      {"loss_type": "hinge"}),
-        AlgorithmSpec("robust_dpo", "Robust DPO for noisy labels with flip rate epsilon (Chowdhury et al. 2024).",
-                      "offline-preference", "aligntool.trainers.dpo", "trl:DPOConfig", "preference",
-                      "recipes/robust_dpo.yaml", {"loss_type": "robust", "label_smoothing": 0.1}),
-        AlgorithmSpec("sppo_hard", "SPPO with hard labels P_w=1, P_l=0 (TRL's sppo_hard; Wu et al. 2024).",
-                      "offline-preference", "aligntool.trainers.dpo", "trl:DPOConfig", "preference",
-                      "recipes/sppo_hard.yaml", {"loss_type": "sppo_hard"}),
-        AlgorithmSpec("fdpo", "f-DPO: DPO with forward-KL, JS or alpha-divergence regularisation (Wang et al. 2023).",
-                      "offline-preference", "aligntool.trainers.dpo", "trl:DPOConfig", "preference",
-                      "recipes/fdpo.yaml", {"f_divergence_type": "js_divergence"}),
-        AlgorithmSpec("rpo", "RPO: DPO + weighted NLL on the chosen response (Liu et al. 2024).", "offline-preference",
-                      "aligntool.trainers.dpo", "trl:DPOConfig", "preference", "recipes/rpo.yaml",
-                      {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}),
-        AlgorithmSpec("cpl", "CPL: contrastive loss on alpha * sum log pi with a conservative bias; no reference model "
-                      "(Hejna et al. 2023).", "offline-preference", "aligntool.trainers.cpl", "trl:DPOConfig",
-                      "preference", "recipes/cpl.yaml"),
-        AlgorithmSpec("rso", "RSO: sample from the SFT policy, statistical rejection sampling toward the optimal "
-                      "policy, pairs, then sigmoid-/hinge-norm (Liu et al. 2023).", "pipeline",
-                      "aligntool.trainers.rso", "trl:DPOConfig", "prompt", "recipes/rso.yaml", samples=True,
-                      kind="pipeline"),
-        AlgorithmSpec("sppo", "SPPO, soft and iterative: K samples per prompt, win rates vs the current policy, "
-                      "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024).",
-                      "pipeline", "aligntool.trainers.sppo", "trl:DPOConfig", "prompt", "recipes/sppo.yaml",
-                      samples=True, kind="pipeline"),
-        AlgorithmSpec("hypo", "HyPO: offline DPO + lambda * KL(pi || pi_ref) on fresh on-policy samples, RLOO "
-                      "estimator (Song et al. 2024).", "hybrid-preference", "aligntool.trainers.hypo", "trl:DPOConfig",
-                      "preference", "recipes/hypo.yaml"),
-        AlgorithmSpec("srpo", "SRPO: one model as generator and self-reviser, (1-alpha) L_gen + alpha L_self "
-                      "(Choi et al. 2024).", "offline-preference", "aligntool.trainers.srpo", "trl:DPOConfig",
-                      "preference", "recipes/srpo.yaml"),
-        AlgorithmSpec("spo", "SPO: a DPO-family loss + lambda * self-supervised prediction of how much key content a "
-                      "response lost (Li et al. 2024).", "offline-preference", "aligntool.trainers.spo",
-                      "trl:DPOConfig", "preference", "recipes/spo.yaml"),
+        AlgorithmSpec(name="sft", kind="trl", family="supervised", data="language_modeling",
+                      module="aligntool.trainers.sft", trl_config="trl:SFTConfig", recipe="recipes/sft.yaml",
+                      summary="Supervised fine-tuning on demonstrations (TRL SFTTrainer)."),
+        AlgorithmSpec(name="reward", kind="trl", family="reward", data="preference", module="aligntool.trainers.reward",
+                      trl_config="trl:RewardConfig", recipe="recipes/reward.yaml",
+                      summary="Bradley-Terry reward model on preference pairs (TRL RewardTrainer)."),
+        AlgorithmSpec(name="dpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/dpo.yaml",
+                      summary="Direct Preference Optimization and every TRL DPO loss: IPO, hinge/SLiC, robust, RPO "
+                              "mixes, f-DPO divergences, ... (TRL DPOTrainer)."),
+        # Named DPO variants: TRL's DPOTrainer with the paper's loss preset (the dpo module).
+        AlgorithmSpec(name="ipo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/ipo.yaml",
+                      algo_defaults={"loss_type": "ipo"},
+                      summary="IPO: squared loss toward a 1/(2 tau) margin (Azar et al. 2023)."),
+        AlgorithmSpec(name="slic", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/slic.yaml",
+                      algo_defaults={"loss_type": "hinge"},
+                      summary="SLiC-HF hinge loss max(0, 1 - beta * margin) (Zhao et al. 2023)."),
+        AlgorithmSpec(name="robust_dpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/robust_dpo.yaml",
+                      algo_defaults={"loss_type": "robust", "label_smoothing": 0.1},
+                      summary="Robust DPO for noisy labels with flip rate epsilon (Chowdhury et al. 2024)."),
+        AlgorithmSpec(name="sppo_hard", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/sppo_hard.yaml",
+                      algo_defaults={"loss_type": "sppo_hard"},
+                      summary="SPPO with hard labels P_w=1, P_l=0 (TRL's sppo_hard; Wu et al. 2024)."),
+        AlgorithmSpec(name="fdpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/fdpo.yaml",
+                      algo_defaults={"f_divergence_type": "js_divergence"},
+                      summary="f-DPO: DPO with forward-KL, JS or alpha-divergence regularisation (Wang et al. 2023)."),
+        AlgorithmSpec(name="rpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/rpo.yaml",
+                      algo_defaults={"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
+                      summary="RPO: DPO + weighted NLL on the chosen response (Liu et al. 2024)."),
+        AlgorithmSpec(name="cpl", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.cpl", trl_config="trl:DPOConfig", recipe="recipes/cpl.yaml",
+                      summary="CPL: contrastive loss on alpha * sum log pi with a conservative bias; no reference "
+                              "model (Hejna et al. 2023)."),
+        AlgorithmSpec(name="rso", kind="pipeline", family="pipeline", data="prompt", samples=True,
+                      batch_unit="generated", module="aligntool.trainers.rso", trl_config="trl:DPOConfig",
+                      recipe="recipes/rso.yaml",
+                      summary="RSO: sample from the SFT policy, statistical rejection sampling toward the optimal "
+                              "policy, pairs, then sigmoid-/hinge-norm (Liu et al. 2023)."),
+        AlgorithmSpec(name="sppo", kind="pipeline", family="pipeline", data="prompt", samples=True,
+                      batch_unit="generated", module="aligntool.trainers.sppo", trl_config="trl:DPOConfig",
+                      recipe="recipes/sppo.yaml",
+                      summary="SPPO, soft and iterative: K samples per prompt, win rates vs the current policy, "
+                              "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024)."),
+        AlgorithmSpec(name="hypo", kind="trl", family="hybrid-preference", data="preference",
+                      module="aligntool.trainers.hypo", trl_config="trl:DPOConfig", recipe="recipes/hypo.yaml",
+                      summary="HyPO: offline DPO + lambda * KL(pi || pi_ref) on fresh on-policy samples, RLOO "
+                              "estimator (Song et al. 2024)."),
+        AlgorithmSpec(name="srpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.srpo", trl_config="trl:DPOConfig", recipe="recipes/srpo.yaml",
+                      summary="SRPO: one model as generator and self-reviser, (1-alpha) L_gen + alpha L_self (Choi et "
+                              "al. 2024)."),
+        AlgorithmSpec(name="spo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.spo", trl_config="trl:DPOConfig", recipe="recipes/spo.yaml",
+                      summary="SPO: a DPO-family loss + lambda * self-supervised prediction of how much key content a "
+                              "response lost (Li et al. 2024)."),
         # Reference-free and unpaired preference losses (TRL's KTOTrainer; trl.experimental's ORPO / CPO trainers)
-        AlgorithmSpec("kto", "KTO: prospect-theoretic loss on unpaired desirable / undesirable completions (Ethayarajh "
-                      "et al. 2024; TRL KTOTrainer).", "offline-preference", "aligntool.trainers.kto", "trl:KTOConfig",
-                      "unpaired", "recipes/kto.yaml"),
-        AlgorithmSpec("orpo", "ORPO: NLL on the chosen + lambda * odds-ratio loss; no reference model (Hong et al. "
-                      "2024; TRL ORPOTrainer).", "offline-preference", "aligntool.trainers.orpo",
-                      "trl.experimental.orpo:ORPOConfig", "preference", "recipes/orpo.yaml"),
-        AlgorithmSpec("cpo", "CPO: DPO-style loss without a reference + NLL on the chosen (Xu et al. 2024; TRL "
-                      "CPOTrainer).", "offline-preference", "aligntool.trainers.cpo",
-                      "trl.experimental.cpo:CPOConfig", "preference", "recipes/cpo.yaml"),
-        AlgorithmSpec("simpo", "SimPO: length-normalised log-probability margin with a target gamma; no reference "
-                      "(Meng et al. 2024; TRL CPOTrainer, loss_type simpo).", "offline-preference",
-                      "aligntool.trainers.cpo", "trl.experimental.cpo:CPOConfig", "preference", "recipes/simpo.yaml",
-                      {"loss_type": "simpo", "cpo_alpha": 0.0}),
+        AlgorithmSpec(name="kto", kind="trl", family="offline-preference", data="unpaired",
+                      module="aligntool.trainers.kto", trl_config="trl:KTOConfig", recipe="recipes/kto.yaml",
+                      summary="KTO: prospect-theoretic loss on unpaired desirable / undesirable completions "
+                              "(Ethayarajh et al. 2024; TRL KTOTrainer)."),
+        AlgorithmSpec(name="orpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.orpo", trl_config="trl.experimental.orpo:ORPOConfig",
+                      recipe="recipes/orpo.yaml",
+                      summary="ORPO: NLL on the chosen + lambda * odds-ratio loss; no reference model (Hong et al. "
+                              "2024; TRL ORPOTrainer)."),
+        AlgorithmSpec(name="cpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.cpo", trl_config="trl.experimental.cpo:CPOConfig",
+                      recipe="recipes/cpo.yaml",
+                      summary="CPO: DPO-style loss without a reference + NLL on the chosen (Xu et al. 2024; TRL "
+                              "CPOTrainer)."),
+        AlgorithmSpec(name="simpo", kind="trl", family="offline-preference", data="preference",
+                      module="aligntool.trainers.cpo", trl_config="trl.experimental.cpo:CPOConfig",
+                      recipe="recipes/simpo.yaml", algo_defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
+                      summary="SimPO: length-normalised log-probability margin with a target gamma; no reference "
+                              "(Meng et al. 2024; TRL CPOTrainer, loss_type simpo)."),
         # Critic-free RL with verifiable rewards through TRL's trainers (sampling inside the Trainer)
-        AlgorithmSpec("grpo", "GRPO and every TRL GRPO loss (dr_grpo, dapo, bnpo, ...): group-normalised advantages "
-                      "of G samples per prompt (Shao et al. 2024; TRL GRPOTrainer).", "online-rl",
-                      "aligntool.trainers.grpo", "trl:GRPOConfig", "prompt", "recipes/grpo.yaml", samples=True),
-        AlgorithmSpec("rloo", "RLOO: REINFORCE with the leave-one-out mean of k samples as baseline (Ahmadian et al. "
-                      "2024; TRL RLOOTrainer).", "online-rl", "aligntool.trainers.rloo", "trl:RLOOConfig", "prompt",
-                      "recipes/rloo.yaml", samples=True),
-        # Online RL on aligntool's rollout engine (aligntool/online/engine.py); train.* = transformers.TrainingArguments
-        AlgorithmSpec("ppo", "PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
-                      "2022).", "online-rl", "aligntool.trainers.ppo", "transformers:TrainingArguments", "prompt",
-                      "recipes/ppo.yaml", samples=True,
-                      kind="online"),
-        AlgorithmSpec("p3o", "P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. 2023).",
-                      "online-rl", "aligntool.trainers.p3o", "transformers:TrainingArguments", "prompt",
-                      "recipes/p3o.yaml", samples=True,
-                      kind="online"),
-        AlgorithmSpec("remax", "ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
-                      "2023).", "online-rl", "aligntool.trainers.remax", "transformers:TrainingArguments", "prompt",
-                      "recipes/remax.yaml", samples=True,
-                      kind="online"),
-        AlgorithmSpec("reinforce_pp", "REINFORCE++: token-level KL in the reward, advantages normalised over the "
-                      "global batch, PPO-clipped updates, no critic (Hu 2025; OpenRLHF).", "online-rl",
-                      "aligntool.trainers.reinforce_pp", "transformers:TrainingArguments", "prompt",
-                      "recipes/reinforce_pp.yaml", samples=True, kind="online"),
+        AlgorithmSpec(name="grpo", kind="trl", family="online-rl", data="prompt", samples=True, vllm="trl",
+                      batch_unit="completions", module="aligntool.trainers.grpo", trl_config="trl:GRPOConfig",
+                      recipe="recipes/grpo.yaml",
+                      summary="GRPO and every TRL GRPO loss (dr_grpo, dapo, bnpo, ...): group-normalised advantages "
+                              "of G samples per prompt (Shao et al. 2024; TRL GRPOTrainer)."),
+        AlgorithmSpec(name="rloo", kind="trl", family="online-rl", data="prompt", samples=True, vllm="trl",
+                      batch_unit="completions", module="aligntool.trainers.rloo", trl_config="trl:RLOOConfig",
+                      recipe="recipes/rloo.yaml",
+                      summary="RLOO: REINFORCE with the leave-one-out mean of k samples as baseline (Ahmadian et al. "
+                              "2024; TRL RLOOTrainer)."),
+        # Online RL on aligntool's rollout engine; train.* = transformers.TrainingArguments
+        AlgorithmSpec(name="ppo", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
+                      batch_unit="prompts", value_head=True, module="aligntool.trainers.ppo",
+                      trl_config="transformers:TrainingArguments", recipe="recipes/ppo.yaml",
+                      summary="PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
+                              "2022)."),
+        AlgorithmSpec(name="p3o", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
+                      batch_unit="prompts", module="aligntool.trainers.p3o",
+                      trl_config="transformers:TrainingArguments", recipe="recipes/p3o.yaml",
+                      summary="P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. "
+                              "2023)."),
+        AlgorithmSpec(name="remax", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
+                      batch_unit="prompts", module="aligntool.trainers.remax",
+                      trl_config="transformers:TrainingArguments", recipe="recipes/remax.yaml",
+                      summary="ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
+                              "2023)."),
+        AlgorithmSpec(name="reinforce_pp", kind="online", family="online-rl", data="prompt", samples=True,
+                      vllm="engine", batch_unit="prompts", module="aligntool.trainers.reinforce_pp",
+                      trl_config="transformers:TrainingArguments", recipe="recipes/reinforce_pp.yaml",
+                      summary="REINFORCE++: token-level KL in the reward, advantages normalised over the global "
+                              "batch, PPO-clipped updates, no critic (Hu 2025; OpenRLHF)."),
         # Online and iterative preference optimization: pairs labelled by a preference source (aligntool/preferences.py)
-        AlgorithmSpec("online_dpo", "Online DPO: two policy samples per prompt, labelled by the preference source, any "
-                      "TRL DPO loss (Guo et al. 2024).", "online-preference", "aligntool.trainers.online_dpo",
-                      "transformers:TrainingArguments", "prompt", "recipes/online_dpo.yaml", samples=True,
-                      kind="online"),
-        AlgorithmSpec("xpo", "XPO: online DPO on a policy vs a reference sample + alpha * log pi(reference sample) "
-                      "exploration (Xie et al. 2024).", "online-preference", "aligntool.trainers.xpo",
-                      "transformers:TrainingArguments", "prompt", "recipes/xpo.yaml", samples=True,
-                      kind="online"),
-        AlgorithmSpec("inpo", "INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the "
-                      "reference and the last iterate (Zhang et al. 2024).", "pipeline", "aligntool.trainers.inpo",
-                      "trl:DPOConfig", "prompt", "recipes/inpo.yaml", samples=True, kind="pipeline"),
+        AlgorithmSpec(name="online_dpo", kind="online", family="online-preference", data="prompt", samples=True,
+                      vllm="engine", batch_unit="prompts", preferences=True, module="aligntool.trainers.online_dpo",
+                      trl_config="transformers:TrainingArguments", recipe="recipes/online_dpo.yaml",
+                      summary="Online DPO: two policy samples per prompt, labelled by the preference source, any TRL "
+                              "DPO loss (Guo et al. 2024)."),
+        AlgorithmSpec(name="xpo", kind="online", family="online-preference", data="prompt", samples=True, vllm="engine",
+                      batch_unit="prompts", preferences=True, sharded=False, module="aligntool.trainers.xpo",
+                      trl_config="transformers:TrainingArguments", recipe="recipes/xpo.yaml",
+                      summary="XPO: online DPO on a policy vs a reference sample + alpha * log pi(reference sample) "
+                              "exploration (Xie et al. 2024)."),
+        AlgorithmSpec(name="inpo", kind="pipeline", family="pipeline", data="prompt", samples=True,
+                      batch_unit="generated", preferences=True, module="aligntool.trainers.inpo",
+                      trl_config="trl:DPOConfig", recipe="recipes/inpo.yaml",
+                      summary="INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the "
+                              "reference and the last iterate (Zhang et al. 2024)."),
     ]
 }
+
+
+def names(where: Callable[[AlgorithmSpec], bool] | None = None, **facts) -> list[str]:
+    """The names of the algorithms whose fields equal ``facts`` (``names(kind="online")``, ``names(vllm="trl")``) and
+    for which ``where(spec)`` holds, in the table's order: read at call time, so every list derived from it follows the
+    table."""
+    return [spec.name for spec in ALGORITHMS.values()
+            if all(getattr(spec, k) == v for k, v in facts.items()) and (where is None or where(spec))]
+
+
+def listing(where: Callable[[AlgorithmSpec], bool] | None = None, **facts) -> str:
+    """``names(...)`` as text for a message: "ppo, p3o, remax"."""
+    return ", ".join(names(where, **facts))
 
 
 def get(name: str) -> AlgorithmSpec:

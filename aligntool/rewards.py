@@ -218,8 +218,11 @@ def terms(config: RewardConfig, device=None, allow_none: bool = False) -> list[t
     as ``reward_funcs`` + ``reward_weights`` (``allow_none``: a function may return None for a completion it does not
     apply to, which TRL skips); aligntool's own methods use their weighted sum (``load``), numbers only."""
     if config.judge:
+        from aligntool.registry import listing
+
         raise UserError("reward.judge: a pairwise judge compares two completions and gives no score; this method needs "
-                        "reward.source, reward.function(s) or reward.ensemble")
+                        f"reward.source, reward.function(s) or reward.ensemble (a judge applies to "
+                        f"{listing(preferences=True)})")
     dirs = search_dirs(config)
     if config.functions:
         out = []

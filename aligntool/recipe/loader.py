@@ -306,10 +306,6 @@ def read_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> tuple[
     return data, source, lines
 
 
-# TRL trainers that sample their own completions and take generation.backend: vllm (TRL's use_vllm / vllm_* fields)
-VLLM_TRL_METHODS = ("grpo", "rloo")
-
-
 def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> LoadedRecipe:
     data, source, lines = read_recipe(recipe, overrides)
     if "algorithm" not in data and "compress" in data:
@@ -339,10 +335,10 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     if parsed.reward is not None and not spec.samples:
         at = lines.get(("reward",), source)
         raise UserError(f"{at}: reward: does not apply to algorithm {spec.name!r}, which trains on given data only")
-    if parsed.generation.backend != "hf" and spec.kind != "online" and spec.name not in VLLM_TRL_METHODS:
+    if parsed.generation.backend not in spec.backends:  # the registry's vllm: TRL's trainer or aligntool's engine
         at = lines.get(("generation",), source)
         raise UserError(f"{at}: generation.backend: {parsed.generation.backend} applies to the online methods "
-                        f"(ppo, p3o, remax, online_dpo, xpo) and to {', '.join(VLLM_TRL_METHODS)} (TRL's vLLM "
+                        f"({registry.listing(vllm='engine')}) and to {registry.listing(vllm='trl')} (TRL's vLLM "
                         f"generation); {spec.name!r} generates with transformers")
     if parsed.output_dir is None:
         parsed.output_dir = f"runs/{spec.name}"

@@ -1,9 +1,9 @@
 """The recipe schema: every key a recipe may hold, with its type, range and meaning.
 
-A recipe has six sections. ``train`` and ``algo`` both end up in the algorithm's TRL config (``DPOConfig``,
-``SFTConfig``, ...): ``train`` holds what every trainer shares (optimizer, schedule, batch, logging), ``algo`` holds
-what makes the method what it is (``beta``, ``loss_type``, ...) and is validated by the algorithm's own ``AlgoConfig``
-(see ``aligntool/trainers/<name>.py``).
+A recipe names its ``algorithm`` and holds the sections that ``Recipe`` (at the end) lists. ``train`` and ``algo``
+both end up in the algorithm's TRL config (``DPOConfig``, ``SFTConfig``, ...): ``train`` holds what every trainer
+shares (optimizer, schedule, batch, logging), ``algo`` holds what makes the method what it is (``beta``,
+``loss_type``, ...) and is validated by the algorithm's own ``AlgoConfig`` (in the module its registry entry names).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from aligntool import registry
 from aligntool.recipe.base import Strict, in_structural_pass
 from aligntool.recipe.optimizer import OPTIMIZERS, OptimizerConfig
 
@@ -260,9 +261,9 @@ class RewardConfig(Strict):
         None, min_length=1, description="Several terms summed with weights: [{function: m:f, weight: 1.0}, "
         "{source: runs/reward, weight: 0.5}, ...] (functions and reward models mixed).")
     judge: str | None = Field(
-        None, description="Methods that compare two samples (online_dpo, xpo, inpo): a pairwise judge "
-        "'module:function' fn(prompts, completions_a, completions_b) -> list of P(a > b) in [0, 1]; instead of a score."
-    )
+        None, description=f"Methods that compare two samples ({registry.listing(preferences=True)}): a pairwise "
+        "judge 'module:function' fn(prompts, completions_a, completions_b) -> list of P(a > b) in [0, 1]; instead of a "
+        "score.")
     bt_temperature: float = Field(
         0.0, ge=0, description="Pairwise use of a score source: P(a > b) = sigmoid((r_a - r_b)/T), the label drawn "
         "from it (Bradley-Terry noise); 0 = the higher score wins."
@@ -324,10 +325,13 @@ class DistributedConfig(Strict):
 
 
 class GenerationConfig(Strict):
-    """How the online methods (ppo, p3o, remax, online_dpo, xpo) generate their responses. The sampling settings
-    (``algo.temperature``, ``top_p``, ``max_new_tokens``; stop at EOS and the chat template's end of turn) mean the
-    same with either backend, and the log-probs the losses use are always recomputed by the training model: the
-    backend changes the speed, not the math."""
+    """How the methods that sample generate their responses. ``backend: vllm`` applies to the methods whose registry
+    entry names a ``vllm`` path (``AlgorithmSpec.vllm``): ``engine`` for the online methods (aligntool's rollout
+    engine), ``trl`` for TRL trainers that sample (TRL's ``use_vllm`` fields); the others generate with transformers,
+    and the recipe check names the methods of each path. The sampling settings (``algo.temperature``, ``top_p``,
+    ``max_new_tokens``; stop at EOS and the chat template's end of turn) mean the same with either backend, and the
+    log-probs the losses use are always recomputed by the training model: the backend changes the speed, not the
+    math."""
 
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="hf: transformers' generate on the training model. vllm: a vLLM engine through TRL's "
@@ -370,8 +374,8 @@ class Recipe(Strict):
     peft: PeftConfig | None = Field(None, description="LoRA / QLoRA adapters instead of full fine-tuning.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How several processes share "
                                            "the work.")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How the online methods "
-                                         "generate: transformers or vLLM.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How the methods that "
+                                         "sample generate: transformers or vLLM.")
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
 
     @field_validator("optimizer")

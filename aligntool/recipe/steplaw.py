@@ -143,7 +143,7 @@ def for_run(loaded, model_path: str, tokenizer, train_dataset, world: int = 1,
     if not auto:
         return None
     where = f"{source}: train.{sorted(auto)[0]}: auto"
-    if spec.kind == "pipeline" or (spec.kind == "trl" and spec.samples):
+    if spec.batch_unit in ("generated", "completions"):  # the registry: its batches hold what it samples in the run
         raise UserError(f"{where}: {spec.name} trains on rows it generates during the run, so the training tokens D "
                         "are not known beforehand; set the value")
     try:
@@ -166,8 +166,8 @@ def for_run(loaded, model_path: str, tokenizer, train_dataset, world: int = 1,
     if rows == 0:
         raise UserError(f"{where}: the training set is empty")
     seq = mean_row_tokens(train_dataset, tokenizer)
-    if spec.kind == "online":
-        seq += getattr(loaded.algo, "max_new_tokens", 0)  # the response each prompt is trained on
+    if spec.batch_unit == "prompts":  # the registry: a batch row is a prompt, trained on with its sampled response
+        seq += getattr(loaded.algo, "max_new_tokens", 0)
     if t.max_length:
         seq = min(seq, t.max_length)
     if seq <= 0:
