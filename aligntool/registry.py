@@ -122,28 +122,28 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       "recipes/rloo.yaml", samples=True),
         # Online RL on aligntool's rollout engine (aligntool/online/engine.py); train.* = transformers.TrainingArguments
         AlgorithmSpec("ppo", "PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
-                      "2022).", "online-rl", "aligntool.trainers.ppo", "transformers:TrainingArguments", "prompt",
+                      "2022).", "online-rl", "aligntool.online.ppo", "transformers:TrainingArguments", "prompt",
                       "recipes/ppo.yaml", samples=True,
                       kind="online"),
         AlgorithmSpec("p3o", "P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. 2023).",
-                      "online-rl", "aligntool.trainers.p3o", "transformers:TrainingArguments", "prompt",
+                      "online-rl", "aligntool.online.p3o", "transformers:TrainingArguments", "prompt",
                       "recipes/p3o.yaml", samples=True,
                       kind="online"),
         AlgorithmSpec("remax", "ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
-                      "2023).", "online-rl", "aligntool.trainers.remax", "transformers:TrainingArguments", "prompt",
+                      "2023).", "online-rl", "aligntool.online.remax", "transformers:TrainingArguments", "prompt",
                       "recipes/remax.yaml", samples=True,
                       kind="online"),
         AlgorithmSpec("reinforce_pp", "REINFORCE++: token-level KL in the reward, advantages normalised over the "
                       "global batch, PPO-clipped updates, no critic (Hu 2025; OpenRLHF).", "online-rl",
-                      "aligntool.trainers.reinforce_pp", "transformers:TrainingArguments", "prompt",
+                      "aligntool.online.reinforce_pp", "transformers:TrainingArguments", "prompt",
                       "recipes/reinforce_pp.yaml", samples=True, kind="online"),
         # Online and iterative preference optimization: pairs labelled by a preference source (aligntool/preferences.py)
         AlgorithmSpec("online_dpo", "Online DPO: two policy samples per prompt, labelled by the preference source, any "
-                      "TRL DPO loss (Guo et al. 2024).", "online-preference", "aligntool.trainers.online_dpo",
+                      "TRL DPO loss (Guo et al. 2024).", "online-preference", "aligntool.online.online_dpo",
                       "transformers:TrainingArguments", "prompt", "recipes/online_dpo.yaml", samples=True,
                       kind="online"),
         AlgorithmSpec("xpo", "XPO: online DPO on a policy vs a reference sample + alpha * log pi(reference sample) "
-                      "exploration (Xie et al. 2024).", "online-preference", "aligntool.trainers.xpo",
+                      "exploration (Xie et al. 2024).", "online-preference", "aligntool.online.xpo",
                       "transformers:TrainingArguments", "prompt", "recipes/xpo.yaml", samples=True,
                       kind="online"),
         AlgorithmSpec("inpo", "INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the "
