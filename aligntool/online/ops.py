@@ -3,12 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from aligntool.online.rollout import Rollout
 
 
 def check_finite(*tensors: torch.Tensor) -> None:
@@ -19,8 +14,9 @@ def check_finite(*tensors: torch.Tensor) -> None:
             raise FloatingPointError("non-finite")
 
 
-def sequence_kl(ro: Rollout) -> torch.Tensor:
-    """Per row: the sum over response tokens of log pi - log pi_ref (needs ``ro.logp`` and ``ro.logp_ref``)."""
+def sequence_kl(ro) -> torch.Tensor:
+    """Per row of a Rollout (aligntool.online.rollout): the sum over response tokens of log pi - log pi_ref (needs
+    ``ro.logp`` and ``ro.logp_ref``)."""
     return ((ro.logp - ro.logp_ref) * ro.mask).sum(-1)
 
 
