@@ -177,33 +177,33 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                               "2024; TRL RLOOTrainer)."),
         # Online RL on aligntool's rollout engine; train.* = transformers.TrainingArguments
         AlgorithmSpec(name="ppo", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
-                      batch_unit="prompts", value_head=True, module="aligntool.trainers.ppo",
+                      batch_unit="prompts", value_head=True, module="aligntool.online.ppo",
                       trl_config="transformers:TrainingArguments", recipe="recipes/ppo.yaml",
                       summary="PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
                               "2022)."),
         AlgorithmSpec(name="p3o", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
-                      batch_unit="prompts", module="aligntool.trainers.p3o",
+                      batch_unit="prompts", module="aligntool.online.p3o",
                       trl_config="transformers:TrainingArguments", recipe="recipes/p3o.yaml",
                       summary="P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. "
                               "2023)."),
         AlgorithmSpec(name="remax", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
-                      batch_unit="prompts", module="aligntool.trainers.remax",
+                      batch_unit="prompts", module="aligntool.online.remax",
                       trl_config="transformers:TrainingArguments", recipe="recipes/remax.yaml",
                       summary="ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
                               "2023)."),
         AlgorithmSpec(name="reinforce_pp", kind="online", family="online-rl", data="prompt", samples=True,
-                      vllm="engine", batch_unit="prompts", module="aligntool.trainers.reinforce_pp",
+                      vllm="engine", batch_unit="prompts", module="aligntool.online.reinforce_pp",
                       trl_config="transformers:TrainingArguments", recipe="recipes/reinforce_pp.yaml",
                       summary="REINFORCE++: token-level KL in the reward, advantages normalised over the global "
                               "batch, PPO-clipped updates, no critic (Hu 2025; OpenRLHF)."),
         # Online and iterative preference optimization: pairs labelled by a preference source (aligntool/preferences.py)
         AlgorithmSpec(name="online_dpo", kind="online", family="online-preference", data="prompt", samples=True,
-                      vllm="engine", batch_unit="prompts", preferences=True, module="aligntool.trainers.online_dpo",
+                      vllm="engine", batch_unit="prompts", preferences=True, module="aligntool.online.online_dpo",
                       trl_config="transformers:TrainingArguments", recipe="recipes/online_dpo.yaml",
                       summary="Online DPO: two policy samples per prompt, labelled by the preference source, any TRL "
                               "DPO loss (Guo et al. 2024)."),
         AlgorithmSpec(name="xpo", kind="online", family="online-preference", data="prompt", samples=True, vllm="engine",
-                      batch_unit="prompts", preferences=True, sharded=False, module="aligntool.trainers.xpo",
+                      batch_unit="prompts", preferences=True, sharded=False, module="aligntool.online.xpo",
                       trl_config="transformers:TrainingArguments", recipe="recipes/xpo.yaml",
                       summary="XPO: online DPO on a policy vs a reference sample + alpha * log pi(reference sample) "
                               "exploration (Xie et al. 2024)."),

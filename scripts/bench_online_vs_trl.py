@@ -103,8 +103,7 @@ def _import_libraries() -> None:
     import trl  # noqa: F401
 
     from aligntool import models, rewards  # noqa: F401
-    from aligntool.online import engine  # noqa: F401
-    from aligntool.trainers import reinforce_pp, remax  # noqa: F401
+    from aligntool.online import engine, reinforce_pp, remax  # noqa: F401
 
 
 def worker_aligntool(side: str, a, out: str) -> tuple[list[float], list[int], list[float]]:

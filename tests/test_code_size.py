@@ -7,13 +7,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "aligntool"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
-# modules being split in a branch of their own (issue 27, item 3): each is checked again once that branch is in
-KNOWN_LONG = {"online/engine.py"}
 
 
 def _modules() -> list[Path]:
@@ -32,22 +28,14 @@ def _functions(tree: ast.AST):
 
 def test_no_module_longer_than_500_lines():
     long = {_name(p): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
-    assert set(long) <= KNOWN_LONG, f"modules over {MAX_MODULE_LINES} lines: {long}"
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
 def test_no_function_longer_than_80_lines():
     long = []
     for path in _modules():
-        if _name(path) in KNOWN_LONG:
-            continue
         for fn in _functions(ast.parse(path.read_text())):
             first = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
             if fn.end_lineno - first + 1 > MAX_FUNCTION_LINES:
                 long.append(f"{_name(path)}:{fn.lineno} {fn.name} ({fn.end_lineno - first + 1} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN_LONG))
-def test_known_long_modules_still_exist(name):
-    """An entry of KNOWN_LONG names a module that is there (a stale entry would hide nothing, but mislead)."""
-    assert (PACKAGE / name).is_file()

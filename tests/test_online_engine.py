@@ -46,7 +46,7 @@ def make_run(tmp_path, recipe, *overrides):
 def test_ppo_ratio_is_one_at_the_sampling_policy_with_lora_dropout(tmp_path, tiny_path, keep):
     """Rollouts are scored in eval mode and the update runs in train mode: with LoRA dropout (0.3 here) the ratio at
     theta_old is 1 only because dropout is disabled (TRL's default), unless algo.disable_dropout=false keeps it."""
-    from aligntool.trainers.ppo import PPO
+    from aligntool.online.ppo import PPO
 
     run = make_run(tmp_path, "ppo", "peft.r=4", "peft.lora_dropout=0.3", "dataset.toy.size=8",
                    "algo.max_new_tokens=8", f"algo.disable_dropout={str(not keep).lower()}")

@@ -34,6 +34,42 @@ def curve(out, recipe):
     return [float(v) for r in rows for v in (r["step"], *(r[k] for k in KEYS[recipe]))]  # flat: approx compares it
 
 
+def launch(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` (a torchrun launch) in a session of its own. On a timeout every process of it is killed, the ranks
+    included (subprocess.run would kill torchrun alone and leave its ranks running, loading the machine for the tests
+    after it), and the failure names what was seen: the stderr tail, and a DeepSpeed extension lock left behind."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the 2-process launch did not finish in {timeout} s{stale_extension_lock()}; its stderr ends: "
+                    f"{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def stale_extension_lock() -> str:
+    """Every DeepSpeed process JIT-loads its shared-memory comm op through torch.utils.cpp_extension, which holds a
+    lock file in the extension's build folder while ninja checks the build; a process killed in that window leaves
+    the file, and every later DeepSpeed start waits on it for ever (torch's FileBaton has no expiry)."""
+    import os
+    import time
+    from pathlib import Path
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")  # else torch's default, per Python version and device kind
+    version = f"py{sys.version_info[0]}{sys.version_info[1]}_cpu"
+    root = Path(root) if root else Path.home() / ".cache" / "torch_extensions" / version
+    lock = root / "deepspeed_shm_comm" / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > 60:
+        return f" (a lock left by a killed DeepSpeed process blocks every DeepSpeed start: {lock}; remove it)"
+    return ""
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_path):
     """Each method in one process, 4 prompts per iteration, 3 iterations."""
@@ -63,7 +99,7 @@ def test_sharded_online_methods_match_one_process_and_resume(tmp_path, single, b
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(REPO / "tests" / "online_sharded_driver.py"), str(tmp_path), *runs, "--", *COMMON, *backend,
            "train.max_steps=2", "train.save_steps=2", "train.per_device_train_batch_size=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = launch(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, (recipe, _) in METHODS.items():
         got, want = curve(tmp_path / name, recipe), single[name]

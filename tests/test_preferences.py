@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import REPO, user_error
 
-from aligntool.online.engine import Rollout
+from aligntool.online.online_dpo import AlgoConfig, OnlineDPO
+from aligntool.online.rollout import Rollout
 from aligntool.preferences import PreferenceSource
 from aligntool.recipe.loader import load_recipe
 from aligntool.recipe.schema import RewardConfig
-from aligntool.trainers.online_dpo import AlgoConfig, OnlineDPO
 
 
 def rollout(texts, missing_eos):

@@ -13,7 +13,7 @@ from aligntool import registry
 from aligntool.registry import AlgorithmSpec
 
 FAKE = dict(name="fake_method", summary="A method added to the registry by a test.", family="online-rl",
-            module="aligntool.trainers.remax", trl_config="transformers:TrainingArguments", data="prompt",
+            module="aligntool.online.remax", trl_config="transformers:TrainingArguments", data="prompt",
             recipe="recipes/remax.yaml", kind="online", samples=True, vllm="engine", preferences=True,
             batch_unit="prompts")
 

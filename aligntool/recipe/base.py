@@ -67,8 +67,8 @@ def online_config(**sampling) -> type[Strict]:
 
     class OnlineConfig(Sampling(**sampling)):
         missing_eos_penalty: float | None = Field(
-            None, ge=0, description="Subtracted from the score of responses cut off before EOS (for online_dpo / xpo: "
-            "from the preference scores, as TRL).")
+            None, ge=0, description="Subtracted from the score of responses cut off before EOS (for the methods that "
+            "label pairs, registry `preferences`: from the preference scores, as TRL).")
         disable_dropout: bool = Field(True, description="Dropout off in the policy (LoRA's included) and the "
                                       "reference, as TRL's trainers default: rollouts are scored in eval mode and "
                                       "updated in train mode, so with dropout the PPO/P3O ratio would not be 1 at the "

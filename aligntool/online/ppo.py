@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from aligntool.online.contract import MethodBase
 from aligntool.recipe.base import online_config
 
 
@@ -38,7 +39,7 @@ class AlgoConfig(online_config()):
         "shared", description="Value head on the policy's backbone (shared) or on a separate copy of it (separate).")
 
 
-class PPO:
+class PPO(MethodBase):
     """One iteration: rollout with values -> KL-penalised per-token rewards -> GAE -> ppo_epochs x minibatches of
     clipped policy and value updates -> adaptive KL coefficient."""
 
@@ -47,13 +48,14 @@ class PPO:
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
         self.critic = cfg.critic
+        self.initial_kl_coef = cfg.kl_coef  # adapted toward kl_target (step 5)
         self.updates_per_iteration = cfg.ppo_epochs * cfg.num_minibatches
 
     def step(self, engine, prompts):
         import torch
 
         from aligntool.losses import online as L
-        from aligntool.online.engine import check_finite, minibatches, sequence_kl
+        from aligntool.online.ops import check_finite, minibatches, sequence_kl
 
         cfg = self.cfg
         # 1. rollout: responses, their scores, log-probs and values at the sampling policy, reference log-probs

@@ -1,6 +1,6 @@
 """XPO: Exploratory Preference Optimization (Xie et al. 2024, arXiv 2405.21046), on the rollout engine.
 
-Online DPO (aligntool/trainers/online_dpo.py) with the pair built from one policy sample y ~ pi_theta and one
+Online DPO (aligntool/online/online_dpo.py) with the pair built from one policy sample y ~ pi_theta and one
 reference sample y~ ~ pi_ref per prompt, labelled by the preference source (a tie goes to the policy's sample, as
 TRL's XPOTrainer), and the exploration term that lowers the policy's likelihood of what the reference would say:
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from aligntool.trainers.online_dpo import AlgoConfig as OnlineDPOConfig
-from aligntool.trainers.online_dpo import OnlineDPO, preference_source
+from aligntool.online.online_dpo import AlgoConfig as OnlineDPOConfig
+from aligntool.online.online_dpo import OnlineDPO, preference_source
 
 
 class AlgoConfig(OnlineDPOConfig):

@@ -5,7 +5,7 @@ Per iteration, for each prompt x:
   preferences.py) labels the pair; loss = a DPO-family loss (any TRL loss type, or a weighted list) on
   (chosen, rejected) with the frozen reference:            L = l_DPO(pi_theta, pi_ref; y_w, y_l)
   With hard labels (a score source, ``bt_temperature`` 0) a tie goes to the first sample, as TRL's ``>=``.
-- xpo (aligntool/trainers/xpo.py): one sample from pi_theta and one from pi_ref, the same loss plus XPO's
+- xpo (aligntool/online/xpo.py): one sample from pi_theta and one from pi_ref, the same loss plus XPO's
   exploration term.
 
 Conventions, as TRL's OnlineDPOTrainer / XPOTrainer: ``ipo`` is the IPO paper's loss on sequence log-ratios,
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
+from aligntool.online.contract import MethodBase
 from aligntool.recipe.base import online_config
 
 
@@ -72,7 +73,7 @@ def pair_loss(cfg: AlgoConfig, lp_w, lp_l, ref_w, ref_l, len_w, len_l):
                                    cfg.discopop_tau, cfg.ipo_length_normalized) for t, w in cfg.losses())
 
 
-class OnlineDPO:
+class OnlineDPO(MethodBase):
     """One iteration: two samples per prompt -> labelled by the preference source -> the DPO-family loss on
     (chosen, rejected) -> one gradient step. Subclasses change which samples are compared (``samples``) and add to
     the loss (``add_terms``), as XPO does."""
@@ -106,7 +107,7 @@ class OnlineDPO:
     def step(self, engine, prompts):
         import torch
 
-        from aligntool.online.engine import check_finite
+        from aligntool.online.ops import check_finite
 
         a, b = self.samples(engine, prompts)
         a_wins, prob = self.label(prompts, a, b)

@@ -34,6 +34,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from aligntool.online.contract import MethodBase
 from aligntool.recipe.base import online_config
 
 
@@ -72,22 +73,23 @@ class AlgoConfig(online_config()):
         return self
 
 
-class ReinforcePP:
+class ReinforcePP(MethodBase):
     """One iteration: samples -> rewards (baselined) -> token rewards with KL -> returns -> global normalisation ->
     ppo_epochs x num_minibatches clipped updates."""
 
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
         self.updates_per_iteration = cfg.ppo_epochs * cfg.num_minibatches
+        self.initial_kl_coef = cfg.kl_coef
 
     def step(self, engine, prompts):
         import torch
 
         from aligntool.losses import online as L
-        from aligntool.online.engine import check_finite, minibatches
+        from aligntool.online.ops import check_finite, minibatches
 
         cfg, n = self.cfg, self.cfg.samples_per_prompt
-        (ro,) = engine.samples([p for p in prompts for _ in range(n)], ["sample"])  # rows n*j .. n*j+n-1: prompt j
+        ro = engine.sample_groups(prompts, n)  # rows n*j .. n*j+n-1: prompt j
         ro = ro.with_(score=engine.score(ro), logp_ref=engine.ref_logprobs(ro))
         single = self.updates_per_iteration == 1
         if single:  # one update: the forward with grad also gives pi_old (rho = 1), as TRL's GRPO does

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from aligntool.online.contract import MethodBase
 from aligntool.recipe.base import online_config
 
 
@@ -24,11 +25,12 @@ class AlgoConfig(online_config(top_p=0.9)):  # the official scripts sample with 
     reward_clip: float | None = Field(5.0, gt=0, description="Clip of r(y) - r(y_greedy); null = none.")
 
 
-class ReMax:
+class ReMax(MethodBase):
     updates_per_iteration = 1
 
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
+        self.initial_kl_coef = cfg.kl_coef
 
     def step(self, engine, prompts):
         from aligntool.losses.online import remax_loss, remax_returns

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from aligntool.online.contract import MethodBase
 from aligntool.recipe.base import online_config
 
 
@@ -24,17 +25,18 @@ class AlgoConfig(online_config()):
     ppo_epochs: int = Field(2, ge=1, description="Passes (optimizer steps) over each rollout batch.")
 
 
-class P3O:
+class P3O(MethodBase):
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
         self.updates_per_iteration = cfg.ppo_epochs
+        self.initial_kl_coef = cfg.kl_coef
 
     def step(self, engine, prompts):
         from aligntool.losses.online import p3o_loss
-        from aligntool.online.engine import sequence_kl
+        from aligntool.online.ops import sequence_kl
 
         cfg = self.cfg
-        ro = engine.rollout([p for p in prompts for _ in range(2)])  # rows 2i and 2i+1 share a prompt
+        ro = engine.rollout(prompts, per_prompt=2)  # a group of 2 per prompt: rows 2i and 2i+1 share prompt i
         reward = ro.score - cfg.kl_coef * sequence_kl(ro)
         losses = []
         for _ in range(cfg.ppo_epochs):
