@@ -472,6 +472,12 @@ class Engine:
         it = self.state["iteration"]
         final = self._checkpoint_dir() / f"checkpoint-{it}"
         sharded = self.zero3 or self.fsdp or self.accelerator.state.deepspeed_plugin is not None
+        if not sharded and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            from aligntool.outputs import latest_checkpoint  # replicas agree: every process raises alike
+
+            last = latest_checkpoint(self._checkpoint_dir(), log=lambda m: None)
+            raise UserError(f"training diverged (non-finite weights) at iteration {it}; last checkpoint kept: "
+                            f"{last or 'none'}")
         lm_state, critic = self._whole_state()
         if sharded:  # every process writes into one agreed temporary folder, then the main process renames it
             tmp = final.with_name(f".{final.name}.partial")
