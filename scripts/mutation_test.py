@@ -4,6 +4,7 @@
     python3 scripts/mutation_test.py --only online   # one area (repeatable)
     python3 scripts/mutation_test.py --list          # the mutations, nothing run
     python3 scripts/mutation_test.py --baseline      # the "before" score: only the test files that exist on main
+    python3 scripts/mutation_test.py --examples      # the surviving bugs issue 27 lists, instead of this list
 
 Each mutation names its area, a file, an exact snippet (it must occur exactly once: a snippet that is not found, e.g.
 after a refactor moved the code, stops the script with an error naming it, so the list gets repointed instead of
@@ -144,6 +145,38 @@ MUTATIONS: list[Mutation] = [
 ]
 
 
+# The surviving bugs that issue 27 lists (a mutation test before these tests were written), for ``--examples``.
+EXAMPLES: list[Mutation] = [
+    M("online", "aligntool/trainers/ppo.py", "L.kl_penalised_rewards(ro.score, ro.logp, ro.logp_ref, ro.mask, kl_coef)",
+      "L.kl_penalised_rewards(ro.score, ro.logp, ro.logp_ref, ro.mask, 0.0)", "PPO: KL penalty dropped"),
+    M("online", "aligntool/trainers/ppo.py", "if cfg.whiten_advantages:\n            adv = L.whiten(",
+      "if False:\n            adv = L.whiten(", "PPO: advantages not whitened"),
+    M("online", "aligntool/trainers/ppo.py", "for idx in minibatches(len(prompts), size, gen):",
+      "for idx in list(minibatches(len(prompts), size, gen))[: max(1, cfg.num_minibatches - 1)]:",
+      "PPO: the last minibatch's step skipped"),
+    M("online", "aligntool/losses/online.py", "dr = reward - reward_greedy", "dr = reward_greedy - reward",
+      "ReMax: advantage sign flipped"),
+    M("online", "aligntool/trainers/reinforce_pp.py", "L.kl_estimate(ro.logp, ro.logp_ref, cfg.kl_estimator)",
+      "L.kl_estimate(ro.logp_ref, ro.logp, cfg.kl_estimator)", "REINFORCE++: KL estimate arguments swapped"),
+    M("online", "aligntool/online/engine.py", "values = values[:, ro.prompt_width - 1 : -1]",
+      "values = values[:, ro.prompt_width :]", "PPO: value positions shifted by one"),
+    M("resume", "aligntool/online/engine.py", "        self.scheduler.load_state_dict(state[\"scheduler\"])\n", "",
+      "online resume: scheduler state not restored"),
+    M("recipe", "aligntool/data/__init__.py", "train = train.select(range(cfg.max_samples))",
+      "train = train.select(range(cfg.max_samples - 1))", "max_samples keeps N-1 rows"),
+    M("recipe", "aligntool/trainers/dpo.py", "beta: float = Field(0.1, gt=0, description=\"KL strength",
+      "beta: float = Field(0.2, gt=0, description=\"KL strength", "DPO default beta changed"),
+    M("recipe", "aligntool/trainers/ppo.py", "lam: float = Field(0.95, ge=0, le=1",
+      "lam: float = Field(0.9, ge=0, le=1", "PPO default lam changed"),
+    M("recipe", "aligntool/trainers/dpo.py", "0.0, ge=0, lt=0.5, description=\"Label flip",
+      "0.0, ge=0, le=0.5, description=\"Label flip", "DPO label_smoothing 0.5 accepted"),
+    M("recipe", "aligntool/recipe/schema.py",
+      "if abs(sum(self.soup_weights) - 1) > 1e-6 or min(self.soup_weights) < 0:",
+      "if abs(sum(self.soup_weights) - 1) > 1e-6:", "negative soup weights accepted"),
+    M("resume", "aligntool/train.py", "if model is not None and not _finite_weights(model):",
+      "if False:", "TRL checkpoint with non-finite weights marked complete"),
+]
+
 def git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
 
@@ -186,6 +219,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", action="append", choices=sorted(AREAS), help="run only this area (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--examples", action="store_true", help="run the surviving bugs issue 27 lists instead")
     ap.add_argument("--baseline", nargs="?", const="main", default=None, metavar="REF",
                     help="run only the area test files that exist in REF (default main): the score before")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per mutation's test run")
@@ -193,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
 
-    mutations = [m for m in MUTATIONS if not args.only or m.area in args.only]
+    mutations = [m for m in (EXAMPLES if args.examples else MUTATIONS) if not args.only or m.area in args.only]
     if args.list:
         for i, m in enumerate(mutations, 1):
             print(f"{i:2d}. [{m.area}] {m.path}: {m.what}")
