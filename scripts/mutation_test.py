@@ -80,10 +80,8 @@ MUTATIONS: list[Mutation] = [
     M("online", "aligntool/online/engine.py", "values = values[:, ro.prompt_width - 1 : -1]",
       "values = values[:, ro.prompt_width :]", "engine: values one position late"),
     M("online", "aligntool/online/engine.py",
-      "logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask,\n"
-      "                         position_ids=positions(ro.attention_mask), logits_to_keep=keep).logits",
-      "logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask,\n"
-      "                         logits_to_keep=keep).logits", "engine: reference forward without position ids"),
+      "return ro.with_(logp=logp, values=values, logp_ref=self.ref_logprobs(ro))",
+      "return ro.with_(logp=logp, values=values, logp_ref=logp)", "engine: rollout's reference log-probs the policy's"),
     # ------------------------------------------------------------------------------ recipe defaults and bounds
     M("recipe", "aligntool/trainers/ppo.py", "clip_range_value: float = Field(0.2, gt=0",
       "clip_range_value: float = Field(0.3, gt=0", "PPO default clip_range_value 0.3"),

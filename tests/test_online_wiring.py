@@ -260,6 +260,7 @@ def test_ppo_step_hands_the_optimizer_the_clipped_ppo_loss(algo):
     per_pass = [engine.steps[e * cfg.num_minibatches : (e + 1) * cfg.num_minibatches] for e in range(cfg.ppo_epochs)]
     for steps in per_pass:
         assert sorted(i for s in steps for i in s["rows"]) == ids
+        assert all(len(s["rows"]) == len(ids) // cfg.num_minibatches for s in steps)  # equal minibatches
     # the adaptive KL controller (Ziegler et al. 2019): beta *= 1 + clip(KL / target - 1, +-0.2) * n / horizon
     kl = ((logp - ref) * mask).sum(-1).mean()
     expected = kl0 if not cfg.kl_target else kl0 * (
@@ -394,6 +395,7 @@ def test_reinforce_pp_step_hands_the_optimizer_openrlhfs_loss(algo):
     for e in range(cfg.ppo_epochs):
         steps = engine.steps[e * cfg.num_minibatches : (e + 1) * cfg.num_minibatches]
         assert sorted(i for s in steps for i in s["rows"]) == ids
+        assert all(len(s["rows"]) == len(ids) // cfg.num_minibatches for s in steps)  # equal minibatches
 
 
 # ---------------------------------------------------------------------------------------------- online DPO and XPO
