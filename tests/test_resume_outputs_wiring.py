@@ -81,10 +81,13 @@ def test_a_trl_checkpoint_with_non_finite_weights_is_not_marked_complete(tmp_pat
 
 
 def _trl_callbacks(out):
-    """train.py's Trainer callbacks (one place to repoint if they move to outputs.py)."""
-    from aligntool.train import _callbacks
+    """train.py's Trainer callbacks (one place to repoint: aligntool.train_callbacks after the split)."""
+    try:
+        from aligntool.train_callbacks import run_callbacks
+    except ImportError:
+        from aligntool.train import _callbacks as run_callbacks
 
-    return _callbacks(out / "metrics.jsonl", None)
+    return run_callbacks(out / "metrics.jsonl", None)
 
 
 def test_an_online_checkpoint_with_non_finite_weights_is_not_marked_complete(tmp_path, tiny_path):
