@@ -53,6 +53,12 @@ class Checkpoints:
         DeepSpeed's or FSDP's own sharded checkpoint) into ``training_state/``."""
         final = self._checkpoint_dir() / f"checkpoint-{self.state['iteration']}"
         sharded = self._sharded_state()
+        if not sharded and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            from aligntool.outputs import latest_checkpoint  # replicas agree: every process raises alike
+
+            last = latest_checkpoint(self._checkpoint_dir(), log=lambda m: None)
+            raise UserError(f"training diverged (non-finite weights) at iteration {self.state['iteration']}; last "
+                            f"checkpoint kept: {last or 'none'}")
         lm_state, critic = self._whole_state()
         tmp = final.with_name(f".{final.name}.partial")
         if sharded:  # every process writes into one agreed temporary folder, then the main process renames it
