@@ -42,9 +42,8 @@ import torch
 from aligntool.errors import UserError
 from aligntool.online.checkpoint import Checkpoints
 from aligntool.online.contract import check_method
-from aligntool.online.ops import check_finite, minibatches, sequence_kl  # noqa: F401 (the engine's API, as before)
-from aligntool.online.rollout import Rollout, RolloutSteps  # noqa: F401 (Rollout: the engine's API, as before)
-from aligntool.online.setup import EngineSetup, PolicyWithValue, accelerator_for  # noqa: F401 (as before)
+from aligntool.online.rollout import RolloutSteps
+from aligntool.online.setup import EngineSetup
 from aligntool.recipe.base import DEFAULT_ITERATIONS
 
 SEED_STRIDE = 7919  # a prime: the prompt streams of seeds s and s + 1 never coincide
