@@ -127,8 +127,12 @@ class FakeEngine:
             self._forward_rows += ids
         return (logp, values) if grad else (logp.detach(), values.detach())
 
-    def rollout(self, prompts):
-        ro = self.sample(prompts)
+    def sample_groups(self, prompts, n):
+        """n responses per prompt, grouped per prompt (rows n*j .. n*j + n - 1 answer prompts[j]), as the engine's."""
+        return self.samples([p for p in prompts for _ in range(n)], ["sample"])[0]
+
+    def rollout(self, prompts, per_prompt=1):
+        ro = self.sample_groups(prompts, per_prompt)
         ro = ro.with_(score=self.score(ro))
         logp, values = self.policy_logprobs(ro)
         return ro.with_(logp=logp, values=values, logp_ref=self.ref_logprobs(ro))
