@@ -106,6 +106,9 @@ class FakeEngine:
     def sample(self, prompts, from_reference=False, greedy=False):
         return self.samples(prompts, ["greedy" if greedy else "sample"], from_reference)[0]
 
+    def sample_groups(self, prompts, n):  # rows n*j .. n*j + n - 1 answer prompts[j], as the engine's
+        return self.sample([p for p in prompts for _ in range(n)])
+
     @staticmethod
     def ids(ro) -> list[int]:
         return ro.input_ids[:, 0].tolist()
@@ -127,8 +130,8 @@ class FakeEngine:
             self._forward_rows += ids
         return (logp, values) if grad else (logp.detach(), values.detach())
 
-    def rollout(self, prompts):
-        ro = self.sample(prompts)
+    def rollout(self, prompts, per_prompt=1):
+        ro = self.sample_groups(prompts, per_prompt)
         ro = ro.with_(score=self.score(ro))
         logp, values = self.policy_logprobs(ro)
         return ro.with_(logp=logp, values=values, logp_ref=self.ref_logprobs(ro))
