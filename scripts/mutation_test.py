@@ -29,10 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 # The test files run for each area. Keep each fast: seconds to a minute per mutation (the slow end-to-end files,
 # test_online_e2e / test_output_folders / test_mfac, take minutes each and are left out).
 AREAS: dict[str, list[str]] = {
-    "online": ["tests/test_online_wiring.py", "tests/test_online_engine.py", "tests/test_losses_online.py",
-               "tests/test_reinforce_pp.py"],
-    "recipe": ["tests/test_defaults_bounds.py", "tests/test_recipe.py", "tests/test_bad_input.py"],
-    "resume": ["tests/test_resume_outputs_wiring.py", "tests/test_resume_rules.py"],
+    "online": ["tests/test_online_wiring.py", "tests/test_engine_wiring.py", "tests/test_online_engine.py",
+               "tests/test_losses_online.py", "tests/test_reinforce_pp.py"],
+    "recipe": ["tests/test_defaults_bounds.py", "tests/test_recipe.py", "tests/test_bad_input.py",
+               "tests/test_steplaw.py"],
+    "resume": ["tests/test_resume_decisions.py", "tests/test_engine_wiring.py", "tests/test_resume_outputs_wiring.py",
+               "tests/test_resume_rules.py"],
     "losses": ["tests/test_losses_online.py", "tests/test_losses_preference.py", "tests/test_online_wiring.py"],
     "compression": ["tests/test_quantizers.py"],
 }
