@@ -1,6 +1,7 @@
 """Mutation test of the suite: plant one bug at a time, run the tests of its area, record caught / survived, restore.
 
-    python3 scripts/mutation_test.py                 # every mutation (about 15-25 minutes on 2 cores)
+    python3 scripts/mutation_test.py                 # every mutation (70: about 11 minutes on 2 cores)
+    python3 scripts/mutation_test.py --round 2       # only the second round's 31
     python3 scripts/mutation_test.py --only online   # one area (repeatable)
     python3 scripts/mutation_test.py --list          # the mutations, nothing run
     python3 scripts/mutation_test.py --baseline      # the "before" score: only the test files that exist on main
