@@ -38,6 +38,12 @@ DEFAULTS = {
     ("remax", "gamma"): (0.99, "ReMax scripts gamma 0.99"),
     ("remax", "reward_clip"): (5.0, "ReMax scripts clip_reward_value 5"),
     ("remax", "top_p"): (0.9, "ReMax scripts top_p 0.9"),
+    # the sampling settings of the online methods (recipe/base.py Sampling, docs/recipes.md): 48 new tokens
+    **{(m, "max_new_tokens"): (48, "aligntool docs")
+       for m in ("ppo", "p3o", "remax", "reinforce_pp", "online_dpo", "xpo")},
+    **{(m, "temperature"): (1.0, "on-policy sampling") for m in ("ppo", "p3o", "remax", "reinforce_pp")},
+    **{(m, "top_p"): (1.0, "no nucleus cut") for m in ("ppo", "p3o", "reinforce_pp", "online_dpo")},
+    **{(m, "missing_eos_penalty"): (None, "off") for m in ("ppo", "p3o", "remax", "reinforce_pp")},
     # REINFORCE++: OpenRLHF's defaults
     ("reinforce_pp", "kl_coef"): (0.01, "OpenRLHF --algo.kl.init_coef 0.01"),
     ("reinforce_pp", "kl_estimator"): ("k1", "OpenRLHF --algo.kl.estimator k1"),
@@ -197,6 +203,104 @@ def test_the_bound_walk_sees_the_documented_bounds():
     assert len(CASES) > 60
 
 
+# Every bound of the recipe, written down (the documented limits: docs/recipes.md and the fields' descriptions), so that
+# a bound removed or moved fails here; the walk above only checks that the bounds it finds refuse. "key kind limit".
+PINNED_BOUNDS = {
+    'DatasetConfig': "eval_fraction ge 0, eval_fraction lt 1, max_samples gt 0",
+    'GenerationConfig': "gpu_memory_utilization gt 0, gpu_memory_utilization le 1, max_model_length gt 0",
+    'PeftConfig': "lora_alpha gt 0, lora_dropout ge 0, lora_dropout lt 1, r gt 0",
+    'RewardConfig': "batch_size gt 0, bt_temperature ge 0, uwo_lambda ge 0",
+    'ToyDataConfig': "bt_temperature ge 0, eval_size ge 0, seed ge 0, size gt 0",
+    'TrainConfig': (
+        "eval_steps gt 0, gradient_accumulation_steps gt 0, learning_rate gt 0, logging_steps gt 0, "
+        "max_grad_norm ge 0, max_length gt 0, max_steps gt 0, num_train_epochs gt 0, "
+        "per_device_eval_batch_size gt 0, per_device_train_batch_size gt 0, save_steps gt 0, "
+        "save_total_limit gt 0, seed ge 0, warmup_ratio ge 0, warmup_ratio lt 1, warmup_steps ge 0, "
+        "weight_decay ge 0"),
+    'algo:cpl': "alpha gt 0, bc_weight ge 0, contrastive_bias gt 0, contrastive_bias le 1",
+    'algo:cpo': "beta gt 0, cpo_alpha ge 0, label_smoothing ge 0, label_smoothing lt 0.5, simpo_gamma ge 0",
+    'algo:dpo': (
+        "beta gt 0, discopop_tau gt 0, f_alpha gt 0, f_alpha lt 1, label_smoothing ge 0, "
+        "label_smoothing lt 0.5, ld_alpha ge 0, ld_alpha le 1"),
+    'algo:fdpo': (
+        "beta gt 0, discopop_tau gt 0, f_alpha gt 0, f_alpha lt 1, label_smoothing ge 0, "
+        "label_smoothing lt 0.5, ld_alpha ge 0, ld_alpha le 1"),
+    'algo:grpo': (
+        "beta ge 0, delta gt 0, epsilon ge 0, epsilon_high ge 0, generation_batch_size ge 1, "
+        "max_completion_length gt 0, min_p ge 0, min_p le 1, num_generations ge 2, "
+        "num_generations_eval ge 1, num_iterations ge 1, ref_model_mixup_alpha ge 0, "
+        "ref_model_mixup_alpha le 1, ref_model_sync_steps ge 1, repetition_penalty gt 0, "
+        "steps_per_generation ge 1, temperature gt 0, top_entropy_quantile ge 0, "
+        "top_entropy_quantile le 1, top_k ge 0, top_p gt 0, top_p le 1"),
+    'algo:hypo': "beta gt 0, kl_coef ge 0, kl_samples ge 2, max_new_tokens gt 0, num_kl_prompts gt 0",
+    'algo:inpo': (
+        "eta gt 0, iterations ge 1, max_new_tokens gt 0, num_samples ge 2, ratio ge 0, ratio le 1, "
+        "temperature gt 0, top_p gt 0, top_p le 1"),
+    'algo:ipo': (
+        "beta gt 0, discopop_tau gt 0, f_alpha gt 0, f_alpha lt 1, label_smoothing ge 0, "
+        "label_smoothing lt 0.5, ld_alpha ge 0, ld_alpha le 1"),
+    'algo:kto': "beta gt 0, desirable_weight gt 0, undesirable_weight gt 0",
+    'algo:online_dpo': (
+        "beta gt 0, discopop_tau gt 0, label_smoothing ge 0, label_smoothing lt 0.5, max_new_tokens "
+        "gt 0, missing_eos_penalty ge 0, temperature gt 0, top_p gt 0, top_p le 1"),
+    'algo:orpo': "beta gt 0",
+    'algo:p3o': (
+        "clip_range gt 0, kl_coef ge 0, max_new_tokens gt 0, missing_eos_penalty ge 0, ppo_epochs "
+        "ge 1, temperature gt 0, top_p gt 0, top_p le 1"),
+    'algo:ppo': (
+        "clip_range gt 0, clip_range_value gt 0, gamma gt 0, gamma le 1, kl_coef ge 0, kl_horizon "
+        "gt 0, kl_target gt 0, lam ge 0, lam le 1, max_new_tokens gt 0, missing_eos_penalty ge 0, "
+        "num_minibatches ge 1, ppo_epochs ge 1, temperature gt 0, top_p gt 0, top_p le 1, vf_coef "
+        "ge 0"),
+    'algo:reinforce_pp': (
+        "clip_range gt 0, gamma gt 0, gamma le 1, kl_coef ge 0, max_new_tokens gt 0, "
+        "missing_eos_penalty ge 0, num_minibatches ge 1, ppo_epochs ge 1, reward_clip gt 0, "
+        "samples_per_prompt ge 1, temperature gt 0, top_p gt 0, top_p le 1"),
+    'algo:remax': (
+        "gamma gt 0, gamma le 1, kl_coef ge 0, max_new_tokens gt 0, missing_eos_penalty ge 0, "
+        "reward_clip gt 0, temperature gt 0, top_p gt 0, top_p le 1"),
+    'algo:reward': "center_rewards_coefficient ge 0",
+    'algo:rloo': (
+        "beta ge 0, epsilon ge 0, epsilon_high ge 0, generation_batch_size ge 1, "
+        "max_completion_length gt 0, min_p ge 0, min_p le 1, num_generations ge 2, "
+        "num_generations_eval ge 1, num_iterations ge 1, ref_model_mixup_alpha ge 0, "
+        "ref_model_mixup_alpha le 1, ref_model_sync_steps ge 1, repetition_penalty gt 0, "
+        "steps_per_generation ge 1, temperature gt 0, top_k ge 0, top_p gt 0, top_p le 1"),
+    'algo:robust_dpo': (
+        "beta gt 0, discopop_tau gt 0, f_alpha gt 0, f_alpha lt 1, label_smoothing ge 0, "
+        "label_smoothing lt 0.5, ld_alpha ge 0, ld_alpha le 1"),
+    'algo:rpo': (
+        "beta gt 0, discopop_tau gt 0, f_alpha gt 0, f_alpha lt 1, label_smoothing ge 0, "
+        "label_smoothing lt 0.5, ld_alpha ge 0, ld_alpha le 1"),
+    'algo:rso': (
+        "gamma gt 0, max_new_tokens gt 0, num_candidates ge 2, num_samples ge 2, sample_beta gt 0, "
+        "temperature gt 0, top_k ge 0, top_p gt 0, top_p le 1"),
+    'algo:sft': "pass_n ge 1",
+    'algo:simpo': "beta gt 0, cpo_alpha ge 0, label_smoothing ge 0, label_smoothing lt 0.5, simpo_gamma ge 0",
+    'algo:slic': (
+        "beta gt 0, discopop_tau gt 0, f_alpha gt 0, f_alpha lt 1, label_smoothing ge 0, "
+        "label_smoothing lt 0.5, ld_alpha ge 0, ld_alpha le 1"),
+    'algo:spo': "beta gt 0, min_key_word_length ge 1, ssl_weight ge 0",
+    'algo:sppo': (
+        "beta gt 0, iterations ge 1, max_new_tokens gt 0, num_samples ge 2, temperature gt 0, top_p "
+        "gt 0, top_p le 1"),
+    'algo:sppo_hard': (
+        "beta gt 0, discopop_tau gt 0, f_alpha gt 0, f_alpha lt 1, label_smoothing ge 0, "
+        "label_smoothing lt 0.5, ld_alpha ge 0, ld_alpha le 1"),
+    'algo:srpo': "alpha ge 0, alpha le 1, beta gt 0",
+    'algo:xpo': (
+        "beta gt 0, discopop_tau gt 0, label_smoothing ge 0, label_smoothing lt 0.5, max_new_tokens "
+        "gt 0, missing_eos_penalty ge 0, temperature gt 0, top_p gt 0, top_p le 1"),
+}
+
+
+def test_every_bound_is_the_documented_one():
+    pinned = {(where, *item.split()) for where, items in PINNED_BOUNDS.items() for item in items.split(", ")}
+    found = {(where, key, kind, str(limit)) for where, key, kind, limit in CASES}
+    assert found - pinned == set(), "bounds not in the table (new or moved)"
+    assert pinned - found == set(), "documented bounds the code no longer has"
+
+
 # (recipe, override, words of the one-line error): documented bounds and validators, through the recipe loader
 BAD = [
     ("dpo", "algo.label_smoothing=0.5", "label_smoothing"),
@@ -283,3 +387,27 @@ def test_max_samples_keeps_exactly_n_rows(recipe, n):
     whole = load_recipe(REPO / "recipes" / f"{recipe}.yaml", ["dataset.toy.size=20"])
     full, _ = data.load_for_recipe(whole.recipe, whole.spec.data)
     assert train.to_list() == full.to_list()[:n]  # the first N rows
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["algo.baseline=group", "algo.samples_per_prompt=2", "algo.gamma=0.9"], "gamma 1"),
+    (["algo.missing_eos_penalty=-1"], "missing_eos_penalty"),
+])
+def test_reinforce_pp_validators_refuse(overrides, words):
+    from aligntool.recipe.loader import load_recipe
+
+    message = user_error(load_recipe, REPO / "recipes" / "reinforce_pp.yaml", overrides)
+    assert words in message, message
+    load_recipe(REPO / "recipes" / "reinforce_pp.yaml", ["algo.baseline=group", "algo.samples_per_prompt=2",
+                                                         "algo.gamma=1"])
+
+
+def test_overrides_are_read_as_yaml_values():
+    from aligntool.recipe.loader import load_recipe
+
+    loaded = load_recipe(REPO / "recipes" / "ppo.yaml", ["train.max_steps=7", "algo.kl_coef=0.25",
+                                                         "algo.whiten_advantages=false", "algo.kl_target=null"])
+    assert loaded.recipe.train.max_steps == 7 and isinstance(loaded.recipe.train.max_steps, int)
+    resolved = loaded.resolved()
+    assert resolved["algo"]["kl_coef"] == 0.25 and resolved["algo"]["whiten_advantages"] is False
+    assert resolved["algo"]["kl_target"] is None

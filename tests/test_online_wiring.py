@@ -23,7 +23,7 @@ LR = 0.3  # the fake optimizer's SGD step on the log-prob offsets: later epochs 
 
 def rollout_class():
     """The engine's Rollout (the one import of the engine's internals here; repoint it if the engine moves)."""
-    from aligntool.online.rollout import Rollout
+    from aligntool.online.engine import Rollout
 
     return Rollout
 
@@ -62,7 +62,8 @@ class Preferences:
     scores: dict = {}
 
     def prefer(self, prompts, a_texts, b_texts, pa=None, pb=None):
-        wins = [self.scores[a] >= self.scores[b] for a, b in zip(a_texts, b_texts)]
+        pa, pb = pa or [0.0] * len(a_texts), pb or [0.0] * len(b_texts)  # penalties (missing EOS) off the scores
+        wins = [self.scores[a] - x >= self.scores[b] - y for a, b, x, y in zip(a_texts, b_texts, pa, pb)]
         return wins, [float(w) for w in wins]
 
 
@@ -97,14 +98,18 @@ class FakeEngine:
         mask = torch.tensor([[1.0 if t < self.rows[i].length else 0.0 for t in range(WIDTH)] for i in ids],
                             dtype=torch.float64)
         input_ids = torch.tensor([[i, 0] for i in ids])  # column 0: the row's id in the fake world
+        missing_eos = torch.tensor([self.rows[i].length == WIDTH for i in ids])  # cut off at the length limit
         return rollout_class()([self.rows[i].prompt for i in ids], [f"row{i}" for i in ids], input_ids,
-                               torch.ones_like(input_ids), 1, mask, torch.zeros(len(ids), dtype=torch.bool))
+                               torch.ones_like(input_ids), 1, mask, missing_eos)
 
     def samples(self, prompts, kinds, from_reference=False):
         return [self._rollout([self._new_row(p, k == "greedy", from_reference) for p in prompts]) for k in kinds]
 
     def sample(self, prompts, from_reference=False, greedy=False):
         return self.samples(prompts, ["greedy" if greedy else "sample"], from_reference)[0]
+
+    def sample_groups(self, prompts, n):  # rows n*j .. n*j + n - 1 answer prompts[j], as the engine's
+        return self.sample([p for p in prompts for _ in range(n)])
 
     @staticmethod
     def ids(ro) -> list[int]:
@@ -126,10 +131,6 @@ class FakeEngine:
         if grad:
             self._forward_rows += ids
         return (logp, values) if grad else (logp.detach(), values.detach())
-
-    def sample_groups(self, prompts, n):
-        """n responses per prompt, grouped per prompt (rows n*j .. n*j + n - 1 answer prompts[j]), as the engine's."""
-        return self.samples([p for p in prompts for _ in range(n)], ["sample"])[0]
 
     def rollout(self, prompts, per_prompt=1):
         ro = self.sample_groups(prompts, per_prompt)
@@ -405,9 +406,13 @@ def test_reinforce_pp_step_hands_the_optimizer_openrlhfs_loss(algo):
 # ---------------------------------------------------------------------------------------------- online DPO and XPO
 def dpo_reference(engine, a_ids, b_ids, cfg, alpha=None):
     """TRL's OnlineDPOTrainer (sigmoid: -logsigmoid(beta * (logratio_w - logratio_l)), ipo: (delta - 1/(2 beta))^2 on
-    sequence log-ratios) with a tie to the first sample; XPOTrainer adds alpha * sum_t log pi(reference sample)."""
+    sequence log-ratios) with a tie to the first sample; XPOTrainer adds alpha * sum_t log pi(reference sample).
+    ``missing_eos_penalty`` comes off the score of each sample cut off before EOS (TRL:
+    ``scores[~contain_eos_token] -= missing_eos_penalty``; here: a row as long as WIDTH)."""
     ma, la, ra, _, sa = engine.table(a_ids)
     mb, lb, rb, _, sb = engine.table(b_ids)
+    penalty = cfg.missing_eos_penalty or 0.0
+    sa, sb = sa - penalty * (ma.sum(-1) == WIDTH), sb - penalty * (mb.sum(-1) == WIDTH)
     a_wins = torch.tensor(sa >= sb)
 
     def loss_fn(delta, delta_v, rows):
@@ -429,7 +434,8 @@ def dpo_reference(engine, a_ids, b_ids, cfg, alpha=None):
     return loss_fn
 
 
-@pytest.mark.parametrize("algo", [{}, {"beta": 0.5}, {"loss_type": "ipo", "beta": 0.3}])
+@pytest.mark.parametrize("algo", [{}, {"beta": 0.5}, {"loss_type": "ipo", "beta": 0.3},
+                                  {"missing_eos_penalty": 3.0}, {"missing_eos_penalty": 3.0, "beta": 0.2}])
 def test_online_dpo_step_hands_the_optimizer_trls_loss(algo):
     method, cfg = method_for("online_dpo", **algo)
     engine = FakeEngine(cfg, seed=5)
@@ -440,14 +446,17 @@ def test_online_dpo_step_hands_the_optimizer_trls_loss(algo):
     assert replay(engine, dpo_reference(engine, a_ids, b_ids, cfg)) == 1 == method.updates_per_iteration
 
 
-@pytest.mark.parametrize("alpha", [1e-5, 0.7, [0.0, 2.0]])
-def test_xpo_step_adds_the_exploration_term_on_the_reference_sample(alpha):
+@pytest.mark.parametrize("alpha,iteration", [(1e-5, 7), (0.7, 7), ([0.0, 2.0], 7), ([0.0, 2.0], 4),
+                                             ([0.0, 2.0], 5), ([1.0, 0.5, 0.0], 3), ([1.0, 0.5, 0.0], 6)])
+def test_xpo_step_adds_the_exploration_term_on_the_reference_sample(alpha, iteration):
     method, cfg = method_for("xpo", alpha=alpha)
-    engine = FakeEngine(cfg, seed=6, iteration=7)  # a schedule [x, y] over 10 iterations: y from iteration 5
+    engine = FakeEngine(cfg, seed=6, iteration=iteration)
     method.step(engine, PROMPTS)
     a_ids, b_ids = sampled_rows(engine), sampled_rows(engine, from_reference=True)
     assert len(a_ids) == len(b_ids) == len(PROMPTS)
-    value = alpha[-1] if isinstance(alpha, list) else alpha
+    # a schedule of k values over 10 iterations (0-based): value j on iterations [10 j / k, 10 (j + 1) / k)
+    value = {7: alpha[-1], 4: alpha[0], 5: alpha[-1], 3: alpha[0], 6: alpha[1]}[iteration] \
+        if isinstance(alpha, list) else alpha
     assert replay(engine, dpo_reference(engine, a_ids, b_ids, cfg, alpha=value)) == 1 == method.updates_per_iteration
 
 
