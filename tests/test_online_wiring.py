@@ -23,7 +23,7 @@ LR = 0.3  # the fake optimizer's SGD step on the log-prob offsets: later epochs 
 
 def rollout_class():
     """The engine's Rollout (the one import of the engine's internals here; repoint it if the engine moves)."""
-    from aligntool.online.engine import Rollout
+    from aligntool.online.rollout import Rollout
 
     return Rollout
 
