@@ -65,7 +65,8 @@ def stale_extension_lock() -> str:
     version = f"py{sys.version_info[0]}{sys.version_info[1]}_cpu"
     root = Path(root) if root else Path.home() / ".cache" / "torch_extensions" / version
     lock = root / "deepspeed_shm_comm" / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > 60:
+    age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0  # seconds since it was taken
+    if age > 60:
         return f" (a lock left by a killed DeepSpeed process blocks every DeepSpeed start: {lock}; remove it)"
     return ""
 
