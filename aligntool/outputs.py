@@ -6,6 +6,8 @@ module is the one writer of these files (the writers below; a method module call
     run.json           the number of processes the run uses and its ``auto`` keys (compared on ``--resume`` too)
                        ``write_run_file``
     metrics.jsonl      one JSON object per logging (and eval) step: ``start_metrics``, ``append_metrics``
+    completions.jsonl  a sample of the completions the run drew, every ``train.completions_steps`` (methods that
+                       sample): ``append_completions``
     summary.json       final metrics, wall time, peak memory; written last (``summary``, ``write_summary``)
     checkpoints/       checkpoint-<step>/ folders (the Trainer's, or the online engine's); a COMPLETE file marks one
                        that finished writing: ``mark_complete``
@@ -19,7 +21,8 @@ module is the one writer of these files (the writers below; a method module call
     deepspeed.json, accelerate_config.yaml
                        the backend's configs, a record of the run (aligntool/launch/configs.py, through
                        ``write_atomic``)
-    tensorboard/       transformers' TensorBoard logs
+    tensorboard/       TensorBoard logs (transformers', or the online engine's with the same ``train/`` tags)
+    wandb/             an online method's W&B run folder (when train.report_to has wandb; WANDB_DIR wins)
     .aligntool.lock    held (flock) by the run writing here; a second run into the same folder is refused
     model files        the final model (safetensors + config + tokenizer), checked by ``check_model_saved``
 
@@ -338,7 +341,7 @@ def clear_previous_run(out: Path) -> None:
     old model (weights, configs, a LoRA run's ``merged_base``) -- so that nothing of the old run can be resumed from or
     mistaken for the new one. Stage files of pipelines
     (``stages.json`` and the ``*.jsonl`` it lists) stay: each is reused only when its settings hash still matches."""
-    for name in ("summary.json", "metrics.jsonl", "compression_report.json", *MODEL_FILES):
+    for name in ("summary.json", "metrics.jsonl", COMPLETIONS_FILE, "compression_report.json", *MODEL_FILES):
         (out / name).unlink(missing_ok=True)
     for pattern in ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin"):
         for file in out.glob(pattern):
@@ -457,3 +460,18 @@ def check_model_saved(folder: Path, how: str = "", key: str = "output_dir", what
     problem = model_problem(folder)
     if problem is not None:
         raise UserError(f"{key}: {folder}: {what} but its model is not loadable{how}: {problem}")
+
+
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+def append_completions(out: Path, step: int, rows: list[dict], stage: str | None = None) -> None:
+    """A sample of the completions a run drew at ``step``: one JSON object per completion (``step``, the pipeline
+    ``stage`` if any, then the row's own fields: prompt, completion, reward, ... or for a pair prompt, chosen,
+    rejected, ...) appended to ``out/completions.jsonl`` (main process only; a resumed run appends to its own)."""
+    if not is_main_process() or not rows:
+        return
+    head = {"step": step, **({"stage": stage} if stage else {})}
+    with (out / COMPLETIONS_FILE).open("a") as fh:
+        for row in rows:
+            fh.write(json.dumps({**head, **row}) + "\n")

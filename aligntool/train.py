@@ -31,7 +31,13 @@ from aligntool.outputs import (
 )
 from aligntool.recipe.loader import LoadedRecipe
 from aligntool.train_callbacks import new_learning_rate_callback, run_callbacks
-from aligntool.train_checks import check_positions, check_train_settings, note_steps_and_epochs
+from aligntool.train_checks import (
+    check_positions,
+    check_train_settings,
+    installed_loggers,
+    note_steps_and_epochs,
+    report_to_list,
+)
 
 
 def _cuda() -> bool:
@@ -102,9 +108,8 @@ class Run:
             kwargs["eval_strategy"] = "no"
             kwargs.pop("eval_on_start", None)
             kwargs.pop("load_best_model_at_end", None)
-        report_to = kwargs.get("report_to") or []
-        report_to = [report_to] if isinstance(report_to, str) else list(report_to)
-        kwargs["report_to"] = sorted({*report_to, "tensorboard"} - {"none"})
+        kwargs["report_to"] = installed_loggers(report_to_list(kwargs.get("report_to")),
+                                                online=self.loaded.spec.kind == "online")
         if _cuda() and not _bf16_supported() and kwargs.get("bf16"):
             raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
         if not _cuda() and kwargs.get("bf16"):

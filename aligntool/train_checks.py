@@ -18,11 +18,36 @@ REPORT_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
                    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
                    "codecarbon": "codecarbon", "dagshub": "dagshub", "azure_ml": "azureml-core", "flyte": "flytekit",
                    "kubeflow": "kubeflow", "tensorboard": "tensorboard"}
+# the trackers of aligntool's ``trackers`` extra (pyproject.toml)
+EXTRA_TRACKERS = {"wandb": "wandb", "mlflow": "mlflow-skinny"}
+# the loggers the rollout engine (the online methods) reaches through accelerate's trackers
+ENGINE_TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "swanlab", "clearml", "dvclive")
 
 
-def _check_report_to(names: list[str], source: str) -> None:
-    """A logger of ``train.report_to`` must be one transformers knows and its package installed: named here, instead
-    of transformers' RuntimeError traceback when the Trainer builds its callbacks."""
+def report_to_list(value) -> list[str]:
+    """``train.report_to`` as a list of logger names, as transformers reads it: None and "none" -> [], a name -> [it],
+    "all" stays "all" (expanded by ``installed_loggers``)."""
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else list(value)
+    return [n for n in names if n != "none"]
+
+
+def installed_loggers(names: list[str], online: bool) -> list[str]:
+    """The loggers a run reports to: ``names`` with "all" expanded to every installed one (those the rollout engine
+    supports, for an online method), tensorboard always among them."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    out = set(names) - {"all"}
+    if "all" in names:
+        out |= {n for n in get_available_reporting_integrations() if not online or n in ENGINE_TRACKERS}
+    return sorted(out | {"tensorboard"})
+
+
+def _check_report_to(names: list[str], source: str, online: bool = False) -> None:
+    """A logger of ``train.report_to`` must be one transformers knows (accelerate's trackers, for an online method)
+    and its package installed: named here, before any model loads, instead of transformers' RuntimeError traceback
+    when the Trainer builds its callbacks (or accelerate's warning, which drops the tracker)."""
     from transformers.integrations.integration_utils import (
         INTEGRATION_TO_CALLBACK,
         get_available_reporting_integrations,
@@ -35,10 +60,14 @@ def _check_report_to(names: list[str], source: str) -> None:
         if name not in INTEGRATION_TO_CALLBACK:
             raise UserError(f"{source}: train.report_to: unknown logger {name!r}; expected one of "
                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (tensorboard is always on)")
+        if online and name not in ENGINE_TRACKERS:
+            raise UserError(f"{source}: train.report_to: {name} is not available to the online methods, which log "
+                            f"through accelerate's trackers: {', '.join(ENGINE_TRACKERS)}")
         if name not in available:
             package = REPORT_PACKAGES.get(name, name)
-            raise UserError(f"{source}: train.report_to: {name} needs the {package} package, which is not installed "
-                            f"(pip install {package}), or drop {name} from train.report_to")
+            how = "pip install 'aligntool[trackers]'" if name in EXTRA_TRACKERS else f"pip install {package}"
+            raise UserError(f"{source}: train.report_to: {name} needs the {EXTRA_TRACKERS.get(name, package)} "
+                            f"package, which is not installed ({how}), or drop {name} from train.report_to")
 
 
 def _check_deepspeed_file(value: str, source: str) -> None:
@@ -73,8 +102,7 @@ def check_train_settings(loaded: LoadedRecipe) -> None:
     """``train.*`` values that transformers would only reject deep inside the Trainer (a logger whose package is
     missing, an accelerate YAML as ``train.deepspeed``) or accept and ignore (fp16 on a CPU): checked before anything
     loads."""
-    report_to = loaded.recipe.train.report_to or []
-    _check_report_to([report_to] if isinstance(report_to, str) else list(report_to), loaded.source)
+    _check_report_to(report_to_list(loaded.recipe.train.report_to), loaded.source, loaded.spec.kind == "online")
     deepspeed = (loaded.recipe.train.model_extra or {}).get("deepspeed")
     if isinstance(deepspeed, str):
         _check_deepspeed_file(deepspeed, loaded.source)

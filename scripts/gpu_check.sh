@@ -107,7 +107,7 @@ d = Path(sys.argv[1])
 s = json.loads((d / "summary.json").read_text())
 rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()] \
     if (d / "metrics.jsonl").is_file() else []
-lens = [r["response_length"] for r in rows if "response_length" in r]
+lens = [r["completions/mean_length"] for r in rows if "completions/mean_length" in r]
 sps = s.get("train_samples_per_second")
 out = [f"train {s.get('train_time_s')} s", f"{sps} samples/s"]
 if lens and sps:

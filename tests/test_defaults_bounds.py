@@ -212,8 +212,9 @@ PINNED_BOUNDS = {
     'RewardConfig': "batch_size gt 0, bt_temperature ge 0, uwo_lambda ge 0",
     'ToyDataConfig': "bt_temperature ge 0, eval_size ge 0, seed ge 0, size gt 0",
     'TrainConfig': (
-        "eval_steps gt 0, gradient_accumulation_steps gt 0, learning_rate gt 0, logging_steps gt 0, "
-        "max_grad_norm ge 0, max_length gt 0, max_steps gt 0, num_train_epochs gt 0, "
+        "completions_steps gt 0, eval_steps gt 0, gradient_accumulation_steps gt 0, learning_rate gt 0, "
+        "logging_steps gt 0, max_grad_norm ge 0, max_length gt 0, max_steps gt 0, num_completions_to_log gt 0, "
+        "num_train_epochs gt 0, "
         "per_device_eval_batch_size gt 0, per_device_train_batch_size gt 0, save_steps gt 0, "
         "save_total_limit gt 0, seed ge 0, warmup_ratio ge 0, warmup_ratio lt 1, warmup_steps ge 0, "
         "weight_decay ge 0"),

@@ -21,13 +21,13 @@ def test_online_recipe_runs_logs_and_checkpoints(name, tmp_path, tiny_path):
     assert summary["global_step"] == 3 and SUMMARY_KEYS <= summary.keys() and summary["kind"] == "online"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("reward", "kl", "entropy", "response_length"):
+    for key in ("reward", "kl", "entropy", "completions/mean_length"):
         assert all(isinstance(r[key], float) for r in rows), key
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "summary.json").is_file()
     if name == "ppo":
         assert (tmp_path / "checkpoints" / "checkpoint-2" / "value_head.safetensors").is_file()
-        assert "clipfrac" in rows[-1] and "value_loss" in rows[-1]
+        assert "clip_ratio/region_mean" in rows[-1] and "value_loss" in rows[-1]
 
 
 @pytest.mark.parametrize("name,extra", [("remax", []), ("ppo", ["algo.critic=separate"])])

@@ -163,6 +163,9 @@ class FakeEngine:
     def rollout_stats(self, ro):
         return {}
 
+    def note_completions(self, rows):
+        pass
+
     def log(self, row):
         pass
 

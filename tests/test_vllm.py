@@ -98,7 +98,7 @@ def test_remax_and_online_dpo_train_with_vllm(tmp_path, tiny_path):
                               capture_output=True, text=True, timeout=900, env=clean_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2] and all(r["response_length"] > 0 for r in rows)
+        assert [r["step"] for r in rows] == [1, 2] and all(r["completions/mean_length"] > 0 for r in rows)
         assert json.loads((out / "summary.json").read_text())["global_step"] == 2
 
 

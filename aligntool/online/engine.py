@@ -12,6 +12,7 @@ aligntool.online.contract.OnlineMethod. The engine is one class in four parts:
   scheduler, reward source and prompts, in named set-up steps;
 - aligntool.online.rollout (``RolloutSteps``, ``Rollout``): sampling (transformers or vLLM) and measuring;
 - aligntool.online.checkpoint (``Checkpoints``): save and load;
+- aligntool.online.tracking (``Tracking``): the loggers (``log``), completions.jsonl and the online evaluation;
 - this module: the loop (``train``, iterations, the prompt draw, logging), the collectives and the optimizer step.
 
 The steps a method composes, each returning new values (a ``Rollout`` is never changed in place; ``ro.with_(...)``
@@ -27,7 +28,8 @@ makes the next one):
 - ``rollout(prompts, per_prompt=1)``: all four (PPO; P3O with 2 per prompt);
 - ``optimizer_step(loss)``: backward, gradient clipping, optimizer and scheduler step;
 - ``all_sum`` / ``global_mean`` / ``token_denominator``: sums and means over the global batch;
-- ``rollout_stats(ro)``, ``state`` (``iteration``, ``kl_coef``), ``cfg`` (the recipe's ``algo``), ``log(row)``.
+- ``rollout_stats(ro)``, ``state`` (``iteration``, ``kl_coef``), ``cfg`` (the recipe's ``algo``), ``log(row)``;
+- ``note_completions(rows)``: a method's own sample of completions (online DPO's pairs; ``score`` notes the rest).
 
 Small tensor helpers of the methods (``check_finite``, ``sequence_kl``, ``minibatches``): aligntool.online.ops.
 """
@@ -44,12 +46,15 @@ from aligntool.online.checkpoint import Checkpoints
 from aligntool.online.contract import check_method
 from aligntool.online.rollout import RolloutSteps
 from aligntool.online.setup import EngineSetup
+from aligntool.online.tracking import Tracking
 from aligntool.recipe.base import DEFAULT_ITERATIONS
 
 SEED_STRIDE = 7919  # a prime: the prompt streams of seeds s and s + 1 never coincide
+# the methods' statistics logged under the name TRL's GRPOTrainer gives the same quantity (docs/TRACKING.md)
+TRL_NAMES = {"clipfrac": "clip_ratio/region_mean"}
 
 
-class Engine(EngineSetup, RolloutSteps, Checkpoints):
+class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
     """The rollout engine for one run and one online method (an aligntool.online.contract.OnlineMethod, checked here
     first: a method that does not meet the contract is refused before any model loads). ``Engine(run, method)``
     sets everything up (``EngineSetup.setup``); ``train()`` runs the iterations and returns the summary."""
@@ -102,16 +107,6 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints):
         return float(norm) if norm is not None else float("nan")
 
     # --------------------------------------------------------------------------------------------------- loop
-    def log(self, row: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        from aligntool.outputs import append_metrics
-
-        append_metrics(self.metrics_file, {"step": self.state["iteration"], **row})
-        for k, v in row.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"train/{k}", v, self.state["iteration"])
-
     def batch_prompts(self) -> list[str]:
         """This process's slice of the iteration's global batch: ``per_device_train_batch_size`` x processes prompts
         drawn without replacement (the prompt list cycled when shorter) from a stream seeded by (train.seed,
@@ -128,6 +123,7 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints):
 
         prompts = self.batch_prompts()
         self._calls = 0
+        self._completions = None if self._completions_due() else ()  # None: note this iteration's completions
         try:
             stats = self.method.step(self, prompts)
         except FloatingPointError:
@@ -139,7 +135,7 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints):
             raise UserError(f"{exc} at iteration {self.state['iteration'] + 1}; last checkpoint kept: "
                             f"{ckpt or 'none'}") from None
         self.state["iteration"] += 1
-        stats = {k: float(v) for k, v in stats.items()}
+        stats = {TRL_NAMES.get(k, k): float(v) for k, v in stats.items()}
         if self.world > 1:  # log the mean over all processes' prompts, not rank 0's alone
             keys = sorted(stats)
             mean = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.accelerator.device),
@@ -149,6 +145,9 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints):
         stats["learning_rate"] = self.scheduler.get_last_lr()[0]
         if self.state["iteration"] % max(1, self.args.logging_steps) == 0 or self.state["iteration"] == 1:
             self.log(stats)
+        self._write_completions()
+        if self.eval_steps and self.state["iteration"] % self.eval_steps == 0:
+            self.evaluate()
         if self.args.save_steps and self.state["iteration"] % int(self.args.save_steps) == 0:
             self.save_checkpoint()
         return stats
@@ -179,11 +178,12 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints):
                     raise preemption.Preempted(self.state["iteration"], str(ckpt))
                 bar.set_postfix({k: f"{last[k]:.2f}" for k in ("reward", "loss", "kl") if k in last})
         wall = time.time() - start
+        if self.eval_prompts and self._last_eval != self.state["iteration"]:
+            last = {**last, **self.evaluate()}  # the final model's evaluation, unless the last iteration had one
         lm_state, _ = self._whole_state()
         if self.accelerator.is_main_process:
             self._save_model(self.out, lm_state)
-            if self.tb:
-                self.tb.close()
+        self._end_trackers()
         self.accelerator.wait_for_everyone()
         from aligntool.outputs import summary
 

@@ -111,6 +111,10 @@ class OnlineDPO(MethodBase):
 
         a, b = self.samples(engine, prompts)
         a_wins, prob = self.label(prompts, a, b)
+        second = "reference_sample" if self.first_sample == "policy_sample" else "second_sample"
+        engine.note_completions([{"prompt": x, "chosen": ya if w else yb, "rejected": yb if w else ya,
+                                  "chosen_is": self.first_sample if w else second, "preference_prob": p}
+                                 for x, ya, yb, w, p in zip(prompts, a.texts, b.texts, a_wins, prob)])
         win = torch.tensor(a_wins, device=a.mask.device)
         (lp_a, _), (lp_b, _) = engine.policy_logprobs(a, grad=True), engine.policy_logprobs(b, grad=True)
         a, b = a.with_(logp=lp_a.detach()), b.with_(logp=lp_b.detach())

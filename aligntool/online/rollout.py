@@ -91,9 +91,11 @@ class RolloutSteps:
         return self.policy_lm, stack
 
     @torch.no_grad()
-    def samples(self, prompts: list[str], kinds: list[str], from_reference: bool = False) -> list[Rollout]:
+    def samples(self, prompts: list[str], kinds: list[str], from_reference: bool = False,
+                seeds: list[int] | None = None) -> list[Rollout]:
         """For each kind ("sample" or "greedy"), one response per prompt, all generated in one call -> one Rollout
-        per kind. Each row has its own random stream (``row_seeds``; aligntool.sampling.RowSampler)."""
+        per kind. Each row has its own random stream (``row_seeds``, or ``seeds``, one per prompt and kind, given:
+        the online evaluation's fixed ones; aligntool.sampling.RowSampler)."""
         from aligntool.sampling import generate_from_ids, pack, trim
         from aligntool.tokens import encode_prompts, stop_ids
 
@@ -101,7 +103,7 @@ class RolloutSteps:
         prompt_ids = encode_prompts(tok, prompts)
         stops = stop_ids(tok)  # EOS and the chat template's end of turn: either ends a response
         n = len(prompts)
-        seeds = [s for _ in kinds for s in self.row_seeds(n)]
+        seeds = seeds if seeds is not None else [s for _ in kinds for s in self.row_seeds(n)]
         greedy_rows = [k == "greedy" for k in kinds for _ in prompts]
         if self.vllm is not None and not from_reference:  # the reference (XPO) keeps generating with transformers
             self.vllm.sync(self.updates)
@@ -144,6 +146,9 @@ class RolloutSteps:
         score = torch.tensor(self.scorer(ro.prompts, ro.texts, **columns), device=ro.mask.device)
         if self.cfg.missing_eos_penalty:
             score = score - self.cfg.missing_eos_penalty * ro.missing_eos.to(score.dtype)
+        if getattr(self, "_completions", ()) is None:  # this iteration writes a sample of its completions
+            self.note_completions([{"prompt": p, "completion": t, "reward": r}
+                                   for p, t, r in zip(ro.prompts, ro.texts, score.tolist())])
         return score
 
     def policy_logprobs(self, ro: Rollout, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -183,10 +188,11 @@ class RolloutSteps:
 
     def rollout_stats(self, ro: Rollout) -> dict:
         """reward (and its std), KL to the reference per sequence, entropy (the sampled tokens' mean negative
-        log-prob, a Monte-Carlo estimate), response length and the share of responses cut off before EOS."""
+        log-prob, a Monte-Carlo estimate), the mean response length and the share of responses cut off before EOS;
+        named as TRL's GRPOTrainer names them (docs/TRACKING.md)."""
         scored = {} if ro.score is None else {
             "reward": ro.score.mean().item(), "reward_std": ro.score.std().item() if len(ro.score) > 1 else 0.0}
         return {**scored, "kl": sequence_kl(ro).mean().item(),
                 "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
-                "response_length": ro.mask.sum(-1).float().mean().item(),
-                "missing_eos": ro.missing_eos.float().mean().item()}
+                "completions/mean_length": ro.mask.sum(-1).float().mean().item(),
+                "completions/clipped_ratio": ro.missing_eos.float().mean().item()}

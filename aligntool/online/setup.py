@@ -64,13 +64,21 @@ class PolicyWithValue(nn.Module):
         return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
-def accelerator_for(args):
+def accelerator_for(args, logging_dir=None):
     """The run's Accelerator, made as transformers' Trainer makes its own from the same TrainingArguments: precision,
-    the DeepSpeed plugin of their DeepSpeed config, the FSDP plugin of their FSDP keywords. On a multi-process CPU
-    run with DeepSpeed or FSDP the process state that aligntool.launch.distributed.setup configured is reused."""
+    the DeepSpeed plugin of their DeepSpeed config, the FSDP plugin of their FSDP keywords; the trackers of their
+    ``report_to`` but TensorBoard (aligntool.online.tracking), their files under ``logging_dir``. On a multi-process
+    CPU run with DeepSpeed or FSDP the process state that aligntool.launch.distributed.setup configured is reused."""
     from accelerate import Accelerator
 
+    from aligntool.online.tracking import tracker_names
+
     kwargs = {"mixed_precision": args.mixed_precision, "deepspeed_plugin": args.deepspeed_plugin}
+    if trackers := tracker_names(args.report_to):
+        from accelerate.utils import ProjectConfiguration
+
+        kwargs["log_with"] = trackers
+        kwargs["project_config"] = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir))
     if args.fsdp_plugin_args is not None:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -96,6 +104,7 @@ class EngineSetup:
         self._setup_rewards()
         self._setup_data()
         self._setup_logging()
+        self._setup_eval()  # aligntool.online.tracking.Tracking
 
     def _setup_accelerator(self) -> None:
         """The backend (``zero3`` / ``fsdp``), refused for a method that samples from the partitioned reference; the
@@ -108,7 +117,7 @@ class EngineSetup:
                             f"ZeRO-3 and FSDP keep partitioned; use distributed.backend ddp, or deepspeed with "
                             f"zero_stage 2")
         self.args = run.trl_config()  # transformers.TrainingArguments: lr, max_steps (= iterations), batch, seed, ...
-        self.accelerator = accelerator_for(self.args)
+        self.accelerator = accelerator_for(self.args, run.output_dir)
         if self.fsdp:  # checkpoints: each process writes its own shards (torch.distributed.checkpoint)
             plugin = self.accelerator.state.fsdp_plugin
             plugin.state_dict_config = plugin.optim_state_dict_config = None  # else the full-state config stays
@@ -244,7 +253,8 @@ class EngineSetup:
         self._calls = 0  # sampling calls in this iteration (part of each row's seed)
 
     def _setup_logging(self) -> None:
-        """``out``, ``metrics_file`` and the TensorBoard writer ``tb`` (main process only)."""
+        """``out``, ``metrics_file``, the TensorBoard writer ``tb`` (main process only; transformers' tags) and the
+        trackers of ``train.report_to`` (accelerate's, started here: aligntool.online.tracking)."""
         self.out = self.run.output_dir
         self.metrics_file = self.out / "metrics.jsonl"
         self.tb = None
@@ -252,3 +262,5 @@ class EngineSetup:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self._completions, self._last_eval = (), None
+        self._start_trackers()

@@ -178,7 +178,22 @@ class TrainConfig(BaseModel):
                               "works).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
                                                 "more time. Default: TRL's (on) on GPUs, off on CPUs.")
-    report_to: list[str] | str | None = Field(None, description="Loggers; tensorboard is always on.")
+    report_to: list[str] | str | None = Field(
+        None, description="Loggers, for every method: tensorboard (always on), wandb, mlflow, trackio, comet_ml, "
+        "swanlab, ... (a name, a list, 'all' = every installed one, 'none'). The TRL-based methods log through "
+        "transformers' integrations, the online methods through accelerate's trackers, with the same metric names "
+        "where they mean the same (docs/TRACKING.md). wandb and mlflow: pip install 'aligntool[trackers]'.")
+    completions_steps: PositiveInt | None = Field(
+        None, description="Every N steps (online methods: iterations), a sample of the completions the run drew "
+        "(prompt, completion, reward; for pairs both sides and which won) is appended to completions.jsonl in "
+        "output_dir and logged as a table where the tracker has tables (W&B). Default: logging_steps.")
+    num_completions_to_log: PositiveInt = Field(
+        8, description="Completions per sample of completions.jsonl (the first of the step's global batch).")
+
+    @staticmethod
+    def own_keys() -> set[str]:
+        """aligntool's own keys, not passed to the TRL config."""
+        return {"step_law_constants", "completions_steps", "num_completions_to_log"}
 
     @model_validator(mode="after")
     def _finite_extras(self):
@@ -390,7 +405,7 @@ class Recipe(Strict):
     def trl_kwargs(self, algo_config: BaseModel) -> dict:
         """The keyword arguments for the algorithm's TRL config: set ``train.*`` keys plus every ``algo.*`` key (our
         own optimizers' names stay out: aligntool builds them, the TRL config keeps its default ``optim``)."""
-        train = self.train.model_dump(exclude_none=True, exclude={"step_law_constants"})  # aligntool's own key
+        train = self.train.model_dump(exclude_none=True, exclude=TrainConfig.own_keys())  # aligntool's own
         if train.get("optim") in OPTIMIZERS:
             del train["optim"]
         if "warmup_ratio" in train:  # transformers 5 dropped warmup_ratio: a float warmup_steps < 1 is the ratio
