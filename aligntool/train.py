@@ -30,7 +30,7 @@ from aligntool.outputs import (
     write_summary,
 )
 from aligntool.recipe.loader import LoadedRecipe
-from aligntool.train_callbacks import new_learning_rate_callback, run_callbacks
+from aligntool.train_callbacks import completions_callback, new_learning_rate_callback, run_callbacks
 from aligntool.train_checks import (
     check_positions,
     check_train_settings,
@@ -184,6 +184,11 @@ class Run:
         callbacks, divergence = run_callbacks(Path(root).expanduser() / "metrics.jsonl", stage)
         if checkpoint:
             callbacks.append(new_learning_rate_callback())
+        t = self.recipe.train
+        sampled = completions_callback(trainer, Path(root).expanduser(), stage,
+                                       t.completions_steps or max(1, int(trainer.args.logging_steps)),
+                                       t.num_completions_to_log)
+        callbacks += [sampled] if sampled else []
         for cb in callbacks:
             trainer.add_callback(cb)
         self._check_rows_left(trainer)

@@ -1,13 +1,14 @@
 """The Trainer callbacks of a run (``Run.fit``): metrics.jsonl rows, a stop on a non-finite loss or gradient norm, the
-COMPLETE marker of each checkpoint (``outputs.mark_complete``), the preemption checkpoint, and on a resume the
-recipe's learning rate as the schedule's peak."""
+COMPLETE marker of each checkpoint (``outputs.mark_complete``), the preemption checkpoint, on a resume the recipe's
+learning rate as the schedule's peak, and for the trainers that sample (GRPO, RLOO) a sample of their completions in
+completions.jsonl."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from aligntool.errors import UserError
-from aligntool.outputs import append_metrics, latest_checkpoint, log, mark_complete
+from aligntool.outputs import append_completions, append_metrics, latest_checkpoint, log, mark_complete
 
 
 def _non_finite(logs: dict) -> str | None:
@@ -89,6 +90,51 @@ def new_learning_rate_callback():
                 apply_learning_rate(optimizer, lr_scheduler, args.learning_rate, log)
 
     return NewLearningRate()
+
+
+def _number(x):
+    import math
+
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def completion_rows(logs: dict, weights: list[float], count: int) -> list[dict]:
+    """The first ``count`` rows of a TRL GRPO / RLOO trainer's ``_logs`` (its last generation batch, all processes'
+    rows, kept for its own ``log_completions``): prompt, completion, reward (the weighted sum of the reward functions'
+    values, unscorable ones left out, as the trainer sums them), each function's value when there are several, and
+    the advantage."""
+    prompts, completions = list(logs.get("prompt", ()))[:count], list(logs.get("completion", ()))[:count]
+    per_function = {name: list(values)[:count] for name, values in logs.get("rewards", {}).items()}
+    advantages = list(logs.get("advantages", ()))[:count]
+    rows = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        values = {name: _number(v[i]) for name, v in per_function.items() if i < len(v)}
+        terms = [w * v for w, v in zip(weights, values.values()) if v is not None]
+        row = {"prompt": prompt, "completion": completion, "reward": sum(terms) if terms else None}
+        if len(values) > 1:
+            row["rewards"] = values
+        if i < len(advantages):
+            row["advantage"] = _number(advantages[i])
+        rows.append(row)
+    return rows
+
+
+def completions_callback(trainer, out: Path, stage: str | None, every: int, count: int):
+    """For a trainer that keeps its completions (TRL's GRPO / RLOO: ``_logs``), or None: every ``every`` steps the
+    first ``count`` of its last generation batch appended to ``out/completions.jsonl`` (main process)."""
+    if not isinstance(getattr(trainer, "_logs", None), dict):
+        return None
+    from transformers import TrainerCallback
+
+    class Completions(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and state.global_step % every == 0:
+                weights = getattr(trainer, "reward_weights", None)
+                weights = [float(w) for w in weights] if weights is not None else []
+                append_completions(out, state.global_step, completion_rows(trainer._logs, weights, count), stage)
+
+    return Completions()
 
 
 class Divergence:

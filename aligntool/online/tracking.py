@@ -69,8 +69,14 @@ class Tracking:
         name = getattr(self.args, "run_name", None) or self.out.name
         init = {"wandb": {"name": name, **({} if os.environ.get("WANDB_DIR") else {"dir": str(self.out)})},
                 "mlflow": {"run_name": name}}
-        self.accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or PROJECT,
-                                       config=flat_config(self.run.loaded.resolved()), init_kwargs=init)
+        try:
+            self.accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or PROJECT,
+                                           config=flat_config(self.run.loaded.resolved()), init_kwargs=init)
+        except Exception as exc:  # noqa: BLE001 - a tracker's own set-up (its server, its store): one line
+            from aligntool.errors import UserError, first_line
+
+            names = ", ".join(str(n) for n in self.accelerator.log_with)
+            raise UserError(f"train.report_to: {names} could not start: {first_line(exc)[:300]}") from None
 
     def log(self, row: dict) -> None:
         """One row at the current iteration: metrics.jsonl (``step`` + the row), TensorBoard and the trackers."""
