@@ -197,7 +197,8 @@ def test_report_to_a_logger_that_is_not_installed_names_the_package(tmp_path, ti
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
     message = user_error(train, load_recipe("dpo", [*FAST, "train.report_to=wandb", f"output_dir={tmp_path}"]))
-    assert "train.report_to: wandb needs the wandb package" in message and "pip install wandb" in message
+    assert "train.report_to: wandb needs the wandb package" in message
+    assert "pip install 'aligntool[trackers]'" in message
     message = user_error(train, load_recipe("dpo", [*FAST, "train.report_to=[wandbb]", f"output_dir={tmp_path}"]))
     assert "unknown logger 'wandbb'" in message and "wandb" in message
 
