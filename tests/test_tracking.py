@@ -115,6 +115,30 @@ def assert_same(got: dict[int, float], want: dict[int, float], what: str) -> Non
         assert got[step] == pytest.approx(value, rel=1e-6, abs=1e-6), (what, step)
 
 
+def final_kl(policy: Path, reference: Path, prompts: list[str], completions: list[str]) -> list[float]:
+    """Per completion: sum over its tokens of log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), each sequence run
+    alone (no padding); the completion's text tokenized again (8 tokens each: cut off at max_new_tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aligntool.tokens import encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    models = [AutoModelForCausalLM.from_pretrained(m).eval() for m in (policy, reference)]
+    out = []
+    for prompt_ids, completion in zip(encode_prompts(tok, prompts), completions):
+        ids = tok(completion, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 8 and tok.decode(ids) == completion, completion
+        seq = torch.tensor([prompt_ids + ids])
+        logps = []
+        with torch.no_grad():
+            for model in models:
+                lp = torch.log_softmax(model(seq).logits[0].float(), -1)
+                logps.append(sum(lp[len(prompt_ids) - 1 + t, y].item() for t, y in enumerate(ids)))
+        out.append(logps[0] - logps[1])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- online
 def test_online_method_reports_to_every_tracker_evaluates_and_samples(tmp_path, tiny_path):
     """REINFORCE++, 3 iterations, an eval set of 4 held-out prompts evaluated every 2 iterations and at the end,
@@ -143,6 +167,11 @@ def test_online_method_reports_to_every_tracker_evaluates_and_samples(tmp_path, 
         assert row["eval_reward"] == pytest.approx(mean, abs=1e-9)
         assert row["eval_reward_stderr"] == pytest.approx(stderr, abs=1e-9)
         assert row["eval_num_prompts"] == 4 and math.isfinite(row["eval_kl"])
+    # the final evaluation's KL: the saved final model and the reference on the same completions, a plain forward
+    kl = final_kl(out, tiny_path, evals[1][0], evals[1][1])
+    assert eval_rows[1]["eval_kl"] == pytest.approx(sum(kl) / 4, abs=1e-4)
+    assert eval_rows[1]["eval_kl_stderr"] == pytest.approx(
+        math.sqrt(sum((k - sum(kl) / 4) ** 2 for k in kl) / 3 / 4), abs=1e-4)
     train_prompts = {p for c in calls if len(c[0]) == 2 for p in c[0]}
     assert not train_prompts & set(evals[0][0]) and evals[0][0] == evals[1][0]  # held out; the same prompts
 

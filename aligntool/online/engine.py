@@ -175,6 +175,7 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
                 bar.update(1)
                 if preemption.requested():
                     ckpt = self.save_checkpoint()
+                    self._end_trackers()  # the trackers' runs end cleanly; the resumed run starts new ones
                     raise preemption.Preempted(self.state["iteration"], str(ckpt))
                 bar.set_postfix({k: f"{last[k]:.2f}" for k in ("reward", "loss", "kl") if k in last})
         wall = time.time() - start
