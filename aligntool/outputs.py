@@ -457,3 +457,10 @@ def check_model_saved(folder: Path, how: str = "", key: str = "output_dir", what
     problem = model_problem(folder)
     if problem is not None:
         raise UserError(f"{key}: {folder}: {what} but its model is not loadable{how}: {problem}")
+
+
+def write_data_mixture(out: Path, record: dict) -> None:
+    """data_mixture.json: the rows each source of ``dataset.mixture`` gave this run (main process only)."""
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "data_mixture.json", json.dumps(record, indent=2) + "\n")

@@ -373,7 +373,7 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
     check_positions(run)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log,
-                                                                   base_dir=loaded.base_dir)
+                                                                   base_dir=loaded.base_dir, output_dir=out)
     _step_law(run)
     note_steps_and_epochs(run)
     return run
