@@ -168,4 +168,7 @@ def apply_format(data, fmt: str | None, kind: str, where: str, algorithm: str, f
                         f"{', '.join(missing)}; found: {', '.join(found)} (dataset.columns renames them)")
     if factory is None:
         return data
-    return data.map(factory(shape, where), with_indices=True, remove_columns=found)
+    # datasets' cache keys a map by its function's pickle, which names module functions without their code: a
+    # conversion changed between versions would be served from the old cache
+    fresh = {"load_from_cache_file": False} if hasattr(data, "__len__") else {}
+    return data.map(factory(shape, where), with_indices=True, remove_columns=found, **fresh)

@@ -33,9 +33,11 @@ def _open_decompressed(path: Path):
 
         return gzip.open(path, "rb")
     if codec == "zstd":
+        import io
+
         import zstandard
 
-        return zstandard.open(path, "rb")
+        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader has no readline: buffered for lines
     if codec == "bz2":
         import bz2
 
