@@ -227,3 +227,13 @@ def test_every_format_of_the_schema_has_a_conversion(fmt):
 
     assert set(get_args(DataSourceFields.model_fields["format"].annotation)[0].__args__) == set(data.FORMATS)
     assert fmt in data.FORMATS
+
+
+def test_a_split_slice_outside_the_data_is_one_line(tmp_path):
+    message = user_error(_load, "dpo", "preference", f"dataset.path={HH_GZ}", "dataset.split=train[700:1000]")
+    assert message == (f"dataset.split: 'train[700:1000]': outside the data: the split 'train' of {HH_GZ} has 800 "
+                       "rows")
+    assert "selects no rows" in user_error(_load, "dpo", "preference", f"dataset.path={HH_GZ}",
+                                           "dataset.split=train[10:5]")
+    train, _ = _load("dpo", "preference", f"dataset.path={HH_GZ}", "dataset.split=train[-3:]")
+    assert len(train) == 3

@@ -121,6 +121,14 @@ def apply_split(splits: dict, spec: str, where: str, key: str):
         why = first_line(exc) if "Unknown split" not in str(exc) else "no such split"
         raise UserError(f"{key}: {spec!r}: {why}; {where} has the split(s) {names} (datasets' split syntax: e.g. "
                         f"{next(iter(splits))}[:10%], {next(iter(splits))}[100:200])") from None
+    lengths = {name: len(d) for name, d in splits.items()}
+    for rel in ReadInstruction.from_spec(spec)._relative_instructions:  # datasets clamps; a bound past the end is
+        bounds = [b for b in (rel.from_, rel.to) if b is not None]     # a mistake, said here
+        if rel.unit == "abs" and any(abs(b) > lengths[rel.splitname] for b in bounds):
+            raise UserError(f"{key}: {spec!r}: outside the data: the split {rel.splitname!r} of {where} has "
+                            f"{lengths[rel.splitname]} rows")
+    if not any(p.to > p.from_ for p in parts):
+        raise UserError(f"{key}: {spec!r}: selects no rows of {where}")
     chosen = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts]
     return chosen[0] if len(chosen) == 1 else datasets.concatenate_datasets(chosen)
 
