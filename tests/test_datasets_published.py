@@ -237,3 +237,25 @@ def test_a_split_slice_outside_the_data_is_one_line(tmp_path):
                                            "dataset.split=train[10:5]")
     train, _ = _load("dpo", "preference", f"dataset.path={HH_GZ}", "dataset.split=train[-3:]")
     assert len(train) == 3
+
+
+def test_a_folder_of_compressed_files_names_its_splits_and_an_empty_archive_is_named(tmp_path):
+    raw = GSM8K.read_bytes()
+    lines = raw.decode().splitlines(keepends=True)
+    folder = tmp_path / "gsm"
+    folder.mkdir()
+    (folder / "train.jsonl.gz").write_bytes(gzip.compress(raw))
+    (folder / "test.jsonl.gz").write_bytes(gzip.compress("".join(lines[5:8]).encode()))
+    train, _ = _load("grpo", "prompt", f"dataset.path={folder}", "dataset.format=gsm8k", "dataset.split=test")
+    assert train["prompt"] == [json.loads(line)["question"] for line in lines[5:8]]
+    (tmp_path / "empty.jsonl.gz").write_bytes(gzip.compress(b"\n"))
+    assert user_error(_load, "sft", "language_modeling", f"dataset.path={tmp_path / 'empty.jsonl.gz'}") == (
+        f"dataset.path: {tmp_path / 'empty.jsonl.gz'}: the file is empty")
+
+
+def test_an_eval_file_is_read_whole_beside_a_builder_with_data_files(tmp_path):
+    """`name`/`data_files` of the training source do not apply to an eval *file* (they would make no sense there)."""
+    loaded = load_recipe("grpo", ["dataset.path=json", f"dataset.data_files={GSM8K}", "dataset.format=gsm8k",
+                                  f"dataset.eval_path={GSM8K}", "dataset.eval_split=train[:3]"])
+    train, evald = data.load_for_recipe(loaded.recipe, "prompt", log=lambda m: None)
+    assert len(train) == 200 and len(evald) == 3 and evald["answer"] == ["18", "3", "70000"]

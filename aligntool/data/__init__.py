@@ -113,8 +113,10 @@ def _source(recipe, spec, path: str, split: str, split_given: bool, kind: str, w
             base_dir: Path | None, streaming: bool = False):
     """One source (``dataset`` itself, or a mixture entry ``spec``) read, its columns renamed and its format
     converted to ``kind``'s columns."""
-    data = load_any(path, split, key, base_dir, split_given, name=spec.name, data_files=spec.data_files,
-                    streaming=streaming)
+    name, files = spec.name, spec.data_files
+    if key == "dataset.eval_path" and any(c.is_file() for c in local_candidates(path, base_dir)):
+        name = files = None  # the training set's hub config and files say nothing about an eval file
+    data = load_any(path, split, key, base_dir, split_given, name=name, data_files=files, streaming=streaming)
     data = apply_columns(data, spec.columns, where)
     return apply_format(data, spec.format, kind, where, recipe.algorithm, recipe.dataset.unpaired_from_pairs)
 
@@ -160,6 +162,10 @@ def _streamed(recipe, kind: str, tokenizer, log, base_dir: Path | None):
                         f"{kind} data")
     if cfg.path == "toy":
         raise UserError("dataset.streaming: applies to data files and hub datasets; the toy data is generated whole")
+    auto = [k for k in ("learning_rate", "per_device_train_batch_size") if getattr(recipe.train, k) == "auto"]
+    if auto:
+        raise UserError(f"dataset.streaming: train.{auto[0]}: auto needs the training set's size (Step Law counts "
+                        "its tokens); give a value")
     if recipe.train.max_steps is None:
         raise UserError("dataset.streaming: set train.max_steps (a streamed dataset's length is unknown, so epochs "
                         "cannot be counted)")

@@ -49,16 +49,17 @@ def _open_decompressed(path: Path):
     return path.open("rb")
 
 
-def _check_jsonl(path: Path) -> None:
+def _check_jsonl(path: Path) -> int:
     """datasets' own error for a bad line is a long traceback without the line number: find the line first (through
-    the decompression of a compressed file)."""
+    the decompression of a compressed file). Returns the number of rows."""
     try:
-        _check_jsonl_lines(path)
+        return _check_jsonl_lines(path)
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile, zstd errors, truncated archives
         raise UserError(f"{path}: cannot decompress ({first_line(exc)})") from None
 
 
-def _check_jsonl_lines(path: Path) -> None:
+def _check_jsonl_lines(path: Path) -> int:
+    rows = 0
     with _open_decompressed(path) as fh:
         for number, raw in enumerate(fh, 1):
             try:
@@ -74,6 +75,8 @@ def _check_jsonl_lines(path: Path) -> None:
                 raise UserError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: expected one JSON object per line, got a {type(row).__name__}")
+            rows += 1
+    return rows
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -193,8 +196,8 @@ def _read_files(local: Path, split: str, key: str, split_given: bool, streaming:
                         f"{', '.join(FILE_LOADERS)}, or one of them compressed ({', '.join(COMPRESSIONS)}; one type "
                         "per glob)")
     for file in files:
-        if data_suffix(file) == ".jsonl":
-            _check_jsonl(file)
+        if data_suffix(file) == ".jsonl" and not _check_jsonl(file):
+            raise UserError(f"{key}: {file}: the file is empty")
         if file.stat().st_size == 0 or (loader in ("json", "csv") and file.suffix.lower() not in COMPRESSIONS
                                         and not file.read_bytes().strip()):
             raise UserError(f"{key}: {file}: the file is empty")
