@@ -103,3 +103,11 @@ def test_a_source_whose_columns_do_not_fit_is_named_and_path_with_mixture_is_ref
                        "good, bad")
     assert "set either path or mixture" in user_error(load_recipe, "dpo", [f"dataset.path={a}",
                                                                           f"dataset.mixture=[{{path: {a}}}]"])
+
+
+def test_kto_reads_a_mixture_of_pairs_as_unpaired_rows(tmp_path):
+    a, b = _pairs(tmp_path / "a.jsonl", "A", 6), _pairs(tmp_path / "b.jsonl", "B", 6)
+    train, _, _ = _mixture(tmp_path, f"dataset.mixture=[{{path: {a}}}, {{path: {HH_GZ}, format: hh-rlhf}}, "
+                           f"{{path: {b}}}]", "dataset.unpaired_from_pairs=true", kind="unpaired", recipe="kto")
+    assert len(train) == 36 and sum(train["label"]) == 18  # 3 x 6 pairs, two rows each
+    assert sum(p.endswith("\n\nAssistant:") for p in train["prompt"]) == 12

@@ -57,11 +57,11 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
         return _streamed(recipe, kind, tokenizer, log, base_dir)
     where = "dataset.mixture" if cfg.mixture else f"dataset.path {shown_path(cfg.path, base_dir)}"
     train, evald = _read(recipe, kind, base_dir, log, output_dir)
-    if from_pairs and cfg.path != "toy":  # unpaired toy rows are made from the toy pairs already
+    if from_pairs and (cfg.path != "toy" or cfg.mixture):  # unpaired toy rows are made from the toy pairs already
         train, evald = _unpaired_from_pairs(cfg, train, evald, where, log)
     columns = check_columns(train, kind, where)
     train = labels_as_bool(check_rows(train, columns, where, cfg.drop_invalid_rows, log))
-    if kind == "unpaired" and not from_pairs and cfg.path != "toy":
+    if kind == "unpaired" and not from_pairs and (cfg.path != "toy" or cfg.mixture):
         # TRL's KTOTrainer reads rows in order and estimates its KL reference point from each batch's rows shifted by
         # one: a file sorted by label or with a pair's rows side by side would bias it; shuffled with toy.seed
         train = train.shuffle(seed=cfg.toy.seed).flatten_indices()
