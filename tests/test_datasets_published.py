@@ -259,3 +259,12 @@ def test_an_eval_file_is_read_whole_beside_a_builder_with_data_files(tmp_path):
                                   f"dataset.eval_path={GSM8K}", "dataset.eval_split=train[:3]"])
     train, evald = data.load_for_recipe(loaded.recipe, "prompt", log=lambda m: None)
     assert len(train) == 200 and len(evald) == 3 and evald["answer"] == ["18", "3", "70000"]
+
+
+def test_docs_datasets_describe_every_key_and_format():
+    from aligntool.recipe.schema import DatasetConfig, MixtureSource
+
+    text = (Path(__file__).parent.parent / "docs" / "DATASETS.md").read_text()
+    keys = (set(DatasetConfig.model_fields) | set(MixtureSource.model_fields)) - {"toy"}
+    assert not [k for k in keys if f"`{k}`" not in text]
+    assert not [f for f in data.FORMATS if f"### `{f}`" not in text]
