@@ -8,6 +8,7 @@ module is the one writer of these files (the writers below; a method module call
     metrics.jsonl      one JSON object per logging (and eval) step: ``start_metrics``, ``append_metrics``
     completions.jsonl  a sample of the completions the run drew, every ``train.completions_steps`` (methods that
                        sample): ``append_completions``
+    data_mixture.json  the rows each source of ``dataset.mixture`` gave the run: ``write_data_mixture``
     summary.json       final metrics, wall time, peak memory; written last (``summary``, ``write_summary``)
     checkpoints/       checkpoint-<step>/ folders (the Trainer's, or the online engine's); a COMPLETE file marks one
                        that finished writing: ``mark_complete``
@@ -475,3 +476,10 @@ def append_completions(out: Path, step: int, rows: list[dict], stage: str | None
     with (out / COMPLETIONS_FILE).open("a") as fh:
         for row in rows:
             fh.write(json.dumps({**head, **row}) + "\n")
+
+
+def write_data_mixture(out: Path, record: dict) -> None:
+    """data_mixture.json: the rows each source of ``dataset.mixture`` gave this run (main process only)."""
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "data_mixture.json", json.dumps(record, indent=2) + "\n")

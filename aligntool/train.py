@@ -198,7 +198,8 @@ class Run:
         ours = optimizer_cls_and_kwargs(self.recipe, trainer.args, trainer.model, where=str(self.loaded.source))
         if ours is not None and trainer.optimizer is None:
             trainer.optimizer_cls_and_kwargs = ours
-        log(f"Training {self.loaded.spec.name} on {len(trainer.train_dataset)} rows -> {out}")
+        rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else "streamed"
+        log(f"Training {self.loaded.spec.name} on {rows} rows -> {out}")
         start = time.time()
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -247,7 +248,8 @@ class Run:
         why = f"no {what} token left within train.max_length={max_length}" if max_length else "TRL's filtering"
         for name, given, kept in (("training", self.train_dataset, trainer.train_dataset),
                                   ("eval", self.eval_dataset, trainer.eval_dataset)):
-            if given is None or kept is None or len(kept) == len(given) or packed[name]:
+            if given is None or kept is None or not hasattr(kept, "__len__") or len(kept) == len(given) \
+                    or packed[name]:  # a streamed training set (dataset.streaming) has no length
                 continue
             if len(kept) == 0:
                 raise UserError(f"{self.loaded.source}: train.max_length: all {len(given)} {name} rows were dropped "
@@ -383,7 +385,7 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
     check_positions(run)
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log,
-                                                                   base_dir=loaded.base_dir)
+                                                                   base_dir=loaded.base_dir, output_dir=out)
     _step_law(run)
     note_steps_and_epochs(run)
     return run

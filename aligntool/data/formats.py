@@ -15,6 +15,9 @@ unpaired           ``prompt`` + ``completion`` + ``label`` (true: desirable, fal
                    preference format, for KTO; ``dataset.unpaired_from_pairs`` reads paired data instead
 =================  ==============================================================================================
 
+Published shapes (HH-RLHF, Alpaca, ShareGPT, UltraFeedback-binarized, GSM8K) become these columns through
+``dataset.format`` and other column names through ``dataset.columns`` (published.py; docs/DATASETS.md).
+
 Unpaired labels must be booleans. Integer 0/1 (what pandas, CSV exports and many JSON dumps write) are accepted and
 turned into false/true; anything else (strings such as "yes" or "true", other numbers, null) is an error naming the
 row, or a dropped row with ``dataset.drop_invalid_rows``. A paired dataset becomes unpaired data with two rows per pair

@@ -78,7 +78,8 @@ def assistant_only(run) -> tuple[bool, str | None]:
     setting, source, data = run.algo.assistant_only_loss, run.loaded.source, run.train_dataset
     if setting is False:
         return False, None
-    if not is_conversational(data[0]):
+    streamed = not hasattr(data, "__len__")  # dataset.streaming: an IterableDataset, its rows read as it trains
+    if not is_conversational(next(iter(data)) if streamed else data[0]):
         if setting:
             raise UserError(f"{source}: algo.assistant_only_loss: applies to conversational rows (`messages`, or "
                             f"`prompt`/`completion` lists of {{role, content}} messages); dataset.path "
@@ -104,6 +105,8 @@ def assistant_only(run) -> tuple[bool, str | None]:
 
 
 def _rows_with_an_assistant_turn(data, name: str, where: str, log):
+    if not hasattr(data, "__len__"):  # streamed: such rows are skipped as they come
+        return data.filter(lambda row: any(m.get("role") == "assistant" for m in row["messages"]))
     keep = [i for i, turns in enumerate(data["messages"]) if any(m.get("role") == "assistant" for m in turns)]
     if not keep:
         from aligntool.errors import UserError
