@@ -138,6 +138,9 @@ def suggest_for_recipe(recipe: str, overrides: list[str], constants: str, nproc:
     from aligntool.recipe.loader import load_recipe
 
     loaded = load_recipe(recipe, overrides + [f"train.step_law_constants={constants}"])
+    if loaded.recipe.dataset.streaming:
+        raise UserError("dataset.streaming: aligntool suggest counts the training set's tokens, which a streamed "
+                        "dataset does not know; run it with dataset.streaming=false on the same data")
     m = loaded.recipe.model
     path = models.resolve(m.name_or_path, log=_stderr)
     tokenizer = models.load_tokenizer(path, m.trust_remote_code, m.revision, chat_template=m.chat_template,

@@ -127,3 +127,13 @@ def test_a_reward_function_receives_gsm8ks_final_answer(tmp_path, tiny_path, alg
         assert seen >= 4
     finally:
         sys.modules.pop("gsm_reward_mod", None)
+
+
+def test_suggest_refuses_a_streamed_dataset_in_one_line(tmp_path, capsys):
+    """Step Law's suggestion counts the training set's tokens: a streamed set has no length (it crashed in len())."""
+    f = tmp_path / "sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _rows(8)))
+    assert main(["suggest", "--recipe", "sft", f"dataset.path={f}", "dataset.streaming=true",
+                 "train.max_steps=2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "dataset.streaming: aligntool suggest counts" in err
