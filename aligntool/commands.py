@@ -186,7 +186,7 @@ def _print_result(model: str, result: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        if key == "data":
+        if key in ("data", "samples", "note"):
             continue
         if key == "tasks":
             for name, metrics in value.items():
@@ -195,6 +195,11 @@ def _print_result(model: str, result: dict) -> None:
             continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    for row in result.get("samples") or []:
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+        print(f"sample: ...{row['prompt'][-60:]!r} -> {row['completion'][:100]!r} {rest}")
 
 
 def _not_packed(path: str, option: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from aligntool.errors import UserError
 
 BACKENDS = ("hf", "vllm")
+_MANAGERS: dict = {}
 
 
 def split_tasks(tasks: str) -> list[str]:
@@ -40,7 +41,10 @@ def task_manager(names: list[str], include_path: list[str]):
         if name.endswith((".yaml", ".yml")):
             if not Path(name).expanduser().is_file():
                 raise UserError(f"--tasks: {name}: no such task file")
-    manager = TaskManager(include_path=paths or None)
+    key = tuple(paths)
+    if key not in _MANAGERS:  # indexing lm-eval's ~15000 task files takes seconds: once per process and path list
+        _MANAGERS[key] = TaskManager(include_path=paths or None)
+    manager = _MANAGERS[key]
     known = set(manager.all_tasks)
     for name in names:
         if not name.endswith((".yaml", ".yml")) and name not in known:

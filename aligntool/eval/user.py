@@ -73,8 +73,13 @@ def data_source(data: str | None, split: str | None, opts: list[str], recipe: st
         loaded = load_recipe(recipe, list(overrides))
         base_dir, reward = loaded.base_dir, loaded.recipe.reward
         fields = loaded.recipe.dataset.model_dump(exclude_unset=False)
-        if fields.get("eval_path"):
-            fields["path"], fields["split"] = fields["eval_path"], fields["eval_split"]
+        if fields.get("eval_path"):  # an eval file with eval_split at its default is read whole, as training does
+            from aligntool.recipe.schema import DatasetConfig
+
+            defaults = DatasetConfig.model_fields
+            whole = fields["eval_split"] == defaults["eval_split"].default
+            fields["path"] = fields["eval_path"]
+            fields["split"] = defaults["split"].default if whole else fields["eval_split"]
         fields.update(eval_path=None, eval_fraction=0.0, unpaired_from_pairs=False)
     if data is not None:
         fields["path"] = data
