@@ -24,8 +24,8 @@ def final_answer(prompts, completions, answer, **kwargs):
     return [float(a.split("####")[-1].strip().replace(",", "")) for a in answer]
 
 def recorded_length(prompts, completions):
-    """Length of each completion in characters; every call is appended to $EVAL_RECORD."""
-    scores = [float(len(c)) for c in completions]
+    """Length of each completion in 15-character units (coarse: ties happen); every call goes to $EVAL_RECORD."""
+    scores = [float(len(c) // 15) for c in completions]
     with open(os.environ["EVAL_RECORD"], "a") as fh:
         fh.write(json.dumps({"prompts": prompts, "completions": completions, "scores": scores}) + "\\n")
     return scores
@@ -124,6 +124,7 @@ def test_reference_win_rate_kl_and_paired_gain(capsys, tmp_path, models_dir, mon
     assert len(calls) == 2 and calls[0]["prompts"] == prompts == calls[1]["prompts"]
     mine, ref = calls[0]["scores"], calls[1]["scores"]
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, ref)]
+    assert 0.5 in wins and len(set(wins)) > 1, (mine, ref)  # ties and decided pairs both occur
     d = np.subtract(mine, ref)
     assert r["win_rate"] == pytest.approx(np.mean(wins))
     assert (r["reward"], r["reward_stderr"]) == pytest.approx(mean_se(mine))
