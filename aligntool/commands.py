@@ -99,6 +99,8 @@ def evaluate(model: str, reference: str | None, task: str, num_prompts: int | No
     elif user.get("data") or user.get("recipe"):
         result = _evaluate_user(model, reference, num_prompts, max_new_tokens, temperature, batch_size, seed, user)
     elif task == "arithmetic":
+        if revise:
+            raise UserError("--revise: applies to --task reviews only")
         ks = toy_eval.parse_pass_k(pass_k, samples) if pass_k is not None else toy_eval.default_pass_k(samples)
         result = toy_eval.evaluate_arithmetic(
             model, reference=reference, num_prompts=num_prompts, samples=samples, pass_k=ks,
