@@ -186,6 +186,35 @@ def test_reward_model_pairwise_accuracy_on_hh_pairs(capsys, models_dir):
     assert "exceed the model's 256 positions" in r["note"]
 
 
+def test_conversational_pairs_explicit_or_implicit_prompt(capsys, tmp_path, models_dir):
+    """Conversational pairs, with a prompt column or the prompt inside both conversations (TRL's split): each side
+    is the whole conversation through the chat template, scored by our own forward pass."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    replies = [(" the show was great .", " the show was awful ."), (" i liked it .", " the food was cold .")]
+    user = [{"role": "user", "content": "Review of the show:"}]
+    explicit = [{"prompt": user, "chosen": [{"role": "assistant", "content": c}],
+                 "rejected": [{"role": "assistant", "content": r}]} for c, r in replies]
+    implicit = [{"chosen": user + row["chosen"], "rejected": user + row["rejected"]} for row in explicit]
+    results = []
+    for name, rows in (("explicit", explicit), ("implicit", implicit)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        results.append(run_json(capsys, ["--model", str(models_dir / "rm"), "--data", str(path)]))
+    tok = AutoTokenizer.from_pretrained(models_dir / "rm")
+    rm = AutoModelForSequenceClassification.from_pretrained(models_dir / "rm").eval()
+
+    def score(messages):
+        text = tok.apply_chat_template(messages, tokenize=False)
+        with torch.no_grad():
+            return rm(torch.tensor([tok(text)["input_ids"]])).logits[0, 0].item()
+
+    margins = [score(row["chosen"]) - score(row["rejected"]) for row in implicit]
+    for r in results:
+        assert r["mean_margin"] == pytest.approx(np.mean(margins), rel=1e-4, abs=1e-6)
+        assert r["pairwise_accuracy"] == np.mean([m > 0 for m in margins])
+
+
 def test_toy_results_say_they_are_toy(capsys, models_dir):
     r = run_json(capsys, ["--model", str(models_dir / "rm"), "--num-prompts", "8"])
     assert r["data"]["source"].startswith("toy world preference pairs") and r["data"]["rows"] == 8

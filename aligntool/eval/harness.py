@@ -29,7 +29,7 @@ def task_manager(names: list[str], include_path: list[str]):
     """lm-eval's TaskManager over its own tasks, ``include_path`` and the folders of the YAML files in ``names``;
     every name checked (an unknown one: a one-line error with the close names)."""
     if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("--tasks: lm-eval is not installed; pip install 'aligntool[eval]' (or lm-eval)")
+        raise UserError("--tasks: lm-eval is not installed; pip install 'aligntool[lm-eval]'")
     from lm_eval.tasks import TaskManager
 
     paths = []

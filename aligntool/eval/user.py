@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 from aligntool.errors import UserError
 from aligntool.eval.toy import _mean_stderr
+from aligntool.quiet import without_progress_bars
 
 _SHAPE = "data: expected"  # the end of data.check_columns' message "missing column(s) for KIND data: expected ..."
 
@@ -118,6 +119,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@without_progress_bars  # datasets' bars of each map would come before a one-line error
 def load_rows(cfg, kinds: tuple[str, ...], tokenizer, base_dir, what: str):
     """(dataset, kind): the data read as the first of ``kinds`` whose columns it has; none fitting is one line that
     says what ``what`` needs and the columns found."""
@@ -127,11 +129,16 @@ def load_rows(cfg, kinds: tuple[str, ...], tokenizer, base_dir, what: str):
     for kind in kinds:
         try:
             data, _ = load_for_recipe(SimpleNamespace(dataset=cfg), kind, tokenizer, log=_log, base_dir=base_dir)
-            return data, kind
         except UserError as exc:
             if _SHAPE not in str(exc):
                 raise
             found = str(exc).rpartition("found: ")[2] if "found: " in str(exc) else found
+            continue
+        if kind == "preference" and "prompt" not in data.column_names:  # conversations: TRL splits them
+            from trl.data_utils import extract_prompt
+
+            data = data.map(extract_prompt)
+        return data, kind
     raise UserError(f"--data {cfg.path}: {what}; found the columns: {found}")
 
 
