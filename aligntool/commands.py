@@ -172,8 +172,8 @@ def _evaluate_user(model: str, reference: str | None, num_prompts: int | None, m
         return user_eval.evaluate_pairs(path, cfg, base_dir, num_prompts, batch_size)
     reward = user_eval.reward_config(user.get("reward_model"), user.get("reward_fn"), recipe_reward)
     if reward is None:
-        return likelihood.evaluate_likelihood(model, reference, cfg, base_dir, num_prompts, batch_size)
-    return user_eval.evaluate_generation(model, reference, cfg, reward, base_dir, num_prompts, max_new_tokens or 48,
+        return likelihood.evaluate_likelihood(path, reference, cfg, base_dir, num_prompts, batch_size)
+    return user_eval.evaluate_generation(path, reference, cfg, reward, base_dir, num_prompts, max_new_tokens or 48,
                                          temperature, batch_size, seed)
 
 

@@ -154,11 +154,11 @@ def test_hh_pairs_give_their_implicit_prompts(capsys, tmp_path, models_dir):
     """Preference pairs as prompts: HH-RLHF's whole-dialogue pairs, each prompt the dialogue up to the last
     Assistant turn, scored by a reward model (--reward-model); the long dialogues keep their end (a note)."""
     r = run_json(capsys, ["--model", "tiny", "--data", str(HH), "--reward-model", str(models_dir / "rm"),
-                          "--num-prompts", "5", "--max-new-tokens", "4"])
+                          "--data-opt", "max_samples=20", "--num-prompts", "5", "--max-new-tokens", "4"])
     rows = [json.loads(line) for line in HH.read_text().splitlines()]
     first = rows[0]["chosen"]
     assert r["samples"][0]["prompt"] == first[: first.rfind("\n\nAssistant:") + len("\n\nAssistant:")]
-    assert r["num_prompts"] == 5 and r["data"]["rows"] == 50 and "reward" in r
+    assert r["num_prompts"] == 5 and r["data"]["rows"] == 20 and "reward" in r  # max_samples=20 of the 50 rows
     assert r["reward_source"] == str(models_dir / "rm")
 
 
@@ -168,7 +168,7 @@ def test_reward_model_pairwise_accuracy_on_hh_pairs(capsys, models_dir):
     (its last 256 tokens: the tiny model's context)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    r = run_json(capsys, ["--model", str(models_dir / "rm"), "--data", str(HH), "--num-prompts", "12"])
+    r = run_json(capsys, ["--model", str(models_dir / "rm"), "--data", str(HH), "--split", "train[:12]"])
     tok = AutoTokenizer.from_pretrained(models_dir / "rm")
     rm = AutoModelForSequenceClassification.from_pretrained(models_dir / "rm").eval()
     rows = [json.loads(line) for line in HH.read_text().splitlines()[:12]]
@@ -182,7 +182,7 @@ def test_reward_model_pairwise_accuracy_on_hh_pairs(capsys, models_dir):
         mean_se([float(m > 0) for m in margins]))
     assert (r["mean_margin"], r["mean_margin_stderr"]) == pytest.approx(mean_se(margins), rel=1e-4, abs=1e-6)
     assert r["kind"] == "reward_model" and r["num_pairs"] == 12
-    assert r["data"]["source"] == f"{HH} split train" and r["data"]["rows"] == 50
+    assert r["data"]["source"] == f"{HH} split train[:12]" and r["data"]["rows"] == 12
     assert "exceed the model's 256 positions" in r["note"]
 
 

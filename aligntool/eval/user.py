@@ -88,9 +88,11 @@ def data_source(data: str | None, split: str | None, opts: list[str], recipe: st
         fields["split"] = split
     fields.update(parse_data_opts(opts))
     if fields.get("path", "toy") == "toy":
-        raise UserError(f"--recipe {recipe}: its dataset is the toy world; give --data FILE, or evaluate the toy world "
-                        "without --recipe")
-    return _dataset_config(fields, "--data-opt" if opts else "--recipe dataset"), reward, base_dir
+        where = "--data toy" if data == "toy" else f"--recipe {recipe}: its dataset"
+        raise UserError(f"{where} is the toy world; give --data FILE, or evaluate the toy world without --data and "
+                        "--recipe")
+    key = "--data-opt" if opts else "--recipe dataset" if recipe else "--data"
+    return _dataset_config(fields, key), reward, base_dir
 
 
 def reward_config(reward_model: str | None, reward_fn: str | None, recipe_reward):
