@@ -43,6 +43,10 @@ def test_local_task_accuracy_equals_lm_eval_cli(capsys, tmp_path, tiny_path, off
     assert 0 < mine["acc"] < 1 and mine["acc"] != mine["acc_norm"]  # two distinct figures, both compared
     assert ours["data"]["source"] == "lm-eval task aligntool_reviews_mc" and ours["data"]["rows"] == 24
     assert ours["kind"] == "lm_eval" and ours["backend"] == "hf"
+    # the task YAML given as a path: the same figures
+    assert main(["eval", "--model", "tiny", "--tasks", str(TASK_DIR / "reviews_mc.yaml"), "--batch-size", "8",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == ours["tasks"]
 
 
 def expect_error(capsys, args, *needles):

@@ -41,6 +41,8 @@ def task_manager(names: list[str], include_path: list[str]):
         if name.endswith((".yaml", ".yml")):
             if not Path(name).expanduser().is_file():
                 raise UserError(f"--tasks: {name}: no such task file")
+            folder = str(Path(name).expanduser().resolve().parent)  # its siblings (an `include:`d base, a group)
+            paths += [folder] if folder not in paths else []
     key = tuple(paths)
     if key not in _MANAGERS:  # indexing lm-eval's ~15000 task files takes seconds: once per process and path list
         _MANAGERS[key] = TaskManager(include_path=paths or None)
