@@ -94,6 +94,8 @@ def evaluate(model: str, reference: str | None, task: str, num_prompts: int | No
         if reference:
             raise UserError("--reference: applies to the toy world and --data; with --tasks evaluate each model in "
                             "its own call")
+        if num_prompts:
+            raise UserError("--num-prompts: with --tasks, lm-eval's --limit sets the examples per task")
         result = run_tasks(model, user["tasks"], user.get("include_path") or [], user.get("backend", "hf"),
                            user.get("limit"), user.get("num_fewshot"), batch_size, seed)
     elif user.get("data") or user.get("recipe"):
