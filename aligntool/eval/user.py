@@ -22,7 +22,12 @@ from aligntool.errors import UserError
 from aligntool.eval.toy import _mean_stderr
 from aligntool.quiet import without_progress_bars
 
-_SHAPE = "data: expected"  # the end of data.check_columns' message "missing column(s) for KIND data: expected ..."
+
+def _shape_error(message: str) -> bool:
+    """Whether a data error says the rows are not of the kind asked for (so another kind may fit): data.check_columns'
+    "missing column(s) for KIND data: expected ...", or a ``dataset.format`` that gives other kinds of data."""
+    return "data: expected" in message or ("dataset.format" in message and " gives " in message
+                                           and " trains on " in message)
 
 
 def parse_data_opts(opts: list[str]) -> dict:
@@ -62,6 +67,22 @@ def _dataset_config(fields: dict, key: str):
         raise UserError(f"{key} {where}: {e['msg']}") from None
 
 
+def _eval_as_path(fields: dict, base_dir) -> None:
+    """The recipe's held-out source as the one to read, as training reads it: an eval file with eval_split at its
+    default is read whole; the training source's hub config and files (``name``, ``data_files``) do not apply to a
+    local eval file; a training mixture does not apply at all."""
+    from aligntool.data import local_candidates
+    from aligntool.recipe.schema import DatasetConfig
+
+    defaults = DatasetConfig.model_fields
+    whole = fields["eval_split"] == defaults["eval_split"].default
+    fields["path"] = fields["eval_path"]
+    fields["split"] = defaults["split"].default if whole else fields["eval_split"]
+    local = any(c.is_file() for c in local_candidates(fields["path"], base_dir))
+    fields.update({k: None for k in ("mixture", "mixture_size") + (("name", "data_files") if local else ())
+                   if k in fields})
+
+
 def data_source(data: str | None, split: str | None, opts: list[str], recipe: str | None,
                 overrides: list[str] = ()) -> tuple:
     """(DatasetConfig, the recipe's RewardConfig or None, base_dir) from the options: the recipe's dataset section
@@ -74,20 +95,16 @@ def data_source(data: str | None, split: str | None, opts: list[str], recipe: st
         loaded = load_recipe(recipe, list(overrides))
         base_dir, reward = loaded.base_dir, loaded.recipe.reward
         fields = loaded.recipe.dataset.model_dump(exclude_unset=False)
-        if fields.get("eval_path"):  # an eval file with eval_split at its default is read whole, as training does
-            from aligntool.recipe.schema import DatasetConfig
-
-            defaults = DatasetConfig.model_fields
-            whole = fields["eval_split"] == defaults["eval_split"].default
-            fields["path"] = fields["eval_path"]
-            fields["split"] = defaults["split"].default if whole else fields["eval_split"]
+        if fields.get("eval_path"):
+            _eval_as_path(fields, base_dir)
         fields.update(eval_path=None, eval_fraction=0.0, unpaired_from_pairs=False)
+        fields.update({k: False for k in ("streaming",) if k in fields})
     if data is not None:
         fields["path"] = data
     if split is not None:
         fields["split"] = split
     fields.update(parse_data_opts(opts))
-    if fields.get("path", "toy") == "toy":
+    if fields.get("path", "toy") == "toy" and not fields.get("mixture"):
         where = "--data toy" if data == "toy" else f"--recipe {recipe}: its dataset"
         raise UserError(f"{where} is the toy world; give --data FILE, or evaluate the toy world without --data and "
                         "--recipe")
@@ -111,7 +128,11 @@ def reward_config(reward_model: str | None, reward_fn: str | None, recipe_reward
 def describe(cfg, rows: int, base_dir) -> dict:
     from aligntool.data import shown_path
 
-    source = f"{shown_path(cfg.path, base_dir)} split {cfg.split}"
+    mixture = getattr(cfg, "mixture", None)
+    if mixture:
+        source = "mixture of " + ", ".join(f"{shown_path(m.path, base_dir)} split {m.split}" for m in mixture)
+    else:
+        source = f"{shown_path(cfg.path, base_dir)} split {cfg.split}"
     return {"source": source, "path": cfg.path, "split": cfg.split, "rows": rows}
 
 
@@ -130,9 +151,10 @@ def load_rows(cfg, kinds: tuple[str, ...], tokenizer, base_dir, what: str):
     found = None
     for kind in kinds:
         try:
-            data, _ = load_for_recipe(SimpleNamespace(dataset=cfg), kind, tokenizer, log=_log, base_dir=base_dir)
+            recipe = SimpleNamespace(dataset=cfg, algorithm="aligntool eval", train=SimpleNamespace(max_steps=None))
+            data, _ = load_for_recipe(recipe, kind, tokenizer, log=_log, base_dir=base_dir)
         except UserError as exc:
-            if _SHAPE not in str(exc):
+            if not _shape_error(str(exc)):
                 raise
             found = str(exc).rpartition("found: ")[2] if "found: " in str(exc) else found
             continue
