@@ -224,6 +224,7 @@ def evaluate_generation(model: str, reference: str | None, cfg, reward_cfg, base
     if reward_cfg.judge and not reference:
         raise UserError("reward.judge: a pairwise judge compares two completions; give --reference to compare the "
                         "model's samples with the reference's (or a reward source that scores one completion)")
+    scorer = None if reward_cfg.judge else rewards.load(reward_cfg)  # a bad reward model fails before sampling
     policy, tokenizer = _load_lm(model, "--model")
     data, kind = load_rows(cfg, ("prompt", "preference", "language_modeling"), tokenizer, base_dir,
                            "generation needs prompts: a prompt column, preference pairs (chosen/rejected, the prompt "
@@ -250,12 +251,12 @@ def evaluate_generation(model: str, reference: str | None, cfg, reward_cfg, base
         result["note"] = (f"{cut} of {len(prompts)} prompts exceed {limit} tokens (the model's context less "
                           f"--max-new-tokens): their first tokens were cut, the end kept")
     scores = None
-    if not reward_cfg.judge:
-        scores = rewards.load(reward_cfg)(prompts, texts, **cols)
+    if scorer is not None:
+        scores = scorer(prompts, texts, **cols)
         result["reward"], result["reward_stderr"] = _mean_stderr(scores)
     if reference:
-        result.update(_against_reference(reference, reward_cfg, tokenizer, policy, prompts, prompt_ids, texts, ids,
-                                         scores, cols, max_new_tokens, temperature, batch_size, seed))
+        result.update(_against_reference(reference, reward_cfg, scorer, tokenizer, policy, prompts, prompt_ids,
+                                         texts, ids, scores, cols, max_new_tokens, temperature, batch_size, seed))
     result["samples"] = [{"prompt": p, "completion": t, **({"reward": s} if scores else {})}
                          for p, t, s in list(zip(prompts, texts, scores or [None] * len(texts)))[:3]]
     return result
@@ -271,9 +272,8 @@ def _reward_name(cfg) -> str:
     return cfg.function or cfg.source
 
 
-def _against_reference(reference, reward_cfg, tokenizer, policy, prompts, prompt_ids, texts, ids, scores, cols,
+def _against_reference(reference, reward_cfg, scorer, tokenizer, policy, prompts, prompt_ids, texts, ids, scores, cols,
                        max_new_tokens, temperature, batch_size, seed) -> dict:
-    from aligntool import rewards
     from aligntool.eval.toy import _load_lm
     from aligntool.sampling import sequence_logprobs
 
@@ -290,7 +290,7 @@ def _against_reference(reference, reward_cfg, tokenizer, policy, prompts, prompt
 
         wins = PreferenceSource(reward_cfg).probabilities(prompts, texts, ref_texts)
     else:
-        ref_scores = rewards.load(reward_cfg)(prompts, ref_texts, **cols)
+        ref_scores = scorer(prompts, ref_texts, **cols)
         out["reference_reward"], out["reference_reward_stderr"] = _mean_stderr(ref_scores)
         gain = _gain(scores, ref_scores)
         out.update(reward_gain=gain["gain"], reward_gain_stderr=gain["gain_stderr"],
