@@ -186,9 +186,12 @@ def _print_result(model: str, result: dict) -> None:
 
     data = result.get("data") or {}
     rows = f" ({data['rows']} rows)" if data.get("rows") is not None else ""
-    table = Table(title=f"aligntool eval: {model}\ndata: {data.get('source', '?')}{rows}")
+    print(f"data: {data.get('source', '?')}{rows}")  # whole, on one line, whatever the terminal's width
+    table = Table(title=f"aligntool eval: {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_row("data", str(data.get("source", "?")))
+    table.add_row("data_rows", str(data.get("rows")))
     for key, value in result.items():
         if key in ("data", "samples", "note"):
             continue
