@@ -163,28 +163,54 @@ def evaluate(
     reference: Optional[str] = typer.Option(None, "--reference",
                                             help="Reference model for KL and win rate, or for the gains on "
                                                  "arithmetic ('tiny' ok)."),
-    task: str = typer.Option("reviews", "--task", help="reviews: gold reward, KL, win rate on the toy world; "
+    task: str = typer.Option("reviews", "--task", help="Toy world: reviews: gold reward, KL, win rate; "
                              "arithmetic: greedy accuracy and pass@k on held-out toy addition questions."),
+    data: Optional[str] = typer.Option(None, "--data", help="The user's data instead of the toy world (a file, "
+                                       "folder, glob or hub id, as dataset.path): prompts (generation, with a reward "
+                                       "source), preference pairs (a reward model) or SFT rows (perplexity)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of --data, with slices (test[:200])."),
+    data_opt: Optional[List[str]] = typer.Option(None, "--data-opt", help="KEY=VALUE: any field of a recipe's "
+                                                 "dataset section for --data (repeatable), e.g. max_samples=50."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Take the data (dataset: its eval_path "
+                                         "first) and the reward source (reward:) from this recipe."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Score generations on --data with "
+                                               "this reward-model folder."),
+    reward_fn: Optional[str] = typer.Option(None, "--reward-fn", help="Score generations on --data with "
+                                            "module:function (fn(prompts, completions, **columns))."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated: "
+                                        "names (hellaswag,gsm8k) or task YAML files."),
+    include_path: Optional[List[str]] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAMLs "
+                                                     "(repeatable)."),
+    backend: str = typer.Option("hf", "--backend", help="lm-eval backend: hf, or vllm where vLLM is installed."),
+    limit: Optional[float] = typer.Option(None, "--limit", min=0, help="lm-eval: examples per task (< 1: a "
+                                          "fraction)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="lm-eval: few-shot examples."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", min=1,
-                                              help="Held-out toy prompts (or pairs, for reward models); default 128, "
-                                                   "all held-out questions for arithmetic."),
+                                              help="Prompts (pairs, rows) to evaluate; toy default 128 (all held-out "
+                                                   "questions for arithmetic), --data default all."),
     samples: int = typer.Option(8, "--samples", min=1, help="arithmetic: sampled completions per question."),
     pass_k: Optional[str] = typer.Option(None, "--pass-k", help="arithmetic: the k of pass@k, comma-separated, "
                                          "each <= --samples; default 1,4,8 (those <= --samples) and --samples."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
-                                                 help="Default 48 (reviews), 8 (arithmetic)."),
+                                                 help="Default 48 (reviews, --data), 8 (arithmetic)."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
     revise: int = typer.Option(0, "--revise", min=0, help="Self-revision steps (SRPO) applied before scoring."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON to this file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out file if it exists."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
-    """Score a model on the toy world: gold reward (+ KL, win rate vs a reference), or a reward model's accuracy;
-    with --task arithmetic, greedy accuracy and pass@k on held-out addition questions."""
+    """Score a model: on the toy world (default), on the user's data (--data / --recipe: generations scored by a
+    reward source, a reward model's pairwise accuracy, or perplexity), or on lm-eval tasks (--tasks); docs/EVAL.md."""
     _DEBUG["on"] = _DEBUG["on"] or debug
     commands.evaluate(model, reference, task, num_prompts, samples, pass_k, max_new_tokens, temperature, batch_size,
-                      seed, revise, as_json)
+                      seed, revise, as_json, user=dict(
+                          data=data, split=split, data_opt=list(data_opt or []), recipe=recipe,
+                          reward_model=reward_model, reward_fn=reward_fn, tasks=tasks,
+                          include_path=list(include_path or []), backend=backend, limit=limit,
+                          num_fewshot=num_fewshot, out=out, overwrite=overwrite))
 
 
 @app.command()

@@ -69,15 +69,38 @@ def unpack(packed_dir: Path, out: Path, overwrite: bool) -> None:
 
 def evaluate(model: str, reference: str | None, task: str, num_prompts: int | None, samples: int,
              pass_k: str | None, max_new_tokens: int | None, temperature: float, batch_size: int, seed: int,
-             revise: int, as_json: bool) -> None:
+             revise: int, as_json: bool, user: dict | None = None) -> None:
+    """``aligntool eval``: the toy world (default), the user's data (``--data`` / ``--recipe``) or lm-eval tasks
+    (``--tasks``); ``user`` holds the options of the last two (see cli.py)."""
     from aligntool.eval import toy as toy_eval
 
+    user = user or {}
     if task not in toy_eval.TASKS:
         raise UserError(f"--task: expected one of {', '.join(toy_eval.TASKS)}, got {task!r}")
+    _check_eval_options(task, revise, user)
+    out = user.get("out")
+    if out is not None:
+        out = Path(out).expanduser()
+        if out.is_dir():
+            raise UserError(f"--out: {out} is a folder; give a file to write the JSON result to")
+        if out.exists() and not user.get("overwrite"):
+            raise UserError(f"--out: {out} already exists; pass --overwrite to replace it, or choose another file")
     _not_packed(model, "--model")
     if reference is not None:
         _not_packed(reference, "--reference")
-    if task == "arithmetic":
+    if user.get("tasks"):
+        from aligntool.eval.harness import run_tasks
+
+        if reference:
+            raise UserError("--reference: applies to the toy world and --data; with --tasks evaluate each model in "
+                            "its own call")
+        if num_prompts:
+            raise UserError("--num-prompts: with --tasks, lm-eval's --limit sets the examples per task")
+        result = run_tasks(model, user["tasks"], user.get("include_path") or [], user.get("backend", "hf"),
+                           user.get("limit"), user.get("num_fewshot"), batch_size, seed)
+    elif user.get("data") or user.get("recipe"):
+        result = _evaluate_user(model, reference, num_prompts, max_new_tokens, temperature, batch_size, seed, user)
+    elif task == "arithmetic":
         if revise:
             raise UserError("--revise: applies to --task reviews only")
         ks = toy_eval.parse_pass_k(pass_k, samples) if pass_k is not None else toy_eval.default_pass_k(samples)
@@ -89,18 +112,101 @@ def evaluate(model: str, reference: str | None, task: str, num_prompts: int | No
         result = toy_eval.evaluate(model, reference=reference, num_prompts=num_prompts or 128,
                                    max_new_tokens=max_new_tokens or 48, temperature=temperature,
                                    batch_size=batch_size, seed=seed, revise=revise)
+    if out is not None:
+        from aligntool.outputs import write_atomic
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps(result, indent=1) + "\n")
     if as_json:
         print(json.dumps(result))
         return
+    _print_result(model, result)
+
+
+def _check_eval_options(task: str, revise: int, user: dict) -> None:
+    """Options that do not go together, one line each (before anything loads)."""
+    data = user.get("data") or user.get("recipe")
+    data_keys = [opt for k, opt in (("data", "--data"), ("recipe", "--recipe"), ("split", "--split"),
+                                    ("data_opt", "--data-opt")) if user.get(k)]
+    reward_keys = [opt for k, opt in (("reward_model", "--reward-model"), ("reward_fn", "--reward-fn")) if user.get(k)]
+    if user.get("tasks"):
+        given = data_keys + reward_keys
+        if given:
+            raise UserError(f"--tasks: runs lm-eval's own tasks on their own data; {' and '.join(given)} appl"
+                            f"{'ies' if len(given) == 1 else 'y'} to evaluation on the user's data (a separate call)")
+        if task == "arithmetic" or revise:
+            raise UserError("--tasks: the toy options --task and --revise do not apply to lm-eval tasks")
+        return
+    lm_eval_opts = [opt for k, opt in (("include_path", "--include-path"), ("limit", "--limit"),
+                                       ("num_fewshot", "--num-fewshot")) if user.get(k) not in (None, [])]
+    if user.get("backend", "hf") != "hf":
+        lm_eval_opts.append("--backend")
+    if lm_eval_opts:
+        raise UserError(f"{lm_eval_opts[0]}: applies to lm-eval tasks (--tasks) only")
+    if reward_keys and not data:
+        raise UserError(f"{reward_keys[0]}: scores generations on the user's data; give --data (the toy world is "
+                        "scored by its gold reward)")
+    if not data and data_keys:
+        raise UserError(f"{data_keys[0]}: applies with --data or --recipe")
+    if data and (task == "arithmetic" or revise):
+        raise UserError(f"{'--task arithmetic' if task == 'arithmetic' else '--revise'}: a toy-world evaluation; "
+                        "it does not apply to --data / --recipe")
+
+
+def _evaluate_user(model: str, reference: str | None, num_prompts: int | None, max_new_tokens: int | None,
+                   temperature: float, batch_size: int, seed: int, user: dict) -> dict:
+    """``--data`` / ``--recipe``: generation scored by a reward source, a reward model's pairs, or perplexity."""
+    from aligntool import models
+    from aligntool.eval import likelihood
+    from aligntool.eval import user as user_eval
+    from aligntool.rewards import is_reward_model
+
+    cfg, recipe_reward, base_dir = user_eval.data_source(user.get("data"), user.get("split"),
+                                                         user.get("data_opt") or [], user.get("recipe"))
+    path = models.resolve(model, key="--model", log=lambda m: None)
+    if is_reward_model(path):
+        given = [o for k, o in (("reward_model", "--reward-model"), ("reward_fn", "--reward-fn")) if user.get(k)]
+        if given:
+            raise UserError(f"{given[0]}: scores a causal LM's generations; --model is a reward model, evaluated by "
+                            "its own scores on preference pairs")
+        if reference:
+            raise UserError("--reference: applies to language models only; --model is a reward model")
+        return user_eval.evaluate_pairs(path, cfg, base_dir, num_prompts, batch_size)
+    reward = user_eval.reward_config(user.get("reward_model"), user.get("reward_fn"), recipe_reward)
+    if reward is None:
+        return likelihood.evaluate_likelihood(path, reference, cfg, base_dir, num_prompts, batch_size)
+    return user_eval.evaluate_generation(path, reference, cfg, reward, base_dir, num_prompts, max_new_tokens or 48,
+                                         temperature, batch_size, seed)
+
+
+def _print_result(model: str, result: dict) -> None:
+    """A table: its title names the model and what it was measured on (the ``data`` field)."""
     from rich.console import Console
     from rich.table import Table
 
+    data = result.get("data") or {}
+    rows = f" ({data['rows']} rows)" if data.get("rows") is not None else ""
+    print(f"data: {data.get('source', '?')}{rows}")  # whole, on one line, whatever the terminal's width
     table = Table(title=f"aligntool eval: {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_row("data", str(data.get("source", "?")))
+    table.add_row("data_rows", str(data.get("rows")))
     for key, value in result.items():
+        if key in ("data", "samples", "note"):
+            continue
+        if key == "tasks":
+            for name, metrics in value.items():
+                for metric, v in metrics.items():
+                    table.add_row(f"{name} {metric}", f"{v:.4f}" if isinstance(v, float) else str(v))
+            continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    for row in result.get("samples") or []:
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+        print(f"sample: ...{row['prompt'][-60:]!r} -> {row['completion'][:100]!r} {rest}")
 
 
 def _not_packed(path: str, option: str) -> None:

@@ -59,7 +59,9 @@ def evaluate_reward_model(path: str, num_pairs: int, batch_size: int, seed: int)
     rejected = score(prompts, [r["rejected"] for r in pairs])
     correct = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
     acc, err = _mean_stderr(correct)
-    return {"model": path, "kind": "reward_model", "num_pairs": len(pairs), "pairwise_accuracy": acc,
+    data = {"source": f"toy world preference pairs (held-out, labelled by the gold reward, seed {seed + 1000}), "
+            "not the user's data", "rows": len(pairs)}
+    return {"model": path, "kind": "reward_model", "data": data, "num_pairs": len(pairs), "pairwise_accuracy": acc,
             "pairwise_accuracy_stderr": err, "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
 
 
@@ -107,7 +109,9 @@ def evaluate(model: str, reference: str | None = None, num_prompts: int = 128, m
                                 seed + 7 * (step + 1))
     rewards = [world.gold_reward(t) for t in texts]
     mean, err = _mean_stderr(rewards)
-    result = {"model": path, "kind": "causal_lm", "num_prompts": len(prompts), "revision_steps": revise,
+    result = {"model": path, "kind": "causal_lm",
+              "data": {"source": f"toy world (held-out prompts, seed {seed})", "rows": len(prompts)},
+              "num_prompts": len(prompts), "revision_steps": revise,
               "gold_reward": mean, "gold_reward_stderr": err, "mean_length_tokens": sum(map(len, ids)) / len(ids)}
     if reference:
         ref, ref_tok = _load_lm(reference, "--reference")
@@ -187,7 +191,9 @@ def evaluate_arithmetic(model: str, reference: str | None = None, num_prompts: i
     policy, tokenizer = _load_lm(model, "--model")
     scores, greedy = arithmetic_scores(policy, tokenizer, questions, samples, ks, max_new_tokens, temperature,
                                        batch_size, seed)
-    result = {"model": path, "kind": "causal_lm", "task": "arithmetic", "num_questions": len(questions),
+    result = {"model": path, "kind": "causal_lm", "task": "arithmetic",
+              "data": {"source": f"toy arithmetic (held-out questions, seed {seed})", "rows": len(questions)},
+              "num_questions": len(questions),
               "samples_per_question": samples, "temperature": temperature}
     for name, values in scores.items():
         result[name], result[f"{name}_stderr"] = _mean_stderr(values)
