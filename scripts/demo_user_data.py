@@ -82,7 +82,8 @@ def table(rm: dict, gen: dict) -> str:
     ]
     width = max(len(r[0]) for r in rows)
     data = gen.get("data", {})
-    head = f"held-out: {data.get('rows', '?')} prompts / {rm.get('data', {}).get('rows', '?')} pairs of HH-RLHF rows [700, 800)"
+    rows_rm = rm.get("data", {}).get("rows", "?")
+    head = f"held-out: {data.get('rows', '?')} prompts / {rows_rm} pairs of HH-RLHF rows [700, 800)"
     return "\n".join([head] + [f"{name:<{width}}  {value}" for name, value in rows])
 
 

@@ -157,11 +157,12 @@ def _bad(kind, limit, integer):
 
 
 def _models():
-    from aligntool.recipe import schema
+    from aligntool.recipe import dataset, schema
 
     out = {f"algo:{name}": spec.load().AlgoConfig for name, spec in registry.ALGORITHMS.items()}
-    for cls in vars(schema).values():
-        if isinstance(cls, type) and hasattr(cls, "model_fields") and cls.__module__ == schema.__name__:
+    for cls in vars(schema).values():  # the schema's own classes and the dataset section's (recipe/dataset.py)
+        if isinstance(cls, type) and hasattr(cls, "model_fields") and cls.__module__ in (schema.__name__,
+                                                                                           dataset.__name__):
             out[cls.__name__] = cls
     return out
 
