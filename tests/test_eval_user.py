@@ -286,7 +286,8 @@ def test_messages_score_the_assistant_turns_only(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
-def test_bad_input(capsys, tmp_path, models_dir):
+def test_bad_input(capsys, tmp_path, models_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(models_dir))  # evalrewards.py: the test must not rely on another having run first
     sft = tmp_path / "sft.jsonl"
     sft.write_text(json.dumps({"text": "a review"}) + "\n")
     gsm = tmp_path / "gsm.jsonl"
