@@ -52,11 +52,17 @@ def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
     pairs = read_jsonl(tmp_path / "pairs.jsonl")
     assert summary["pairs"] == len(pairs) and 0 < len(pairs) <= 12 * 2  # first-round: num_samples/2 pairs per prompt
     assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    # completions.jsonl: the first train.num_completions_to_log (8) selected pairs, tagged with the stage, step 0
+    logged = read_jsonl(tmp_path / "completions.jsonl")
+    assert logged == [{"step": 0, "stage": "rso/pairs", **p} for p in pairs[:8]]
     stamp = (tmp_path / "candidates.jsonl").stat().st_mtime_ns
     # select+train
     train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.pairing=tournament"]), overwrite=True)
     assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns == stamp
     assert len(read_jsonl(tmp_path / "pairs.jsonl")) > len(pairs) / 2
+    # --overwrite started the file over; the reselected pairs were logged (the reused samples were not)
+    assert read_jsonl(tmp_path / "completions.jsonl") == [
+        {"step": 0, "stage": "rso/pairs", **p} for p in read_jsonl(tmp_path / "pairs.jsonl")[:8]]
     train(load_recipe(REPO / "recipes" / "rso.yaml", [*args, "algo.start_from=sample"]), overwrite=True)
     assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns != stamp
 
@@ -88,9 +94,15 @@ def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
     expected = sum(((r["p_chosen"] - 0.5) ** 2 + (r["p_rejected"] - 0.5) ** 2) / (2 * beta**2)
                    for r in rows1) / len(rows1)
     assert first1["loss"] == pytest.approx(expected, rel=1e-4)
+    # completions.jsonl: each iteration's first train.num_completions_to_log (8) pairs, at its step
+    logged = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(line) for line in (tmp_path / "iter-2" / "samples.jsonl").read_text().splitlines()]
+    assert logged == ([{"step": 1, "stage": "sppo/iter-1", **r} for r in rows1[:8]]
+                      + [{"step": 2, "stage": "sppo/iter-2", **r} for r in rows2[:8]])
     (tmp_path / "summary.json").unlink()  # as if cut after the last iteration
     again = train(load_recipe(REPO / "recipes" / "sppo.yaml", args), resume=True)  # both iterations are done
     assert again["per_iteration"] == []
+    assert (tmp_path / "completions.jsonl").read_text().count("\n") == len(logged)  # nothing logged twice
 
 
 def test_eval_with_self_revision(tmp_path, tiny_path):

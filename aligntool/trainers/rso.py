@@ -79,7 +79,7 @@ def pipeline(run) -> dict:
     folder = run.output_dir
     prompts = list(dict.fromkeys(run.train_dataset["prompt"]))  # unique, in order
     force = {s: cfg.start_from != "auto" and STAGES.index(s) >= STAGES.index(cfg.start_from) for s in STAGES}
-    from aligntool.trainers.base.stages import cached_stage
+    from aligntool.trainers.base.stages import cached_stage, note_completions
 
     sample_settings = {"model": run.model_path, "prompts": prompts, "n": cfg.num_candidates, "t": cfg.temperature,
                        "k": cfg.top_k, "len": cfg.max_new_tokens, "seed": cfg.seed,
@@ -114,8 +114,9 @@ def pipeline(run) -> dict:
 
     def do_select():
         rng = random.Random(cfg.seed)
-        return [pair for row in scored
-                for pair in select_pairs(row["prompt"], row["candidates"], row["rewards"], cfg, rng)]
+        return note_completions(run, [pair for row in scored for pair in
+                                      select_pairs(row["prompt"], row["candidates"], row["rewards"], cfg, rng)],
+                                0, "rso/pairs")
 
     redo = force["select"] or force["score"] or force["sample"]
     pairs = cached_stage(folder, "pairs", select_settings, do_select, redo, log)

@@ -61,6 +61,17 @@ def sample_groups(run, policy_path: str, prompts: list[str], k: int, cfg, seed: 
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
+def note_completions(run, rows: list[dict], step: int, stage: str) -> list[dict]:
+    """``completions.jsonl``: the first ``train.num_completions_to_log`` pairs a pipeline sampled and selected (prompt,
+    chosen, rejected and their scores or preference probability), tagged with the ``stage`` and ``step`` (the
+    iteration; 0 before training), written when the stage is computed (a reused stage was written when it ran);
+    returns ``rows``."""
+    from aligntool.outputs import append_completions
+
+    append_completions(run.output_dir, step, rows[: run.recipe.train.num_completions_to_log], stage=stage)
+    return rows
+
+
 def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_trainer) -> dict:
     """Iterative self-play (SPPO, INPO): for t = 1..T on a disjoint part of the prompts, rows from the current iterate
     (``make_rows(t, policy_path, prompts)``, cached as ``iter-t/samples.jsonl``), then ``make_trainer(stage)`` trains
@@ -84,7 +95,8 @@ def iterate(run, name: str, iterations: int, settings: dict, make_rows, make_tra
             continue
         part = prompts[t - 1 :: iterations]
         rows = cached_stage(stage.output_dir, "samples", {"policy": policy_path, "prompts": part, **settings},
-                            lambda: make_rows(t, policy_path, part), log=log)
+                            lambda: note_completions(run, make_rows(t, policy_path, part), t, f"{name}/iter-{t}"),
+                            log=log)
         if not rows:
             raise UserError(f"{name}: iteration {t}: no prompt gave a preference pair (its samples all tied under "
                             "the reward source)")
