@@ -98,7 +98,7 @@ MUTATIONS: list[Mutation] = [
       "label_smoothing: float = Field(0.0, ge=0, le=0.5,", "online DPO label_smoothing 0.5 accepted"),
     M("recipe", "aligntool/recipe/base.py", "\"top_p\": (float, Field(top_p, gt=0, le=1,",
       "\"top_p\": (float, Field(top_p, gt=0,", "sampling top_p > 1 accepted"),
-    M("recipe", "aligntool/recipe/schema.py", "0.0, ge=0, lt=1, description=\"Without an eval set",
+    M("recipe", "aligntool/recipe/dataset.py", "0.0, ge=0, lt=1, description=\"Without an eval set",
       "0.0, ge=0, le=1, description=\"Without an eval set", "eval_fraction 1 accepted"),
     M("recipe", "aligntool/online/reinforce_pp.py",
       "if self.baseline == \"group\" and self.samples_per_prompt < 2:",
