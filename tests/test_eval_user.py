@@ -104,6 +104,33 @@ def test_recipe_reward_function_gets_the_columns_on_the_eval_file(capsys, tmp_pa
     assert r["reward_source"] == "evalrewards:final_answer"
 
 
+def test_recipe_eval_sets_are_the_rows_training_held_out(capsys, tmp_path, monkeypatch):
+    """--recipe without a held-out file: the rows its dataset.eval_fraction held out (not all the training rows);
+    with eval_path a folder of train and test files and eval_split left at 'test': the test file (a folder or hub id
+    has its own splits: never the split the model trained on). Perplexity mode (no reward source): cheap."""
+    import datasets
+
+    rows = [{"prompt": f"Review {i}:", "completion": f" nice {i} ."} for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("algorithm: sft\nmodel: {name_or_path: tiny}\n"
+                      "dataset: {path: train.jsonl, eval_fraction: 0.25, toy: {seed: 3}}\n")
+    r = run_json(capsys, ["--model", "tiny", "--recipe", str(recipe)])
+    held = datasets.Dataset.from_list(rows).train_test_split(test_size=5, seed=3, shuffle=True)["test"]
+    assert r["num_rows"] == 5 == r["data"]["rows"] and "held out for evaluation" in r["data"]["source"]
+    # the same figures as --data on a file of exactly those rows (datasets' own seeded split, computed here)
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held))
+    direct = run_json(capsys, ["--model", "tiny", "--data", str(tmp_path / "held.jsonl")])
+    assert (r["num_tokens"], r["nll_per_token"]) == (direct["num_tokens"], pytest.approx(direct["nll_per_token"]))
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    recipe.write_text("algorithm: sft\nmodel: {name_or_path: tiny}\ndataset: {path: splits, eval_path: splits}\n")
+    r = run_json(capsys, ["--model", "tiny", "--recipe", str(recipe)])
+    assert r["data"]["split"] == "test" and r["num_rows"] == 3
+
+
 def test_reference_win_rate_kl_and_paired_gain(capsys, tmp_path, models_dir, monkeypatch):
     """--data prompts + --reward-fn + --reference, greedy: the win rate (ties 1/2) and paired gain from the scores the
     function returned for each side, and the KL estimate from our own forward passes of both models."""

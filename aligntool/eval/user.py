@@ -71,14 +71,17 @@ def _eval_as_path(fields: dict, base_dir) -> None:
     """The recipe's held-out source as the one to read, as training reads it: an eval file with eval_split at its
     default is read whole; the training source's hub config and files (``name``, ``data_files``) do not apply to a
     local eval file; a training mixture does not apply at all."""
-    from aligntool.data import local_candidates
+    from aligntool.data import GLOB_CHARS, local_candidates
     from aligntool.recipe.schema import DatasetConfig
 
     defaults = DatasetConfig.model_fields
     whole = fields["eval_split"] == defaults["eval_split"].default
     fields["path"] = fields["eval_path"]
-    fields["split"] = defaults["split"].default if whole else fields["eval_split"]
     local = any(c.is_file() for c in local_candidates(fields["path"], base_dir))
+    files = local or any(ch in fields["path"] for ch in GLOB_CHARS)
+    # a file or a glob has one split, read whole when eval_split is left at its default; a hub id or a folder has
+    # its own splits, and training reads eval_split ('test') there: never the split the model trained on
+    fields["split"] = defaults["split"].default if whole and files else fields["eval_split"]
     fields.update({k: None for k in ("mixture", "mixture_size") + (("name", "data_files") if local else ())
                    if k in fields})
 
@@ -95,9 +98,12 @@ def data_source(data: str | None, split: str | None, opts: list[str], recipe: st
         loaded = load_recipe(recipe, list(overrides))
         base_dir, reward = loaded.base_dir, loaded.recipe.reward
         fields = loaded.recipe.dataset.model_dump(exclude_unset=False)
-        if fields.get("eval_path"):
+        held_out = bool(fields.get("eval_path"))
+        if held_out:
             _eval_as_path(fields, base_dir)
-        fields.update(eval_path=None, eval_fraction=0.0, unpaired_from_pairs=False)
+        # without an eval_path, the recipe's eval_fraction holds out the same rows training held out (load_rows)
+        fields.update(eval_path=None, unpaired_from_pairs=False,
+                      **({"eval_fraction": 0.0} if held_out or data is not None else {}))
         fields.update({k: False for k in ("streaming",) if k in fields})
     if data is not None:
         fields["path"] = data
@@ -133,6 +139,8 @@ def describe(cfg, rows: int, base_dir) -> dict:
         source = "mixture of " + ", ".join(f"{shown_path(m.path, base_dir)} split {m.split}" for m in mixture)
     else:
         source = f"{shown_path(cfg.path, base_dir)} split {cfg.split}"
+    if getattr(cfg, "eval_fraction", 0):
+        source += f", the {cfg.eval_fraction:g} held out for evaluation (dataset.eval_fraction, seed {cfg.toy.seed})"
     return {"source": source, "path": cfg.path, "split": cfg.split, "rows": rows}
 
 
@@ -152,7 +160,9 @@ def load_rows(cfg, kinds: tuple[str, ...], tokenizer, base_dir, what: str):
     for kind in kinds:
         try:
             recipe = SimpleNamespace(dataset=cfg, algorithm="aligntool eval", train=SimpleNamespace(max_steps=None))
-            data, _ = load_for_recipe(recipe, kind, tokenizer, log=_log, base_dir=base_dir)
+            data, held_out = load_for_recipe(recipe, kind, tokenizer, log=_log, base_dir=base_dir)
+            if cfg.eval_fraction and held_out is not None:  # the rows training held out (same seed, same rows)
+                data = held_out
         except UserError as exc:
             if not _shape_error(str(exc)):
                 raise
