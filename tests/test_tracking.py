@@ -146,7 +146,8 @@ def test_online_method_reports_to_every_tracker_evaluates_and_samples(tmp_path, 
     out = run_cli(tmp_path, "reinforce_pp", "train.max_steps=3", "train.per_device_train_batch_size=2",
                   "algo.num_minibatches=1", "algo.max_new_tokens=8", "dataset.toy.size=16",
                   "dataset.eval_fraction=0.25", "train.eval_steps=2", "train.logging_steps=1",
-                  "train.completions_steps=2", "train.num_completions_to_log=3", "train.seed=3")
+                  "train.completions_steps=2", "train.num_completions_to_log=3", "train.seed=3",
+                  "train.per_device_eval_batch_size=3")
     rows = jsonl(out / "metrics.jsonl")
     train_rows = [r for r in rows if "reward" in r]
     eval_rows = [r for r in rows if "eval_reward" in r]
@@ -158,8 +159,11 @@ def test_online_method_reports_to_every_tracker_evaluates_and_samples(tmp_path, 
 
     # the evaluation: one sample per held-out prompt, scored by the reward source; recomputed from its calls
     calls = jsonl(tmp_path / "calls.jsonl")
-    evals = [c for c in calls if len(c[0]) == 4]  # training calls score 2 rows each (the batch), evaluations 4
-    assert len(evals) == 2 and len(calls) == 3 + 2
+    # training calls score 2 rows each (the batch); an evaluation scores its 4 prompts in chunks of 3 and 1
+    # (per_device_eval_batch_size: the memory bound), each chunk one call
+    chunks = [c for c in calls if len(c[0]) != 2]
+    assert [len(c[0]) for c in chunks] == [3, 1, 3, 1] and len(calls) == 3 + 4
+    evals = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(chunks[::2], chunks[1::2])]
     for call, row in zip(evals, eval_rows):
         values = [vowels(c) for c in call[1]]
         mean = sum(values) / 4

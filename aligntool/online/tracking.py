@@ -187,22 +187,27 @@ class Tracking:
         n, per = len(self.eval_prompts), -(-len(self.eval_prompts) // self.world)
         mine = list(range(self.rank * per, min(n, (self.rank + 1) * per)))
         rows = mine + [mine[-1] if mine else n - 1] * (per - len(mine))
-        prompts = [self.eval_prompts[i] for i in rows]
-        self._eval_seeds = [EVAL_SEED + (self.args.seed or 0) * 1_000_003 + 2 * i for i in rows]
-        ro = self.samples(prompts, ["sample"], seeds=self._eval_seeds)[0]
-        logp, _ = self.policy_logprobs(ro)
-        kl = ((logp - self.ref_logprobs(ro)) * ro.mask).sum(-1).tolist()
-        scored = self._eval_scores(prompts, ro)
-        values = [(i, kl[j], scored[1][j] if scored else None, int(ro.mask[j].sum())) for j, i in
-                  enumerate(rows[: len(mine)])]
+        seeds = [EVAL_SEED + (self.args.seed or 0) * 1_000_003 + 2 * i for i in rows]
+        size = self.args.per_device_eval_batch_size or per  # chunks bound the memory; every rank runs as many
+        kl, scores, lengths, name = [], [], [], None
+        for start in range(0, per, size):
+            prompts = [self.eval_prompts[i] for i in rows[start:start + size]]
+            self._eval_seeds = seeds[start:start + size]
+            ro = self.samples(prompts, ["sample"], seeds=self._eval_seeds)[0]
+            logp, _ = self.policy_logprobs(ro)
+            kl += ((logp - self.ref_logprobs(ro)) * ro.mask).sum(-1).tolist()
+            lengths += ro.mask.sum(-1).tolist()
+            scored = self._eval_scores(prompts, ro)
+            name, scores = (scored[0], scores + scored[1]) if scored else (None, scores)
+        values = [(i, kl[j], scores[j] if name else None, int(lengths[j])) for j, i in enumerate(rows[: len(mine)])]
         if self.world > 1:
             from accelerate.utils import gather_object
 
             values = gather_object(values)
         values = sorted(dict((v[0], v) for v in values).values())
         out = {"eval_num_prompts": len(values)}
-        if scored:
-            out[f"eval_{scored[0]}"], out[f"eval_{scored[0]}_stderr"] = mean_stderr([v[2] for v in values])
+        if name:
+            out[f"eval_{name}"], out[f"eval_{name}_stderr"] = mean_stderr([v[2] for v in values])
         out["eval_kl"], out["eval_kl_stderr"] = mean_stderr([v[1] for v in values])
         out["eval_completions/mean_length"] = sum(v[3] for v in values) / len(values)
         self._last_eval = self.state["iteration"]
