@@ -70,6 +70,19 @@ def test_without_mixture_size_the_source_that_runs_out_first_sets_the_total_and_
     assert any("taken 2.50 times: rows repeat" in m for m in logs)
 
 
+def test_fractions_never_give_more_rows_than_mixture_size(tmp_path):
+    """Fractions 0.5 + 0.5 of 3 rows: 1.5 each; rounding each up gave 4 rows. Largest remainder: 3 in all (2 + 1);
+    fractions summing below 1 give their share of the total (0.3 + 0.3 of 5: 3 rows)."""
+    from aligntool.data.mixture import counts
+
+    a, b = _pairs(tmp_path / "a.jsonl", "A", 10), _pairs(tmp_path / "b.jsonl", "B", 10)
+    train, _, _ = _mixture(tmp_path, f"dataset.mixture=[{{path: {a}, fraction: 0.5}}, {{path: {b}, fraction: 0.5}}]",
+                           "dataset.mixture_size=3")
+    assert len(train) == 3 and sorted(_sources(train).values()) == [1, 2]
+    assert sum(counts([10, 10], [0.3, 0.3], 5, normalised=False)[1]) == 3
+    assert counts([10, 10, 10], [0.2, 0.2, 0.2], 10, normalised=False)[1] == [2, 2, 2]
+
+
 def test_sources_in_different_published_formats_mix_and_an_eval_set_still_works(tmp_path):
     b = _pairs(tmp_path / "b.jsonl", "B", 50)
     mixture = (f"dataset.mixture=[{{path: {HH_GZ}, format: hh-rlhf, split: 'train[:60]', weight: 1}}, "

@@ -29,10 +29,11 @@ def counts(sizes: list[int], share: list[float], total: int | None, normalised: 
     if total is None:
         total = math.floor(min(n / p for n, p in zip(sizes, share)) + 1e-9)
     exact = [p * total for p in share]
-    rows = [math.floor(x + 1e-9) for x in exact] if normalised else [round(x) for x in exact]
-    if normalised:  # largest remainder: the counts sum to the total
-        for i in sorted(range(len(rows)), key=lambda i: rows[i] - exact[i])[:total - sum(rows)]:
-            rows[i] += 1
+    rows = [math.floor(x + 1e-9) for x in exact]
+    # largest remainder: the counts sum to the total (weights), or to the fractions' share of it, never more
+    target = total if normalised else min(total, round(sum(exact)))
+    for i in sorted(range(len(rows)), key=lambda i: rows[i] - exact[i])[:max(0, target - sum(rows))]:
+        rows[i] += 1
     return total, rows
 
 
