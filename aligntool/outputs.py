@@ -342,7 +342,8 @@ def clear_previous_run(out: Path) -> None:
     old model (weights, configs, a LoRA run's ``merged_base``) -- so that nothing of the old run can be resumed from or
     mistaken for the new one. Stage files of pipelines
     (``stages.json`` and the ``*.jsonl`` it lists) stay: each is reused only when its settings hash still matches."""
-    for name in ("summary.json", "metrics.jsonl", COMPLETIONS_FILE, "compression_report.json", *MODEL_FILES):
+    for name in ("summary.json", "metrics.jsonl", COMPLETIONS_FILE, MIXTURE_FILE, "compression_report.json",
+                 *MODEL_FILES):
         (out / name).unlink(missing_ok=True)
     for pattern in ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin"):
         for file in out.glob(pattern):
@@ -464,6 +465,7 @@ def check_model_saved(folder: Path, how: str = "", key: str = "output_dir", what
 
 
 COMPLETIONS_FILE = "completions.jsonl"
+MIXTURE_FILE = "data_mixture.json"
 
 
 def append_completions(out: Path, step: int, rows: list[dict], stage: str | None = None) -> None:
@@ -482,4 +484,4 @@ def write_data_mixture(out: Path, record: dict) -> None:
     """data_mixture.json: the rows each source of ``dataset.mixture`` gave this run (main process only)."""
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "data_mixture.json", json.dumps(record, indent=2) + "\n")
+        write_atomic(out / MIXTURE_FILE, json.dumps(record, indent=2) + "\n")

@@ -124,3 +124,13 @@ def test_kto_reads_a_mixture_of_pairs_as_unpaired_rows(tmp_path):
                            f"{{path: {b}}}]", "dataset.unpaired_from_pairs=true", kind="unpaired", recipe="kto")
     assert len(train) == 36 and sum(train["label"]) == 18  # 3 x 6 pairs, two rows each
     assert sum(p.endswith("\n\nAssistant:") for p in train["prompt"]) == 12
+
+
+def test_overwrite_removes_the_previous_runs_mixture_record(tmp_path):
+    """--overwrite without a mixture must not leave the old run's data_mixture.json describing the new run."""
+    from aligntool.outputs import clear_previous_run
+
+    (tmp_path / "data_mixture.json").write_text("{}")
+    (tmp_path / "summary.json").write_text("{}")
+    clear_previous_run(tmp_path)
+    assert not (tmp_path / "data_mixture.json").exists() and not (tmp_path / "summary.json").exists()

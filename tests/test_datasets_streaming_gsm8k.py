@@ -65,6 +65,7 @@ def test_streaming_reads_an_iterable_dataset_and_checks_its_first_rows(tmp_path)
     (["train.max_steps=-1"], "dataset.streaming: set train.max_steps"),
     (["dataset.split=train[:10]"], "slices are not available with dataset.streaming"),
     (["train.learning_rate=auto"], "dataset.streaming: train.learning_rate: auto needs the training set's size"),
+    (["dataset.split=test"], "dataset.split: 'test': no such split"),  # a file has one split, streamed or not
 ])
 def test_streaming_refusals_at_load_time(tmp_path, overrides, message):
     f = tmp_path / "sft.jsonl"

@@ -206,6 +206,9 @@ def _read_files(local: Path, split: str, key: str, split_given: bool, streaming:
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
         raise UserError(f"{key}: {shown}: could not read as {loader}: {first_line(exc)}") from None
     if streaming:
+        if split_given and split != "train":  # as when not streamed: a file or a glob has one split, 'train'
+            raise UserError(f"{_split_key(key)}: {split!r}: no such split; {shown} has the split(s) 'train' "
+                            "(a file or a glob has one split)")
         return data
     if len(data) == 0:
         raise UserError(f"{key}: {shown}: the file holds no rows")
