@@ -110,6 +110,9 @@ class Run:
             kwargs.pop("load_best_model_at_end", None)
         kwargs["report_to"] = installed_loggers(report_to_list(kwargs.get("report_to")),
                                                 online=self.loaded.spec.kind == "online")
+        from aligntool.online.tracking import project_defaults
+
+        project_defaults(kwargs["report_to"])
         if _cuda() and not _bf16_supported() and kwargs.get("bf16"):
             raise UserError(f"{self.loaded.source}: train.bf16: this GPU has no bf16 support")
         if not _cuda() and kwargs.get("bf16"):

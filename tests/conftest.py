@@ -35,6 +35,18 @@ def pytest_sessionstart(session):
         family_model_path(name)
 
 
+# the files whose tests run longest (several processes, benchmarks' quick modes, lm-eval's CLI): 20-70 s each
+LONGEST_FIRST = ("test_scale.py", "test_scripts.py", "test_launchers.py", "test_online_sharded.py", "test_faults.py",
+                 "test_lm_eval.py", "test_online_pref_e2e.py", "test_online_e2e.py", "test_train_e2e.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (a stable sort: the order within a file is kept): pytest-xdist hands work out in this
+    order, and a minute-long test that comes last leaves one worker running it alone at the end of the run."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+
+
 # summary.json: the same keys for every kind of method (trl, pipeline, online)
 SUMMARY_KEYS = {"algorithm", "kind", "global_step", "train_time_s", "steps_per_second", "train_samples_per_second",
                 "peak_memory_mb", "world_size", "resumed_from", "final_metrics", "wall_time_s"}

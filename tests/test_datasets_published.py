@@ -219,6 +219,25 @@ def test_a_hub_id_gets_its_config_name_and_data_files(monkeypatch):
     assert train[0]["answer"] == "2"
 
 
+def test_a_hub_split_slice_is_checked_against_the_split(monkeypatch):
+    """datasets clamps `test[:100]` on a 10-row split in silence; a slice past a hub split's end is one line, as for
+    local data, and a slice inside it takes those rows (the split is loaded by name, the slice applied here)."""
+    import datasets
+
+    calls = []
+
+    def fake(path, **kwargs):
+        calls.append(kwargs["split"])
+        return datasets.Dataset.from_list([{"prompt": f"{kwargs['split']} {i}"} for i in range(10)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    message = user_error(_load, "grpo", "prompt", "dataset.path=org/name", "dataset.split=test[:100]")
+    assert message.startswith("dataset.split: 'test[:100]'") and "'test'" in message
+    train, _ = _load("grpo", "prompt", "dataset.path=org/name", "dataset.split=test[2:5]+train[:1]")
+    assert train["prompt"] == ["test 2", "test 3", "test 4", "train 0"]
+    assert calls == ["test", "test", "train"]
+
+
 @pytest.mark.parametrize("fmt", ["trl", "hh-rlhf", "alpaca", "sharegpt", "ultrafeedback", "gsm8k"])
 def test_every_format_of_the_schema_has_a_conversion(fmt):
     from typing import get_args

@@ -38,7 +38,8 @@ def vowels(completion: str) -> float:
 def run_cli(tmp_path: Path, recipe: str, *overrides: str) -> Path:
     (tmp_path / "trk_reward.py").write_text(REWARD)
     out = tmp_path / "out"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+    env = {**{k: v for k, v in os.environ.items() if k not in ("WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME")},
+           "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
            "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true",
            "TRK_CALLS": str(tmp_path / "calls.jsonl"), "PYTHONPATH": f"{REPO}:{tmp_path}"}
     proc = subprocess.run([sys.executable, "-m", "aligntool.cli", "train", "--recipe",
@@ -84,12 +85,16 @@ def wandb_history(root: Path) -> list[dict]:
         part = chunk if kind in (1, 2) else part + chunk
         if kind in (1, 4):
             records.append(part)
-    rows = []
+    rows, projects = [], set()
     for raw in records:
         record = pb.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "history":
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif record.WhichOneof("record_type") == "run":
+            projects.add(record.run.project)
+    # the same project for every method: 'aligntool' (transformers' callback alone would use 'huggingface')
+    assert projects == {"aligntool"}, projects
     return rows
 
 
@@ -100,6 +105,9 @@ def mlflow_history(tracking: Path, keys: list[str]) -> dict[str, dict[int, float
     client = MlflowClient(f"file:{tracking}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, runs
+    # the same experiment for every method: 'aligntool' (transformers' callback alone would use MLflow's Default)
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    assert names[runs[0].info.experiment_id] == "aligntool", names
     run_id = runs[0].info.run_id
     return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
 

@@ -273,12 +273,19 @@ def _read_hub(path: str, split: str, key: str, candidates: list[Path], name: str
     tried = " or ".join(str(c) for c in candidates)
     if not _looks_like_hub_id(path):
         raise UserError(f"{key}: {path}: dataset file not found (looked for {tried})")
-    try:
-        return datasets.load_dataset(path, name=name, data_files=data_files, split=split, streaming=streaming)
-    except Exception as exc:  # noqa: BLE001
-        config = f", config {name!r}" if name else ""
-        raise UserError(f"{key}: could not load hub dataset {path!r} (split {split!r}{config}; no local file or "
-                        f"folder {tried}): {first_line(exc)}") from None
+    # a slice is applied here, as for local data: datasets would clamp one past the end of the split in silence
+    # (the whole split is downloaded either way); a streamed dataset takes no slices (refused before)
+    names = list(dict.fromkeys(part.split("[")[0].strip() for part in split.split("+"))) \
+        if "[" in split and not streaming else [split]
+    loaded = {}
+    for one in names:
+        try:
+            loaded[one] = datasets.load_dataset(path, name=name, data_files=data_files, split=one, streaming=streaming)
+        except Exception as exc:  # noqa: BLE001
+            config = f", config {name!r}" if name else ""
+            raise UserError(f"{key}: could not load hub dataset {path!r} (split {one!r}{config}; no local file or "
+                            f"folder {tried}): {first_line(exc)}") from None
+    return loaded[split] if names == [split] else apply_split(loaded, split, path, _split_key(key))
 
 
 def _glob(pattern: Path) -> list[str]:

@@ -43,10 +43,17 @@ def task_manager(names: list[str], include_path: list[str]):
                 raise UserError(f"--tasks: {name}: no such task file")
             folder = str(Path(name).expanduser().resolve().parent)  # its siblings (an `include:`d base, a group)
             paths += [folder] if folder not in paths else []
-    key = tuple(paths)
-    if key not in _MANAGERS:  # indexing lm-eval's ~15000 task files takes seconds: once per process and path list
-        _MANAGERS[key] = TaskManager(include_path=paths or None)
-    manager = _MANAGERS[key]
+    def manager_of(defaults: bool):
+        key = (tuple(paths), defaults)
+        if key not in _MANAGERS:  # indexing lm-eval's ~15000 task files takes seconds: once per process and paths
+            _MANAGERS[key] = TaskManager(include_path=paths or None, include_defaults=defaults)
+        return _MANAGERS[key]
+
+    wanted = {n for n in names if not n.endswith((".yaml", ".yml"))}
+    # the user's own tasks alone index in a blink: lm-eval's own are indexed only for a name not among them
+    manager = manager_of(False) if paths else None
+    if manager is None or not wanted <= set(manager.all_tasks):
+        manager = manager_of(True)
     known = set(manager.all_tasks)
     for name in names:
         if not name.endswith((".yaml", ".yml")) and name not in known:

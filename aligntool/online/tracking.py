@@ -20,6 +20,17 @@ EVAL_SEED = 1_000_000_007  # the held-out prompts' sampling streams: one per pro
 PROJECT = "aligntool"
 
 
+def project_defaults(names) -> None:
+    """The same W&B project and MLflow experiment for every method: ``WANDB_PROJECT`` and
+    ``MLFLOW_EXPERIMENT_NAME`` default to 'aligntool' (a value the user set wins). Both transformers' callbacks (the
+    TRL-based methods; W&B's own default there is 'huggingface') and accelerate's trackers (the online methods) read
+    these variables."""
+    if "wandb" in names:
+        os.environ.setdefault("WANDB_PROJECT", PROJECT)
+    if "mlflow" in names:
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", PROJECT)
+
+
 def tracker_names(report_to) -> list[str]:
     """The accelerate trackers of a run's (normalised) ``report_to``: all but TensorBoard, which the engine writes
     itself, into tensorboard/ with transformers' tags."""
@@ -67,10 +78,11 @@ class Tracking:
         if not self.accelerator.log_with:
             return
         name = getattr(self.args, "run_name", None) or self.out.name
+        project_defaults([str(n) for n in self.accelerator.log_with])
         init = {"wandb": {"name": name, **({} if os.environ.get("WANDB_DIR") else {"dir": str(self.out)})},
                 "mlflow": {"run_name": name}}
         try:
-            self.accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or PROJECT,
+            self.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", PROJECT),
                                            config=flat_config(self.run.loaded.resolved()), init_kwargs=init)
         except Exception as exc:  # noqa: BLE001 - a tracker's own set-up (its server, its store): one line
             from aligntool.errors import UserError, first_line
