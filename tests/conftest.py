@@ -88,6 +88,21 @@ def user_error(fn, *args, **kwargs) -> str:
     return message
 
 
+def cli_error(capsys, argv: list[str], *needles: str) -> str:
+    """``aligntool ARGV`` in this process must end in exit code 2 with ``aligntool: error: ...`` as the last line on
+    stderr, no traceback, holding every needle; returns that line."""
+    from aligntool.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1] if err else ""
+    assert code == 2, err
+    assert "Traceback" not in err and last.startswith("aligntool: error: "), err
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
 def train_two_processes(recipe: str, out: Path, *overrides: str) -> tuple[dict, str]:
     """`aligntool train --recipe recipes/<recipe>.yaml --nproc 2` in a subprocess (torchrun, gloo on CPU); returns the
     run's summary.json and the command's stderr, after checking it exited 0 on 2 ranks."""

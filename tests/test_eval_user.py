@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, cli_error
 
 from aligntool.cli import main
 
@@ -40,14 +40,7 @@ def run_json(capsys, args) -> dict:
 
 
 def expect_error(capsys, args, *needles) -> str:
-    code = main(["eval", *args])
-    err = capsys.readouterr().err.strip()
-    last = err.splitlines()[-1] if err else ""
-    assert code == 2, err
-    assert "Traceback" not in err and last.startswith("aligntool: error: "), err
-    for needle in needles:
-        assert needle in last, (needle, last)
-    return last
+    return cli_error(capsys, ["eval", *args], *needles)
 
 
 def mean_se(values):
