@@ -132,9 +132,29 @@ def completions_callback(trainer, out: Path, stage: str | None, every: int, coun
             if state.is_world_process_zero and state.global_step % every == 0:
                 weights = getattr(trainer, "reward_weights", None)
                 weights = [float(w) for w in weights] if weights is not None else []
-                append_completions(out, state.global_step, completion_rows(trainer._logs, weights, count), stage)
+                rows = completion_rows(trainer._logs, weights, count)
+                append_completions(out, state.global_step, rows, stage)
+                if rows and "wandb" in (args.report_to or []) and not getattr(args, "log_completions", False):
+                    wandb_table(state.global_step, rows)  # TRL's log_completions logs its own table instead
 
     return Completions()
+
+
+def wandb_table(step: int, rows: list[dict]) -> None:
+    """The completions as a W&B table ``completions`` (step, prompt, completion, reward, advantage), attached to the
+    run's next logged row, as the online methods log theirs."""
+    import json
+
+    import wandb
+
+    if wandb.run is None:
+        return
+    def as_text(value) -> str:  # a conversational prompt or completion (a list of messages) as its JSON
+        return value if isinstance(value, str) else json.dumps(value)
+
+    columns = ["step", "prompt", "completion", "reward", "advantage"]
+    data = [[step, as_text(r["prompt"]), as_text(r["completion"]), r["reward"], r.get("advantage")] for r in rows]
+    wandb.log({"completions": wandb.Table(columns=columns, data=data)}, commit=False)
 
 
 class Divergence:

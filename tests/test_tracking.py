@@ -233,6 +233,12 @@ def test_trl_method_reports_to_every_tracker_and_samples(tmp_path, tiny_path):
     assert len(calls) == 3 and [(r["prompt"], r["completion"]) for r in done] == list(zip(*calls[1][:2]))[:3]
     assert [r["reward"] for r in done] == pytest.approx([vowels(r["completion"]) for r in done])
     assert all(isinstance(r["advantage"], float) for r in done)
+    # and as a W&B table (the offline run's media files): the same rows
+    (table,) = tmp_path.glob("**/offline-run-*/files/media/table/completions_*.table.json")
+    data = json.loads(table.read_text())
+    got = [dict(zip(data["columns"], row)) for row in data["data"]]
+    assert [(g["step"], g["prompt"], g["completion"]) for g in got] == [(2, r["prompt"], r["completion"]) for r in done]
+    assert [g["reward"] for g in got] == pytest.approx([r["reward"] for r in done])
 
     keys = ["reward", "reward_std", "loss", "completions/mean_length"]
     tb = tensorboard_scalars(out / "tensorboard")
