@@ -273,11 +273,11 @@ OPTIONS = [
     ("train.optim (+ optimizer.rank)", "cosmos",
      "COSMOS (Liu et al. 2025): SOAP on the leading eigensubspace, Muon on the rest, Adam for 1-D; every trainer"),
     ("algo.loss (+ algo.pass_n), sft", "dco",
-     "Direct Coverage Optimization (Chen et al. 2025): fine-tuning for pass@N; recipes/sft_pass_at_n.yaml"),
+     "Direct Coverage Optimization (Chen et al. 2025): fine-tuning for pass@N; aligntool/recipes/sft_pass_at_n.yaml"),
     ("dataset.toy.task", "arithmetic", "a verifiable toy task: 'Q: a+b= A:' with exactly checked answers"),
     ("compress.saliency (mode sparsity)", "mfac",
      "M-FAC (Frantar et al. 2021): OBS saliency and update from the empirical Fisher; "
-     "recipes/compress_sparsity_mfac.yaml"),
+     "aligntool/recipes/compress_sparsity_mfac.yaml"),
 ]
 
 

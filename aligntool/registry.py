@@ -13,7 +13,7 @@ kind:
     online    method(run) -> an object with step(engine, prompts), run on aligntool's rollout engine (aligntool/online)
 
 Adding an algorithm = its module (an ``AlgoConfig`` and the entry point; a trainer class of its own goes in
-``<name>_trainer.py``), one entry here, one YAML under ``recipes/``. Modules import TRL only inside their entry point or
+``<name>_trainer.py``), one entry here, one YAML under ``aligntool/recipes/``. Modules import TRL only inside their entry point or
 in ``*_trainer.py``, so this table, recipe checks and ``aligntool --help`` stay fast. This file imports nothing but
 the standard library (at import time).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 KINDS = ("trl", "pipeline", "online")
@@ -84,132 +84,132 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for spec in [
         AlgorithmSpec(name="sft", kind="trl", family="supervised", data="language_modeling",
-                      module="aligntool.trainers.sft", trl_config="trl:SFTConfig", recipe="recipes/sft.yaml",
+                      module="aligntool.trainers.sft", trl_config="trl:SFTConfig", recipe="aligntool/recipes/sft.yaml",
                       summary="Supervised fine-tuning on demonstrations (TRL SFTTrainer)."),
         AlgorithmSpec(name="reward", kind="trl", family="reward", data="preference", module="aligntool.trainers.reward",
-                      trl_config="trl:RewardConfig", recipe="recipes/reward.yaml",
+                      trl_config="trl:RewardConfig", recipe="aligntool/recipes/reward.yaml",
                       summary="Bradley-Terry reward model on preference pairs (TRL RewardTrainer)."),
         AlgorithmSpec(name="dpo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/dpo.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/dpo.yaml",
                       summary="Direct Preference Optimization and every TRL DPO loss: IPO, hinge/SLiC, robust, RPO "
                               "mixes, f-DPO divergences, ... (TRL DPOTrainer)."),
         # Named DPO variants: TRL's DPOTrainer with the paper's loss preset (the dpo module).
         AlgorithmSpec(name="ipo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/ipo.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/ipo.yaml",
                       algo_defaults={"loss_type": "ipo"},
                       summary="IPO: squared loss toward a 1/(2 tau) margin (Azar et al. 2023)."),
         AlgorithmSpec(name="slic", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/slic.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/slic.yaml",
                       algo_defaults={"loss_type": "hinge"},
                       summary="SLiC-HF hinge loss max(0, 1 - beta * margin) (Zhao et al. 2023)."),
         AlgorithmSpec(name="robust_dpo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/robust_dpo.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/robust_dpo.yaml",
                       algo_defaults={"loss_type": "robust", "label_smoothing": 0.1},
                       summary="Robust DPO for noisy labels with flip rate epsilon (Chowdhury et al. 2024)."),
         AlgorithmSpec(name="sppo_hard", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/sppo_hard.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/sppo_hard.yaml",
                       algo_defaults={"loss_type": "sppo_hard"},
                       summary="SPPO with hard labels P_w=1, P_l=0 (TRL's sppo_hard; Wu et al. 2024)."),
         AlgorithmSpec(name="fdpo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/fdpo.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/fdpo.yaml",
                       algo_defaults={"f_divergence_type": "js_divergence"},
                       summary="f-DPO: DPO with forward-KL, JS or alpha-divergence regularisation (Wang et al. 2023)."),
         AlgorithmSpec(name="rpo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="recipes/rpo.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/rpo.yaml",
                       algo_defaults={"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
                       summary="RPO: DPO + weighted NLL on the chosen response (Liu et al. 2024)."),
         AlgorithmSpec(name="cpl", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.cpl", trl_config="trl:DPOConfig", recipe="recipes/cpl.yaml",
+                      module="aligntool.trainers.cpl", trl_config="trl:DPOConfig", recipe="aligntool/recipes/cpl.yaml",
                       summary="CPL: contrastive loss on alpha * sum log pi with a conservative bias; no reference "
                               "model (Hejna et al. 2023)."),
         AlgorithmSpec(name="rso", kind="pipeline", family="pipeline", data="prompt", samples=True,
                       batch_unit="generated", module="aligntool.trainers.rso", trl_config="trl:DPOConfig",
-                      recipe="recipes/rso.yaml",
+                      recipe="aligntool/recipes/rso.yaml",
                       summary="RSO: sample from the SFT policy, statistical rejection sampling toward the optimal "
                               "policy, pairs, then sigmoid-/hinge-norm (Liu et al. 2023)."),
         AlgorithmSpec(name="sppo", kind="pipeline", family="pipeline", data="prompt", samples=True,
                       batch_unit="generated", module="aligntool.trainers.sppo", trl_config="trl:DPOConfig",
-                      recipe="recipes/sppo.yaml",
+                      recipe="aligntool/recipes/sppo.yaml",
                       summary="SPPO, soft and iterative: K samples per prompt, win rates vs the current policy, "
                               "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024)."),
         AlgorithmSpec(name="hypo", kind="trl", family="hybrid-preference", data="preference",
-                      module="aligntool.trainers.hypo", trl_config="trl:DPOConfig", recipe="recipes/hypo.yaml",
+                      module="aligntool.trainers.hypo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/hypo.yaml",
                       summary="HyPO: offline DPO + lambda * KL(pi || pi_ref) on fresh on-policy samples, RLOO "
                               "estimator (Song et al. 2024)."),
         AlgorithmSpec(name="srpo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.srpo", trl_config="trl:DPOConfig", recipe="recipes/srpo.yaml",
+                      module="aligntool.trainers.srpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/srpo.yaml",
                       summary="SRPO: one model as generator and self-reviser, (1-alpha) L_gen + alpha L_self (Choi et "
                               "al. 2024)."),
         AlgorithmSpec(name="spo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.spo", trl_config="trl:DPOConfig", recipe="recipes/spo.yaml",
+                      module="aligntool.trainers.spo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/spo.yaml",
                       summary="SPO: a DPO-family loss + lambda * self-supervised prediction of how much key content a "
                               "response lost (Li et al. 2024)."),
         # Reference-free and unpaired preference losses (TRL's KTOTrainer; trl.experimental's ORPO / CPO trainers)
         AlgorithmSpec(name="kto", kind="trl", family="offline-preference", data="unpaired",
-                      module="aligntool.trainers.kto", trl_config="trl:KTOConfig", recipe="recipes/kto.yaml",
+                      module="aligntool.trainers.kto", trl_config="trl:KTOConfig", recipe="aligntool/recipes/kto.yaml",
                       summary="KTO: prospect-theoretic loss on unpaired desirable / undesirable completions "
                               "(Ethayarajh et al. 2024; TRL KTOTrainer)."),
         AlgorithmSpec(name="orpo", kind="trl", family="offline-preference", data="preference",
                       module="aligntool.trainers.orpo", trl_config="trl.experimental.orpo:ORPOConfig",
-                      recipe="recipes/orpo.yaml",
+                      recipe="aligntool/recipes/orpo.yaml",
                       summary="ORPO: NLL on the chosen + lambda * odds-ratio loss; no reference model (Hong et al. "
                               "2024; TRL ORPOTrainer)."),
         AlgorithmSpec(name="cpo", kind="trl", family="offline-preference", data="preference",
                       module="aligntool.trainers.cpo", trl_config="trl.experimental.cpo:CPOConfig",
-                      recipe="recipes/cpo.yaml",
+                      recipe="aligntool/recipes/cpo.yaml",
                       summary="CPO: DPO-style loss without a reference + NLL on the chosen (Xu et al. 2024; TRL "
                               "CPOTrainer)."),
         AlgorithmSpec(name="simpo", kind="trl", family="offline-preference", data="preference",
                       module="aligntool.trainers.cpo", trl_config="trl.experimental.cpo:CPOConfig",
-                      recipe="recipes/simpo.yaml", algo_defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
+                      recipe="aligntool/recipes/simpo.yaml", algo_defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
                       summary="SimPO: length-normalised log-probability margin with a target gamma; no reference "
                               "(Meng et al. 2024; TRL CPOTrainer, loss_type simpo)."),
         # Critic-free RL with verifiable rewards through TRL's trainers (sampling inside the Trainer)
         AlgorithmSpec(name="grpo", kind="trl", family="online-rl", data="prompt", samples=True, vllm="trl",
                       batch_unit="completions", module="aligntool.trainers.grpo", trl_config="trl:GRPOConfig",
-                      recipe="recipes/grpo.yaml",
+                      recipe="aligntool/recipes/grpo.yaml",
                       summary="GRPO and every TRL GRPO loss (dr_grpo, dapo, bnpo, ...): group-normalised advantages "
                               "of G samples per prompt (Shao et al. 2024; TRL GRPOTrainer)."),
         AlgorithmSpec(name="rloo", kind="trl", family="online-rl", data="prompt", samples=True, vllm="trl",
                       batch_unit="completions", module="aligntool.trainers.rloo", trl_config="trl:RLOOConfig",
-                      recipe="recipes/rloo.yaml",
+                      recipe="aligntool/recipes/rloo.yaml",
                       summary="RLOO: REINFORCE with the leave-one-out mean of k samples as baseline (Ahmadian et al. "
                               "2024; TRL RLOOTrainer)."),
         # Online RL on aligntool's rollout engine; train.* = transformers.TrainingArguments
         AlgorithmSpec(name="ppo", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
                       batch_unit="prompts", value_head=True, module="aligntool.online.ppo",
-                      trl_config="transformers:TrainingArguments", recipe="recipes/ppo.yaml",
+                      trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/ppo.yaml",
                       summary="PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
                               "2022)."),
         AlgorithmSpec(name="p3o", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
                       batch_unit="prompts", module="aligntool.online.p3o",
-                      trl_config="transformers:TrainingArguments", recipe="recipes/p3o.yaml",
+                      trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/p3o.yaml",
                       summary="P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. "
                               "2023)."),
         AlgorithmSpec(name="remax", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
                       batch_unit="prompts", module="aligntool.online.remax",
-                      trl_config="transformers:TrainingArguments", recipe="recipes/remax.yaml",
+                      trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/remax.yaml",
                       summary="ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
                               "2023)."),
         AlgorithmSpec(name="reinforce_pp", kind="online", family="online-rl", data="prompt", samples=True,
                       vllm="engine", batch_unit="prompts", module="aligntool.online.reinforce_pp",
-                      trl_config="transformers:TrainingArguments", recipe="recipes/reinforce_pp.yaml",
+                      trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/reinforce_pp.yaml",
                       summary="REINFORCE++: token-level KL in the reward, advantages normalised over the global "
                               "batch, PPO-clipped updates, no critic (Hu 2025; OpenRLHF)."),
         # Online and iterative preference optimization: pairs labelled by a preference source (aligntool/preferences.py)
         AlgorithmSpec(name="online_dpo", kind="online", family="online-preference", data="prompt", samples=True,
                       vllm="engine", batch_unit="prompts", preferences=True, module="aligntool.online.online_dpo",
-                      trl_config="transformers:TrainingArguments", recipe="recipes/online_dpo.yaml",
+                      trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/online_dpo.yaml",
                       summary="Online DPO: two policy samples per prompt, labelled by the preference source, any TRL "
                               "DPO loss (Guo et al. 2024)."),
         AlgorithmSpec(name="xpo", kind="online", family="online-preference", data="prompt", samples=True, vllm="engine",
                       batch_unit="prompts", preferences=True, sharded=False, module="aligntool.online.xpo",
-                      trl_config="transformers:TrainingArguments", recipe="recipes/xpo.yaml",
+                      trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/xpo.yaml",
                       summary="XPO: online DPO on a policy vs a reference sample + alpha * log pi(reference sample) "
                               "exploration (Xie et al. 2024)."),
         AlgorithmSpec(name="inpo", kind="pipeline", family="pipeline", data="prompt", samples=True,
                       batch_unit="generated", preferences=True, module="aligntool.trainers.inpo",
-                      trl_config="trl:DPOConfig", recipe="recipes/inpo.yaml",
+                      trl_config="trl:DPOConfig", recipe="aligntool/recipes/inpo.yaml",
                       summary="INPO: iterations of K samples, tournament pairs, (h - 1/(2 eta))^2 against the "
                               "reference and the last iterate (Zhang et al. 2024)."),
     ]

@@ -3,7 +3,7 @@ preference labels, loss, optimizer and iterations.
 
 Sides, each run in a fresh subprocess (so peak memory is per run), alternating A B, B A, ... so that machine noise and
 drift hit both alike:
-- aligntool: ``aligntool train --recipe recipes/online_dpo.yaml`` in-process (``train(load_recipe(path, overrides))``);
+- aligntool: ``aligntool train --recipe online_dpo`` in-process (``train(load_recipe(path, overrides))``);
 - trl: a plain OnlineDPOTrainer script with ``reward_funcs`` = aligntool's toy gold reward (aligntool.rewards.gold,
   the score source ``reward.source: gold`` compares pairwise; both sides label a pair by the higher score, a tie
   going to the first sample, as TRL's ``>=``).
@@ -61,7 +61,7 @@ from pathlib import Path
 import benchlib as B
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "online_dpo.yaml"
+RECIPE = REPO / "aligntool" / "recipes" / "online_dpo.yaml"
 SIDES = ("aligntool", "trl")
 WARMUP = 2  # iterations left out of the figures
 TOY_ROWS = 2000

@@ -1,6 +1,6 @@
 """8-bit vs 32-bit AdamW (Dettmers et al. 2022, bitsandbytes block-wise quantization) on the same model and steps.
 
-Both runs are `aligntool train --recipe recipes/sft.yaml` with the same seed, data, lr and steps; only ``train.optim``
+Both runs are `aligntool train --recipe sft` with the same seed, data, lr and steps; only ``train.optim``
 differs (``adamw_torch`` vs ``AdamW8bit``; ``--optim`` picks another 8-bit one, e.g. Lion8bit or PagedAdamW8bit).
 Measured:
 - optimizer-state bytes: every tensor in the saved optimizer state (checkpoint ``optimizer.pt``): for 8-bit AdamW the
@@ -44,7 +44,7 @@ def run(optim: str, a, out: Path) -> dict:
     from aligntool.recipe.loader import load_recipe
     from aligntool.train import train
 
-    summary = train(load_recipe(REPO / "recipes" / "sft.yaml", [
+    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "sft.yaml", [
         f"output_dir={out}", f"model.name_or_path={a.model}", f"train.optim={optim}", f"train.max_steps={a.steps}",
         f"train.save_steps={a.steps}", "train.eval_strategy=no", "train.logging_steps=1", "train.seed=0"]))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()

@@ -1,6 +1,6 @@
 """Per-rank peak memory of DeepSpeed ZeRO-3 vs DDP: the same SFT (or PPO) job on 2 processes, side by side.
 
-Each side is `aligntool train --recipe recipes/sft.yaml` under torchrun with 2 ranks, ``distributed.backend`` ddp or
+Each side is `aligntool train --recipe sft` under torchrun with 2 ranks, ``distributed.backend`` ddp or
 deepspeed with ``zero_stage: 3``; same model, data, batch, steps and seed. Each rank measures the peak resident memory
 that training adds: VmHWM, reset through /proc/self/clear_refs after the libraries are imported, minus the resident
 memory at that moment (model, gradients, optimizer state, activations, DeepSpeed buffers). The model is a random-init
@@ -54,7 +54,7 @@ def worker(a) -> None:
         measure_engine(tensors)
         extra = ["algo.max_new_tokens=32", "algo.ppo_epochs=1", "algo.num_minibatches=1"]
 
-    loaded = load_recipe(REPO / "recipes" / f"{a.recipe}.yaml", [
+    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{a.recipe}.yaml", [
         f"output_dir={a.out}/run", f"model.name_or_path={a.model}", f"train.max_steps={a.steps}",
         f"train.per_device_train_batch_size={a.batch_size}", "train.save_steps=100000", "train.logging_steps=1",
         f"train.bf16={str(a.bf16).lower()}", *extra, *BACKENDS[a.worker]])

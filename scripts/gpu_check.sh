@@ -199,7 +199,7 @@ QUIET=(train.save_steps=100000 train.logging_steps=1 --overwrite)
 # (a) the README quickstart, in bf16, and the eval of its model
 QS=(train.bf16=true)
 [[ $DRY == 1 ]] && QS+=(train.max_steps=10)
-run_check a-dpo-tiny-bf16 240 "$R/dpo_tiny" "${AT[@]}" train --recipe recipes/dpo.yaml output_dir="$R/dpo_tiny" \
+run_check a-dpo-tiny-bf16 240 "$R/dpo_tiny" "${AT[@]}" train --recipe dpo output_dir="$R/dpo_tiny" \
   "${QS[@]}" --overwrite
 if [[ -f $R/dpo_tiny/summary.json ]]; then
   CHECK_STDOUT="$WORK/eval_dpo_tiny.json" run_check a-eval-dpo-tiny 120 - "${AT[@]}" eval --model "$R/dpo_tiny" \
@@ -231,11 +231,11 @@ for algo in ppo remax; do
     fi
     gen=(generation.backend="$gb")
     [[ $gb == vllm ]] && gen+=(generation.vllm_mode=colocate generation.gpu_memory_utilization="$VLLM_UTIL")
-    run_check "$name" 180 "$R/$name" "${AT[@]}" train --recipe "recipes/$algo.yaml" output_dir="$R/$name" \
+    run_check "$name" 180 "$R/$name" "${AT[@]}" train --recipe "$algo" output_dir="$R/$name" \
       model.name_or_path="$M" "${DTYPE[@]}" train.bf16=true "${ONLINE[@]}" "${extra[@]}" "${gen[@]}" "${QUIET[@]}"
     if [[ $gb == hf ]] && last_failed "$name" && grep -q "unknown key 'generation'" "$WORK/logs/$name.log"; then
       say "          (this aligntool has no generation section: $algo again with its default generation)"
-      run_check "b-$algo-default" 180 "$R/b-$algo-default" "${AT[@]}" train --recipe "recipes/$algo.yaml" \
+      run_check "b-$algo-default" 180 "$R/b-$algo-default" "${AT[@]}" train --recipe "$algo" \
         output_dir="$R/b-$algo-default" model.name_or_path="$M" "${DTYPE[@]}" train.bf16=true "${ONLINE[@]}" \
         "${extra[@]}" "${QUIET[@]}"
     fi
@@ -244,15 +244,15 @@ done
 
 # (c) QLoRA DPO (4-bit base: CUDA + bitsandbytes); on a CPU dry run, plain LoRA through the same keys
 if [[ $HAVE_GPU == 1 ]]; then
-  run_check c-qlora-dpo 180 "$R/qlora_dpo" "${AT[@]}" train --recipe recipes/dpo.yaml output_dir="$R/qlora_dpo" \
+  run_check c-qlora-dpo 180 "$R/qlora_dpo" "${AT[@]}" train --recipe dpo output_dir="$R/qlora_dpo" \
     model.name_or_path="$M" peft.r=16 peft.load_in_4bit=true train.bf16=true "${DPO_STEPS[@]}" "${QUIET[@]}"
 else
-  run_check c-lora-dpo-no4bit 180 "$R/lora_dpo" "${AT[@]}" train --recipe recipes/dpo.yaml output_dir="$R/lora_dpo" \
+  run_check c-lora-dpo-no4bit 180 "$R/lora_dpo" "${AT[@]}" train --recipe dpo output_dir="$R/lora_dpo" \
     model.name_or_path="$M" peft.r=8 "${DPO_STEPS[@]}" "${QUIET[@]}"
 fi
 
 # (d) ZeRO-3 on one process
-ZERO3=(train --recipe recipes/dpo.yaml output_dir="$R/zero3_dpo" model.name_or_path="$M" "${DTYPE[@]}" train.bf16=true
+ZERO3=(train --recipe dpo output_dir="$R/zero3_dpo" model.name_or_path="$M" "${DTYPE[@]}" train.bf16=true
        distributed.backend=deepspeed distributed.zero_stage=3 "${DPO_STEPS[@]}" "${QUIET[@]}")
 run_check d-zero3-dpo 180 "$R/zero3_dpo" "${AT[@]}" "${ZERO3[@]}"
 if last_failed d-zero3-dpo && grep -q "mpi4py\|mpi_discovery" "$WORK/logs/d-zero3-dpo.log"; then

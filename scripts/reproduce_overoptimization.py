@@ -2,12 +2,12 @@
 
 1. Data: toy preference pairs labelled by the gold reward without noise, then 25% of the labels flipped at random
    (the paper's 25% label noise); held-out clean pairs measure each proxy's accuracy.
-2. Proxies: ``--members`` reward models from recipes/reward.yaml on those pairs, differing only in the seed (head
+2. Proxies: ``--members`` reward models from aligntool/recipes/reward.yaml on those pairs, differing only in the seed (head
    init and data order).
 3. Best-of-n: N samples per held-out prompt from the tiny policy, drawn once; for each objective -- a single proxy
    (member 0), mean, WCO (min), UWO (mean - lambda * population variance, ddof 0, lambda ``--uwo-bon``) -- the unbiased
    best-of-n estimate of proxy and gold score for n = 1..N against KL = log n - (n-1)/n.
-4. PPO: recipes/ppo.yaml with each objective as the reward, no KL penalty (kl_coef 0, as in the paper's
+4. PPO: aligntool/recipes/ppo.yaml with each objective as the reward, no KL penalty (kl_coef 0, as in the paper's
    overoptimization runs, so that the policy drifts as far as the proxy pulls it); every ``--eval-every`` iterations
    a checkpoint is scored on held-out prompts: gold, proxy objective and KL(pi || pi_0) of its samples.
    UWO here uses ``--uwo-ppo`` (the paper's PPO default 0.1) and, like best-of-n, the population variance (ddof 0;
@@ -66,7 +66,7 @@ def train_members(a, out: Path) -> list[str]:
     for seed in range(a.members):
         path = out / f"rm{seed}"
         if not (path / "summary.json").is_file():
-            train(load_recipe(REPO / "recipes" / "reward.yaml", [
+            train(load_recipe(REPO / "aligntool" / "recipes" / "reward.yaml", [
                 f"output_dir={path}", f"dataset.path={data}", f"train.seed={seed}", f"train.max_steps={a.rm_steps}",
                 "train.eval_strategy=no", f"train.save_steps={a.rm_steps}"]))
         acc = evaluate_reward_model(str(path), 512, 64, seed=0)["pairwise_accuracy"]
@@ -122,7 +122,7 @@ def run_ppo(a, members: list[str], out: Path) -> dict:
             overrides.append(f"reward.source={reward['source']}")
         if not (path / "summary.json").is_file():
             t0 = time.time()
-            train(load_recipe(REPO / "recipes" / "ppo.yaml", overrides))
+            train(load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", overrides))
             print(f"PPO {obj}: {time.time() - t0:.0f} s", flush=True)
         scorer = rewards.load(cfg)
         rows = [{"iteration": 0, **score_policy("tiny", scorer, a.prompts)}]

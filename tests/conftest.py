@@ -104,13 +104,13 @@ def cli_error(capsys, argv: list[str], *needles: str) -> str:
 
 
 def train_two_processes(recipe: str, out: Path, *overrides: str) -> tuple[dict, str]:
-    """`aligntool train --recipe recipes/<recipe>.yaml --nproc 2` in a subprocess (torchrun, gloo on CPU); returns the
+    """`aligntool train --recipe aligntool/recipes/<recipe>.yaml --nproc 2` in a subprocess (torchrun, gloo on CPU); returns the
     run's summary.json and the command's stderr, after checking it exited 0 on 2 ranks."""
     import json
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "recipes" / f"{recipe}.yaml"),
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "aligntool" / "recipes" / f"{recipe}.yaml"),
            "--nproc", "2", *overrides, f"output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

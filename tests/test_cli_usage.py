@@ -85,7 +85,7 @@ def test_no_arguments_prints_the_help(capsys):
 # --recipe: a did-you-mean over the built-in recipe names and over the YAML files of the folder named
 @pytest.mark.parametrize("recipe,suggestion", [
     ("dop", "'dpo'"), ("dpo.yaml", "'dpo'"), ("sft-pass-at-n", "'sft_pass_at_n'"),
-    ("compress_qant", "'compress_quant'"), ("recipes/dop.yaml", "'recipes/dpo.yaml'")])
+    ("compress_qant", "'compress_quant'"), ("aligntool/recipes/dop.yaml", "'aligntool/recipes/dpo.yaml'")])
 def test_recipe_name_typo_suggests_the_closest(monkeypatch, recipe, suggestion):
     monkeypatch.chdir(REPO)
     message = user_error(resolve_recipe_path, recipe)

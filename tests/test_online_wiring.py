@@ -477,7 +477,7 @@ def make_engine(tmp_path, recipe, *overrides):
     from aligntool.recipe.loader import load_recipe
     from aligntool.train import Run
 
-    loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml", [f"output_dir={tmp_path}", "dataset.toy.size=8",
+    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [f"output_dir={tmp_path}", "dataset.toy.size=8",
                                                                 "algo.max_new_tokens=6", *overrides])
     run = Run(loaded, tmp_path)
     run.model_path = models.resolve("tiny")

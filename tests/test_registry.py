@@ -14,7 +14,7 @@ from aligntool.registry import AlgorithmSpec
 
 FAKE = dict(name="fake_method", summary="A method added to the registry by a test.", family="online-rl",
             module="aligntool.online.remax", trl_config="transformers:TrainingArguments", data="prompt",
-            recipe="recipes/remax.yaml", kind="online", samples=True, vllm="engine", preferences=True,
+            recipe="aligntool/recipes/remax.yaml", kind="online", samples=True, vllm="engine", preferences=True,
             batch_unit="prompts")
 
 

@@ -15,7 +15,7 @@ from aligntool.cli import main
 from aligntool.losses import online as L
 from aligntool.recipe.loader import load_recipe
 
-RECIPE = REPO / "recipes" / "reinforce_pp.yaml"
+RECIPE = REPO / "aligntool" / "recipes" / "reinforce_pp.yaml"
 
 
 # --------------------------------------------------------- OpenRLHF's code, re-stated in NumPy (one row at a time)

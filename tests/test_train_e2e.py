@@ -140,7 +140,7 @@ def readme_quickstart_figures() -> dict:
 
     text = (REPO / "README.md").read_text()
     ref = re.search(r"^\| reference \(the tiny model\) \| ([-\d.]+) ± ([\d.]+) \|", text, re.M)
-    dpo = re.search(r"^\| after `recipes/dpo\.yaml`[^|]*\| \*\*([-\d.]+) ± ([\d.]+)\*\* \| [\d.]+ \| "
+    dpo = re.search(r"^\| after `aligntool/recipes/dpo\.yaml`[^|]*\| \*\*([-\d.]+) ± ([\d.]+)\*\* \| [\d.]+ \| "
                     r"([\d.]+) ± ([\d.]+) \|", text, re.M)
     assert ref and dpo, "README.md: the quickstart table's rows were not found (format changed?)"
     return {"reference_gold_reward": tuple(map(float, ref.groups())),
@@ -148,13 +148,13 @@ def readme_quickstart_figures() -> dict:
 
 
 def test_quickstart_gives_the_readme_figures(tmp_path, tiny_path):
-    """The README's promise: recipes/dpo.yaml, unedited, beats the reference by >= 3 s.e. on 128 held-out prompts, and
+    """The README's promise: aligntool/recipes/dpo.yaml, unedited, beats the reference by >= 3 s.e. on 128 held-out prompts, and
     gives the README's own headline figures (gold reward of both models, KL) within their printed standard errors in
     the locked environment (requirements-lock.txt; a library version that moves them fails here, not in a user's
     hands)."""
     from aligntool.eval.toy import evaluate
 
-    train(load_recipe(REPO / "recipes" / "dpo.yaml", [f"output_dir={tmp_path}"]))
+    train(load_recipe(REPO / "aligntool" / "recipes" / "dpo.yaml", [f"output_dir={tmp_path}"]))
     result = evaluate(str(tmp_path), reference="tiny", num_prompts=128)
     assert result["gold_reward"] - result["reference_gold_reward"] >= 3 * (
         result["gold_reward_stderr"] ** 2 + result["reference_gold_reward_stderr"] ** 2) ** 0.5, result

@@ -1,4 +1,4 @@
-"""The compress recipe: ``aligntool compress --recipe recipes/compress_*.yaml [KEY=VALUE ...]``.
+"""The compress recipe: ``aligntool compress --recipe aligntool/recipes/compress_*.yaml [KEY=VALUE ...]``.
 
 Same machinery as ``train`` (YAML 1.2 safe loading, dotted overrides, one-line errors naming file:line and key), its own
 schema: ``model``, ``calibration``, ``compress`` (method, mode, budget, search settings) and ``output_dir``.

@@ -88,7 +88,7 @@ class LoadedRecipe:
 
 
 def resolve_recipe_path(recipe: str) -> Path:
-    """A recipe file, or the name of a built-in recipe (``dpo`` -> recipes/dpo.yaml)."""
+    """A recipe file, or the name of a built-in recipe (``dpo`` -> aligntool/recipes/dpo.yaml)."""
     path = Path(recipe).expanduser()
     if path.is_file():
         return path
@@ -101,7 +101,7 @@ def resolve_recipe_path(recipe: str) -> Path:
 
 
 def builtin_recipe_names() -> list[str]:
-    """The names ``--recipe`` takes for the recipes shipped with aligntool (recipes/NAME.yaml)."""
+    """The names ``--recipe`` takes for the recipes shipped with aligntool (aligntool/recipes/NAME.yaml)."""
     return sorted(p.stem for p in registry.RECIPES_DIR.glob("*.yaml"))
 
 
