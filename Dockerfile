@@ -15,7 +15,6 @@ RUN python3 -m pip install --upgrade pip && \
 WORKDIR /opt/aligntool
 COPY pyproject.toml README.md requirements-lock.txt ./
 COPY aligntool ./aligntool
-COPY recipes ./recipes
 COPY scripts ./scripts
 # the tested versions (requirements-lock.txt); drop the -c for the newest ones
 RUN python3 -m pip install -c requirements-lock.txt -e ".[deepspeed,bitsandbytes,plots]"
