@@ -1,0 +1,1 @@
+"""The Python API: aligntool.train, evaluate and compress, the commands as functions."""

@@ -1,0 +1,1 @@
+"""Sharing a trained model: the model card and `aligntool push`."""
