@@ -16,7 +16,7 @@ from importlib import metadata
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT, EXTRAS = "aligntool", ("dev", "deepspeed", "bitsandbytes", "plots", "trackers", "lm-eval")
+ROOT, EXTRAS = "aligntool", ("dev", "deepspeed", "bitsandbytes", "plots", "trackers", "lm-eval", "compressed-tensors")
 SKIP = {"torch"}  # chosen by install.sh, with its own dependencies
 
 
