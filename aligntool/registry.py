@@ -13,9 +13,9 @@ kind:
     online    method(run) -> an object with step(engine, prompts), run on aligntool's rollout engine (aligntool/online)
 
 Adding an algorithm = its module (an ``AlgoConfig`` and the entry point; a trainer class of its own goes in
-``<name>_trainer.py``), one entry here, one YAML under ``aligntool/recipes/``. Modules import TRL only inside their entry point or
-in ``*_trainer.py``, so this table, recipe checks and ``aligntool --help`` stay fast. This file imports nothing but
-the standard library (at import time).
+``<name>_trainer.py``), one entry here, one YAML under ``aligntool/recipes/``. Modules import TRL only inside their
+entry point or in ``*_trainer.py``, so this table, recipe checks and ``aligntool --help`` stay fast. This file imports
+nothing but the standard library (at import time).
 """
 
 from __future__ import annotations
@@ -103,11 +103,13 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       algo_defaults={"loss_type": "hinge"},
                       summary="SLiC-HF hinge loss max(0, 1 - beta * margin) (Zhao et al. 2023)."),
         AlgorithmSpec(name="robust_dpo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/robust_dpo.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig",
+                      recipe="aligntool/recipes/robust_dpo.yaml",
                       algo_defaults={"loss_type": "robust", "label_smoothing": 0.1},
                       summary="Robust DPO for noisy labels with flip rate epsilon (Chowdhury et al. 2024)."),
         AlgorithmSpec(name="sppo_hard", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/sppo_hard.yaml",
+                      module="aligntool.trainers.dpo", trl_config="trl:DPOConfig",
+                      recipe="aligntool/recipes/sppo_hard.yaml",
                       algo_defaults={"loss_type": "sppo_hard"},
                       summary="SPPO with hard labels P_w=1, P_l=0 (TRL's sppo_hard; Wu et al. 2024)."),
         AlgorithmSpec(name="fdpo", kind="trl", family="offline-preference", data="preference",
@@ -133,11 +135,13 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       summary="SPPO, soft and iterative: K samples per prompt, win rates vs the current policy, "
                               "squared loss to (P - 1/2)/beta, reference refreshed each iteration (Wu et al. 2024)."),
         AlgorithmSpec(name="hypo", kind="trl", family="hybrid-preference", data="preference",
-                      module="aligntool.trainers.hypo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/hypo.yaml",
+                      module="aligntool.trainers.hypo", trl_config="trl:DPOConfig",
+                      recipe="aligntool/recipes/hypo.yaml",
                       summary="HyPO: offline DPO + lambda * KL(pi || pi_ref) on fresh on-policy samples, RLOO "
                               "estimator (Song et al. 2024)."),
         AlgorithmSpec(name="srpo", kind="trl", family="offline-preference", data="preference",
-                      module="aligntool.trainers.srpo", trl_config="trl:DPOConfig", recipe="aligntool/recipes/srpo.yaml",
+                      module="aligntool.trainers.srpo", trl_config="trl:DPOConfig",
+                      recipe="aligntool/recipes/srpo.yaml",
                       summary="SRPO: one model as generator and self-reviser, (1-alpha) L_gen + alpha L_self (Choi et "
                               "al. 2024)."),
         AlgorithmSpec(name="spo", kind="trl", family="offline-preference", data="preference",

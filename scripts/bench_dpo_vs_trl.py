@@ -24,6 +24,7 @@ from pathlib import Path
 from benchlib import run_worker
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 SETTINGS = dict(learning_rate=5e-4, max_length=64, logging_steps=10, seed=0)
 TOY_ROWS = 2000
 
@@ -52,7 +53,7 @@ def worker_aligntool(steps: int, batch: int, out: str) -> list[float]:
     overrides = [f"output_dir={out}", f"train.max_steps={steps}", f"train.per_device_train_batch_size={batch}",
                  "train.save_strategy=no", *(f"train.{k}={v}" for k, v in SETTINGS.items()),
                  f"dataset.toy.size={TOY_ROWS}"]
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / "dpo.yaml", overrides)
+    loaded = load_recipe(RECIPES / "dpo.yaml", overrides)
     run = Run(loaded, Path(out))
     run.model_path = models.resolve("tiny")
     run.tokenizer = models.load_tokenizer(run.model_path)

@@ -61,7 +61,8 @@ from pathlib import Path
 import benchlib as B
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "aligntool" / "recipes" / "online_dpo.yaml"
+RECIPES = REPO / "aligntool" / "recipes"
+RECIPE = RECIPES / "online_dpo.yaml"
 SIDES = ("aligntool", "trl")
 WARMUP = 2  # iterations left out of the figures
 TOY_ROWS = 2000

@@ -3,9 +3,9 @@ completions per prompt, max new tokens, reward, KL weight, optimizer and optimiz
 
 Sides, each run in a fresh subprocess (so peak memory is per run), alternating A B C D, D C B A, ... so that machine
 noise and drift hit all alike:
-- remax: ``aligntool/recipes/remax.yaml`` in-process (``train(load_recipe(path, overrides))``): per prompt one sampled and one
+- remax: the ``remax`` recipe in-process (``train(load_recipe(path, overrides))``): per prompt one sampled and one
   greedy response (the baseline), generated in one call;
-- reinforce_pp: ``aligntool/recipes/reinforce_pp.yaml`` likewise, ``--generations`` samples per prompt, the group-mean baseline
+- reinforce_pp: the ``reinforce_pp`` recipe likewise, ``--generations`` samples per prompt, the group-mean baseline
   (REINFORCE++-baseline; ``baseline: none`` with 1 generation), k1 KL in the token rewards, one update per rollout;
 - grpo / rloo: plain ``trl.GRPOTrainer`` / ``trl.RLOOTrainer`` scripts with ``reward_funcs`` = aligntool's toy gold
   reward (aligntool.rewards.gold, what ``reward.source: gold`` scores with).
@@ -64,6 +64,7 @@ from pathlib import Path
 import benchlib as B
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 OURS = ("remax", "reinforce_pp")
 THEIRS = ("grpo", "rloo")
 SIDES = OURS + THEIRS
@@ -91,7 +92,7 @@ def _recipe(side: str, a, out: str):
         overrides += [f"algo.samples_per_prompt={a.generations}",
                       f"algo.baseline={'group' if a.generations > 1 else 'none'}", "algo.kl_in=reward",
                       "algo.kl_estimator=k1", "algo.gamma=1.0", "algo.ppo_epochs=1", "algo.num_minibatches=1"]
-    return load_recipe(REPO / "aligntool" / "recipes" / f"{side}.yaml", overrides)
+    return load_recipe(RECIPES / f"{side}.yaml", overrides)
 
 
 def _import_libraries() -> None:

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 
 
 def state_bytes(checkpoint: Path) -> tuple[int, int]:
@@ -44,7 +45,7 @@ def run(optim: str, a, out: Path) -> dict:
     from aligntool.recipe.loader import load_recipe
     from aligntool.train import train
 
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "sft.yaml", [
+    summary = train(load_recipe(RECIPES / "sft.yaml", [
         f"output_dir={out}", f"model.name_or_path={a.model}", f"train.optim={optim}", f"train.max_steps={a.steps}",
         f"train.save_steps={a.steps}", "train.eval_strategy=no", "train.logging_steps=1", "train.seed=0"]))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -33,7 +34,7 @@ def worker(precompute: bool, steps: int, batch: int, out: str) -> dict:
     from aligntool.train import Run
 
     rows = max(steps * batch, 256)  # the pass scores only the rows training will see
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / "dpo.yaml", [
+    loaded = load_recipe(RECIPES / "dpo.yaml", [
         f"output_dir={out}", f"train.max_steps={steps}", f"train.per_device_train_batch_size={batch}",
         "train.save_strategy=no", f"dataset.toy.size={rows}",
         f"algo.precompute_ref_log_probs={str(precompute).lower()}",

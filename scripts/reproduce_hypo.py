@@ -1,7 +1,7 @@
 """HyPO vs DPO at toy scale (Song et al. 2024, arXiv 2406.01462): the paper claims that adding the online
 KL(pi || pi_ref) term to offline DPO reaches a lower KL to the reference at no lower reward.
 
-Trains DPO (aligntool/recipes/dpo.yaml) and HyPO (aligntool/recipes/hypo.yaml) for one or more lambda (kl_coef) values with the same data,
+Trains DPO (the dpo recipe) and HyPO (the hypo recipe) for one or more lambda (kl_coef) values with the same data,
 steps, batch, learning rate and seed, evaluates each against the tiny reference on held-out prompts (gold reward,
 sequence KL estimated on policy samples, win rate) and prints the table and the verdict, whatever it is.
 
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 
 
 def train_and_eval(recipe: str, out: Path, overrides: list[str], num_prompts: int) -> dict:
@@ -25,7 +26,7 @@ def train_and_eval(recipe: str, out: Path, overrides: list[str], num_prompts: in
     from aligntool.train import train
 
     start = time.time()
-    train(load_recipe(REPO / "aligntool" / "recipes" / recipe, [f"output_dir={out}", *overrides]))
+    train(load_recipe(RECIPES / recipe, [f"output_dir={out}", *overrides]))
     result = evaluate(str(out), reference="tiny", num_prompts=num_prompts)
     result["train_s"] = time.time() - start
     return result

@@ -2,7 +2,7 @@
 
 1. Data: toy preference pairs labelled by the gold reward without noise, then 25% of the labels flipped at random
    (the paper's 25% label noise); held-out clean pairs measure each proxy's accuracy.
-2. Proxies: ``--members`` reward models from aligntool/recipes/reward.yaml on those pairs, differing only in the seed (head
+2. Proxies: ``--members`` reward models from the reward recipe on those pairs, differing only in the seed (head
    init and data order).
 3. Best-of-n: N samples per held-out prompt from the tiny policy, drawn once; for each objective -- a single proxy
    (member 0), mean, WCO (min), UWO (mean - lambda * population variance, ddof 0, lambda ``--uwo-bon``) -- the unbiased
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 OBJECTIVES = ("single", "mean", "wco", "uwo")
 
 
@@ -66,7 +67,7 @@ def train_members(a, out: Path) -> list[str]:
     for seed in range(a.members):
         path = out / f"rm{seed}"
         if not (path / "summary.json").is_file():
-            train(load_recipe(REPO / "aligntool" / "recipes" / "reward.yaml", [
+            train(load_recipe(RECIPES / "reward.yaml", [
                 f"output_dir={path}", f"dataset.path={data}", f"train.seed={seed}", f"train.max_steps={a.rm_steps}",
                 "train.eval_strategy=no", f"train.save_steps={a.rm_steps}"]))
         acc = evaluate_reward_model(str(path), 512, 64, seed=0)["pairwise_accuracy"]
@@ -122,7 +123,7 @@ def run_ppo(a, members: list[str], out: Path) -> dict:
             overrides.append(f"reward.source={reward['source']}")
         if not (path / "summary.json").is_file():
             t0 = time.time()
-            train(load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", overrides))
+            train(load_recipe(RECIPES / "ppo.yaml", overrides))
             print(f"PPO {obj}: {time.time() - t0:.0f} s", flush=True)
         scorer = rewards.load(cfg)
         rows = [{"iteration": 0, **score_policy("tiny", scorer, a.prompts)}]

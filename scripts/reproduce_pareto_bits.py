@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 sys.path.insert(0, str(REPO))
 
 METHODS = {"rtn": ["compress.method=uniform", "compress.mode=quant"], "jlcm": ["compress.method=jlcm"]}
@@ -146,7 +147,7 @@ def compress_point(model: Path, method: str, bits: int, out: Path, group: int, a
     from aligntool.compress.recipe import load_compress_recipe
     from aligntool.compress.run import compress
 
-    recipe = load_compress_recipe(REPO / "aligntool" / "recipes" / "compress_jlcm.yaml", [
+    recipe = load_compress_recipe(RECIPES / "compress_jlcm.yaml", [
         f"model.name_or_path={model}", "model.dtype=float32", f"output_dir={out}", f"calibration.path={a.text_path}",
         f"calibration.seq_len={a.seq_len}", f"calibration.num_sequences={a.calib}",
         f"calibration.heldout_sequences={a.heldout}", *METHODS[method], f"compress.bits={bits}",

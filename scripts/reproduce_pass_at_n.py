@@ -2,7 +2,7 @@
 Compute", arXiv 2502.07154): the paper claims that with cross-entropy, pass@N for large N falls as training goes on
 (the model grows confident in wrong answers), while Direct Coverage Optimization (DCO) keeps it up.
 
-Trains the tiny model on the toy addition task (aligntool/toy/arith.py, aligntool/recipes/sft_pass_at_n.yaml) twice, with
+Trains the tiny model on the toy addition task (aligntool/toy/arith.py, the sft_pass_at_n recipe) twice, with
 ``algo.loss=ce`` and ``algo.loss=dco`` (same data, steps, batch, learning rate, seed), checkpointing along each run;
 at every checkpoint samples ``--samples`` completions per held-out question at temperature 1 and reports the
 unbiased pass@k (k in ``--ks``, mean over questions), prints the table and the verdict, whatever it is, and writes
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 
 
 def evaluate(model_path: str, tokenizer, questions: list[str], samples: int, ks: list[int], max_new_tokens: int,
@@ -56,7 +57,7 @@ def train_run(loss: str, out: Path, a) -> float:
                  f"train.per_device_train_batch_size={a.batch_size}", f"dataset.toy.size={a.train_questions}",
                  "dataset.toy.eval_size=0", "train.eval_strategy=no", "train.logging_steps=20", "train.seed=0",
                  "dataset.toy.seed=0", "train.save_only_model=true", "train.disable_tqdm=true"]
-    train(load_recipe(REPO / "aligntool" / "recipes" / "sft_pass_at_n.yaml", overrides), overwrite=True)
+    train(load_recipe(RECIPES / "sft_pass_at_n.yaml", overrides), overwrite=True)
     return time.time() - start
 
 

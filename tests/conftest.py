@@ -9,6 +9,7 @@ import pytest
 from aligntool.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "aligntool" / "recipes"
 def pytest_configure(config):
     """A pytest-xdist worker computes on one torch thread: the workers (2, see pyproject) share the machine's cores,
     and torch's default of one thread per core in each of them oversubscribes it (spinning OpenMP threads: the suite
@@ -104,13 +105,13 @@ def cli_error(capsys, argv: list[str], *needles: str) -> str:
 
 
 def train_two_processes(recipe: str, out: Path, *overrides: str) -> tuple[dict, str]:
-    """`aligntool train --recipe aligntool/recipes/<recipe>.yaml --nproc 2` in a subprocess (torchrun, gloo on CPU); returns the
+    """`aligntool train --recipe <recipe> --nproc 2` in a subprocess (torchrun, gloo on CPU); returns the
     run's summary.json and the command's stderr, after checking it exited 0 on 2 ranks."""
     import json
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "aligntool" / "recipes" / f"{recipe}.yaml"),
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(RECIPES / f"{recipe}.yaml"),
            "--nproc", "2", *overrides, f"output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ import math
 import typing
 
 import pytest
-from conftest import REPO, expect_error, user_error
+from conftest import RECIPES, expect_error, user_error
 
 from aligntool import registry
 
@@ -352,9 +352,9 @@ def test_a_bad_value_is_refused_by_the_recipe_loader(recipe, override, words):
     from aligntool.recipe.loader import load_recipe
 
     if words is None:
-        load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [override])
+        load_recipe(RECIPES / f"{recipe}.yaml", [override])
         return
-    message = user_error(load_recipe, REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [override])
+    message = user_error(load_recipe, RECIPES / f"{recipe}.yaml", [override])
     assert words in message, message
 
 
@@ -362,10 +362,10 @@ def test_a_bad_value_is_refused_by_the_recipe_loader(recipe, override, words):
 def test_soup_weights_must_be_non_negative_and_sum_to_one(weights):
     from aligntool.recipe.loader import load_recipe
 
-    message = user_error(load_recipe, REPO / "aligntool" / "recipes" / "ppo.yaml",
+    message = user_error(load_recipe, RECIPES / "ppo.yaml",
                          ["ref_model.soup=[tiny, tiny]", f"ref_model.soup_weights={weights}"])
     assert "soup_weights must be non-negative and sum to 1" in message
-    load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", ["ref_model.soup=[tiny, tiny]", "ref_model.soup_weights=[0.0, 1.0]"])
+    load_recipe(RECIPES / "ppo.yaml", ["ref_model.soup=[tiny, tiny]", "ref_model.soup_weights=[0.0, 1.0]"])
 
 
 @pytest.mark.parametrize("args,words", [
@@ -384,10 +384,10 @@ def test_max_samples_keeps_exactly_n_rows(recipe, n):
     from aligntool import data
     from aligntool.recipe.loader import load_recipe
 
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", ["dataset.toy.size=20", f"dataset.max_samples={n}"])
+    loaded = load_recipe(RECIPES / f"{recipe}.yaml", ["dataset.toy.size=20", f"dataset.max_samples={n}"])
     train, _ = data.load_for_recipe(loaded.recipe, loaded.spec.data)
     assert len(train) == n
-    whole = load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", ["dataset.toy.size=20"])
+    whole = load_recipe(RECIPES / f"{recipe}.yaml", ["dataset.toy.size=20"])
     full, _ = data.load_for_recipe(whole.recipe, whole.spec.data)
     assert train.to_list() == full.to_list()[:n]  # the first N rows
 
@@ -399,16 +399,16 @@ def test_max_samples_keeps_exactly_n_rows(recipe, n):
 def test_reinforce_pp_validators_refuse(overrides, words):
     from aligntool.recipe.loader import load_recipe
 
-    message = user_error(load_recipe, REPO / "aligntool" / "recipes" / "reinforce_pp.yaml", overrides)
+    message = user_error(load_recipe, RECIPES / "reinforce_pp.yaml", overrides)
     assert words in message, message
-    load_recipe(REPO / "aligntool" / "recipes" / "reinforce_pp.yaml", ["algo.baseline=group", "algo.samples_per_prompt=2",
+    load_recipe(RECIPES / "reinforce_pp.yaml", ["algo.baseline=group", "algo.samples_per_prompt=2",
                                                          "algo.gamma=1"])
 
 
 def test_overrides_are_read_as_yaml_values():
     from aligntool.recipe.loader import load_recipe
 
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", ["train.max_steps=7", "algo.kl_coef=0.25",
+    loaded = load_recipe(RECIPES / "ppo.yaml", ["train.max_steps=7", "algo.kl_coef=0.25",
                                                          "algo.whiten_advantages=false", "algo.kl_target=null"])
     assert loaded.recipe.train.max_steps == 7 and isinstance(loaded.recipe.train.max_steps, int)
     resolved = loaded.resolved()

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, user_error
+from conftest import RECIPES, user_error
 from test_bad_input import expect_error
 
 from aligntool.cli import main
@@ -367,7 +367,7 @@ def test_reward_functions_are_found_beside_the_recipe(tmp_path, tiny_path, monke
     (folder / "my_scores.py").write_text("def length(prompts, completions):\n"
                                          "    return [float(len(c)) for c in completions]\n")
     recipe = folder / "r.yaml"
-    recipe.write_text((REPO / "aligntool" / "recipes" / "remax.yaml").read_text() + "\n")
+    recipe.write_text((RECIPES / "remax.yaml").read_text() + "\n")
     monkeypatch.chdir(tmp_path)  # neither the working directory nor sys.path holds the module
     summary = train(load_recipe(recipe, ["reward.source=my_scores:length", *QUICK, "algo.max_new_tokens=4",
                                          "dataset.toy.size=4", f"output_dir={tmp_path / 'o'}"]))

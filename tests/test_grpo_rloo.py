@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, user_error
+from conftest import RECIPES, user_error
 
 from aligntool.cli import main
 from aligntool.recipe.loader import load_recipe
@@ -49,7 +49,7 @@ def reward_module(tmp_path, monkeypatch):
 
 
 def cli(capsys, name, out, *overrides) -> tuple[int, str]:
-    code = main(["train", "--recipe", str(REPO / "aligntool" / "recipes" / f"{name}.yaml"), *QUICK, *overrides,
+    code = main(["train", "--recipe", str(RECIPES / f"{name}.yaml"), *QUICK, *overrides,
                  f"output_dir={out}"])
     return code, capsys.readouterr().err.strip()
 
@@ -127,7 +127,7 @@ def test_unknown_loss_type_lists_trls(capsys, tmp_path):
     # read from TRL's help text: the eight of TRL 1.16 at least, and no stray quoted word
     assert {"grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"} <= set(types)
     assert "sequence" not in types and "token" not in types
-    message = user_error(load_recipe, REPO / "aligntool" / "recipes" / "grpo.yaml", ["algo.loss_type=grpoo"])
+    message = user_error(load_recipe, RECIPES / "grpo.yaml", ["algo.loss_type=grpoo"])
     assert "algo.loss_type" in message and "'grpoo' is not one of TRL's: " + ", ".join(types) in message
     code, err = cli(capsys, "grpo", tmp_path, "algo.loss_type=nope")
     assert code == 2 and err.splitlines()[-1].startswith("aligntool: error: ") and ", ".join(types) in err
@@ -138,17 +138,17 @@ def test_generation_vllm_maps_to_trls_fields(tmp_path, name):
     from aligntool.train import Run
 
     module = __import__(f"aligntool.trainers.{name}", fromlist=["args"])
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{name}.yaml", [
+    loaded = load_recipe(RECIPES / f"{name}.yaml", [
         "generation.backend=vllm", "generation.vllm_mode=server", "generation.server_base_url=http://10.0.0.5:8000",
         "generation.gpu_memory_utilization=0.5", "generation.max_model_length=64"])
     args = module.args(Run(loaded, tmp_path))
     assert args.use_vllm is True and args.vllm_mode == "server"
     assert args.vllm_server_base_url == "http://10.0.0.5:8000"
     assert (args.vllm_gpu_memory_utilization, args.vllm_max_model_length) == (0.5, 64)
-    plain = module.args(Run(load_recipe(REPO / "aligntool" / "recipes" / f"{name}.yaml"), tmp_path))
+    plain = module.args(Run(load_recipe(RECIPES / f"{name}.yaml"), tmp_path))
     assert plain.use_vllm is False
     # TRL's own field for what `generation` sets is refused, naming the key to use
-    clash = load_recipe(REPO / "aligntool" / "recipes" / f"{name}.yaml", ["train.use_vllm=true"])
+    clash = load_recipe(RECIPES / f"{name}.yaml", ["train.use_vllm=true"])
     message = user_error(module.args, Run(clash, tmp_path))
     assert "train.use_vllm: set generation.backend instead" in message
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import RECIPES, REPO
 
 from aligntool.online.contract import MethodBase, OnlineMethod, check_method, contract_problems
 from aligntool.recipe.loader import load_recipe
@@ -19,7 +19,7 @@ ONLINE = sorted(name for name, spec in ALGORITHMS.items() if spec.kind == "onlin
 def make_run(out, recipe, *overrides):
     from aligntool.train import Run
 
-    return Run(load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [f"output_dir={out}", *overrides]), out)
+    return Run(load_recipe(RECIPES / f"{recipe}.yaml", [f"output_dir={out}", *overrides]), out)
 
 
 def test_the_registry_lists_the_engine_methods():

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import REPO, SUMMARY_KEYS, train_two_processes
+from conftest import RECIPES, SUMMARY_KEYS, train_two_processes
 
 from aligntool.cli import main
 from aligntool.recipe.loader import load_recipe
@@ -17,7 +17,7 @@ QUICK = ["train.max_steps=3", "train.per_device_train_batch_size=4", "train.logg
 
 @pytest.mark.parametrize("name", ["ppo", "p3o", "remax"])
 def test_online_recipe_runs_logs_and_checkpoints(name, tmp_path, tiny_path):
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / f"{name}.yaml", [*QUICK, f"output_dir={tmp_path}"]))
+    summary = train(load_recipe(RECIPES / f"{name}.yaml", [*QUICK, f"output_dir={tmp_path}"]))
     assert summary["global_step"] == 3 and SUMMARY_KEYS <= summary.keys() and summary["kind"] == "online"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -35,13 +35,13 @@ def test_online_resume_continues_from_the_checkpoint(name, extra, tmp_path, tiny
     from safetensors.torch import load_file
 
     args = [*QUICK, *extra, f"output_dir={tmp_path}"]
-    train(load_recipe(REPO / "aligntool" / "recipes" / f"{name}.yaml", [*args, "train.max_steps=2"]))
+    train(load_recipe(RECIPES / f"{name}.yaml", [*args, "train.max_steps=2"]))
     if name == "ppo":  # the separate critic is saved beside the policy and trained (no longer equal to it)
         critic = load_file(str(tmp_path / "checkpoints" / "checkpoint-2" / "value_head.safetensors"))
         policy = load_file(str(tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors"))
         key = "model.layers.0.mlp.down_proj.weight"
         assert f"critic_lm.{key}" in critic and not critic[f"critic_lm.{key}"].equal(policy[key])
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / f"{name}.yaml", [*args, "train.max_steps=4"]), resume=True,
+    summary = train(load_recipe(RECIPES / f"{name}.yaml", [*args, "train.max_steps=4"]), resume=True,
                     accept_changes=True)
     assert summary["global_step"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -49,7 +49,7 @@ def test_online_resume_continues_from_the_checkpoint(name, extra, tmp_path, tiny
 
 
 def test_ppo_with_a_soup_reference_and_soup_initialised_policy(tmp_path, tiny_path):
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", [
+    summary = train(load_recipe(RECIPES / "ppo.yaml", [
         *QUICK, f"output_dir={tmp_path}", f"ref_model.soup=[{tiny_path}, {tiny_path}]",
         "ref_model.soup_weights=[0.3, 0.7]", "ref_model.policy_from_soup=true"]))
     assert summary["global_step"] == 3

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import RECIPES
 
 from aligntool.online.engine import Engine
 from aligntool.recipe.loader import load_recipe
@@ -34,7 +34,7 @@ def make_run(tmp_path, recipe, *overrides):
     from aligntool import data, models
     from aligntool.train import Run
 
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [f"output_dir={tmp_path}", *overrides])
+    loaded = load_recipe(RECIPES / f"{recipe}.yaml", [f"output_dir={tmp_path}", *overrides])
     run = Run(loaded, tmp_path)
     run.model_path = models.resolve("tiny")
     run.tokenizer = models.load_tokenizer(run.model_path)

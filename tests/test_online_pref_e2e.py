@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import REPO, train_two_processes
+from conftest import RECIPES, REPO, train_two_processes
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
@@ -33,7 +33,7 @@ def test_online_dpo_runs_with_any_loss_type(tmp_path, tiny_path, loss_type, firs
     """At the first step the policy is the reference: every log-ratio is 0, so sigmoid gives -log sigmoid(0) = log 2
     and IPO (1/(2 beta))^2 = 25 at beta 0.1, whatever the samples and their labels."""
     extra = ["algo.loss_weights=[1.0, 0.1]"] if "," in loss_type else []
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "online_dpo.yaml",
+    summary = train(load_recipe(RECIPES / "online_dpo.yaml",
                                 [*QUICK, f"output_dir={tmp_path}", f"algo.loss_type={loss_type}", *extra]))
     assert summary["global_step"] == 4
     got = rows(tmp_path)
@@ -49,7 +49,7 @@ def test_online_dpo_runs_with_any_loss_type(tmp_path, tiny_path, loss_type, firs
 
 def test_online_dpo_with_a_pairwise_judge_function(tmp_path, tiny_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "tests"))
-    train(load_recipe(REPO / "aligntool" / "recipes" / "online_dpo.yaml",
+    train(load_recipe(RECIPES / "online_dpo.yaml",
                       [*QUICK, f"output_dir={tmp_path}", "reward.source=gold",
                        "reward.judge=test_online_pref_e2e:soft_judge"]))
     probs = [r["preference_prob"] for r in rows(tmp_path)]
@@ -57,7 +57,7 @@ def test_online_dpo_with_a_pairwise_judge_function(tmp_path, tiny_path, monkeypa
 
 
 def test_xpo_alpha_schedule_and_reference_samples(tmp_path, tiny_path):
-    train(load_recipe(REPO / "aligntool" / "recipes" / "xpo.yaml", [*QUICK, f"output_dir={tmp_path}", "algo.alpha=[0.1, 0.0]"]))
+    train(load_recipe(RECIPES / "xpo.yaml", [*QUICK, f"output_dir={tmp_path}", "algo.alpha=[0.1, 0.0]"]))
     got = rows(tmp_path)
     assert [r["alpha"] for r in got] == [0.1, 0.1, 0.0, 0.0]  # two values over four iterations
     assert all(r["ref_sample_logp"] < 0 for r in got)
@@ -70,7 +70,7 @@ def test_inpo_iterations_first_loss_resume_and_saved_stages(tmp_path, tiny_path)
     args = [f"output_dir={tmp_path}", "train.max_steps=2", "train.per_device_train_batch_size=4",
             "train.logging_steps=1", "algo.max_new_tokens=12", "dataset.toy.size=24", "algo.iterations=2",
             "algo.eta=0.1"]
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "inpo.yaml", args))
+    summary = train(load_recipe(RECIPES / "inpo.yaml", args))
     assert [s["iteration"] for s in summary["per_iteration"]] == [1, 2]
     got = rows(tmp_path)
     first = next(r for r in got if r.get("stage") == "iter-1")
@@ -88,8 +88,8 @@ def test_inpo_iterations_first_loss_resume_and_saved_stages(tmp_path, tiny_path)
     from aligntool.errors import UserError
 
     with pytest.raises(UserError, match=r"algo.eta 0.1 -> 0.2.*--accept-changes"):  # a pipeline's recipe is checked
-        train(load_recipe(REPO / "aligntool" / "recipes" / "inpo.yaml", [*args, "algo.eta=0.2"]), resume=True)
-    again = train(load_recipe(REPO / "aligntool" / "recipes" / "inpo.yaml", [*args, "algo.iterations=2"]), resume=True)
+        train(load_recipe(RECIPES / "inpo.yaml", [*args, "algo.eta=0.2"]), resume=True)
+    again = train(load_recipe(RECIPES / "inpo.yaml", [*args, "algo.iterations=2"]), resume=True)
     assert again["per_iteration"] == [] and (tmp_path / "iter-1" / "samples.jsonl").stat().st_mtime_ns == before
 
 

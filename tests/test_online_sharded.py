@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import RECIPES, REPO
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
@@ -77,7 +77,7 @@ def single(tmp_path_factory, tiny_path):
     root = tmp_path_factory.mktemp("single")
     curves = {}
     for name, (recipe, extra) in METHODS.items():
-        train(load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [*COMMON, *extra, "train.max_steps=3",
+        train(load_recipe(RECIPES / f"{recipe}.yaml", [*COMMON, *extra, "train.max_steps=3",
                                                                "train.per_device_train_batch_size=4",
                                                                f"output_dir={root / name}"]))
         curves[name] = curve(root / name, recipe)
@@ -127,7 +127,7 @@ def test_sharded_online_methods_match_one_process_and_resume(tmp_path, single, b
                                      ["distributed.backend=fsdp"]], ids=["zero3", "fsdp2"])
 def test_xpo_under_zero3_or_fsdp_is_refused_in_one_line(tmp_path, tiny_path, backend):
     """XPO samples from the frozen reference, which ZeRO-3 and FSDP keep partitioned: refused before any model loads."""
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "aligntool" / "recipes" / "xpo.yaml"), *backend,
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(RECIPES / "xpo.yaml"), *backend,
            f"output_dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -139,7 +139,7 @@ def test_xpo_under_zero3_or_fsdp_is_refused_in_one_line(tmp_path, tiny_path, bac
 def test_one_process_zero3_runs_without_a_launcher(tmp_path, tiny_path, recipe, extra):
     """`aligntool train ... distributed.backend=deepspeed` in one process (no torchrun, as on a one-GPU machine):
     DeepSpeed gets the one-process rendezvous instead of looking for MPI (mpi4py)."""
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "aligntool" / "recipes" / f"{recipe}.yaml"),
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(RECIPES / f"{recipe}.yaml"),
            "train.max_steps=2", "train.per_device_train_batch_size=4", "dataset.toy.size=32", *extra,
            "distributed.backend=deepspeed", "distributed.zero_stage=3", f"output_dir={tmp_path}"]
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

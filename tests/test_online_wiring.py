@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import RECIPES
 
 from aligntool import registry
 
@@ -470,14 +471,13 @@ def test_every_online_method_is_covered_here():
 
 # ---------------------------------------------------------------------- the real engine's positions, on tiny
 def make_engine(tmp_path, recipe, *overrides):
-    from conftest import REPO
 
     from aligntool import data, models
     from aligntool.online.engine import Engine
     from aligntool.recipe.loader import load_recipe
     from aligntool.train import Run
 
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [f"output_dir={tmp_path}", "dataset.toy.size=8",
+    loaded = load_recipe(RECIPES / f"{recipe}.yaml", [f"output_dir={tmp_path}", "dataset.toy.size=8",
                                                                 "algo.max_new_tokens=6", *overrides])
     run = Run(loaded, tmp_path)
     run.model_path = models.resolve("tiny")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import RECIPES, REPO
 
 from aligntool.cli import main
 from aligntool.errors import UserError
@@ -308,11 +308,11 @@ def test_online_ppo_trains_with_cosmos_and_resumes(tmp_path, tiny_path):
     args = ["train.max_steps=2", "train.per_device_train_batch_size=4", "train.logging_steps=1", "train.save_steps=2",
             "algo.max_new_tokens=8", "dataset.toy.size=16", f"output_dir={tmp_path}", "train.optim=cosmos",
             "optimizer.rank=8"]
-    assert train(load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", args))["global_step"] == 2
+    assert train(load_recipe(RECIPES / "ppo.yaml", args))["global_step"] == 2
     state = torch.load(tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)["optimizer"]
     kinds = [("basis" in s, tuple(s["exp_avg"].shape)) for s in state["state"].values()]
     assert (True, (128, 128)) in kinds and (False, (1, 128)) in kinds
-    assert train(load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", [*args, "train.max_steps=3"]), resume=True,
+    assert train(load_recipe(RECIPES / "ppo.yaml", [*args, "train.max_steps=3"]), resume=True,
                  accept_changes=True)["global_step"] == 3
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import RECIPES, REPO
 
 from aligntool.errors import UserError
 from aligntool.losses.sft import dco_gradient_factor, dco_loss
@@ -187,7 +187,7 @@ def test_train_sft_with_dco_end_to_end(tmp_path, tiny_path):
 
     from aligntool.cli import main
 
-    rc = main(["train", "--recipe", str(REPO / "aligntool" / "recipes" / "sft_pass_at_n.yaml"), f"output_dir={tmp_path}",
+    rc = main(["train", "--recipe", str(RECIPES / "sft_pass_at_n.yaml"), f"output_dir={tmp_path}",
                "train.max_steps=3", "train.logging_steps=1", "train.save_steps=3", "dataset.toy.size=24",
                "dataset.toy.eval_size=8", "train.eval_steps=3", "train.per_device_train_batch_size=4"])
     assert rc == 0
@@ -211,7 +211,7 @@ def test_bad_input_is_a_one_line_user_error(override, message):
     from aligntool.recipe.loader import load_recipe
 
     with pytest.raises(UserError) as err:
-        load_recipe(REPO / "aligntool" / "recipes" / "sft_pass_at_n.yaml", [override])
+        load_recipe(RECIPES / "sft_pass_at_n.yaml", [override])
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -219,7 +219,7 @@ def test_arithmetic_with_preference_data_is_refused(tiny_path, tmp_path):
     from aligntool.data import load_for_recipe
     from aligntool.recipe.loader import load_recipe
 
-    recipe = load_recipe(REPO / "aligntool" / "recipes" / "dpo.yaml", ["dataset.toy.task=arithmetic"]).recipe
+    recipe = load_recipe(RECIPES / "dpo.yaml", ["dataset.toy.task=arithmetic"]).recipe
     with pytest.raises(UserError, match="no preference data"):
         load_for_recipe(recipe, "preference")
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import REPO, SUMMARY_KEYS
+from conftest import RECIPES, SUMMARY_KEYS
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
@@ -30,7 +30,7 @@ def evals(out):
 @pytest.mark.parametrize("name", ["ipo", "slic", "robust_dpo", "sppo_hard", "fdpo", "rpo", "cpl", "hypo", "srpo",
                                   "spo"])
 def test_dpo_variant_recipe_learns_the_preferences(name, tmp_path, tiny_path):
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / f"{name}.yaml",
+    summary = train(load_recipe(RECIPES / f"{name}.yaml",
                                 [*SHORT, *LONGER.get(name, []), f"output_dir={tmp_path}"]))
     before, after = evals(tmp_path)[0], summary["final_metrics"]
     assert after["eval_loss"] < before["eval_loss"], (before, after)
@@ -44,7 +44,7 @@ def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
     args = ["dataset.toy.size=12", "algo.num_candidates=6", "algo.num_samples=4", "algo.max_new_tokens=24",
             "train.max_steps=6", "train.per_device_train_batch_size=4", "train.save_steps=6", "train.logging_steps=2",
             f"output_dir={tmp_path}"]
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "rso.yaml", args))
+    summary = train(load_recipe(RECIPES / "rso.yaml", args))
     for stage in ("candidates", "scored", "pairs"):
         assert (tmp_path / f"{stage}.jsonl").is_file()
     scored = read_jsonl(tmp_path / "scored.jsonl")
@@ -57,13 +57,13 @@ def test_rso_pipeline_saves_and_reuses_its_stages(tmp_path, tiny_path):
     assert logged == [{"step": 0, "stage": "rso/pairs", **p} for p in pairs[:8]]
     stamp = (tmp_path / "candidates.jsonl").stat().st_mtime_ns
     # select+train
-    train(load_recipe(REPO / "aligntool" / "recipes" / "rso.yaml", [*args, "algo.pairing=tournament"]), overwrite=True)
+    train(load_recipe(RECIPES / "rso.yaml", [*args, "algo.pairing=tournament"]), overwrite=True)
     assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns == stamp
     assert len(read_jsonl(tmp_path / "pairs.jsonl")) > len(pairs) / 2
     # --overwrite started the file over; the reselected pairs were logged (the reused samples were not)
     assert read_jsonl(tmp_path / "completions.jsonl") == [
         {"step": 0, "stage": "rso/pairs", **p} for p in read_jsonl(tmp_path / "pairs.jsonl")[:8]]
-    train(load_recipe(REPO / "aligntool" / "recipes" / "rso.yaml", [*args, "algo.start_from=sample"]), overwrite=True)
+    train(load_recipe(RECIPES / "rso.yaml", [*args, "algo.start_from=sample"]), overwrite=True)
     assert (tmp_path / "candidates.jsonl").stat().st_mtime_ns != stamp
 
 
@@ -71,7 +71,7 @@ def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
     args = ["dataset.toy.size=24", "algo.iterations=2", "algo.num_samples=3", "algo.max_new_tokens=24",
             "train.per_device_train_batch_size=16", "train.num_train_epochs=2", "train.logging_steps=1",
             "algo.beta=0.1", f"output_dir={tmp_path}"]
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "sppo.yaml", args))
+    summary = train(load_recipe(RECIPES / "sppo.yaml", args))
     assert [s["iteration"] for s in summary["per_iteration"]] == [1, 2]
     assert SUMMARY_KEYS <= summary.keys() and summary["kind"] == "pipeline"
     for t in (1, 2):
@@ -100,7 +100,7 @@ def test_sppo_iterates_with_a_refreshed_reference(tmp_path, tiny_path):
     assert logged == ([{"step": 1, "stage": "sppo/iter-1", **r} for r in rows1[:8]]
                       + [{"step": 2, "stage": "sppo/iter-2", **r} for r in rows2[:8]])
     (tmp_path / "summary.json").unlink()  # as if cut after the last iteration
-    again = train(load_recipe(REPO / "aligntool" / "recipes" / "sppo.yaml", args), resume=True)  # both iterations are done
+    again = train(load_recipe(RECIPES / "sppo.yaml", args), resume=True)  # both iterations are done
     assert again["per_iteration"] == []
     assert (tmp_path / "completions.jsonl").read_text().count("\n") == len(logged)  # nothing logged twice
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import REPO, user_error
+from conftest import RECIPES, REPO, user_error
 
 from aligntool.online.online_dpo import AlgoConfig, OnlineDPO
 from aligntool.online.rollout import Rollout
@@ -52,7 +52,7 @@ def test_a_judge_rejects_the_missing_eos_penalty(tmp_path, monkeypatch, tiny_pat
     from aligntool.train import train
 
     monkeypatch.syspath_prepend(str(REPO / "tests"))
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / "online_dpo.yaml", [
+    loaded = load_recipe(RECIPES / "online_dpo.yaml", [
         f"output_dir={tmp_path}", "reward.judge=test_online_pref_e2e:soft_judge", "algo.missing_eos_penalty=1.0",
         "dataset.toy.size=8", "train.max_steps=1"])
     message = user_error(train, loaded)
@@ -61,7 +61,7 @@ def test_a_judge_rejects_the_missing_eos_penalty(tmp_path, monkeypatch, tiny_pat
 
 @pytest.mark.parametrize("recipe", ["online_dpo", "xpo"])
 def test_online_label_smoothing_is_refused_where_the_loss_ignores_it(recipe):
-    message = user_error(load_recipe, REPO / "aligntool" / "recipes" / f"{recipe}.yaml", ["algo.label_smoothing=0.1"])
+    message = user_error(load_recipe, RECIPES / f"{recipe}.yaml", ["algo.label_smoothing=0.1"])
     assert "label_smoothing" in message and "robust" in message
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", ["algo.label_smoothing=0.1", "algo.loss_type=robust"])
+    loaded = load_recipe(RECIPES / f"{recipe}.yaml", ["algo.label_smoothing=0.1", "algo.loss_type=robust"])
     assert loaded.algo.label_smoothing == 0.1

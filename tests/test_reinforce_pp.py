@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, user_error
+from conftest import RECIPES, user_error
 
 from aligntool.cli import main
 from aligntool.losses import online as L
 from aligntool.recipe.loader import load_recipe
 
-RECIPE = REPO / "aligntool" / "recipes" / "reinforce_pp.yaml"
+RECIPE = RECIPES / "reinforce_pp.yaml"
 
 
 # --------------------------------------------------------- OpenRLHF's code, re-stated in NumPy (one row at a time)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, user_error
+from conftest import RECIPES, user_error
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
@@ -31,7 +31,7 @@ def test_online_resume_makes_the_uninterrupted_runs_next_update(tmp_path, tiny_p
 
     name, extra = "ppo", ["algo.ppo_epochs=2", "algo.num_minibatches=2", "algo.kl_target=1"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    recipe = REPO / "aligntool" / "recipes" / f"{name}.yaml"
+    recipe = RECIPES / f"{name}.yaml"
     train(load_recipe(recipe, [*RUN, *extra, f"output_dir={whole}"]))
     # the same run stopped after its checkpoint at iteration 2: its folder as the run left it then
     shutil.copytree(whole, cut)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import RECIPES
 
 from aligntool import rewards
 from aligntool.cli import main
@@ -152,7 +152,7 @@ def test_remax_with_weighted_functions_and_a_failure_that_keeps_the_last_checkpo
 
     (tmp_path / "my_rewards_mod.py").write_text(MODULE)
     recipe = tmp_path / "remax.yaml"
-    recipe.write_text((REPO / "aligntool" / "recipes" / "remax.yaml").read_text().replace(
+    recipe.write_text((RECIPES / "remax.yaml").read_text().replace(
         "  source: gold                # or a reward-model folder, ensemble: [...] with aggregate, or module:function",
         "  functions: [{function: 'my_rewards_mod:length_reward', weight: 1.0}, {source: gold, weight: 0.5}]"))
     try:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import REPO, train_two_processes
+from conftest import RECIPES, REPO, train_two_processes
 
 from aligntool.recipe.loader import load_recipe
 from aligntool.train import train
@@ -18,7 +18,7 @@ def quant_state(checkpoint):
 
 @pytest.mark.parametrize("optim", ["AdamW8bit", "PagedAdamW8bit", "Lion8bit"])
 def test_8bit_optimizers_train_and_keep_uint8_state(tmp_path, tiny_path, optim):
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "sft.yaml", [
+    summary = train(load_recipe(RECIPES / "sft.yaml", [
         f"output_dir={tmp_path}", f"train.optim={optim}", "train.max_steps=2", "train.save_steps=2",
         "train.eval_strategy=no", "train.per_device_train_batch_size=4", "dataset.toy.size=16",
         "dataset.toy.eval_size=0"]))
@@ -28,7 +28,7 @@ def test_8bit_optimizers_train_and_keep_uint8_state(tmp_path, tiny_path, optim):
 
 
 def test_online_engine_uses_the_recipes_optimizer(tmp_path, tiny_path):
-    train(load_recipe(REPO / "aligntool" / "recipes" / "remax.yaml", [
+    train(load_recipe(RECIPES / "remax.yaml", [
         f"output_dir={tmp_path}", "train.optim=AdamW8bit", "train.max_steps=2", "train.save_steps=2",
         "train.per_device_train_batch_size=2", "algo.max_new_tokens=8", "dataset.toy.size=8"]))
     states = quant_state(tmp_path / "checkpoints" / "checkpoint-2")
@@ -52,10 +52,10 @@ def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weight
     if recipe == "spo":  # half the steps: each SPO step runs a second forward for the degree head
         args = [a.replace("max_steps=40", "max_steps=20") for a in args]
     full = tmp_path / "full"
-    train(load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [*args, f"output_dir={full}"]))
+    train(load_recipe(RECIPES / f"{recipe}.yaml", [*args, f"output_dir={full}"]))
 
     cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "aligntool" / "recipes" / f"{recipe}.yaml"), *args,
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(RECIPES / f"{recipe}.yaml"), *args,
            f"output_dir={cut}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = cut / "checkpoints" / "checkpoint-10" / "COMPLETE"
@@ -65,7 +65,7 @@ def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weight
     proc.wait()
     assert marker.is_file() and not (cut / "summary.json").is_file(), "the run was not cut mid-training"
 
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [*args, f"output_dir={cut}"]), resume=True)
+    summary = train(load_recipe(RECIPES / f"{recipe}.yaml", [*args, f"output_dir={cut}"]), resume=True)
     steps = 20 if recipe == "spo" else 40
     assert (summary["global_step"] == steps
             and summary["resumed_from"].startswith(str(cut / "checkpoints" / "checkpoint-")))
@@ -137,7 +137,7 @@ def test_lora_dpo_reference_is_the_adapter_disabled_base_and_merge_lora_round_tr
     overrides = [f"output_dir={tmp_path / 'run'}", "peft.r=4", "peft.target_modules=[q_proj, v_proj]",
                  "train.max_steps=3", "train.per_device_train_batch_size=4", "dataset.toy.size=32",
                  "train.learning_rate=1e-2"]
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / "dpo.yaml", overrides)
+    loaded = load_recipe(RECIPES / "dpo.yaml", overrides)
     run = Run(loaded, tmp_path / "run")
     run.model_path = models.resolve("tiny")
     run.tokenizer = models.load_tokenizer(run.model_path)
@@ -165,7 +165,7 @@ def test_lora_reward_model_and_eval_of_an_adapter_folder(tmp_path, tiny_path, ca
 
     from aligntool.cli import main
 
-    train(load_recipe(REPO / "aligntool" / "recipes" / "reward.yaml", [
+    train(load_recipe(RECIPES / "reward.yaml", [
         f"output_dir={tmp_path}", "peft.r=4", "train.max_steps=2", "train.per_device_train_batch_size=4",
         "dataset.toy.size=16", "dataset.toy.eval_size=0", "train.eval_strategy=no"]))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
@@ -179,7 +179,7 @@ SINGLE = ["train.max_steps=4", "train.logging_steps=1", "dataset.toy.size=64", "
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("single")
-    train(load_recipe(REPO / "aligntool" / "recipes" / "dpo.yaml",
+    train(load_recipe(RECIPES / "dpo.yaml",
                       [*SINGLE, "train.per_device_train_batch_size=8", f"output_dir={out}"]))
     return losses(out)
 
@@ -232,7 +232,7 @@ def test_spo_head_is_trained_on_the_global_batch_with_two_processes(tmp_path, ti
     overrides = ["train.max_steps=3", "train.logging_steps=1", "dataset.toy.size=48", "train.seed=1",
                  "train.max_length=48"]
     single = tmp_path / "single"
-    train(load_recipe(REPO / "aligntool" / "recipes" / "spo.yaml", [*overrides, "train.per_device_train_batch_size=8",
+    train(load_recipe(RECIPES / "spo.yaml", [*overrides, "train.per_device_train_batch_size=8",
                                                         f"output_dir={single}"]))
     double = tmp_path / "double"
     train_two_processes("spo", double, *overrides, "train.per_device_train_batch_size=4")
@@ -248,7 +248,7 @@ def test_lora_runs_with_the_other_preference_methods(tmp_path, tiny_path, recipe
     extra = {"sppo": ["algo.iterations=1", "algo.num_samples=2", *short],
              "inpo": ["algo.iterations=1", "algo.num_samples=2", *short],
              "rso": ["algo.num_candidates=4", "algo.num_samples=2", *short], "hypo": short}.get(recipe, [])
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / f"{recipe}.yaml", [
+    summary = train(load_recipe(RECIPES / f"{recipe}.yaml", [
         f"output_dir={tmp_path}", "peft.r=4", "train.max_steps=2", "train.per_device_train_batch_size=4",
         "dataset.toy.size=16", *extra]))
     assert summary["global_step"] >= 1
@@ -261,9 +261,9 @@ def test_lora_online_rl_uses_the_adapter_disabled_policy_as_reference_and_resume
 
     args = [f"output_dir={tmp_path}", "peft.r=4", "train.save_steps=2", "train.per_device_train_batch_size=4",
             "train.logging_steps=1", "algo.max_new_tokens=8", "dataset.toy.size=16", "train.learning_rate=1e-2"]
-    train(load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", [*args, "train.max_steps=2"]))
+    train(load_recipe(RECIPES / "ppo.yaml", [*args, "train.max_steps=2"]))
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    summary = train(load_recipe(REPO / "aligntool" / "recipes" / "ppo.yaml", [*args, "train.max_steps=4"]), resume=True,
+    summary = train(load_recipe(RECIPES / "ppo.yaml", [*args, "train.max_steps=4"]), resume=True,
                     accept_changes=True)
     assert summary["global_step"] == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

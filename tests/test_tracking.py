@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import RECIPES, REPO
 
 # a reward with a value per completion that the test recomputes; it records each call (prompts, completions, values)
 REWARD = '''\
@@ -43,7 +43,7 @@ def run_cli(tmp_path: Path, recipe: str, *overrides: str) -> Path:
            "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true",
            "TRK_CALLS": str(tmp_path / "calls.jsonl"), "PYTHONPATH": f"{REPO}:{tmp_path}"}
     proc = subprocess.run([sys.executable, "-m", "aligntool.cli", "train", "--recipe",
-                           str(REPO / "aligntool" / "recipes" / f"{recipe}.yaml"), f"output_dir={out}", "model.name_or_path=tiny",
+                           str(RECIPES / f"{recipe}.yaml"), f"output_dir={out}", "model.name_or_path=tiny",
                            "reward.function=trk_reward:vowels", "train.report_to=[tensorboard,wandb,mlflow]",
                            *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -265,7 +265,7 @@ for recipe in sys.argv[2:]:
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_package(tmp_path):
     """For an online method (ReMax: accelerate's trackers) and a TRL-based one (DPO: transformers' integrations)."""
-    recipes = [str(REPO / "aligntool" / "recipes" / f"{name}.yaml") for name in ("remax", "dpo")]
+    recipes = [str(RECIPES / f"{name}.yaml") for name in ("remax", "dpo")]
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "out"), *recipes], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import REPO, SUMMARY_KEYS, train_two_processes
+from conftest import RECIPES, REPO, SUMMARY_KEYS, train_two_processes
 
 from aligntool.cli import main
 from aligntool.outputs import latest_checkpoint
@@ -148,13 +148,13 @@ def readme_quickstart_figures() -> dict:
 
 
 def test_quickstart_gives_the_readme_figures(tmp_path, tiny_path):
-    """The README's promise: aligntool/recipes/dpo.yaml, unedited, beats the reference by >= 3 s.e. on 128 held-out prompts, and
+    """The README's promise: the dpo recipe, unedited, beats the reference by >= 3 s.e. on 128 held-out prompts, and
     gives the README's own headline figures (gold reward of both models, KL) within their printed standard errors in
     the locked environment (requirements-lock.txt; a library version that moves them fails here, not in a user's
     hands)."""
     from aligntool.eval.toy import evaluate
 
-    train(load_recipe(REPO / "aligntool" / "recipes" / "dpo.yaml", [f"output_dir={tmp_path}"]))
+    train(load_recipe(RECIPES / "dpo.yaml", [f"output_dir={tmp_path}"]))
     result = evaluate(str(tmp_path), reference="tiny", num_prompts=128)
     assert result["gold_reward"] - result["reference_gold_reward"] >= 3 * (
         result["gold_reward_stderr"] ** 2 + result["reference_gold_reward_stderr"] ** 2) ** 0.5, result

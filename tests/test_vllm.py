@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import RECIPES
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def _has_vllm() -> bool:
 
 @pytest.mark.skipif(_has_vllm(), reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_is_one_line(tmp_path, tiny_path):
-    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(REPO / "aligntool" / "recipes" / "remax.yaml"), *QUICK,
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(RECIPES / "remax.yaml"), *QUICK,
            f"output_dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -58,7 +58,7 @@ def test_vllm_backend_on_an_offline_method_is_refused(tmp_path):
 
     from aligntool.recipe.loader import load_recipe
 
-    message = user_error(load_recipe, REPO / "aligntool" / "recipes" / "dpo.yaml", ["generation.backend=vllm"])
+    message = user_error(load_recipe, RECIPES / "dpo.yaml", ["generation.backend=vllm"])
     assert "generation.backend: vllm applies to the online methods" in message and "'dpo'" in message
 
 
@@ -94,7 +94,7 @@ def test_remax_and_online_dpo_train_with_vllm(tmp_path, tiny_path):
     for recipe in ("remax", "online_dpo"):
         out = tmp_path / recipe
         proc = subprocess.run([sys.executable, "-m", "aligntool.cli", "train", "--recipe",
-                               str(REPO / "aligntool" / "recipes" / f"{recipe}.yaml"), *QUICK, f"output_dir={out}"],
+                               str(RECIPES / f"{recipe}.yaml"), *QUICK, f"output_dir={out}"],
                               capture_output=True, text=True, timeout=900, env=clean_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +115,7 @@ def test_vllm_samples_what_the_policy_would_and_follows_its_updates(tmp_path, ti
     from aligntool.train import prepare
 
     overrides = [*QUICK, "train.learning_rate=0.05", "train.lr_scheduler_type=constant", f"output_dir={tmp_path}"]
-    loaded = load_recipe(REPO / "aligntool" / "recipes" / "remax.yaml", overrides)
+    loaded = load_recipe(RECIPES / "remax.yaml", overrides)
     run = prepare(loaded, tmp_path)
     from aligntool.online.engine import Engine
 
