@@ -304,6 +304,19 @@ def recipes():
 
 
 @app.command()
+def init(
+    name: str = typer.Argument(..., help="A built-in recipe name (`aligntool recipes` lists them): dpo, sft, ..."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: ./NAME.yaml)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file if it exists (refused without it)."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Write a built-in recipe to a file for editing, every key commented with its description (the keys it leaves
+    at their defaults listed, commented out)."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    commands.init(name, out, overwrite)
+
+
+@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """Versions, devices, threads and caches, and the incompatibilities aligntool can detect (for bug reports)."""
     import json
