@@ -343,3 +343,23 @@ def init(name: str, out: Path | None, overwrite: bool) -> None:
     write_atomic(target, annotated)
     print(target)
     _stderr(f"edit it, then: aligntool {'train' if 'algorithm' in data else 'compress'} --recipe {target}")
+
+
+def push(output: Path, repo_id: str, private: bool, revision: str | None, token: str | None, overwrite: bool,
+         dry_run: bool) -> None:
+    """``aligntool push``: the final model and its generated card to the Hub (aligntool/publish.py)."""
+    from aligntool import publish
+
+    folder = output.expanduser()
+    if not dry_run:
+        publish.push(folder, repo_id, private=private, revision=revision, token=token, overwrite=overwrite,
+                     log=_stderr)
+        return
+    from huggingface_hub.utils import filter_repo_objects
+
+    publish.check_repo_id(repo_id)
+    card = publish.prepare(folder, repo_id, overwrite)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    for name in filter_repo_objects(files, ignore_patterns=publish.UPLOAD_IGNORE):
+        print(name)
+    _stderr(f"--dry-run: model card written to {card}; nothing uploaded (the files above would be, to {repo_id})")
