@@ -305,7 +305,7 @@ def recipes():
 
 @app.command()
 def init(
-    name: str = typer.Argument(..., help="A built-in recipe name (`aligntool recipes` lists them): dpo, sft, ..."),
+    name: str = typer.Argument(..., metavar="NAME", help="A built-in recipe name (`aligntool recipes` lists them)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: ./NAME.yaml)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file if it exists (refused without it)."),
     debug: bool = typer.Option(False, "--debug"),
