@@ -157,4 +157,5 @@ def test_push_bad_input_is_one_line(pushed_run, tmp_path, capsys, monkeypatch):
     cli_error(capsys, ["train", "--recipe", "dpo", f"output_dir={tmp_path / 'never'}", "train.push_to_hub=true",
                        f"train.hub_model_id={REPO_ID}"], "no Hugging Face token")
     cli_error(capsys, ["train", "--recipe", "dpo", "train.push_to_hub=true"], "push_to_hub needs hub_model_id")
+    cli_error(capsys, ["train", "--recipe", "dpo", "train.hub_token=hf_secret"], "hub_token", "HF_TOKEN")
     assert not (tmp_path / "never").exists() and calls == []

@@ -173,6 +173,9 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _push(self):
+        if "hub_token" in (self.model_extra or {}):  # recipe.yaml records the recipe, and the push uploads it
+            raise ValueError("hub_token: a token does not belong in a recipe (recipe.yaml records it, and a push "
+                             "uploads it); set HF_TOKEN or run `hf auth login`")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id: the Hub repository OWNER/NAME to upload to")
         if self.hub_model_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_model_id):
