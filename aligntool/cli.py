@@ -304,6 +304,42 @@ def recipes():
 
 
 @app.command()
+def init(
+    name: str = typer.Argument(..., metavar="NAME", help="A built-in recipe name (`aligntool recipes` lists them)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: ./NAME.yaml)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file if it exists (refused without it)."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Write a built-in recipe to a file for editing, every key commented with its description (the keys it leaves
+    at their defaults listed, commented out)."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    commands.init(name, out, overwrite)
+
+
+@app.command()
+def push(
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="A finished run's output_dir (or another model folder "
+                                  "aligntool wrote: merge-lora, soup, unpack, compress)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repository OWNER/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private (an existing one keeps its "
+                                 "visibility)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to upload to (created if missing); "
+                                           "default main."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token with write access (default: HF_TOKEN, "
+                                        "then the one `hf auth login` saved)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a README.md in OUTPUT that aligntool did not "
+                                   "write with the generated model card."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write the model card (OUTPUT/README.md) and list the files "
+                                 "that would be uploaded; upload nothing."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Upload a run's final model (never its checkpoints) to the Hugging Face Hub with a generated model card: base
+    model, method and paper, data, recipe, final metrics, `aligntool eval --out` results in OUTPUT (docs/SHARING.md)."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    commands.push(output, repo_id, private, revision, token, overwrite, dry_run)
+
+
+@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """Versions, devices, threads and caches, and the incompatibilities aligntool can detect (for bug reports)."""
     import json

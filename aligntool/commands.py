@@ -300,3 +300,66 @@ def recipes() -> None:
     for row in OPTIONS:
         options.add_row(*row)
     console.print(options)
+
+
+def init(name: str, out: Path | None, overwrite: bool) -> None:
+    """``aligntool init NAME``: the built-in recipe NAME written for editing, every key commented with its
+    description (aligntool/recipe/annotate.py), its values as they are."""
+    import difflib
+
+    from aligntool import __version__, registry
+    from aligntool.outputs import write_atomic
+    from aligntool.recipe.annotate import annotate, trl_help
+    from aligntool.recipe.loader import builtin_recipe_names, safe_load
+
+    names = builtin_recipe_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(names)}"
+        raise UserError(f"init: no built-in recipe {name!r}; {hint} (`aligntool recipes` lists them)")
+    target = (out or Path(f"{name}.yaml")).expanduser()
+    if target.is_dir():
+        raise UserError(f"--out: {target} is a folder; give the recipe file to write")
+    if target.exists() and not overwrite:
+        raise UserError(f"init: {target} already exists; pass --overwrite to replace it, or --out another file")
+    text = (registry.RECIPES_DIR / f"{name}.yaml").read_text(encoding="utf-8")
+    data = safe_load(text) or {}
+    header = [f"# Written by `aligntool init {name}` (aligntool {__version__}) from the built-in recipe {name!r}: edit "
+              "it, then run", f"#   aligntool {'train' if 'algorithm' in data else 'compress'} --recipe {target}",
+              "# Every key below is commented with its description; the keys left at their defaults follow each "
+              "section, commented out.", ""]
+    if "algorithm" in data:
+        from aligntool.recipe.schema import Recipe
+
+        spec = registry.get(data["algorithm"])
+        skip = set() if spec.samples else {"reward", "generation"}
+        annotated = annotate(text, Recipe, {("algo",): spec.load().AlgoConfig},
+                             {("train",): trl_help(spec.trl_config_class())}, skip=skip, header=header)
+    else:
+        from aligntool.compress.recipe import CompressRecipe
+
+        annotated = annotate(text, CompressRecipe, header=header)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, annotated)
+    print(target)
+    _stderr(f"edit it, then: aligntool {'train' if 'algorithm' in data else 'compress'} --recipe {target}")
+
+
+def push(output: Path, repo_id: str, private: bool, revision: str | None, token: str | None, overwrite: bool,
+         dry_run: bool) -> None:
+    """``aligntool push``: the final model and its generated card to the Hub (aligntool/publish.py)."""
+    from aligntool import publish
+
+    folder = output.expanduser()
+    if not dry_run:
+        publish.push(folder, repo_id, private=private, revision=revision, token=token, overwrite=overwrite,
+                     log=_stderr)
+        return
+    from huggingface_hub.utils import filter_repo_objects
+
+    publish.check_repo_id(repo_id)
+    card = publish.prepare(folder, repo_id, overwrite)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    for name in filter_repo_objects(files, ignore_patterns=publish.UPLOAD_IGNORE):
+        print(name)
+    _stderr(f"--dry-run: model card written to {card}; nothing uploaded (the files above would be, to {repo_id})")

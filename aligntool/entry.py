@@ -65,11 +65,26 @@ def start(recipe: str, overrides: list[str], resume: bool, overwrite: bool, laun
         requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
         if started and (requeued or not overwrite):
             resume, overwrite = True, False
-    if not in_rank:
-        check_processes(launch)
-        if launch.nproc > 1 or launch.nnodes > 1:
-            return relaunch(recipe, overrides, resume, overwrite, launch, debug, loaded, out, accept_changes)
-    return train_here(loaded, out, resume, overwrite, debug, accept_changes)
+    if in_rank:  # a torchrun rank: trains; the launcher above it pushes
+        return train_here(loaded, out, resume, overwrite, debug, accept_changes)
+    check_processes(launch)
+    push = loaded.recipe.train.push_to_hub and launch.node_rank == 0
+    if push:  # train.push_to_hub: the repo id and the token checked before anything trains
+        from aligntool.publish import check_repo_id, find_token
+
+        check_repo_id(loaded.recipe.train.hub_model_id, key="train.hub_model_id")
+        find_token()
+    if launch.nproc > 1 or launch.nnodes > 1:
+        code = relaunch(recipe, overrides, resume, overwrite, launch, debug, loaded, out, accept_changes)
+    else:
+        code = train_here(loaded, out, resume, overwrite, debug, accept_changes)
+    if code == 0 and push:  # finished (summary.json written, the model checked loadable): the final model, no more
+        from aligntool.publish import push as push_model
+
+        t = loaded.recipe.train
+        push_model(out, t.hub_model_id, private=bool(t.hub_private_repo), revision=t.hub_revision,
+                   log=lambda m: print(m, file=sys.stderr))
+    return code
 
 
 def relaunch(recipe, overrides, resume, overwrite, launch: Launch, debug: bool, loaded, out: Path,

@@ -26,6 +26,7 @@ module is the one writer of these files (the writers below; a method module call
     wandb/             an online method's W&B run folder (when train.report_to has wandb; WANDB_DIR wins)
     .aligntool.lock    held (flock) by the run writing here; a second run into the same folder is refused
     model files        the final model (safetensors + config + tokenizer), checked by ``check_model_saved``
+    README.md          the model card `aligntool push` (and train.push_to_hub) generates: ``write_model_card``
 
 Files are written atomically (temp file + rename). Before a resume every checkpoint is checked, newest first, and one
 with a missing, truncated or unreadable file is skipped with a note; a full disk ends in one line naming the folder
@@ -462,6 +463,11 @@ def check_model_saved(folder: Path, how: str = "", key: str = "output_dir", what
     problem = model_problem(folder)
     if problem is not None:
         raise UserError(f"{key}: {folder}: {what} but its model is not loadable{how}: {problem}")
+
+
+def write_model_card(out: Path, text: str) -> None:
+    """README.md: the model card of the final model in ``out`` (aligntool/publish.py makes it)."""
+    write_atomic(out / "README.md", text)
 
 
 COMPLETIONS_FILE = "completions.jsonl"

@@ -34,7 +34,8 @@ HARMLESS = {"description", "train.logging_steps", "train.logging_first_step", "t
             "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.eval_steps",
             "train.eval_strategy", "train.eval_on_start", "train.per_device_eval_batch_size", "train.report_to",
             "train.run_name", "train.disable_tqdm", "train.dataloader_num_workers", "train.gradient_checkpointing",
-            "train.completions_steps", "train.num_completions_to_log",
+            "train.completions_steps", "train.num_completions_to_log", "train.push_to_hub", "train.hub_model_id",
+            "train.hub_private_repo", "train.hub_revision",
             "dataset.eval_path", "dataset.eval_split", "generation.gpu_memory_utilization",
             "generation.enforce_eager", "generation.server_base_url"}
 # keys whose new value an accepted resume does not apply: the optimizer state restored from the checkpoint wins

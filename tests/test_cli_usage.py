@@ -50,6 +50,9 @@ USAGE_ERRORS = [
     (["recipes", "dpo"], ["unexpected extra argument"]),
     (["doctor", "--jsn"], ["did you mean --json?"]),
     (["tiny", "--force"], ["No such option: --force", "aligntool tiny --help"]),
+    (["init"], ["Missing argument 'NAME'", "aligntool init --help"]),
+    (["init", "dpo", "--overwrit"], ["did you mean --overwrite?"]),
+    (["push", "runs/dpo"], ["Missing option '--repo-id'", "aligntool push --help"]),
 ]
 
 

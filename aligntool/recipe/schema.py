@@ -8,6 +8,7 @@ shares (optimizer, schedule, batch, logging), ``algo`` holds what makes the meth
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import (
@@ -157,10 +158,35 @@ class TrainConfig(BaseModel):
     num_completions_to_log: PositiveInt = Field(
         8, description="Completions per sample of completions.jsonl (the first of the step's global batch).")
 
+    # sharing (docs/SHARING.md): aligntool's own push, after the run; transformers' push_to_hub (which would upload
+    # output_dir/checkpoints, the Trainer's folder) is never switched on: these keys stay out of the TRL config
+    push_to_hub: bool | None = Field(
+        None, description="After the run finishes with a loadable model, upload the final model (never checkpoints/) "
+        "with a generated model card to train.hub_model_id, as `aligntool push` does (docs/SHARING.md). The token: "
+        "HF_TOKEN or `hf auth login`, checked before training starts.")
+    hub_model_id: str | None = Field(None, description="The Hub repository OWNER/NAME train.push_to_hub uploads to "
+                                     "(created if missing).")
+    hub_private_repo: bool | None = Field(None, description="train.push_to_hub: create the repository private (an "
+                                          "existing one keeps its visibility).")
+    hub_revision: str | None = Field(None, description="train.push_to_hub: the branch to upload to (created if "
+                                     "missing); default main.")
+
+    @model_validator(mode="after")
+    def _push(self):
+        if "hub_token" in (self.model_extra or {}):  # recipe.yaml records the recipe, and the push uploads it
+            raise ValueError("hub_token: a token does not belong in a recipe (recipe.yaml records it, and a push "
+                             "uploads it); set HF_TOKEN or run `hf auth login`")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id: the Hub repository OWNER/NAME to upload to")
+        if self.hub_model_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_model_id):
+            raise ValueError(f"hub_model_id {self.hub_model_id!r}: expected OWNER/NAME, e.g. my-org/qwen2.5-0.5b-dpo")
+        return self
+
     @staticmethod
     def own_keys() -> set[str]:
         """aligntool's own keys, not passed to the TRL config."""
-        return {"step_law_constants", "completions_steps", "num_completions_to_log"}
+        return {"step_law_constants", "completions_steps", "num_completions_to_log", "push_to_hub", "hub_model_id",
+                "hub_private_repo", "hub_revision"}
 
     @model_validator(mode="after")
     def _finite_extras(self):
