@@ -72,20 +72,15 @@ def train(recipe: Any, *, overrides: list[str] | tuple = (), resume: bool = Fals
     merges into its section); ``overrides``: ``key=value`` strings. ``nproc`` > 1 trains under torchrun in other
     processes (a reward callable defined in ``__main__``, a notebook or a closure cannot reach them, and is refused).
     Returns a ``TrainResult`` once the run's folder holds a model that loads."""
-    from aligntool.recipe.loader import load_mapping
     from aligntool.resume import check_flags
 
     check_flags(resume, overwrite)
+    if accept_changes and not resume:
+        raise UserError("accept_changes: only with resume=True (it accepts a changed recipe for the resumed run)")
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise UserError(f"nproc: expected a number of processes >= 1, got {nproc!r}")
-    taken: dict = {}
     fields = _copy(fields)
-    tokens = _reward_callables(fields, taken)  # first in the keywords: a recipe file's are passed on as overrides
-    data, source, lines, base_dir = _recipe_mapping(recipe, "algorithm")
-    _merge_fields(data, fields, lines)
-    _apply_overrides(data, overrides, lines)
-    tokens += _reward_callables(data, taken)
-    loaded = load_mapping(data, source, lines, base_dir)
+    loaded, data, tokens = _load_train_recipe(recipe, fields, overrides)
     out = Path(loaded.recipe.output_dir).expanduser()
     if nproc > 1:
         if tokens:
@@ -156,6 +151,21 @@ def compress(recipe: Any, *, overrides: list[str] | tuple = (), resume: bool = F
     return CompressResult(out, out, report)
 
 
+def _load_train_recipe(recipe: Any, fields: dict, overrides) -> tuple:
+    """The validated training recipe (``LoadedRecipe``), its mapping, and (key, token) of the reward callables only
+    this process can call. ``fields`` (a copy: it is changed) has its callables replaced by what the recipe records
+    first: a recipe file's are passed on as overrides with nproc > 1."""
+    from aligntool.recipe.loader import load_mapping
+
+    taken: dict = {}
+    tokens = _reward_callables(fields, taken)
+    data, source, lines, base_dir = _recipe_mapping(recipe, "algorithm")
+    _merge_fields(data, fields, lines)
+    _apply_overrides(data, overrides, lines)
+    tokens += _reward_callables(data, taken)
+    return load_mapping(data, source, lines, base_dir), data, tokens
+
+
 def _path(value):
     """A model or file argument as the commands take it: a string (a result stands for its model folder)."""
     return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else value
@@ -181,7 +191,10 @@ def _recipe_mapping(recipe: Any, kind: str) -> tuple[dict, str, dict, Path | Non
 
 
 def _copy(value):
-    """Dicts and lists copied, everything else (a reward callable with its state) kept as the same object."""
+    """Dicts and lists copied, paths (and results) as strings, everything else (a reward callable with its state) kept
+    as the same object."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
