@@ -83,8 +83,9 @@ def test_train_by_name_merges_keywords_into_the_builtin_recipe(notebook, tiny_pa
     assert summary["algorithm"] == "dpo" and summary["global_step"] == 5  # train={"max_steps": 5}, not dpo.yaml's 100
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     # a keyword section merges key by key: the built-in recipe's other keys stay
-    assert recipe["dataset"]["toy"]["size"] == 200 and recipe["dataset"]["toy"]["bt_temperature"] == 0.5
-    assert recipe["train"]["per_device_train_batch_size"] == 8 and recipe["train"]["learning_rate"] == 5.0e-4
+    assert recipe["dataset"]["toy"]["size"] == 200 and recipe["dataset"]["path"] == "toy"
+    assert recipe["train"]["per_device_train_batch_size"] == 8
+    assert recipe["train"].get("learning_rate") == 5.0e-4 and recipe["train"]["max_length"] == 64  # dpo.yaml's
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)  # the folder the result names loads, and was trained
@@ -223,3 +224,18 @@ def test_the_api_names_stay_functions_and_import_nothing_heavy():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.stdout.split() == ["[]", "True", "True", "True"], proc.stderr[-2000:]
+
+
+def test_no_result_for_a_folder_without_a_loadable_model(tmp_path, tiny_path):
+    """A result is only made for a model that loads: a summary.json beside half a model is an error, as in
+    `aligntool train`."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_path, out)
+    (out / "summary.json").write_text(json.dumps({"final_metrics": {"loss": 1.0}, "global_step": 1}))
+    assert api._train_result(out).metrics == {"loss": 1.0}
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut, as by a full disk
+    with pytest.raises(UserError, match=r"^output_dir: .*run: the run finished but its model is not loadable"):
+        api._train_result(out)
