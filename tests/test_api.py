@@ -239,3 +239,50 @@ def test_no_result_for_a_folder_without_a_loadable_model(tmp_path, tiny_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut, as by a full disk
     with pytest.raises(UserError, match=r"^output_dir: .*run: the run finished but its model is not loadable"):
         api._train_result(out)
+
+
+TWO_PROCESSES = r'''
+import json, os
+import aligntool
+from myrewards import length  # a module the ranks import too (it is in the working directory)
+
+r = aligntool.train("reinforce_pp", reward={"function": length}, nproc=2, output_dir="runs/rpp2",
+                    train={"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
+                    algo={"max_new_tokens": 8}, dataset={"toy": {"size": 16}})
+json.dump(r.summary, open("summary.json", "w"))
+'''
+
+REWARD_MODULE = r'''
+import json, os
+
+
+def length(completions, **columns):
+    with open(f"seen-{os.environ.get('RANK', 'none')}.jsonl", "a") as f:
+        f.write(json.dumps(completions) + "\n")
+    return [len(c) / 10 for c in completions]
+'''
+
+
+@pytest.mark.system
+def test_two_processes_take_an_importable_reward_callable(tmp_path, tiny_path):
+    """nproc=2: torchrun's ranks get the recipe with the callable as 'module:function' (it imports back to itself),
+    each calls it on its own completions, and the logged reward is the mean over both ranks' values."""
+    (tmp_path / "script.py").write_text(TWO_PROCESSES)
+    (tmp_path / "myrewards.py").write_text(REWARD_MODULE)
+    env = {"OMP_NUM_THREADS": "1", **os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    out = tmp_path / "runs" / "rpp2"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["reward"]["function"] == "myrewards:length"
+    batches = {rank: [json.loads(line) for line in (tmp_path / f"seen-{rank}.jsonl").read_text().splitlines()]
+               for rank in (0, 1)}
+    assert [len(b) for b in batches.values()] == [2, 2]  # one call per iteration on each rank
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = batches[0][0] + batches[1][0]
+    assert len(first) == 8
+    assert logged[0]["step"] == 1 and logged[0]["reward"] == pytest.approx(sum(len(c) / 10 for c in first) / 8,
+                                                                           abs=1e-5)
