@@ -47,7 +47,7 @@ class TrainResult:
     summary: dict
     adapter: bool = False
 
-    def __fspath__(self) -> str:  # a result stands for its model: evaluate(result), from_pretrained(result)
+    def __fspath__(self) -> str:  # a result stands for its model: evaluate(result), model={"name_or_path": result}
         return str(self.model_path)
 
 
