@@ -217,7 +217,7 @@ def test_the_api_names_stay_functions_and_import_nothing_heavy():
     code = ("import sys, importlib, aligntool\n"
             "f = aligntool.train, aligntool.evaluate, aligntool.compress\n"
             "heavy = [m for m in ('torch', 'transformers', 'trl') if m in sys.modules]\n"
-            "importlib.import_module('aligntool.train'); importlib.import_module('aligntool.compress.run')\n"
+            "importlib.import_module('aligntool.train'); importlib.import_module('aligntool.compress.recipe')\n"
             "import aligntool.api as api\n"
             "print(heavy, aligntool.train is api.train, aligntool.compress is api.compress,\n"
             "      callable(aligntool.train))\n")
@@ -286,3 +286,13 @@ def test_two_processes_take_an_importable_reward_callable(tmp_path, tiny_path):
     assert len(first) == 8
     assert logged[0]["step"] == 1 and logged[0]["reward"] == pytest.approx(sum(len(c) / 10 for c in first) / 8,
                                                                            abs=1e-5)
+
+
+def test_the_readme_shows_the_example_as_it_is():
+    """The README's Python API example is docs/api_example.py's code (after its docstring), character for character:
+    what the test above runs is what the README shows."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    if "docs/api_example.py" not in readme:
+        pytest.skip("the README has no Python API section yet")
+    code = EXAMPLE.read_text(encoding="utf-8").split('"""', 2)[2].strip()
+    assert f"```python\n{code}\n```" in readme, "README.md's example differs from docs/api_example.py"
