@@ -72,6 +72,19 @@ def evaluate(model: str, reference: str | None, task: str, num_prompts: int | No
              revise: int, as_json: bool, user: dict | None = None) -> None:
     """``aligntool eval``: the toy world (default), the user's data (``--data`` / ``--recipe``) or lm-eval tasks
     (``--tasks``); ``user`` holds the options of the last two (see cli.py)."""
+    result = eval_result(model, reference, task, num_prompts, samples, pass_k, max_new_tokens, temperature,
+                         batch_size, seed, revise, user)
+    if as_json:
+        print(json.dumps(result))
+        return
+    _print_result(model, result)
+
+
+def eval_result(model: str, reference: str | None, task: str, num_prompts: int | None, samples: int,
+                pass_k: str | None, max_new_tokens: int | None, temperature: float, batch_size: int, seed: int,
+                revise: int, user: dict | None = None) -> dict:
+    """The result of ``aligntool eval`` (also written to ``user["out"]`` when given), as ``--json`` prints it; the
+    Python API's ``aligntool.evaluate`` returns it."""
     from aligntool.eval import toy as toy_eval
 
     user = user or {}
@@ -117,10 +130,7 @@ def evaluate(model: str, reference: str | None, task: str, num_prompts: int | No
 
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, json.dumps(result, indent=1) + "\n")
-    if as_json:
-        print(json.dumps(result))
-        return
-    _print_result(model, result)
+    return result
 
 
 def _check_eval_options(task: str, revise: int, user: dict) -> None:

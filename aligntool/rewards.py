@@ -9,6 +9,10 @@ A recipe names one in its ``reward`` section:
       function: mypkg.mod:fn  # the same, TRL's convention: fn(prompts, completions, **columns) -> list[float]
       functions: [{function: mypkg.mod:fn, weight: 1.0}, {source: runs/reward, weight: 0.5}]   # a weighted sum
       ensemble: [runs/rm0, runs/rm1]   # several reward models, combined by `aggregate` (mean)
+
+Through the Python API (aligntool/api.py) a function may be given as a Python callable wherever a ``module:function``
+is taken; the recipe records it as ``module:function`` when that imports back to it, else as a token
+``<callable module:qualname>`` that this process resolves (``callable_spec``).
 """
 
 from __future__ import annotations
@@ -95,12 +99,51 @@ def check_same_tokenizer(paths: list[str], key: str = "reward.ensemble") -> None
             raise UserError(f"{key}: {p} has a different tokenizer than {first[0]}; ensemble members must share one")
 
 
+# callables given to the Python API (aligntool.train(..., reward={"function": fn})) that no other process can import:
+# the recipe holds "<callable module:qualname>" for them, and this process looks them up here
+_CALLABLES: dict[str, Callable] = {}
+CALLABLE_PREFIX = "<callable "
+
+
+def is_callable_token(spec: object) -> bool:
+    return isinstance(spec, str) and spec.startswith(CALLABLE_PREFIX) and spec.endswith(">")
+
+
+def callable_spec(fn: Callable, taken: dict[str, Callable] | None = None) -> str:
+    """How a recipe records a Python callable: ``module:function`` where that imports back to ``fn`` itself (a
+    top-level function of an importable module: any process finds it, as if the recipe had named it), else a token
+    ``<callable module:qualname>`` that only this process resolves (a function of ``__main__`` or a notebook, a
+    lambda, a closure, a bound method, a callable object). ``taken``: the tokens given out for one recipe, so that two
+    different callables of the same name get distinct tokens (``#2``)."""
+    module = getattr(fn, "__module__", None) or "?"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    if module != "__main__" and "." not in qualname and "<" not in qualname:
+        try:
+            if getattr(importlib.import_module(module), qualname, None) is fn:
+                return f"{module}:{qualname}"
+        except ImportError:
+            pass
+    token, n = f"{CALLABLE_PREFIX}{module}:{qualname}>", 1
+    taken = {} if taken is None else taken
+    while token in taken and taken[token] is not fn:
+        n += 1
+        token = f"{CALLABLE_PREFIX}{module}:{qualname}#{n}>"
+    taken[token] = _CALLABLES[token] = fn
+    return token
+
+
 def function_scorer(spec: str, key: str = "reward.source", search_dirs: tuple[str, ...] = ()) -> Scorer:
     """``module:function`` imported as Python code -- by design: a recipe naming a function runs that code, as a
     script would. The module is looked up in ``search_dirs`` (the recipe's folder, then the working directory) before
-    the installed packages."""
+    the installed packages. A ``<callable ...>`` token (``callable_spec``) is the callable this process was given."""
     import sys
 
+    if is_callable_token(spec):
+        if spec not in _CALLABLES:
+            raise UserError(f"{key}: {spec} was a Python callable given to aligntool.train in another process; it "
+                            "cannot be imported: pass it again through the Python API (the same name resumes the "
+                            "run), or name a 'module:function' instead")
+        return _CALLABLES[spec]
     module, _, name = spec.partition(":")
     added = [d for d in dict.fromkeys(search_dirs) if d and d not in sys.path]
     sys.path[:0] = added
@@ -229,15 +272,15 @@ def terms(config: RewardConfig, device=None, allow_none: bool = False) -> list[t
         for i, term in enumerate(config.functions):
             key = f"reward.functions[{i}]"
             if term.function is not None:
-                out.append((term.function, checked(term.function, function_scorer(term.function, key, dirs),
-                                                   allow_none), term.weight))
+                out.append((_name(term.function), checked(_name(term.function), function_scorer(
+                    term.function, key, dirs), allow_none), term.weight))
             else:
-                out.append((term.source, checked(term.source, _source_scorer(term.source, config, device, key)),
-                            term.weight))
+                out.append((_name(term.source), checked(_name(term.source), _source_scorer(
+                    term.source, config, device, key)), term.weight))
         return out
     if config.function:
         fn = function_scorer(config.function, "reward.function", dirs)
-        return [(config.function, checked(config.function, fn, allow_none), 1.0)]
+        return [(_name(config.function), checked(_name(config.function), fn, allow_none), 1.0)]
     if config.ensemble:
         check_same_tokenizer(config.ensemble)
         members = [reward_model_scorer(p, config.batch_size, "reward.ensemble", device, config.dtype)
@@ -252,8 +295,13 @@ def terms(config: RewardConfig, device=None, allow_none: bool = False) -> list[t
             return aggregate_ensemble(scores, config.aggregate, config.uwo_lambda, config.uwo_ddof).tolist()
 
         return [(f"ensemble_{config.aggregate}", checked(f"ensemble_{config.aggregate}", ensemble), 1.0)]
-    return [(config.source, checked(config.source, _source_scorer(config.source, config, device, "reward.source")),
-             1.0)]
+    return [(_name(config.source), checked(_name(config.source), _source_scorer(config.source, config, device,
+                                                                               "reward.source")), 1.0)]
+
+
+def _name(spec: str) -> str:
+    """A term's name in messages and logged metrics: the spec, a callable token as its ``module:qualname``."""
+    return spec[len(CALLABLE_PREFIX):-1] if is_callable_token(spec) else spec
 
 
 def check_functions(config: RewardConfig | None) -> None:
@@ -266,7 +314,7 @@ def check_functions(config: RewardConfig | None) -> None:
         specs.append(("reward.source", config.source))
     for key, spec in specs:
         if spec:
-            _accepting(function_scorer(spec, key, search_dirs(config)), spec)  # its signature, too
+            _accepting(function_scorer(spec, key, search_dirs(config)), _name(spec))  # its signature, too
 
 
 def _source_scorer(source: str, config: RewardConfig, device, key: str) -> Scorer:

@@ -170,7 +170,12 @@ class CompressRecipe(Strict):
 
 
 def load_compress_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> CompressRecipe:
-    data, source, lines = read_recipe(recipe, overrides)
+    return load_compress_mapping(*read_recipe(recipe, overrides))
+
+
+def load_compress_mapping(data: dict, source: str, lines: dict | None = None) -> CompressRecipe:
+    """A compress recipe's mapping (a YAML file's content with its overrides, or the Python API's dict) validated."""
+    lines = {} if lines is None else lines
     if "algorithm" in data:
         raise UserError(f"{source}: is a training recipe (it has 'algorithm'); run it with `aligntool train`")
     try:

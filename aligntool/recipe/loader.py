@@ -308,6 +308,14 @@ def read_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> tuple[
 
 def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> LoadedRecipe:
     data, source, lines = read_recipe(recipe, overrides)
+    return load_mapping(data, source, lines, resolve_recipe_path(str(recipe)).resolve().parent)
+
+
+def load_mapping(data: dict, source: str, lines: dict | None = None, base_dir: Path | None = None) -> LoadedRecipe:
+    """A recipe's mapping (a YAML file's content with its overrides, or the Python API's dict) validated; ``source``
+    and ``lines`` say where each key came from in messages, ``base_dir`` is where its relative files are looked for
+    (the recipe's folder; None: the working directory)."""
+    lines = {} if lines is None else lines
     if "algorithm" not in data and "compress" in data:
         raise UserError(f"{source}: is a compress recipe (it has 'compress', no 'algorithm'); run it with "
                         "`aligntool compress`")
@@ -343,5 +351,5 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple = ()) -> Loaded
     if parsed.output_dir is None:
         parsed.output_dir = f"runs/{spec.name}"
     if parsed.reward is not None:
-        parsed.reward._base_dir = str(resolve_recipe_path(str(recipe)).resolve().parent)
+        parsed.reward._base_dir = str(base_dir) if base_dir is not None else None
     return LoadedRecipe(parsed, algo, spec, source)

@@ -220,7 +220,8 @@ class RewardTerm(Strict):
     """One weighted term of ``reward.functions``: a Python function or a score source (gold / a reward-model folder)."""
 
     function: str | None = Field(None, description="'module:function' called fn(prompts, completions, **columns) -> "
-                                 "one float per completion (TRL's reward-function convention).")
+                                 "one float per completion (TRL's reward-function convention); through the Python "
+                                 "API (aligntool.train) also a Python callable.")
     source: str | None = Field(None, description="'gold' or a reward-model folder, instead of a function.")
     weight: float = Field(1.0, description="Weight of this term in the sum.")
 
@@ -264,10 +265,13 @@ class RewardConfig(Strict):
     function: str | None = Field(
         None, description="A reward as code (verifiable rewards): 'module:function' called fn(prompts, completions, "
         "**columns) -> one float per completion, columns being the dataset's other columns as lists (TRL's reward-"
-        "function convention); e.g. aligntool.toy.arith:reward.")
+        "function convention); e.g. aligntool.toy.arith:reward. Through the Python API (aligntool.train) also a "
+        "Python callable, recorded in recipe.yaml as module:function, or as '<callable module:qualname>' where no "
+        "other process can import it (docs/API.md).")
     functions: list[RewardTerm] | None = Field(
         None, min_length=1, description="Several terms summed with weights: [{function: m:f, weight: 1.0}, "
-        "{source: runs/reward, weight: 0.5}, ...] (functions and reward models mixed).")
+        "{source: runs/reward, weight: 0.5}, ...] (functions and reward models mixed); through the Python API a "
+        "callable alone stands for {function: it, weight: 1.0}.")
     judge: str | None = Field(
         None, description=f"Methods that compare two samples ({registry.listing(preferences=True)}): a pairwise "
         "judge 'module:function' fn(prompts, completions_a, completions_b) -> list of P(a > b) in [0, 1]; instead of a "
