@@ -188,3 +188,36 @@ def write(folder: Path, tmp: Path) -> dict:
               "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.suffix == ".safetensors")}
     (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("compressed_tensors") is not None
+
+
+def check_choice(choice: str) -> None:
+    """``compress.export: compressed-tensors`` needs compressed-tensors installed: checked before the run."""
+    if choice == "compressed-tensors" and not available():
+        raise UserError("compress.export: compressed-tensors is not installed (pip install "
+                        "'aligntool[compressed-tensors]'), or set compress.export: none")
+
+
+def for_compress(choice: str, packed: Path, dest: Path, log) -> dict | None:
+    """``compress.export`` inside a compress run: write ``dest`` from the freshly written ``packed`` folder. ``auto``
+    skips (with a note) what the format cannot hold or a missing compressed-tensors; ``compressed-tensors`` makes
+    either an error. Returns what goes into compression_report.json's ``export``."""
+    if choice == "none":
+        return None
+    why = unsupported(json.loads((packed / "manifest.json").read_text()))
+    if why is None and not available():
+        why = "compressed-tensors is not installed (pip install 'aligntool[compressed-tensors]')"
+    if why is not None:
+        if choice == "compressed-tensors":
+            raise UserError(f"compress.export: {why}")
+        log(f"note: no compressed-tensors export: {why}")
+        return {"format": "compressed-tensors", "skipped": why}
+    report = write(packed, dest)
+    log(f"compressed-tensors export ({report['scheme']}): {report['bytes']} bytes in {dest.name}/; zero points made "
+        f"integer: max |w_ct - w| = {report['conversion']['max_weight_error_over_scale']:.3f} scale")
+    return {**report, "folder": dest.name}
