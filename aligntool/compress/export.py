@@ -63,7 +63,8 @@ def unsupported(manifest: dict) -> str | None:
         return ("fused MoE expert weights have no compressed-tensors scheme here (it quantizes nn.Linear modules "
                 "only); packed/ stays the compact form")
     if any(e.get("transposed") for e in manifest["entries"].values()):
-        return "Conv1D (GPT-2) weights have no compressed-tensors scheme (nn.Linear only); packed/ stays the compact form"
+        return ("Conv1D (GPT-2) weights have no compressed-tensors scheme (nn.Linear only); packed/ stays the compact "
+                "form")
     if "jlcm" in kinds:
         return "JLCM codebooks have no compressed-tensors scheme; packed/ stays the compact form"
     if "dropped" in kinds:
