@@ -20,9 +20,16 @@ pytestmark = pytest.mark.slow
 SMALL = ["calibration.seq_len=32", "calibration.num_sequences=16", "calibration.heldout_sequences=4"]
 
 
-def _compress(capsys, out: Path, bits: int, *extra: str) -> None:
-    code = main(["compress", "--recipe", "compress_quant", f"output_dir={out}", *SMALL, "compress.method=uniform",
-                 f"compress.bits={bits}", f"compress.bits_max={max(bits, 6)}", *extra])
+# EvoPress at 3.5 bits between 3 and 4: its starting point already mixes the two widths (one short generation)
+MIXED = ["compress.method=evopress", "compress.bits=3.5", "compress.bits_min=3", "compress.bits_max=4",
+         "compress.evopress.generations=1", "compress.evopress.offspring=2", "compress.evopress.survivors=[1]",
+         "compress.evopress.tokens=[128]", "compress.evopress.initial_candidates=2"]
+
+
+def _compress(capsys, out: Path, bits, *extra: str) -> None:
+    budget = MIXED if bits == "mixed" else ["compress.method=uniform", f"compress.bits={bits}",
+                                            f"compress.bits_max={max(bits, 6)}"]
+    code = main(["compress", "--recipe", "compress_quant", f"output_dir={out}", *SMALL, *budget, *extra])
     assert code == 0, capsys.readouterr().err[-3000:]
     capsys.readouterr()
 
@@ -78,13 +85,15 @@ def _expected_bytes(folder: Path) -> int:
     return total
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "mixed"])
 def test_transformers_loads_the_export_with_the_stated_conversion_error(capsys, tmp_path, tiny_path, bits):
+    """4 bits written by compress itself, 8 bits by `aligntool export` afterwards (and not over itself without
+    --overwrite), EvoPress' mixed 3/4 bits stored at 4."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / f"q{bits}"
-    if bits == 4:  # compress writes it (compress.export: auto)
+    if bits != 8:  # compress writes it (compress.export: auto)
         _compress(capsys, out, bits)
     else:  # `aligntool export` writes it from an output that has none
         _compress(capsys, out, bits, "compress.export=none")
@@ -102,6 +111,10 @@ def test_transformers_loads_the_export_with_the_stated_conversion_error(capsys, 
     folder = out / "compressed-tensors"
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    width = 4 if bits == "mixed" else bits
+    assert [g["weights"]["num_bits"] for g in qc["config_groups"].values()] == [width]
+    widths = {e["bits"] for e in json.loads((out / "packed" / "manifest.json").read_text())["entries"].values()}
+    assert widths == ({3, 4} if bits == "mixed" else {bits})
     assert main(["unpack", str(out / "packed"), "--out", str(tmp_path / "unpacked")]) == 0
     capsys.readouterr()
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked").eval()
@@ -109,7 +122,7 @@ def test_transformers_loads_the_export_with_the_stated_conversion_error(capsys, 
 
     # weights: theirs are ours moved by the integer zero point, |move| <= scale / 2
     a, b = ours.state_dict(), theirs.state_dict()
-    expected = _by_hand(out / "packed", bits, a)
+    expected = _by_hand(out / "packed", width, a)
     assert a.keys() == b.keys()
     worst = 0.0
     for key in a:
@@ -137,7 +150,7 @@ def test_transformers_loads_the_export_with_the_stated_conversion_error(capsys, 
         assert len(list(f.keys())) > 0
     assert size - header == _expected_bytes(folder) and report["bytes"] == size
     dense = (tiny_path / "model.safetensors").stat().st_size
-    assert size < {4: 0.22, 8: 0.33}[bits] * dense
+    assert size < {4: 0.22, 8: 0.33}[width] * dense
 
 
 def test_export_refuses_what_the_format_cannot_hold(capsys, tmp_path):
