@@ -178,3 +178,25 @@ def test_export_refuses_what_the_format_cannot_hold(capsys, tmp_path):
     cli_error(capsys, ["export", str(tmp_path / "sparse"), "--format", "gguf"], "--format", "'gguf'")
     cli_error(capsys, ["compress", "--recipe", "compress_sparsity", "compress.export=compressed-tensors"],
               "compress.export", "mode sparsity")
+
+
+def test_compress_export_auto_notes_what_it_skips(monkeypatch, tmp_path):
+    """compress.export: auto leaves out (with a note naming why) what compressed-tensors cannot hold, or a missing
+    compressed-tensors; compress.export: compressed-tensors makes both an error."""
+    from aligntool.compress import export
+    from aligntool.compress.packed import FORMAT
+    from aligntool.errors import UserError
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    notes = []
+    for entries, missing, needle in [({"a.weight": {"kind": "dropped"}}, False, "depth pruning"),
+                                     ({"a.weight": {"kind": "rtn", "bits": 4}}, True, "not installed")]:
+        (packed / "manifest.json").write_text(json.dumps({"format": FORMAT, "entries": entries}))
+        monkeypatch.setattr(export, "available", lambda missing=missing: not missing)
+        got = export.for_compress("auto", packed, tmp_path / "ct", notes.append)
+        assert needle in got["skipped"] and needle in notes[-1] and notes[-1].startswith("note: ")
+        with pytest.raises(UserError, match=f"compress.export: .*{needle}"):
+            export.for_compress("compressed-tensors", packed, tmp_path / "ct", notes.append)
+        assert export.for_compress("none", packed, tmp_path / "ct", notes.append) is None
+        assert not (tmp_path / "ct").exists()

@@ -204,6 +204,17 @@ def check_choice(choice: str) -> None:
                         "'aligntool[compressed-tensors]'), or set compress.export: none")
 
 
+def check_layers(choice: str, selected: dict | None) -> None:
+    """``compress.export: compressed-tensors`` on layers it cannot hold (Conv1D, fused experts): refused before the
+    run rather than after it."""
+    if choice != "compressed-tensors" or not selected:
+        return
+    bad = next((x for x in selected.values() if x.transposed or x.expert is not None), None)
+    if bad is not None:
+        raise UserError(f"compress.export: {bad.name} is a {bad.kind} weight; compressed-tensors quantizes nn.Linear "
+                        "modules only (set compress.export: auto or none)")
+
+
 def for_compress(choice: str, packed: Path, dest: Path, log) -> dict | None:
     """``compress.export`` inside a compress run: write ``dest`` from the freshly written ``packed`` folder. ``auto``
     skips (with a note) what the format cannot hold or a missing compressed-tensors; ``compressed-tensors`` makes

@@ -198,6 +198,7 @@ def compress(recipe, resume: bool = False, progress: bool = True, overwrite: boo
     dense_bytes = packed.tensor_bytes(model)
     # the layers first: a pattern that selects nothing (or a module compress cannot handle) fails before any pass
     selected = None if cfg.mode == "depth" else layers.compressible_layers(model, cfg.layers)
+    export.check_layers(cfg.export, selected)
     torch.manual_seed(cfg.seed)
     calib, heldout = calibration.load_windows(recipe.calibration, tokenizer)
     bs = cfg.eval_batch_size
