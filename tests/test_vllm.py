@@ -165,13 +165,12 @@ if __name__ == "__main__":
 # what vLLM 0.32's CPU build can run of compressed-tensors' weight-only int schemes (measured): the CPUWNA16 kernel
 # takes uint4 (asymmetric, with zero points: ours) and uint4b8 only; ZentorchWNA16 needs an AMD Zen CPU
 VLLM_CPU_SKIP = {8: "vLLM 0.32's CPU build has no kernel for 8-bit weight-only int (CPUWNA16: uint4/uint4b8 only; "
-                    "ZentorchWNA16: AMD Zen CPUs only)",
-                 "mixed": "EvoPress' mixed widths are stored at the widest width (2-6 bits here): only a 4-bit widest "
-                          "width runs on vLLM's CPU build (CPUWNA16)"}
+                    "ZentorchWNA16: AMD Zen CPUs only); nor for 2, 3, 5, 6 bits (an EvoPress export runs there only "
+                    "when its widest width is 4)"}
 
 
 @needs_vllm
-@pytest.mark.parametrize("bits", [4, 8, "mixed"])
+@pytest.mark.parametrize("bits", [4, 8])
 def test_vllm_loads_and_generates_from_the_compressed_tensors_export(tmp_path, tiny_path, bits):
     """The 4-bit export (`compress.export`): vLLM's CPU build loads it (CPUWNA16 kernel, asymmetric uint4 with
     zero points) and generates; its first greedy token is transformers' on `aligntool unpack`'s model. The other
