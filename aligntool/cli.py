@@ -156,6 +156,21 @@ def unpack(
     commands.unpack(packed_dir, out, overwrite)
 
 
+@app.command()
+def export(
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="A compress output folder (or its packed/ folder)."),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors: the format transformers and "
+                            "vLLM load quantized checkpoints from (mode quant only)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder to write; default OUTPUT/compressed-tensors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out already holds (refused without "
+                                   "it)."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Write a compressed model in another format (compressed-tensors: transformers and vLLM load it)."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    commands.export(output, fmt, out, overwrite)
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Option(..., "--model", "-m",

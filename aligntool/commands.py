@@ -67,6 +67,23 @@ def unpack(packed_dir: Path, out: Path, overwrite: bool) -> None:
     print(out)
 
 
+def export(output: Path, fmt: str, out: Path | None, overwrite: bool) -> None:
+    from aligntool.compress import export as ct
+    from aligntool.outputs import check_model_saved
+
+    folder = ct.packed_folder(output)
+    if out is None:
+        if folder == Path(output).expanduser():
+            raise UserError(f"--out: {output} is a packed folder; give the folder to write the export to")
+        out = folder.parent / ct.FOLDER
+    report = ct.export(output, out, fmt, overwrite)
+    conv = report["conversion"]
+    _stderr(f"{fmt} ({report['scheme']}): {report['bytes']} bytes; zero points made integer: max |w_ct - w| = "
+            f"{conv['max_weight_error_over_scale']:.3f} scale ({conv['max_abs_weight_error']:.3g})")
+    check_model_saved(out, key="--out", what="exported")
+    print(out)
+
+
 def evaluate(model: str, reference: str | None, task: str, num_prompts: int | None, samples: int,
              pass_k: str | None, max_new_tokens: int | None, temperature: float, batch_size: int, seed: int,
              revise: int, as_json: bool, user: dict | None = None) -> None:

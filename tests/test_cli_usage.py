@@ -37,6 +37,7 @@ USAGE_ERRORS = [
     (["compress", "--recipe", "compress_quant", "--resum"], ["--resum", "did you mean --resume?"]),
     (["unpack"], ["Missing argument 'PACKED'"]),
     (["unpack", "packed"], ["Missing option '--out'"]),
+    (["export"], ["Missing argument 'OUTPUT'"]),
     (["eval", "--model", "tiny", "--num-promts", "3"], ["--num-promts", "did you mean --num-prompts?"]),
     (["eval"], ["Missing option '--model'"]),
     (["eval", "--model", "tiny", "--samples", "many"], ["--samples"]),

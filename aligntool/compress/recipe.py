@@ -108,6 +108,11 @@ class CompressConfig(Strict):
     jlcm_lr: float = Field(1e-2, gt=0, description="jlcm: Adam step size relative to the weight's std.")
     jlcm_tokens: PositiveInt = Field(2048, description="jlcm: calibration tokens whose layer inputs define the error.")
     evopress: EvoPressConfig = Field(default_factory=EvoPressConfig, description="Settings of the EvoPress search.")
+    export: Literal["auto", "compressed-tensors", "none"] = Field(
+        "auto", description="Also write the model in the compressed-tensors format (transformers and vLLM load it) "
+        "into output_dir/compressed-tensors/. It holds mode quant (round-to-nearest, nn.Linear layers) only: auto "
+        "writes it where it can and notes why not elsewhere; compressed-tensors makes that an error; none skips it. "
+        "`aligntool export` writes it later from an output.")
     eval_batch_size: PositiveInt = Field(8, description="Windows per forward pass when scoring.")
     seed: NonNegativeInt = Field(0, description="Seed of the search (mutations, random starts) and of JLCM's "
                                  "initialisation.")
@@ -139,6 +144,10 @@ class CompressConfig(Strict):
         if self.saliency == "mfac" and (mode != "sparsity" or self.method == "jlcm"):
             raise ValueError(f"saliency mfac ranks weights for pruning: it needs mode sparsity (method evopress or "
                              f"uniform), got method {self.method}, mode {mode}")
+        if self.export == "compressed-tensors" and (mode != "quant" or self.method == "jlcm"):
+            raise ValueError(f"compress.export: compressed-tensors holds round-to-nearest quantization (mode quant, "
+                             f"method evopress or uniform), not method {self.method}, mode {mode}; the packed/ folder "
+                             f"is the compact form of this one (or set compress.export: auto or none)")
         if mode == "depth" and self.drop is None:
             raise ValueError("mode depth needs compress.drop (how many units to drop)")
         return self

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from aligntool import models
-from aligntool.compress import calibration, evopress, layers, levels, mfac, packed, quantizers
+from aligntool.compress import calibration, evopress, export, layers, levels, mfac, packed, quantizers
 from aligntool.errors import UserError
 
 
@@ -188,6 +188,7 @@ def compress(recipe, resume: bool = False, progress: bool = True, overwrite: boo
     cfg = recipe.compress
     out = Path(recipe.output_dir).expanduser()
     check_output(out, overwrite, key="output_dir")
+    export.check_choice(cfg.export)
     state_path = out.with_name(f".{out.name}.search.json")
     if resume and not state_path.is_file():
         raise UserError(f"--resume: no search state at {state_path}")
@@ -197,6 +198,7 @@ def compress(recipe, resume: bool = False, progress: bool = True, overwrite: boo
     dense_bytes = packed.tensor_bytes(model)
     # the layers first: a pattern that selects nothing (or a module compress cannot handle) fails before any pass
     selected = None if cfg.mode == "depth" else layers.compressible_layers(model, cfg.layers)
+    export.check_layers(cfg.export, selected)
     torch.manual_seed(cfg.seed)
     calib, heldout = calibration.load_windows(recipe.calibration, tokenizer)
     bs = cfg.eval_batch_size
@@ -232,7 +234,7 @@ def compress(recipe, resume: bool = False, progress: bool = True, overwrite: boo
             "search": search_info, "compress_time_s": round(compress_time, 2), "layers": rows,
         }
 
-    report = _write_output(out, model, tokenizer, encoded, make_report)
+    report = _write_output(out, model, tokenizer, encoded, make_report, cfg.export)
     state_path.unlink(missing_ok=True)
     log(f"held-out ppl {dense_ppl:.3f} -> {held_scores['ppl']:.3f}, KL {held_scores['kl']:.4f}; "
         f"model {dense_bytes} -> {report['bytes']['packed']} bytes packed; written to {out}")
@@ -309,9 +311,10 @@ def _saliency(model, cfg, selected, calib) -> tuple[dict, dict | None]:
     return norms, grads
 
 
-def _write_output(out: Path, model, tokenizer, encoded: dict, make_report) -> dict:
-    """The output folder, assembled beside its place and renamed into it: the model, ``packed/``, the report
-    (``make_report(packed bytes)``) and levels.png. Returns the report."""
+def _write_output(out: Path, model, tokenizer, encoded: dict, make_report, export_choice: str = "none") -> dict:
+    """The output folder, assembled beside its place and renamed into it: the model, ``packed/``, the
+    ``compressed-tensors/`` export (``compress.export``), the report (``make_report(packed bytes)``) and levels.png.
+    Returns the report."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -319,6 +322,7 @@ def _write_output(out: Path, model, tokenizer, encoded: dict, make_report) -> di
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report = make_report(packed.write_packed(model, tokenizer, encoded, tmp / "packed"))
+        report["export"] = export.for_compress(export_choice, tmp / "packed", tmp / export.FOLDER, log)
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
         _plot(report["layers"], report["mode"], report["method"], tmp / "levels.png")
         _replace_dir(tmp, out)
