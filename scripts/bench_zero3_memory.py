@@ -39,17 +39,24 @@ def rss_mb(field: str) -> float:
 
 
 def worker(a) -> None:
+    import importlib
+
     import deepspeed  # noqa: F401 - libraries first: they are the same for both sides
     import torch  # noqa: F401
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    import aligntool.train as train_mod
     from aligntool.recipe.loader import load_recipe
 
+    train_mod = importlib.import_module("aligntool.train")  # the module (the package's `aligntool.train` is the API)
     tensors = TensorBytes()
-    callbacks = train_mod._callbacks
-    train_mod._callbacks = lambda *args: [*callbacks(*args), tensors]  # measure inside the real run
+    callbacks = train_mod.run_callbacks
+
+    def measured_callbacks(*args):  # measure inside the real run
+        found, divergence = callbacks(*args)
+        return [*found, tensors], divergence
+
+    train_mod.run_callbacks = measured_callbacks
     extra = ["train.eval_strategy=no", "dataset.toy.eval_size=0"]
     if a.recipe == "ppo":
         measure_engine(tensors)
