@@ -140,6 +140,9 @@ class EngineSetup:
 
             lm = get_peft_model(lm, lora)
         self.lora = lora is not None
+        if run.recipe.train.gradient_checkpointing:  # in the update (generation runs in eval mode)
+            for model in filter(None, (lm, critic_lm)):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(self.args.seed + self.rank)
         self.model = PolicyWithValue(lm, value_head, critic_lm)
         if self.zero3 and value_head:  # ZeRO-3 partitions all trainable weights in one dtype: the LM's (bf16 runs)

@@ -145,8 +145,9 @@ def resolve(loaded, config, world_size: int, reward_config=None, prompt_tokens: 
         algorithm=spec.name, world=world_size, backend=d.backend, zero_stage=d.zero_stage,
         offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
         fsdp_full=d.fsdp_sharding == "full_shard", weight_bytes=weight_bytes, mixed=mixed,
-        # the rollout engine recomputes nothing (train.gradient_checkpointing is TRL's / the Trainer's)
-        checkpointing=spec.kind != "online" and (True if checkpointing is None else bool(checkpointing)),
+        # TRL's default is on (on GPUs); the rollout engine recomputes only when train.gradient_checkpointing asks
+        checkpointing=bool(checkpointing) if spec.kind == "online" else (True if checkpointing is None
+                                                                         else bool(checkpointing)),
         optim=optim, peft=recipe.peft,
         rows=rows, seq=seq, row_unit=_row_unit(loaded), logit_seq=logit_seq, gen_rows=gen if spec.samples else 0,
         reference=_reference(loaded),
@@ -193,7 +194,7 @@ def _more_gpus(s: Setup):
 
 
 CHANGES = [
-    ("train.gradient_checkpointing: true", lambda s: None if s.checkpointing or s.algorithm in ONLINE
+    ("train.gradient_checkpointing: true", lambda s: None if s.checkpointing
      else dataclasses.replace(s, checkpointing=True)),
     ("train.optim: adamw_8bit", lambda s: None if "8bit" in s.optim else dataclasses.replace(s, optim="adamw_8bit")),
     ("distributed: deepspeed ZeRO-3", _zero3),

@@ -145,7 +145,8 @@ class TrainConfig(BaseModel):
     fp16: bool | None = Field(None, description="fp16 mixed precision (CUDA GPUs only: refused on a CPU, where bf16 "
                               "works).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in backward: less memory, "
-                                                "more time. Default: TRL's (on) on GPUs, off on CPUs.")
+                                                "more time. Default: TRL's (on) on GPUs, off on CPUs; the online "
+                                                "engine's methods (PPO, ReMax, ...): off unless true.")
     report_to: list[str] | str | None = Field(
         None, description="Loggers, for every method: tensorboard (always on), wandb, mlflow, trackio, comet_ml, "
         "swanlab, ... (a name, a list, 'all' = every installed one, 'none'). The TRL-based methods log through "
