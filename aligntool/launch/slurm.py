@@ -31,7 +31,8 @@ def sbatch_script(recipe: str, overrides: list[str], nodes: int, gpus_per_node: 
     check_time(time)
     q = shlex.quote
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={time}", "--requeue",
-                  f"--signal=B:USR1@{signal_lead}", f"--output={output_dir}/slurm-%j.out"]
+                  f"--signal=B:USR1@{signal_lead}", f"--output={output_dir}/slurm-%j.out",
+                  "--open-mode=append"]  # a requeued job adds to its log instead of truncating it
     if gpus_per_node:
         directives.append(f"--gpus-per-node={gpus_per_node}")
     if cpus_per_task:
@@ -53,11 +54,18 @@ def sbatch_script(recipe: str, overrides: list[str], nodes: int, gpus_per_node: 
              "SRUN_PID=$!",
              "",
              "preempted() {  # SLURM's warning before the time limit, or a preemption: checkpoint, then requeue",
+             "  trap '' USR1 TERM  # once: the TERM that follows a requeue must not requeue again",
              '  echo "aligntool: $1 received; the run writes a checkpoint and the job is requeued" >&2',
              '  kill -USR1 "$SRUN_PID" 2>/dev/null',
              '  wait "$SRUN_PID"',
-             '  scontrol requeue "$SLURM_JOB_ID"',
-             "  exit 0",
+             "  code=$?",
+             "  # 75: stopped at a checkpoint; 138 (USR1): stopped while starting, before any step. A run that had",
+             "  # finished anyway exits 0: nothing to redo",
+             "  if [ $code -eq 75 ] || [ $code -eq 138 ]; then",
+             '    echo "aligntool: the run exited $code; requeueing job $SLURM_JOB_ID" >&2',
+             '    scontrol requeue "$SLURM_JOB_ID"',
+             "  fi",
+             "  exit $code",
              "}",
              "trap 'preempted USR1' USR1",
              "trap 'preempted TERM' TERM",
