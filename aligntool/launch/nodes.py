@@ -32,6 +32,7 @@ EXIT_PEER_FAILED = 1
 ENV_TIMEOUT = "ALIGNTOOL_NODE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
 INTERVAL = 1.0
+ALIVE_BEATS = 3  # beats a node must add after a failed collective to count as alive
 RESUME_HINT = "continue from the last complete checkpoint with --resume on every node"
 
 
@@ -77,7 +78,6 @@ class Watch:
         now = time.monotonic()
         self.seen = {n: (-1, now) for n in self.others}  # node -> (last counter, when it last moved)
         self.store_ok = now  # when the store last answered
-        self._failed_at = now
         self.hosts: dict[int, str] = {}
         self.ended: set[int] = set()
         self.message: str | None = None
@@ -187,14 +187,16 @@ class Watch:
 
     def verdict(self) -> str | None:
         """After this rank failed: wait (at most the timeout and two beats) until the watch names a lost or failed
-        node; None as soon as every other node has beaten since (alive: the failure was this node's own)."""
-        self._failed_at = time.monotonic()
+        node; None as soon as every other node has beaten ``ALIVE_BEATS`` more times (alive: the failure was this
+        node's own). Counted in beats, not by when they were seen: a killed node's last beats may be read only after
+        the failure."""
+        base = {n: self.seen[n][0] for n in self.others}
         deadline = time.monotonic() + self.timeout + 2 * INTERVAL
         while time.monotonic() < deadline:
             if self.judge():
                 return self.message
-            if all(n in self.ended or self.seen[n][1] > self._failed_at for n in self.others):
-                return None  # every other node has beaten since: they are alive
+            if all(n in self.ended or self.seen[n][0] >= base[n] + ALIVE_BEATS for n in self.others):
+                return None
             time.sleep(INTERVAL / 4)
         return self.message
 
