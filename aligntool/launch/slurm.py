@@ -5,8 +5,10 @@ The script asks SLURM for ``--requeue`` and a warning signal ``signal_lead`` sec
 ``aligntool train ... --nproc G --slurm``, which reads its node rank and the job size from SLURM_NODEID / SLURM_NNODES
 and the main address from MASTER_ADDR (node 0, set here), launches torchrun, and resumes from the latest complete
 checkpoint when there is one. On USR1 (or TERM) the batch shell passes the signal to srun, which passes it to the
-tasks; the trainers write a checkpoint at the end of the current step and exit, and the shell requeues the job, which
-then resumes. Every user-given value is quoted (shlex.quote); the script builds no command from unquoted input.
+tasks; the trainers write a checkpoint at the end of the current step and exit 75, and the shell requeues the job
+(``scontrol requeue``), which then resumes; the job's log is appended to (``--open-mode=append``), so it holds both
+runs. Tested on a real one-node SLURM cluster (tests/test_slurm_real.py, docs/SLURM.md). Every user-given value is
+quoted (shlex.quote); the script builds no command from unquoted input.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def sbatch_script(recipe: str, overrides: list[str], nodes: int, gpus_per_node: 
              "  # finished anyway exits 0: nothing to redo",
              "  if [ $code -eq 75 ] || [ $code -eq 138 ]; then",
              '    echo "aligntool: the run exited $code; requeueing job $SLURM_JOB_ID" >&2',
-             '    scontrol requeue "$SLURM_JOB_ID"',
+             '    scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this run ended as it should',
              "  fi",
              "  exit $code",
              "}",
