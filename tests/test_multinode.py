@@ -228,7 +228,7 @@ def test_the_watch_names_a_silent_node_a_failed_one_and_ignores_one_that_ended(m
     message = watches[0].verdict()  # node 0's collective failed just now
     took = time.monotonic() - start
     assert message is not None and message.startswith("lost node 2 (host ") and "for 2 s" in message, message
-    assert "node 1" not in message and watches[0].code == nodes.EXIT_LOST
+    assert "node 1" not in message and watches[0].code == nodes.EXIT_LOST and "for 2 s (killed" in message
     assert 1.5 < took < 4.0, took
     time.sleep(0.5)
     assert (0, message) in verdicts  # the watch thread's own way out (os._exit in a rank) is taken too
@@ -247,6 +247,21 @@ def test_the_watch_names_a_silent_node_a_failed_one_and_ignores_one_that_ended(m
     assert message.startswith("node 1 (host ") and "failed" in message and a.code == nodes.EXIT_PEER_FAILED
     assert time.monotonic() - start < 2.0
     a.stop(None)
+
+    # node 0's launcher (the store's host) ends: node 1 names node 0 at once, and stops calling the store
+    other = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    a, b = (nodes.Watch(n, 2, "127.0.0.1", other.port, beats=True, timeout=30.0) for n in range(2))
+    for w in (a, b):
+        w.on_verdict = lambda: None
+        w.start()
+    time.sleep(0.6)
+    a.stop(None)
+    del other  # node 0's launcher gone
+    start = time.monotonic()
+    message = b.verdict()
+    assert message.startswith("lost node 0 (host ") and "store at 127.0.0.1" in message and "closed" in message
+    assert time.monotonic() - start < 2.0 and b.store_gone
+    b.stop(None)
 
 
 def test_the_node_timeout_is_checked(monkeypatch):

@@ -86,6 +86,8 @@ class Watch:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._store = None
+        self._sentinel = None
+        self.store_gone = False  # the store's own side closed (node 0's launcher ended)
         self.on_verdict = self._end_now  # what the watch thread does once a node is lost or failed
         self._thread = threading.Thread(target=self._run, name="aligntool-node-watch", daemon=True)
 
@@ -106,17 +108,35 @@ class Watch:
         store = dist.PrefixStore(f"aligntool/nodes/{run}/{attempt}/", store)
         if self.beats:
             store.set(f"host/{self.node}", socket.gethostname())
+        if self.node != 0 and self._sentinel is None:  # a bare connection to the store: closed when node 0 goes
+            self._sentinel = socket.create_connection((self.addr, self.port), timeout=10)
+            self._sentinel.setblocking(False)
         return store
+
+    def _store_closed(self) -> bool:
+        if self.store_gone:
+            return True
+        if self._sentinel is None:
+            return False
+        try:
+            return self._sentinel.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset
+            return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                if self._store is None:
-                    self._store = self._connect()
-                self._tick(self._store)
-                self.store_ok = time.monotonic()
-            except Exception:  # the store's host (node 0) is gone, or unreachable: judged below, by its silence
-                self._store = None
+            if self._store_closed():  # node 0's launcher is gone: no more store calls (each would log a C++ trace)
+                self.store_gone = True
+            else:
+                try:
+                    if self._store is None:
+                        self._store = self._connect()
+                    self._tick(self._store)
+                    self.store_ok = time.monotonic()
+                except Exception:  # the store's host (node 0) unreachable: judged below, by its silence
+                    self._store = None
             if self.judge() and not self._stop.is_set():
                 self.on_verdict()
             self._stop.wait(INTERVAL)
@@ -160,16 +180,20 @@ class Watch:
             return True
         now = time.monotonic()
         silent = [n for n in self.others if n not in self.ended and now - self.seen[n][1] > self.timeout]
-        if self.node != 0 and 0 not in self.ended and now - self.store_ok > self.timeout:
+        store_lost = self.node != 0 and 0 not in self.ended and (self.store_gone or now - self.store_ok > self.timeout)
+        if store_lost:
             silent = sorted({0, *silent})  # the store lives in node 0's launcher
         if silent:
             n = silent[0]
-            why = "its rendezvous store at {}:{} stopped answering".format(self.addr, self.port) if (
-                n == 0 and now - self.store_ok > self.timeout) else "no heartbeat"
+            why = f"no heartbeat for {self.timeout:g} s (killed, or cut off from this node)"
+            if n == 0 and self.store_gone:
+                why = (f"its rendezvous store at {self.addr}:{self.port} closed (its launcher ended: killed, or its "
+                       "run failed)")
+            elif n == 0 and store_lost:
+                why = f"its rendezvous store at {self.addr}:{self.port} stopped answering for {self.timeout:g} s"
             more = f" (and node{'s' if len(silent) > 2 else ''} {', '.join(map(str, silent[1:]))})" \
                 if len(silent) > 1 else ""
-            self._decide(f"lost node {n}{self._where(n)}{more}: {why} for {self.timeout:g} s (killed, or cut off "
-                         f"from this node); this node stops too; {RESUME_HINT}", EXIT_LOST)
+            self._decide(f"lost node {n}{self._where(n)}{more}: {why}; this node stops too; {RESUME_HINT}", EXIT_LOST)
         return self.message is not None
 
     def _end_now(self) -> None:
