@@ -6,7 +6,8 @@ SLURM script uses), both writing one output_dir, as nodes on shared storage do; 
   folder is written once (one metrics row per step, one "Done", RNG states of both ranks).
 - SIGKILL to node 1's launcher (its process group) after the first checkpoint: node 1's ranks die with it, node 0
   exits within ALIGNTOOL_NODE_TIMEOUT + a few seconds with exit code 69 and one line naming node 1, no traceback;
-  ``--resume`` on both nodes continues from the last complete checkpoint and finishes with a loadable model.
+  ``--resume`` on both nodes continues from the last complete checkpoint and finishes with a loadable model. The same
+  for node 0 (the rendezvous store's host), without the resume.
 - The heartbeat watch itself (aligntool.launch.nodes.Watch) on a real TCPStore, in this process (default suite).
 """
 
@@ -141,17 +142,20 @@ NODE_TIMEOUT_S = 10
 
 
 @pytest.mark.system
-def test_a_lost_node_ends_the_other_in_one_line_and_both_resume(tmp_path, tiny_path):
-    """Node 1's launcher and torchrun are SIGKILLed (its process group) after the first complete checkpoint. Its
-    ranks die with them (PR_SET_PDEATHSIG: torchrun starts ranks in sessions of their own); node 0 notices node 1's
-    heartbeat stop, says so in one line and exits 69 within ALIGNTOOL_NODE_TIMEOUT (10 s here) + 20 s; then both
-    nodes ``--resume`` from the last complete checkpoint and finish."""
+@pytest.mark.parametrize("lost", [1, 0], ids=["node1", "node0"])
+def test_a_lost_node_ends_the_other_in_one_line_and_both_resume(tmp_path, tiny_path, lost):
+    """One node's launcher and torchrun are SIGKILLed (its process group) after the first complete checkpoint. Its
+    ranks die with them (PR_SET_PDEATHSIG: torchrun starts ranks in sessions of their own). Node 1 lost: node 0
+    notices its heartbeat stop; node 0 lost (the rendezvous store's host): node 1 sees the store close. The survivor
+    says so in one line and exits 69 within ALIGNTOOL_NODE_TIMEOUT (10 s here) + 20 s; then (node 1 lost) both nodes
+    ``--resume`` from the last complete checkpoint and finish."""
     import psutil
     from transformers import AutoModelForCausalLM
 
     from aligntool import outputs
 
     out, logs = tmp_path / "run", tmp_path / "logs"
+    survivor = 1 - lost
     procs = start_nodes("dpo", out, LONG, logs, ALIGNTOOL_NODE_TIMEOUT=str(NODE_TIMEOUT_S))
     try:
         first = out / "checkpoints" / "checkpoint-5" / "COMPLETE"
@@ -159,27 +163,29 @@ def test_a_lost_node_ends_the_other_in_one_line_and_both_resume(tmp_path, tiny_p
         while not first.is_file() and all(p.poll() is None for p in procs) and time.time() < deadline:
             time.sleep(0.05)
         assert first.is_file(), text(logs / 'node0.err')[-3000:]
-        node1 = psutil.Process(procs[1].pid).children(recursive=True)  # torchrun's agent and node 1's rank
-        assert any("aligntool.cli" in " ".join(p.cmdline()) for p in node1 if p.pid != procs[1].pid)
-        os.killpg(procs[1].pid, signal.SIGKILL)
+        victims = psutil.Process(procs[lost].pid).children(recursive=True)  # torchrun's agent and the node's rank
+        assert any("aligntool.cli" in " ".join(p.cmdline()) for p in victims)
+        os.killpg(procs[lost].pid, signal.SIGKILL)
         killed = time.time()
         try:
-            code = procs[0].wait(timeout=NODE_TIMEOUT_S + 50)
+            code = procs[survivor].wait(timeout=NODE_TIMEOUT_S + 50)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"node 0 still runs {NODE_TIMEOUT_S + 50} s after node 1 was killed: "
-                        f"{text(logs / 'node0.err')[-3000:]}")
+            pytest.fail(f"node {survivor} still runs {NODE_TIMEOUT_S + 50} s after node {lost} was killed: "
+                        f"{text(logs / f'node{survivor}.err')[-3000:]}")
         took = time.time() - killed
     finally:
         kill_all(procs)
-    err = text(logs / 'node0.err')
+    err = text(logs / f"node{survivor}.err")
     assert code == 69, err[-3000:]
     assert took < NODE_TIMEOUT_S + 20, took
     errors = [line for line in err.splitlines() if "error" in line.lower() and "FutureWarning" not in line]
-    assert len(errors) == 1 and errors[0].startswith("aligntool: error: lost node 1 (host "), err[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"aligntool: error: lost node {lost} (host "), err[-3000:]
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     time.sleep(1)
-    assert not [p for p in node1 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "node 1's rank lives on"
+    assert not [p for p in victims if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "its rank lives on"
     assert not (out / "summary.json").exists()
+    if lost == 0:
+        return
 
     last = outputs.latest_checkpoint(out / "checkpoints", log=lambda m: None)
     step = outputs.checkpoint_step(last)
