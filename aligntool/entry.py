@@ -6,7 +6,8 @@ process machinery it uses, below ``train``, is in aligntool.launch).
   (or finished iterations) is resumed, as a requeued job must;
 - ``--nproc``/``--nnodes`` > 1: the launcher checks the folder once, builds the tiny model once (not racing in every
   rank), then runs torchrun with the same command and passes signals on (aligntool.launch.torchrun);
-- in a rank, or alone: aligntool.train.train, with a full disk reported in one line.
+- in a rank, or alone: aligntool.train.train, with a full disk reported in one line; in a rank of several nodes, a
+  lost node is named in one line (aligntool.launch.nodes).
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def relaunch(recipe, overrides, resume, overwrite, launch: Launch, debug: bool, 
     from aligntool.outputs import check_previous_run
 
     check_previous_run(out, resume, overwrite)  # before any rank starts
+    if launch.nnodes > 1:
+        from aligntool.launch.nodes import timeout_s
+
+        timeout_s()  # ALIGNTOOL_NODE_TIMEOUT checked here, not in every rank
     if resume:  # the recipe against the run's own, and a finished run, before any rank starts
         from aligntool.resume import check_resume
 
@@ -114,13 +119,42 @@ def train_here(loaded, out: Path, resume: bool, overwrite: bool, debug: bool, ac
     from aligntool.outputs import disk_full_error
     from aligntool.train import train
 
+    watch = _node_watch()
     try:
         train(loaded, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
     except (UserError, KeyboardInterrupt):
+        _end_watch(watch, "failed")
         raise
     except Exception as exc:
+        from aligntool.launch.preemption import Preempted
+
+        if isinstance(exc, Preempted):
+            _end_watch(watch, "ended")
+            raise
+        if watch is not None and watch.verdict() and not debug:  # another node is gone: its name, in one line
+            watch.stop(None)
+            watch.say()
+            return watch.code
+        _end_watch(watch, "failed")
         error = disk_full_error(out, exc) if out.is_dir() else None
         if error is None or debug:
             raise
         raise error from None
+    _end_watch(watch, "ended")
     return 0
+
+
+def _node_watch():
+    """In a rank of a torchrun launch: die with the launcher; with several nodes, the watch on the others
+    (aligntool.launch.nodes)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    from aligntool.launch import nodes
+
+    nodes.die_with_parent()
+    return nodes.start_watch()
+
+
+def _end_watch(watch, state: str) -> None:
+    if watch is not None:
+        watch.stop(state)

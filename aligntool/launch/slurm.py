@@ -5,8 +5,10 @@ The script asks SLURM for ``--requeue`` and a warning signal ``signal_lead`` sec
 ``aligntool train ... --nproc G --slurm``, which reads its node rank and the job size from SLURM_NODEID / SLURM_NNODES
 and the main address from MASTER_ADDR (node 0, set here), launches torchrun, and resumes from the latest complete
 checkpoint when there is one. On USR1 (or TERM) the batch shell passes the signal to srun, which passes it to the
-tasks; the trainers write a checkpoint at the end of the current step and exit, and the shell requeues the job, which
-then resumes. Every user-given value is quoted (shlex.quote); the script builds no command from unquoted input.
+tasks; the trainers write a checkpoint at the end of the current step and exit 75, and the shell requeues the job
+(``scontrol requeue``), which then resumes; the job's log is appended to (``--open-mode=append``), so it holds both
+runs. Tested on a real one-node SLURM cluster (tests/test_slurm_real.py, docs/SLURM.md). Every user-given value is
+quoted (shlex.quote); the script builds no command from unquoted input.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def sbatch_script(recipe: str, overrides: list[str], nodes: int, gpus_per_node: 
     check_time(time)
     q = shlex.quote
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={time}", "--requeue",
-                  f"--signal=B:USR1@{signal_lead}", f"--output={output_dir}/slurm-%j.out"]
+                  f"--signal=B:USR1@{signal_lead}", f"--output={output_dir}/slurm-%j.out",
+                  "--open-mode=append"]  # a requeued job adds to its log instead of truncating it
     if gpus_per_node:
         directives.append(f"--gpus-per-node={gpus_per_node}")
     if cpus_per_task:
@@ -53,11 +56,18 @@ def sbatch_script(recipe: str, overrides: list[str], nodes: int, gpus_per_node: 
              "SRUN_PID=$!",
              "",
              "preempted() {  # SLURM's warning before the time limit, or a preemption: checkpoint, then requeue",
+             "  trap '' USR1 TERM  # once: the TERM that follows a requeue must not requeue again",
              '  echo "aligntool: $1 received; the run writes a checkpoint and the job is requeued" >&2',
              '  kill -USR1 "$SRUN_PID" 2>/dev/null',
              '  wait "$SRUN_PID"',
-             '  scontrol requeue "$SLURM_JOB_ID"',
-             "  exit 0",
+             "  code=$?",
+             "  # 75: stopped at a checkpoint; 138 (USR1): stopped while starting, before any step. A run that had",
+             "  # finished anyway exits 0: nothing to redo",
+             "  if [ $code -eq 75 ] || [ $code -eq 138 ]; then",
+             '    echo "aligntool: the run exited $code; requeueing job $SLURM_JOB_ID" >&2',
+             '    scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this run ended as it should',
+             "  fi",
+             "  exit $code",
              "}",
              "trap 'preempted USR1' USR1",
              "trap 'preempted TERM' TERM",

@@ -13,7 +13,7 @@ import sys
 def torchrun_command(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
                      master_port: int = 29500) -> list[str]:
     """The torchrun command line (a list: nothing passes through a shell)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, "-m", "aligntool.launch.agent", f"--nproc_per_node={nproc}"]  # torchrun (agent.py)
     if nnodes == 1 and master_addr is None:
         cmd.append("--standalone")
     else:
