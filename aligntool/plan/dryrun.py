@@ -163,7 +163,7 @@ def gpu_memory(loaded, option: str | None) -> tuple[int | None, str]:
         try:
             return parse_memory(option), "--gpu-memory"
         except ValueError as exc:
-            raise UserError(f"--gpu-memory: {exc}") from None
+            raise UserError(f"--gpu-memory: {exc}, got {option!r}") from None
     hw = loaded.recipe.hardware
     if hw is not None and hw.gpu_memory:
         return parse_memory(hw.gpu_memory), "hardware.gpu_memory"
@@ -183,10 +183,11 @@ def reward_model_config(loaded):
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.1f}"
+    """GiB with one decimal ("<0.1" for a small part that is not zero)."""
+    return "<0.1" if 0 < n < 0.05 * GIB else f"{n / GIB:.1f}"
 
 
-def _size(n: int) -> str:
+def memory_size(n: int) -> str:
     value = n / GIB
     return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
 
@@ -197,8 +198,8 @@ def verdict(plan) -> str:
         return (f"planned: {gib(plan.total)} GiB per GPU (no verdict: give --gpu-memory 80GB or "
                 "hardware.gpu_memory)")
     if plan.fits:
-        return f"fits: {gib(plan.total)} of {_size(plan.gpu_memory)} GiB per GPU"
-    return f"does not fit: {gib(plan.total)} GiB > {_size(plan.gpu_memory)} GiB per GPU{_remedy(plan)}"
+        return f"fits: {gib(plan.total)} of {memory_size(plan.gpu_memory)} GiB per GPU"
+    return f"does not fit: {gib(plan.total)} GiB > {memory_size(plan.gpu_memory)} GiB per GPU{_remedy(plan)}"
 
 
 def _remedy(plan) -> str:

@@ -355,7 +355,7 @@ def parse_memory(text: str) -> int:
     makers name their cards' memory (an "80GB" H100 or A100 has 80 GiB); ValueError for anything else."""
     match = _MEMORY.match(str(text))
     if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"expected a size such as 80GB, 141GB or 24576MiB, got {text!r}")
+        raise ValueError("expected a size such as 80GB, 141GB or 24576MiB")
     return int(float(match.group(1)) * _UNIT[match.group(2).lower()])
 
 
