@@ -1,0 +1,158 @@
+"""``aligntool train --dry-run`` (issue 29 item 3): every example of examples/ resolves offline, with nothing written,
+its parameter count equal to the model's published count, and a memory verdict; ``--json`` gives the plan whole;
+bad input (a config that cannot be found, a plan that does not fit, a bad memory size) is one line and exit 2; README's
+table of examples is current; ``aligntool slurm`` takes its defaults from ``hardware:``."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, cli_error
+
+from aligntool.cli import main
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+DPO = REPO / "examples" / "dpo_qwen2.5-1.5b_ultrafeedback.yaml"
+GRPO = REPO / "examples" / "grpo_qwen2.5-1.5b-instruct_gsm8k.yaml"
+PPO = REPO / "examples" / "ppo_qwen2.5-7b-instruct_gsm8k_2nodes.yaml"
+
+# the published parameter counts (total; non-embedding where the model card gives it), from the model cards on the
+# Hugging Face hub: Qwen2.5 "Number of Parameters: 0.49B / 1.54B / 7.61B, (Non-Embedding): 0.36B / 1.31B / 6.53B",
+# Qwen3-0.6B "Number of Parameters: 0.6B, (Non-Embedding): 0.44B", Meta-Llama-3-8B-Instruct "8.03B params" (the hub's
+# safetensors count; the card says 8B)
+PUBLISHED = {
+    "Qwen/Qwen2.5-0.5B": (0.49e9, 0.36e9),
+    "Qwen/Qwen2.5-1.5B-Instruct": (1.54e9, 1.31e9),
+    "Qwen/Qwen2.5-7B-Instruct": (7.61e9, 6.53e9),
+    "Qwen/Qwen3-0.6B": (0.6e9, 0.44e9),
+    "meta-llama/Meta-Llama-3-8B-Instruct": (8.03e9, None),
+}
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network (HF_HUB_OFFLINE=1, and any socket connection fails the test), and a working directory that must
+    stay empty: the examples' relative output_dir would be created there."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the dry run opened a network connection: {args}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    assert list(tmp_path.iterdir()) == [], "the dry run wrote into the working directory"
+
+
+def _model(example: Path) -> str:
+    from aligntool.recipe.loader import load_recipe
+
+    return load_recipe(example).recipe.model.name_or_path
+
+
+def test_every_example_has_a_published_count():
+    assert len(EXAMPLES) >= 5
+    assert {_model(e) for e in EXAMPLES} <= set(PUBLISHED)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_dry_runs(example, offline, capsys):
+    """Resolved offline, nothing written; the count of parameters built on the meta device is the published one (1%);
+    the plan fits the example's own hardware: (the examples are written to fit)."""
+    assert main(["train", "--recipe", str(example), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^fits: \d+\.\d of \d+ GiB per GPU$", out, re.M), out
+    total, non_embedding = (int(n.replace(",", "")) for n in
+                            re.search(r"; ([\d,]+) parameters, ([\d,]+) non-embedding\)", out).groups())
+    published, published_n = PUBLISHED[_model(example)]
+    assert abs(total - published) / published < 0.01, (total, published)
+    if published_n:
+        assert abs(non_embedding - published_n) / published_n < 0.01, (non_embedding, published_n)
+    # the header names where the architecture came from: the config shipped beside the example
+    assert "examples/configs/" in out
+
+
+def test_json_is_the_plan(offline, capsys):
+    """--json prints one JSON object: its total is the sum of its components, the world is the flags' (over
+    hardware:), and the verdict agrees with total vs gpu_memory."""
+    assert main(["train", "--recipe", str(GRPO), "--dry-run", "--json", "--nproc", "2"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total"] == sum(c["bytes"] for c in plan["components"])
+    assert plan["dry_run"]["world_size"] == 2 and plan["gpu_memory"] == 80 * 2**30
+    assert plan["fits"] == (plan["total"] <= plan["gpu_memory"])
+    assert plan["dry_run"]["params"] == 1_543_714_304  # 28 layers of Qwen2.5-1.5B + the tied embedding, by hand
+    assert main(["train", "--recipe", str(PPO), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dry_run"]["world_size"] == 16  # hardware: 2 nodes x 8
+
+
+def test_param_count_by_hand():
+    """Qwen2.5-1.5B from its shapes: per layer q/k/v (with bias) and o, the MLP, two norms; the tied embedding once;
+    the final norm."""
+    h, inter, layers, vocab, kv = 1536, 8960, 28, 151936, 2 * 128
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h
+    from transformers import AutoConfig
+
+    from aligntool.plan.dryrun import count_parameters
+
+    total, n = count_parameters(AutoConfig.from_pretrained(REPO / "examples/configs/Qwen2.5-1.5B-Instruct"))
+    assert total == layers * per_layer + vocab * h + h
+    assert n == layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+
+
+def test_no_memory_no_verdict(offline, capsys):
+    assert main(["train", "--recipe", str(DPO), "--dry-run", "hardware=null"]) == 0
+    assert re.search(r"^planned: \d+\.\d GiB per GPU \(no verdict", capsys.readouterr().out, re.M)
+
+
+def test_does_not_fit(offline, capsys):
+    """A plan over the GPU's memory: the plan on stdout, then one line naming the largest components and what would
+    fit, exit 2."""
+    assert main(["train", "--recipe", str(DPO), "--dry-run", "--json", "--gpu-memory", "80GB"]) == 0
+    largest = max(json.loads(capsys.readouterr().out)["components"], key=lambda c: c["bytes"])["name"]
+    line = cli_error(capsys, ["train", "--recipe", str(DPO), "--dry-run", "--gpu-memory", "4GB"],
+                     "does not fit", "GiB > 4 GiB per GPU", f"largest: {largest} ")
+    assert "would fit with: " in line or "no setting aligntool knows makes it fit" in line
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["model.config=null", "model.name_or_path=nobody/no-such-model"], ["model.config", "nobody/no-such-model",
+                                                                        "downloads nothing"]),
+    (["model.config=configs/no-such-folder"], ["model.config", "configs/no-such-folder", "no config.json"]),
+    (["--gpu-memory", "80 parsecs"], ["--gpu-memory", "80GB", "'80 parsecs'"]),
+    (["hardware.gpu_memory=80XB"], ["hardware.gpu_memory", "80GB"]),
+    (["hardware.gpus_per_node=0"], ["hardware.gpus_per_node"]),
+])
+def test_bad_input(argv, needles, offline, capsys):
+    cli_error(capsys, ["train", "--recipe", str(DPO), "--dry-run", *argv], *needles)
+
+
+def test_dry_run_flags_need_dry_run(capsys):
+    cli_error(capsys, ["train", "--recipe", "dpo", "--gpu-memory", "80GB"], "--gpu-memory", "only with --dry-run")
+    cli_error(capsys, ["train", "--recipe", "dpo", "--json"], "--json", "only with --dry-run")
+
+
+def test_slurm_defaults_from_hardware(tmp_path, capsys):
+    out = tmp_path / "ppo.sbatch"
+    assert main(["slurm", "--recipe", str(PPO), "--time", "1:00:00", "--out", str(out),
+                 f"output_dir={tmp_path / 'run'}"]) in (0, None)
+    script = out.read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script and "--nproc 8" in script
+    assert main(["slurm", "--recipe", str(PPO), "--time", "1:00:00", "--out", str(out), "--nodes", "1",
+                 f"output_dir={tmp_path / 'run'}"]) in (0, None)
+    assert "#SBATCH --nodes=1" in out.read_text()
+
+
+def test_readme_table_is_current():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import examples_table
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    text = (REPO / "README.md").read_text()
+    assert examples_table.replaced(text, examples_table.table()) == text, \
+        "README's examples table is not current: run python3 scripts/examples_table.py"
