@@ -34,18 +34,30 @@ PUBLISHED = {
 }
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """No network (HF_HUB_OFFLINE=1, and any socket connection fails the test), and a working directory that must
-    stay empty: the examples' relative output_dir would be created there."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"the dry run opened a network connection: {args}")
+def _refuse_network(monkeypatch) -> list:
+    """Every name lookup and socket connection refused (OSError, as without a network) and recorded."""
+    attempts = []
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network refused by the test")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)  # a name looked up is a connection tried
+    return attempts
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network (HF_HUB_OFFLINE=1; every socket connection is refused and recorded, and fails the test even where
+    a library catches the refusal), and a working directory that must stay empty: the examples' relative output_dir
+    would be created there."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    attempts = _refuse_network(monkeypatch)
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+    assert attempts == [], "the dry run tried the network"
     assert list(tmp_path.iterdir()) == [], "the dry run wrote into the working directory"
 
 
@@ -129,6 +141,16 @@ def test_does_not_fit(offline, capsys):
 ])
 def test_bad_input(argv, needles, offline, capsys):
     cli_error(capsys, ["train", "--recipe", str(DPO), "--dry-run", *argv], *needles)
+
+
+def test_config_lookup_never_reaches_the_hub(monkeypatch, capsys):
+    """Without HF_HUB_OFFLINE, a hub id that is not in the cache is looked up in the cache only (local_files_only):
+    no name lookup, no connection, one line naming model.config."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    attempts = _refuse_network(monkeypatch)
+    cli_error(capsys, ["train", "--recipe", str(DPO), "--dry-run", "model.config=null",
+                       "model.name_or_path=nobody/no-such-model"], "model.config")
+    assert attempts == []
 
 
 def test_dry_run_flags_need_dry_run(capsys):
