@@ -146,6 +146,7 @@ def test_bad_input(argv, needles, offline, capsys):
 def test_config_lookup_never_reaches_the_hub(monkeypatch, capsys):
     """Without HF_HUB_OFFLINE, a hub id that is not in the cache is looked up in the cache only (local_files_only):
     no name lookup, no connection, one line naming model.config."""
+    _model(DPO)  # the recipe loader's imports first: bitsandbytes asks the hub about its kernels when imported
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     attempts = _refuse_network(monkeypatch)
     cli_error(capsys, ["train", "--recipe", str(DPO), "--dry-run", "model.config=null",

@@ -14,7 +14,9 @@ settings that would make it fit; 2 for every bad input (a config that cannot be 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,10 +280,29 @@ def resolve(recipe: str, overrides: list[str], *, gpu_memory_option: str | None 
     return DryRun(loaded, arch, w, memory_source, plan)
 
 
+@contextlib.contextmanager
+def _hub_offline():
+    """HF_HUB_OFFLINE=1 while the dry run imports and resolves: the config lookups are local only anyway, and some
+    libraries contact the hub when they are imported (bitsandbytes' kernels check who publishes its CPU kernels).
+    huggingface_hub reads the variable when it is imported, so this applies where it is not imported yet (a command
+    line process); the variable is restored after."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    if "huggingface_hub" not in sys.modules:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
 def dry_run(recipe: str, overrides: list[str], *, gpu_memory_option: str | None = None, as_json: bool = False,
             nproc: int | None = None, nnodes: int | None = None) -> int:
     """``aligntool train --dry-run``: print the plan (or its JSON); a plan that does not fit ends in one error line."""
-    run = resolve(recipe, overrides, gpu_memory_option=gpu_memory_option, nproc=nproc, nnodes=nnodes)
+    with _hub_offline():
+        run = resolve(recipe, overrides, gpu_memory_option=gpu_memory_option, nproc=nproc, nnodes=nnodes)
     plan = run.plan
     if as_json:
         print(json.dumps(run.to_json()))
