@@ -148,15 +148,15 @@ def architecture(loaded) -> Architecture:
 
 
 def world(loaded, nproc: int | None = None, nnodes: int | None = None) -> World:
-    """GPUs per node and nodes: ``--nproc``/``--nnodes`` where given, else the recipe's ``hardware:``, else 1."""
+    """GPUs per node and nodes, each from its flag (``--nproc``, ``--nnodes``) where given, else from the recipe's
+    ``hardware:``, else 1."""
     hw = loaded.recipe.hardware
-    if nproc is not None or nnodes is not None:
-        return World(nproc or 1, nnodes or 1, "--nproc/--nnodes")
-    if hw is not None and hw.gpus_per_node:
-        return World(hw.gpus_per_node, hw.nodes, "hardware:")
-    if hw is not None and hw.nodes > 1:
-        return World(1, hw.nodes, "hardware:")
-    return World(1, 1, "default: give --nproc or hardware.gpus_per_node")
+    gpus = nproc or (hw.gpus_per_node if hw is not None else None)
+    nodes = nnodes or (hw.nodes if hw is not None else None)
+    sources = [flag for flag, value in (("--nproc", nproc), ("--nnodes", nnodes)) if value]
+    if hw is not None and ((nproc is None and hw.gpus_per_node) or nnodes is None):
+        sources.append("hardware:")
+    return World(gpus or 1, nodes or 1, ", ".join(sources) or "default: give --nproc or hardware.gpus_per_node")
 
 
 def gpu_memory(loaded, option: str | None) -> tuple[int | None, str]:
