@@ -100,6 +100,8 @@ def test_json_is_the_plan(offline, capsys):
     assert plan["dry_run"]["params"] == 1_543_714_304  # 28 layers of Qwen2.5-1.5B + the tied embedding, by hand
     assert main(["train", "--recipe", str(PPO), "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dry_run"]["world_size"] == 16  # hardware: 2 nodes x 8
+    assert main(["train", "--recipe", str(PPO), "--dry-run", "--json", "--nproc", "4"]) in (0, 2)
+    assert json.loads(capsys.readouterr().out)["dry_run"]["world_size"] == 8  # --nproc 4 x hardware's 2 nodes
 
 
 def test_param_count_by_hand():
