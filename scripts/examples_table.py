@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: the dry runs read no hub
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
 README = REPO / "README.md"
 START, END = "<!-- examples-table -->", "<!-- /examples-table -->"
 METHOD = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO", "ppo": "PPO", "reward": "reward model"}

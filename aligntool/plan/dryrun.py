@@ -205,7 +205,7 @@ def verdict(plan) -> str:
 
 
 def _remedy(plan) -> str:
-    largest = sorted(plan.components, key=lambda c: -c.bytes)[:3]
+    largest = sorted((c for c in plan.components if getattr(c, "counted", True)), key=lambda c: -c.bytes)[:3]
     parts = ", ".join(f"{c.name} {gib(c.bytes)}" for c in largest if c.bytes > 0)
     suggestions = [str(s) for s in (plan.suggestions or [])]
     fix = f"; would fit with: {'; or '.join(suggestions)}" if suggestions else \
@@ -218,7 +218,8 @@ def table(plan) -> list[str]:
     width = max([len(c.name) for c in plan.components] + [len("component"), len("total")])
     rows = [f"{'component':<{width}}  {'GiB/GPU':>8}  note"]
     for c in plan.components:
-        rows.append(f"{c.name:<{width}}  {gib(c.bytes):>8}  {c.note or ''}".rstrip())
+        note = f"{c.note or ''}{'' if getattr(c, 'counted', True) else ' (not counted: another phase peaks higher)'}"
+        rows.append(f"{c.name:<{width}}  {gib(c.bytes):>8}  {note}".rstrip())
     rows.append(f"{'total':<{width}}  {gib(plan.total):>8}")
     return rows
 
