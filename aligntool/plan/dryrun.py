@@ -241,7 +241,9 @@ class DryRun:
                 f"architecture: {self.arch.source} ({getattr(self.arch.config, 'model_type', '?')}; "
                 f"{self.arch.params:,} parameters, {self.arch.non_embedding:,} non-embedding)",
                 f"world: {w.size} GPU{'s' if w.size > 1 else ''} ({w.nodes} node{'s' if w.nodes > 1 else ''} x "
-                f"{w.gpus}; {w.source}); distributed: {_distributed(r)}"]
+                f"{w.gpus}; {w.source}); distributed: {_distributed(r)}",
+                *([f"assumed: {summary}"] if (summary := (getattr(self.plan, "settings", None) or {}).get("summary"))
+                  else [])]
 
     def to_json(self) -> dict:
         a, w = self.arch, self.world
