@@ -107,8 +107,9 @@ def find_config(loaded) -> tuple[object, str]:
         config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, local_files_only=True,
                                             trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as exc:
-        where = "the folder has no config.json" if local.exists() else \
-            "it is not a local folder nor in the Hugging Face cache"
+        where = ("a LoRA adapter folder: its base model's config is needed" if (local / "adapter_config.json").is_file()
+                 else "the folder has no config.json" if local.exists()
+                 else "it is not a local folder nor in the Hugging Face cache")
         raise UserError(f"{loaded.source}: model.config: no config for {m.name_or_path!r} ({where}, and the dry run "
                         "downloads nothing); set model.config to the model's config.json or a folder holding one "
                         f"(examples/configs/ has the examples' models){_why(exc)}") from None
