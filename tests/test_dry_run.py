@@ -182,3 +182,23 @@ def test_readme_table_is_current():
     text = (REPO / "README.md").read_text()
     assert examples_table.replaced(text, examples_table.table()) == text, \
         "README's examples table is not current: run python3 scripts/examples_table.py"
+
+
+def test_gsm8k_reward_on_the_published_solutions():
+    """examples/rewards/gsm8k.py on GSM8K's own test rows (tests/data): each worked solution, as a completion, earns 1
+    against its own answer and 0 against the next row's (a different number), through the recipe's reward loader."""
+    from aligntool import rewards
+    from aligntool.data.published import gsm8k_final_answer
+    from aligntool.recipe.loader import load_recipe
+
+    rows = [json.loads(line) for line in (REPO / "tests/data/gsm8k/test-200.jsonl").read_text().splitlines()]
+    answers = [gsm8k_final_answer(r["answer"]) for r in rows]
+    score = rewards.load(load_recipe(GRPO).recipe.reward)
+    completions = [r["answer"] for r in rows]
+    assert score([r["question"] for r in rows], completions, answer=answers) == [1.0] * len(rows)
+    shifted = answers[1:] + answers[:1]
+    differ = [a != b for a, b in zip(answers, shifted)]
+    got = score([r["question"] for r in rows], completions, answer=shifted)
+    assert [g for g, d in zip(got, differ) if d] == [0.0] * sum(differ)
+    assert score(["q"] * 3, ["so it is \\boxed{1,000}", "I get 12, then 13.", "no idea"], answer=["1000", "13", "5"]) \
+        == [1.0, 1.0, 0.0]
