@@ -71,3 +71,153 @@ def test_model_states_equal_deepspeeds_estimators(tiny_path):
                 worst = max(worst, error)
                 assert error <= 0.02, (name, stage, off_opt, off_params, gpus, ours, theirs)
     print(f"largest relative error against DeepSpeed's estimators: {worst:.2e}")
+
+
+def _tiny_model(tiny_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_path)
+    return config, AutoModelForCausalLM.from_config(config)
+
+
+def _state_bytes(optimizer) -> int:
+    import torch
+
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.ndim > 0)
+
+
+def test_optimizer_states_equal_the_optimizers_own():
+    """AdamW, bitsandbytes' 8-bit AdamW, Lion-kappa and COSMOS on a small model with an embedding, matrices, a vector
+    and a tensor under bitsandbytes' 8-bit threshold: the plan's optimizer-state bytes within 1% of the tensors each
+    optimizer holds after one step."""
+    import bitsandbytes as bnb
+    import torch
+
+    from aligntool.optim import Cosmos, LionKappa
+    from aligntool.plan import terms
+
+    torch.manual_seed(0)
+    vocab = 640
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 64), torch.nn.Linear(64, 192), torch.nn.Linear(192, 64),
+                                torch.nn.LayerNorm(64), torch.nn.Linear(64, 32), torch.nn.Linear(32, vocab))
+    params = list(model.parameters())
+    shapes = [tuple(p.shape) for p in params]
+    model(torch.randint(0, vocab, (2, 8))).square().mean().backward()
+    for name, opt in (("adamw_torch", torch.optim.AdamW(params)), ("adamw_8bit", bnb.optim.AdamW8bit(params)),
+                      ("lion_kappa", LionKappa(params)), ("cosmos", Cosmos(params, rank=16, vocab_size=vocab))):
+        opt.step()
+        predicted, _ = terms.optimizer_states(name, shapes, 4, vocab, cosmos_rank=16)
+        actual = _state_bytes(opt)
+        assert abs(predicted - actual) <= 0.01 * actual, (name, predicted, actual)
+
+
+def test_lora_trainable_parameters_by_hand():
+    """LoRA r=8 on every Linear but the head of a Qwen2.5-0.5B-shaped config: r x (in + out) per adapted matrix,
+    counted by hand from the config."""
+    from transformers import Qwen2Config
+
+    from aligntool.plan.counts import count
+    from aligntool.recipe.schema import PeftConfig
+
+    h, f, layers, kv = 896, 4864, 24, 2 * 64
+    config = Qwen2Config(vocab_size=151936, hidden_size=h, intermediate_size=f, num_hidden_layers=layers,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    r = 8
+    matrices = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # q k v o gate up down: (in, out)
+    assert count(config, peft=PeftConfig(r=r)).trainable == layers * sum(r * (i + o) for i, o in matrices)
+    assert count(config).trainable == count(config).total == 494_032_768  # Qwen2.5-0.5B's published size
+
+
+def test_activation_formula_matches_saved_tensors(tiny_path):
+    """The activation formula (recomputation off) against the bytes autograd saves for backward in one forward of the
+    tiny model (saved_tensors_hooks, parameters left out), in fp32, bf16 weights and bf16 autocast: within 10%."""
+    import torch
+
+    from aligntool.plan import terms
+
+    config, model = _tiny_model(tiny_path)
+    rows, seq = 4, 64
+    ids = torch.randint(0, config.vocab_size, (rows, seq))
+    shape = terms.arch(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    for autocast, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16)):
+        model = model.to(dtype)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model(ids, labels=ids)
+        dt = 4 if dtype == torch.float32 and not autocast else 2
+        predicted = terms.activations(rows, seq, shape, dt, False, rb=4 if dtype == torch.float32 else 2,
+                                      cast_weights=2 * linear if autocast else 0)
+        actual = sum(saved.values())
+        assert abs(predicted / actual - 1) <= 0.10, (autocast, dtype, predicted, actual)
+
+
+def _llama8b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, dtype="bfloat16")
+
+
+SUGGESTED = {"train.gradient_checkpointing: true": ["train.gradient_checkpointing=true"],
+             "train.optim: adamw_8bit": ["train.optim=adamw_8bit"],
+             "peft: LoRA r=16": ["peft.r=16"]}
+
+
+def test_suggestions_are_the_plans_of_the_changed_recipes():
+    """DPO of a Llama-3-8B on one 80 GB GPU does not fit; each suggestion's total is the plan of the recipe with that
+    change made in the recipe itself (loaded again), and fits."""
+    from aligntool.plan.memory import GiB, fmt, memory_plan
+    from aligntool.recipe.loader import load_recipe
+
+    base = ["train.bf16=true", "train.gradient_checkpointing=false", "train.max_length=1024",
+            "train.per_device_train_batch_size=1"]
+    gpu = 80 * GiB
+    plan = memory_plan(load_recipe("dpo", base), _llama8b(), world_size=1, gpu_memory=gpu)
+    assert plan.fits is False and plan.total > gpu
+    made = {s.rsplit(": ", 1)[0]: s.rsplit(": ", 1)[1] for s in plan.suggestions}
+    assert "peft: LoRA r=16" in made, plan.suggestions
+    for label, overrides in SUGGESTED.items():
+        again = memory_plan(load_recipe("dpo", [*base, *overrides]), _llama8b(), world_size=1, gpu_memory=gpu)
+        if label in made:
+            assert made[label] == fmt(again.total) and again.fits, (label, made[label], fmt(again.total))
+        else:
+            assert not again.fits, label
+
+
+def test_methods_hold_the_models_they_need():
+    """Reference, value head, reward model and vLLM share by method and setting."""
+    from transformers import Qwen2Config
+
+    from aligntool.plan.memory import GiB, memory_plan
+    from aligntool.recipe.loader import load_recipe
+
+    qwen = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, dtype="bfloat16")
+
+    def parts(recipe, *overrides, gpu=None, **kw):
+        plan = memory_plan(load_recipe(recipe, list(overrides)), qwen, world_size=1, gpu_memory=gpu, **kw)
+        return {c.name: c.bytes for c in plan.components}, plan
+
+    dpo, plan = parts("dpo")
+    assert dpo["reference model"] == 2 * plan.params and plan.trainable_params == plan.params
+    lora, plan = parts("dpo", "peft.r=8")
+    assert lora["reference model"] == 0 and plan.trainable_params < plan.params / 50
+    assert "reference model" not in parts("orpo")[0] and "reference model" not in parts("grpo", "algo.beta=0")[0]
+    assert parts("grpo", "algo.beta=0.04")[0]["reference model"] == dpo["reference model"]
+    ppo, _ = parts("ppo", "reward.source=runs/rm", reward_config=qwen)
+    assert ppo["value head"] > 0 and ppo["reward model"] > 0 and "reference model" in ppo
+    vllm, _ = parts("grpo", "generation.backend=vllm", "generation.gpu_memory_utilization=0.4", gpu=80 * GiB)
+    assert vllm["vLLM (colocated)"] == int(0.4 * 80 * GiB)
+    assert parts("ppo", "algo.critic=separate")[0]["critic model"] > dpo["reference model"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aligntool.plan import counts as counting
 from aligntool.plan import terms
-from aligntool.plan.setup import CHANGES, Setup, resolve
+from aligntool.plan.setup import CHANGES, ONLINE, Setup, resolve
 
 GiB = 2**30
 RUNTIME_ALLOWANCE = 1 * GiB  # CUDA context, NCCL, allocator slack: an allowance, not computed
@@ -83,7 +83,7 @@ def memory_plan(loaded, config, *, world_size: int, gpu_memory: int | None = Non
 def compute(setup: Setup, config, reward_config, gpu_memory: int | None) -> MemoryPlan:
     c = counting.count(config, peft=setup.peft)
     shape = terms.arch(config)
-    parts = (_model_states(setup, c) + _activations(setup, shape)
+    parts = (_model_states(setup, c) + _activations(setup, shape, c)
              + _others(setup, c, config, reward_config, gpu_memory))
     parts.append(Component("runtime allowance", RUNTIME_ALLOWANCE, "CUDA context, NCCL, allocator slack (fixed)"))
     parts = [dataclasses.replace(p, bytes=int(round(p.bytes))) for p in parts]
@@ -117,23 +117,24 @@ def _weights_bytes(s: Setup, c) -> tuple[float, str]:
 
 
 def _model_states(s: Setup, c) -> list[Component]:
-    if s.backend == "deepspeed" and s.mixed and not s.qlora:
+    if s.backend == "deepspeed" and not s.qlora:
         return _deepspeed_states(s, c)
     n = s.world if s.backend != "ddp" else 1
     weights, wnote = _weights_bytes(s, c)
-    # trainable tensors' dtype: the loaded one (16-bit under QLoRA's adapter: peft keeps it in the compute dtype)
-    tb = 4 if s.qlora else s.weight_bytes
-    if s.backend == "deepspeed":  # fp32 DeepSpeed: no master copy, states sharded from stage 1
-        tb = 4
+    # trainable tensors' dtype: the loaded one; QLoRA's adapter in fp32 (peft's default); FSDP2 under mixed precision
+    # upcasts the trainable weights to fp32 masters (accelerate's fsdp2_prepare_model), bf16 being the compute dtype
+    tb = 4 if s.qlora or (s.backend == "fsdp" and s.mixed) else s.weight_bytes
+    if s.backend == "fsdp" and s.mixed and not s.peft:
+        weights, wnote = c.total * 4, f"{c.total:,} x 4 bytes (fp32 masters, accelerate's FSDP2 upcast)"
     shard_w = s.backend == "fsdp" or (s.backend == "deepspeed" and s.zero_stage == 3)
     parts = [Component("weights", weights / (n if shard_w else 1), wnote + (f" / {n}" if shard_w else ""))]
     if s.backend == "fsdp":
-        unit = 2 * c.largest_block * (2 if s.mixed else s.weight_bytes)
-        gathered = c.total * (2 if s.mixed else s.weight_bytes) if not s.fsdp_full else unit
+        cb = 2 if s.mixed else s.weight_bytes
+        gathered = 2 * c.largest_block * cb if s.fsdp_full else c.total * cb
         parts.append(Component("gathered weights", gathered, "two decoder blocks unsharded (prefetch)" if s.fsdp_full
                                else "shard_grad_op keeps the forward's weights until backward"))
-    grads = c.trainable * tb / n
-    parts.append(Component("gradients", grads, f"{c.trainable:,} x {tb} bytes" + (f" / {n}" if n > 1 else "")))
+    parts.append(Component("gradients", c.trainable * tb / n,
+                           f"{c.trainable:,} x {tb} bytes" + (f" / {n}" if n > 1 else "")))
     if s.backend == "ddp" and s.world > 1:
         parts.append(Component("DDP gradient buckets", c.trainable * tb, "DDP's flat copy of the gradients for the "
                                "all-reduce (gradient_as_bucket_view off, accelerate's default)"))
@@ -145,36 +146,53 @@ def _model_states(s: Setup, c) -> list[Component]:
 
 
 def _deepspeed_states(s: Setup, c) -> list[Component]:
-    """DeepSpeed's count (its estimators'), with a non-Adam optimizer's moments put in place of Adam's 8 bytes."""
+    """DeepSpeed's count (its estimators'), with a non-Adam optimizer's moments put in place of Adam's 8 bytes; under
+    ZeRO-3 also the parameters kept gathered between forward and backward (not in the estimators)."""
+    wb = 2 if s.mixed else 4
     ds = terms.deepspeed_states(c.total, c.trainable, c.largest_layer, s.world, s.zero_stage,
-                                s.offload_optimizer, s.offload_params)
+                                s.offload_optimizer, s.offload_params, wb)
     moments, note = terms.optimizer_states(s.optim, c.trainable_shapes, 4, s.vocab_size, s.cosmos_rank)
     if not s.offload_optimizer:
         ds["moments"] = moments / s.world
     n = s.world
     off = " (offloaded: 0 on the GPU)"
-    parts = [Component("weights", ds["weights"], f"{c.total:,} x 2 bytes" + (f" / {n}" if s.zero_stage == 3 else "")
-                       + (off if s.offload_params else "")),
-             Component("gradients", ds["gradients"], (f"16-bit + fp32: {c.trainable:,} x 6 bytes / {n}"
+    parts = [Component("weights", ds["weights"], f"{c.total:,} x {wb} bytes"
+                       + (f" / {n}" if s.zero_stage == 3 else "") + (off if s.offload_params else "")),
+             Component("gradients", ds["gradients"], (f"16-bit + fp32: {c.trainable:,} x {wb + 4} bytes / {n}"
                        if s.zero_stage < 3 else f"fp32 partition: {c.trainable:,} x 4 bytes / {n}")
                        + (off if s.offload_optimizer else "")),
              Component("optimizer state", ds["master"] + ds["moments"],
                        f"fp32 master 4 bytes + {note}, / {n}" + (off if s.offload_optimizer else ""))]
     if s.zero_stage == 3:
-        parts.append(Component("gathered layer", ds["gathered"], f"largest layer {c.largest_layer:,} x 4 bytes "
-                               "(16-bit weights + gradients)"))
+        parts.append(Component("gathered layer", ds["gathered"], f"largest layer {c.largest_layer:,} x {2 * wb} "
+                               "bytes (weights + gradients)"))
+        parts.append(Component("ZeRO-3 live parameters", terms.zero3_live(c.total, wb),
+                               f"min(P, stage3_max_live_parameters 1e9) x {wb} bytes gathered from forward to "
+                               "backward (DeepSpeed's default reuse distance)"))
     return parts
 
 
 def _compute_bytes(s: Setup) -> int:
+    if s.backend == "deepspeed" and not s.qlora:
+        return 2 if s.mixed else 4  # DeepSpeed casts the model to its 16-bit dtype
     return 2 if s.mixed or s.qlora else s.weight_bytes
 
 
-def _activations(s: Setup, shape: dict) -> list[Component]:
+def _activation_bytes(s: Setup, shape: dict, c, checkpointing: bool) -> float:
+    """Under DDP autocast with fp32 weights the residual stream stays fp32 and every Linear's 16-bit weight copy is
+    kept for backward; elsewhere the weights already are in the compute dtype."""
     dt = _compute_bytes(s)
-    on = terms.activations(s.rows, s.seq, shape, dt, s.checkpointing, s.eager)
-    other = terms.activations(s.rows, s.seq, shape, dt, not s.checkpointing, s.eager)
-    logit = terms.logits(s.rows, s.seq, shape, dt)
+    autocast = s.backend == "ddp" and s.mixed and s.weight_bytes == 4 and not s.qlora
+    cast = 2 * (c.linear + shape["vocab"] * shape["hidden"]) if autocast else 0
+    return terms.activations(s.rows, s.seq, shape, dt, checkpointing, s.eager, rb=4 if autocast else dt,
+                             cast_weights=cast, logit_seq=s.logit_seq)
+
+
+def _activations(s: Setup, shape: dict, c) -> list[Component]:
+    dt = _compute_bytes(s)
+    on = _activation_bytes(s, shape, c, s.checkpointing)
+    other = _activation_bytes(s, shape, c, not s.checkpointing)
+    logit = terms.logits(s.rows, s.logit_seq, shape, dt)
     name = "activations (recomputation on)" if s.checkpointing else "activations (recomputation off)"
     parts = [Component(name, on, f"{s.rows} x {s.seq} tokens, logits {fmt(logit)} of it; "
                        f"recomputation {'off' if s.checkpointing else 'on'}: {fmt(other)}")]
@@ -194,9 +212,15 @@ def _others(s: Setup, c, config, reward_config, gpu_memory) -> list[Component]:
     parts = []
     shard = s.world if (s.backend == "deepspeed" and s.zero_stage == 3) or s.backend == "fsdp" else 1
     if s.reference:
-        rb = 2 if s.backend == "deepspeed" and s.mixed else s.ref_bytes
+        rb = (2 if s.mixed else 4) if s.backend == "deepspeed" else s.ref_bytes
         parts.append(Component("reference model", c.total * rb / shard, f"frozen: {c.total:,} x {rb} bytes"
                                + (f" / {shard}" if shard > 1 else "")))
+        if s.backend == "deepspeed" and s.zero_stage == 3:
+            online = s.algorithm in ONLINE  # the rollout scores with the reference before the update's forward
+            parts.append(Component("reference live parameters", terms.zero3_live(c.total, rb),
+                                   "ZeRO-3 gathers the frozen reference whole for its forward" + (
+                                       ", in the rollout, before the update's activations exist" if online else
+                                       ", while the policy's activations are held"), counted=not online))
     elif s.peft is not None:
         parts.append(Component("reference model", 0, "the base with the adapter disabled: no copy"))
     if s.critic == "shared":

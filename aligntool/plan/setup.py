@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from aligntool import registry
+
 NO_REFERENCE = {"sft", "reward", "cpl", "orpo", "cpo", "simpo"}  # losses without a reference model
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEFAULT_PROMPT_TOKENS = 512  # for methods that sample, when the recipe does not bound the prompt
 
 PAIRED_SAMPLES = {"p3o": 2, "online_dpo": 2, "xpo": 2, "remax": 2}  # sequences per prompt of the online methods
+ONLINE = set(registry.names(kind="online"))  # the rollout engine's methods
 DEFAULT_BATCH = 8  # TrainingArguments' per_device_train_batch_size
 DEFAULT_MAX_LENGTH = 1024  # TRL's max_length (DPOConfig, SFTConfig, KTOConfig, RewardConfig)
 
@@ -33,6 +36,8 @@ class Setup:
     peft: object  # the recipe's PeftConfig or None
     rows: int  # sequences in one forward/backward of the policy
     seq: int
+    row_unit: int  # rows one example makes (2 for a preference pair)
+    logit_seq: int  # positions whose logits are computed (the completion's, for methods that sample)
     gen_rows: int  # sequences generated at once (0: the method does not sample)
     reference: bool
     ref_bytes: int
@@ -63,8 +68,8 @@ def _train(recipe, key: str, default=None):
     return default if value is None else value
 
 
-def _lengths(loaded, prompt_tokens: int | None) -> tuple[int, int, int]:
-    """(rows per forward/backward, tokens per row, rows generated at once) of the policy."""
+def _lengths(loaded, prompt_tokens: int | None) -> tuple[int, int, int, int]:
+    """(rows per forward/backward, tokens per row, rows generated at once, positions with logits) of the policy."""
     recipe, spec, algo = loaded.recipe, loaded.spec, loaded.algo
     batch = _train(recipe, "per_device_train_batch_size", DEFAULT_BATCH)
     batch = DEFAULT_BATCH if batch == "auto" else int(batch)
@@ -73,17 +78,24 @@ def _lengths(loaded, prompt_tokens: int | None) -> tuple[int, int, int]:
         per_prompt = getattr(algo, "samples_per_prompt", None) or PAIRED_SAMPLES.get(spec.name, 1)
         seq = prompt + algo.max_new_tokens
         rows = max(1, batch * per_prompt // getattr(algo, "num_minibatches", 1))
-        return rows, seq, batch * per_prompt
+        return rows, seq, batch * per_prompt, algo.max_new_tokens + 1  # logits of the response only
     if spec.batch_unit == "completions":  # GRPO / RLOO: the batch counts completions
-        seq = prompt + getattr(algo, "max_completion_length", 256)
+        completion = getattr(algo, "max_completion_length", 256)
         accum = _train(recipe, "gradient_accumulation_steps", 1)
-        return batch, seq, batch * int(_train(recipe, "steps_per_generation", accum))
+        return batch, prompt + completion, batch * int(_train(recipe, "steps_per_generation", accum)), completion
     seq = int(_train(recipe, "max_length", DEFAULT_MAX_LENGTH))
     pairs = spec.data == "preference" or spec.kind == "pipeline"
     gen = batch * 2 if spec.samples else 0  # pipelines sample pairs before they train
     if spec.samples and spec.kind == "pipeline":
         seq = max(seq, prompt + getattr(algo, "max_new_tokens", 0))
-    return (2 * batch if pairs else batch), seq, gen
+    return (2 * batch if pairs else batch), seq, gen, seq
+
+
+def _row_unit(loaded) -> int:
+    spec, algo = loaded.spec, loaded.algo
+    if spec.kind == "online":
+        return getattr(algo, "samples_per_prompt", None) or PAIRED_SAMPLES.get(spec.name, 1)
+    return 2 if (spec.data == "preference" or spec.kind == "pipeline") and spec.batch_unit != "completions" else 1
 
 
 def _reference(loaded) -> bool:
@@ -121,7 +133,7 @@ def _vllm_share(recipe, spec) -> float:
 def resolve(loaded, config, world_size: int, reward_config=None, prompt_tokens: int | None = None) -> Setup:
     recipe, spec, algo = loaded.recipe, loaded.spec, loaded.algo
     d = recipe.distributed
-    rows, seq, gen = _lengths(loaded, prompt_tokens)
+    rows, seq, gen, logit_seq = _lengths(loaded, prompt_tokens)
     bf16, fp16 = recipe.train.bf16, recipe.train.fp16
     mixed = bool(bf16 or fp16) if (bf16 is not None or fp16 is not None) else True  # GPU default: bf16 on
     checkpointing = recipe.train.gradient_checkpointing
@@ -133,8 +145,11 @@ def resolve(loaded, config, world_size: int, reward_config=None, prompt_tokens: 
         algorithm=spec.name, world=world_size, backend=d.backend, zero_stage=d.zero_stage,
         offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
         fsdp_full=d.fsdp_sharding == "full_shard", weight_bytes=weight_bytes, mixed=mixed,
-        checkpointing=True if checkpointing is None else bool(checkpointing), optim=optim, peft=recipe.peft,
-        rows=rows, seq=seq, gen_rows=gen if spec.samples else 0, reference=_reference(loaded),
+        # the rollout engine recomputes nothing (train.gradient_checkpointing is TRL's / the Trainer's)
+        checkpointing=spec.kind != "online" and (True if checkpointing is None else bool(checkpointing)),
+        optim=optim, peft=recipe.peft,
+        rows=rows, seq=seq, row_unit=_row_unit(loaded), logit_seq=logit_seq, gen_rows=gen if spec.samples else 0,
+        reference=_reference(loaded),
         ref_bytes=weight_bytes if ref_dtype == "auto" else DTYPE_BYTES[ref_dtype],
         critic=(getattr(algo, "critic", "shared") if spec.value_head else None),
         vllm_share=_vllm_share(recipe, spec), reward_models=_reward_models(recipe, spec),
@@ -165,10 +180,10 @@ def _offload(s: Setup):
 
 
 def _smaller_batch(s: Setup):
-    if s.rows <= (2 if s.rows % 2 == 0 else 1):
+    """One example per micro-batch (a pair for the pair methods, a prompt's samples for the online ones)."""
+    if s.rows <= s.row_unit:
         return None
-    step = 2 if s.rows % 2 == 0 and s.algorithm not in PAIRED_SAMPLES else 1
-    return dataclasses.replace(s, rows=step)
+    return dataclasses.replace(s, rows=s.row_unit, gen_rows=max(s.row_unit, s.gen_rows * s.row_unit // s.rows))
 
 
 def _more_gpus(s: Setup):
@@ -178,8 +193,8 @@ def _more_gpus(s: Setup):
 
 
 CHANGES = [
-    ("train.gradient_checkpointing: true", lambda s: None if s.checkpointing else dataclasses.replace(
-        s, checkpointing=True)),
+    ("train.gradient_checkpointing: true", lambda s: None if s.checkpointing or s.algorithm in ONLINE
+     else dataclasses.replace(s, checkpointing=True)),
     ("train.optim: adamw_8bit", lambda s: None if "8bit" in s.optim else dataclasses.replace(s, optim="adamw_8bit")),
     ("distributed: deepspeed ZeRO-3", _zero3),
     ("distributed.offload_optimizer (and offload_params)", _offload),

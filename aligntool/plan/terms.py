@@ -35,8 +35,9 @@ def optimizer_states(optim: str, shapes, state_bytes: float, vocab_size: int | N
     if "8bit" in name or "bnb_8bit" in name:
         states = 1 if "lion" in name else 2
         small = sum(n for n in numel if n < BNB_MIN_8BIT)
-        big = total - small
-        return (states * (big * (1 + 4 / BNB_BLOCK) + small * 4),
+        # per 8-bit tensor and state: the bytes, one fp32 absmax per block, the 256-entry fp32 quantile map
+        big = sum(n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256 for n in numel if n >= BNB_MIN_8BIT)
+        return (states * (big + small * 4),
                 f"bitsandbytes 8-bit {'Lion: 1' if states == 1 else 'Adam: 2'} state(s) x 1 byte + absmax per "
                 f"{BNB_BLOCK}")
     if name in ("lion_32bit", "paged_lion_32bit", "lion"):
@@ -71,44 +72,66 @@ def _cosmos(shapes, state_bytes: float, vocab_size: int | None, rank: int) -> fl
 
 
 def deepspeed_states(total: int, trainable: int, largest_layer: int, world: int, stage: int,
-                     offload_optimizer: bool, offload_params: bool) -> dict[str, float]:
+                     offload_optimizer: bool, offload_params: bool, wb: int = 2) -> dict[str, float]:
     """Per-GPU bytes of weights, gradients, optimizer (master copy + Adam moments) and the gathered layer under ZeRO
-    ``stage`` with 16-bit weights, as DeepSpeed's estimators count them: ZeRO-2 2 P (16-bit weights, whole) + 18 T / N
-    (2 16-bit gradients + 4 fp32 gradients + 4 fp32 master weights + 8 Adam moments, its comment's split); ZeRO-3
-    4 L + 18 T / N (2 16-bit weights + 4 fp32 gradients + 4 master + 8 moments, the largest layer gathered with its
-    16-bit gradients: 4 L)."""
-    weights = 2 * total if stage < 3 else (0 if offload_params else 2 * total / world)
+    ``stage``, as DeepSpeed's estimators count them for 16-bit weights (``wb`` = 2): ZeRO-2 2 P (16-bit weights,
+    whole) + 18 T / N (2 16-bit gradients + 4 fp32 gradients + 4 fp32 master weights + 8 Adam moments, its comment's
+    split); ZeRO-3 4 L + 18 T / N (2 16-bit weights + 4 fp32 gradients + 4 master + 8 moments, the largest layer
+    gathered with its 16-bit gradients: 4 L). With fp32 weights (``wb`` = 4, no mixed precision) DeepSpeed still
+    keeps its fp32 partition beside the weights (a copy: ``.clone().float()``), so the same terms hold with 4 in
+    place of 2."""
+    weights = wb * total if stage < 3 else (0 if offload_params else wb * total / world)
     shard = 0 if offload_optimizer else 1
-    # ZeRO-2: 16-bit + fp32 gradient partitions (6 bytes); ZeRO-3: the fp32 partition (4 bytes), the 16-bit
-    # gradients living in the gathered layer's buffers (its 4 L: 16-bit weights + 16-bit gradients)
-    grad_bytes = 6 if stage < 3 else 4
+    # ZeRO-2: 16-bit + fp32 gradient partitions; ZeRO-3: the fp32 partition, the 16-bit gradients living in the
+    # gathered layer's buffers (its 4 L: 16-bit weights + 16-bit gradients)
+    grad_bytes = wb + 4 if stage < 3 else 4
     return {"weights": weights, "gradients": shard * grad_bytes * trainable / world,
             "master": shard * 4 * trainable / world, "moments": shard * 8 * trainable / world,
-            "gathered": 4 * largest_layer if stage == 3 else 0}
+            "gathered": 2 * wb * largest_layer if stage == 3 else 0}
 
 
-def layer_activations(rows: int, seq: int, cfg: dict, dt: int, eager: bool) -> float:
+# DeepSpeed's defaults of stage3_max_live_parameters and stage3_max_reuse_distance (transformers' "auto" leaves them):
+# a parameter used again within this many elements is not released after its forward, so a model under 1e9
+# parameters stays gathered from its forward until its backward
+ZERO3_MAX_LIVE = 10**9
+
+
+def zero3_live(total: int, wb: int, max_live: int = ZERO3_MAX_LIVE) -> float:
+    """Bytes of parameters ZeRO-3 keeps gathered between forward and backward: min(P, max_live) x wb (the partition
+    stays beside them)."""
+    return min(total, max_live) * wb
+
+
+def layer_activations(rows: int, seq: int, cfg: dict, dt: int, eager: bool, rb: int | None = None) -> float:
     """Activation bytes one decoder layer keeps for backward (Korthikanti et al. 2022, "Reducing Activation
     Recomputation in Large Transformer Models", Sec. 4.1: per layer s b h (34 + 5 a s / h) for GPT with dropout and
     no flash attention), redone for the Llama-style block every supported family uses (pre-RMSNorm, rotary, GQA,
-    gated MLP, no dropout): the two norm inputs (2 h), their fp32 normalised copies (2 x 4 bytes x h), the
-    projections' input (h), q and the attention output (2 h_q), k and v (2 h_kv), the MLP input (h), and in the MLP the
-    gate, its activation, up, and their product (4 f); with SDPA / flash attention the s x s scores are not kept,
-    with eager attention they are (softmax in fp32 + its 16-bit copy: a s^2 (4 + dt))."""
+    gated MLP, no dropout): the two norm inputs (2 h, in the residual stream's dtype ``rb``: fp32 under autocast with
+    fp32 weights), their fp32 normalised copies (2 x 4 bytes x h), the projections' input (h), q and the attention
+    output (2 h_q), k and v (2 h_kv), the MLP input (h), and in the MLP the gate, its activation, up, and their product
+    (4 f); with SDPA / flash attention the s x s scores are not kept, with eager attention they are (softmax in fp32 +
+    its 16-bit copy: a s^2 (4 + dt))."""
     h, hq, hkv, f = cfg["hidden"], cfg["q_dim"], cfg["kv_dim"], cfg["ffn"]
-    per_token = dt * (4 * h + 2 * hq + 2 * hkv + 4 * f) + 8 * h
+    per_token = dt * (2 * h + 2 * hq + 2 * hkv + 4 * f) + (rb or dt) * 2 * h + 8 * h
     scores = cfg["heads"] * seq * seq * rows * (4 + dt) if eager else 0
     return rows * seq * per_token + scores
 
 
-def activations(rows: int, seq: int, cfg: dict, dt: int, checkpointing: bool, eager: bool = False) -> float:
+def activations(rows: int, seq: int, cfg: dict, dt: int, checkpointing: bool, eager: bool = False,
+                rb: int | None = None, cast_weights: float = 0, logit_seq: int | None = None) -> float:
     """Activation bytes of one forward+backward of ``rows`` sequences of ``seq`` tokens: every layer's
-    (``layer_activations``), or with recomputation each layer's input (dt s b h) plus one layer recomputed at a time;
-    plus the embedding output and the logits (``logits``)."""
-    one = layer_activations(rows, seq, cfg, dt, eager)
+    (``layer_activations``), or with recomputation each layer's input (rb s b h) plus one layer recomputed at a time;
+    plus the embedding output and the logits (``logits``). ``cast_weights``: the 16-bit copies autocast makes of fp32
+    weights, kept for backward (all of them, or one layer's with recomputation). ``logit_seq``: the positions whose
+    logits are computed (``logits_to_keep``: the completion's, in the methods that sample)."""
+    one = layer_activations(rows, seq, cfg, dt, eager, rb)
     layers = cfg["layers"]
-    kept = layers * dt * rows * seq * cfg["hidden"] + one if checkpointing else layers * one
-    return kept + dt * rows * seq * cfg["hidden"] + logits(rows, seq, cfg, dt)
+    rb = rb or dt
+    if checkpointing:
+        kept = layers * rb * rows * seq * cfg["hidden"] + one + cast_weights / layers
+    else:
+        kept = layers * one + cast_weights
+    return kept + rb * rows * seq * cfg["hidden"] + logits(rows, logit_seq or seq, cfg, dt)
 
 
 def logits(rows: int, seq: int, cfg: dict, dt: int) -> float:
