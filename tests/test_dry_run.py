@@ -202,3 +202,20 @@ def test_gsm8k_reward_on_the_published_solutions():
     assert [g for g, d in zip(got, differ) if d] == [0.0] * sum(differ)
     assert score(["q"] * 3, ["so it is \\boxed{1,000}", "I get 12, then 13.", "no idea"], answer=["1000", "13", "5"]) \
         == [1.0, 1.0, 0.0]
+
+
+def test_reward_model_folder_is_planned(offline, capsys):
+    """A reward model named by reward.source (a folder): its config.json reaches the plan (a frozen bf16 copy of a
+    0.6 B model, about 1.2 GB on each GPU); a folder without one is one line naming reward.source."""
+    folder = offline / "rm"
+    folder.mkdir()
+    (folder / "config.json").write_text((REPO / "examples/configs/Qwen3-0.6B/config.json").read_text())
+    argv = ["train", "--recipe", str(PPO), "--dry-run", "--json", "reward.function=null"]
+    assert main(argv) == 0
+    assert not [c for c in json.loads(capsys.readouterr().out)["components"] if c["name"].startswith("reward")]
+    assert main([*argv, f"reward.source={folder}"]) == 0
+    reward = [c for c in json.loads(capsys.readouterr().out)["components"] if c["name"].startswith("reward")]
+    assert len(reward) == 1 and abs(reward[0]["bytes"] - 2 * 596_049_920) / (2 * 596_049_920) < 0.01
+    cli_error(capsys, [*argv, f"reward.source={offline / 'no-rm'}"], "reward.source", "no-rm")
+    for path in sorted(offline.rglob("*"), reverse=True):  # the folder this test made (the fixture wants it empty)
+        path.unlink() if path.is_file() else path.rmdir()
