@@ -133,11 +133,11 @@ def worker(a) -> None:
 
 
 def watch(tensors) -> dict:
-    """The longest sequence any embedding layer sees (the longest forward), and the peak of live tensors sampled
-    every 0.2 s by a thread (``bench.live_tensor_mb``; a sample can miss a short peak), from now on."""
-    import threading
-    import time
-
+    """The longest sequence any embedding layer sees (the longest forward), and the peak of live tensors
+    (``bench.live_tensor_mb``) read at the end of every model's last decoder layer and of its whole forward (when its
+    activations, ZeRO-3's gathered parameters and the logits are alive), besides the bench's reading around each
+    optimizer step. Read on the training thread: a reading from another thread (gc.get_objects) breaks CPython's
+    tuple building."""
     import torch
 
     seen = {"seq": 0, "live0": bench.live_tensor_mb(), "live": 0.0}
@@ -147,14 +147,17 @@ def watch(tensors) -> dict:
         seen["seq"] = max(seen["seq"], ids.shape[-1])
         return forward(self, ids)
 
+    def read(module, args, kwargs, output):
+        name = type(module).__name__
+        attn = getattr(module, "self_attn", None)
+        last = (name.endswith("DecoderLayer") and attn is not None
+                and attn.layer_idx == attn.config.num_hidden_layers - 1)
+        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_ids"))
+        if (last or name.endswith("ForCausalLM")) and getattr(first, "ndim", 0) >= 2 and first.shape[1] > 1:
+            seen["live"] = max(seen["live"], bench.live_tensor_mb())  # (not during a decoding step)
+
     torch.nn.Embedding.forward = recorded
-
-    def sample():
-        while True:
-            seen["live"] = max(seen["live"], bench.live_tensor_mb(), tensors.peak_mb)
-            time.sleep(0.2)
-
-    threading.Thread(target=sample, daemon=True).start()
+    torch.nn.modules.module.register_module_forward_hook(read, with_kwargs=True)
     return seen
 
 
@@ -197,7 +200,7 @@ def main() -> None:
 def compare(case: str, pred: dict, ranks: list[dict]) -> dict:
     train = sum(r["train_mb"] for r in ranks) / 2
     state = sum(r["state_mb"] for r in ranks) / 2
-    live = sum(r.get("live_peak_mb", 0) for r in ranks) / 2
+    live = sum(max(r.get("live_peak_mb", 0), r["state_mb"]) for r in ranks) / 2
     return {"case": case, "predicted_mb": pred["total_mb"], "measured_mb": train, "error": pred["total_mb"] / train - 1,
             "live_peak_mb": live, "live_error": pred["total_mb"] / live - 1 if live else None,
             "predicted_states_mb": pred["states_mb"], "live_tensors_mb": state,

@@ -3,6 +3,8 @@ its terms against counts made here by hand."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("deepspeed")
@@ -218,6 +220,40 @@ def test_methods_hold_the_models_they_need():
     assert parts("grpo", "algo.beta=0.04")[0]["reference model"] == dpo["reference model"]
     ppo, _ = parts("ppo", "reward.source=runs/rm", reward_config=qwen)
     assert ppo["value head"] > 0 and ppo["reward model"] > 0 and "reference model" in ppo
-    vllm, _ = parts("grpo", "generation.backend=vllm", "generation.gpu_memory_utilization=0.4", gpu=80 * GiB)
+    vllm, plan = parts("grpo", "generation.backend=vllm", "generation.gpu_memory_utilization=0.4", gpu=80 * GiB)
     assert vllm["vLLM (colocated)"] == int(0.4 * 80 * GiB)
+    as_json = json.loads(json.dumps(plan.to_json()))
+    assert as_json["total"] == sum(c["bytes"] for c in as_json["components"] if c["counted"]) == plan.total
+    assert as_json["fits"] is True and any(line.startswith("verdict: fits in 80.00 GiB") for line in plan.lines())
     assert parts("ppo", "algo.critic=separate")[0]["critic model"] > dpo["reference model"]
+
+
+def test_lora_activations_match_saved_tensors(tiny_path):
+    """LoRA r=8 on every Linear of the tiny model, dropout on: the activation formula plus LoRA's term (each adapted
+    layer's dropped-out input, its mask, its rank-r intermediate) against autograd's saved tensors, within 10%."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from aligntool.plan import terms
+    from aligntool.plan.counts import count
+    from aligntool.recipe.schema import PeftConfig
+
+    config, model = _tiny_model(tiny_path)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
+    model.train()
+    rows, seq = 4, 64
+    ids = torch.randint(0, config.vocab_size, (rows, seq))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    c = count(config, peft=PeftConfig(r=8, lora_alpha=16))
+    predicted = (terms.activations(rows, seq, terms.arch(config), 4, False)
+                 + terms.lora_activations(rows, seq, c.lora_modules, c.lora_inputs, 8, 4, True))
+    assert abs(predicted / sum(saved.values()) - 1) <= 0.10, (predicted, sum(saved.values()))

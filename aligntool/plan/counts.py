@@ -23,6 +23,8 @@ class ModelCounts:
     trainable: int  # what gets gradients and optimizer state: total, or the LoRA adapter's parameters
     trainable_shapes: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
     lora: bool = False
+    lora_modules: int = 0  # adapted Linear layers
+    lora_inputs: int = 0  # the sum of their input widths (each keeps its own dropped-out copy of its input)
 
 
 def _build(config, head: str, trust_remote_code: bool):
@@ -97,5 +99,8 @@ def _count(config, head, peft, trust_remote_code) -> ModelCounts:
         return ModelCounts(total, embedding, largest_layer, block, linear, total, shapes)
     wrapped = _lora(model, peft)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    adapted = [m for m in wrapped.modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None),
+                                                                                    torch.nn.Linear)]
     return ModelCounts(total, embedding, largest_layer, block, linear, sum(p.numel() for p in trainable),
-                       tuple(tuple(p.shape) for p in trainable), lora=True)
+                       tuple(tuple(p.shape) for p in trainable), lora=True, lora_modules=len(adapted),
+                       lora_inputs=sum(m.base_layer.in_features for m in adapted))

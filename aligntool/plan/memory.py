@@ -184,8 +184,13 @@ def _activation_bytes(s: Setup, shape: dict, c, checkpointing: bool) -> float:
     dt = _compute_bytes(s)
     autocast = s.backend == "ddp" and s.mixed and s.weight_bytes == 4 and not s.qlora
     cast = 2 * (c.linear + shape["vocab"] * shape["hidden"]) if autocast else 0
-    return terms.activations(s.rows, s.seq, shape, dt, checkpointing, s.eager, rb=4 if autocast else dt,
+    base = terms.activations(s.rows, s.seq, shape, dt, checkpointing, s.eager, rb=4 if autocast else dt,
                              cast_weights=cast, logit_seq=s.logit_seq)
+    if s.peft is None:
+        return base
+    lora = terms.lora_activations(s.rows, s.seq, c.lora_modules, c.lora_inputs, s.peft.r, dt,
+                                  s.peft.lora_dropout > 0)
+    return base + (lora / shape["layers"] if checkpointing else lora)  # recomputed: one layer's at a time
 
 
 def _activations(s: Setup, shape: dict, c) -> list[Component]:

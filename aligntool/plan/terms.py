@@ -134,6 +134,13 @@ def activations(rows: int, seq: int, cfg: dict, dt: int, checkpointing: bool, ea
     return kept + rb * rows * seq * cfg["hidden"] + logits(rows, logit_seq or seq, cfg, dt)
 
 
+def lora_activations(rows: int, seq: int, modules: int, inputs: int, r: int, dt: int, dropout: bool) -> float:
+    """What LoRA adds to the saved tensors: per adapted Linear its rank-r intermediate (lora_A's output, lora_B's
+    input: r dt), and with lora_dropout > 0 its own dropped-out copy of the input plus the dropout mask (in (dt + 1))
+    (peft's ``lora.Linear.forward``: ``lora_B(lora_A(dropout(x)))``)."""
+    return rows * seq * (modules * r * dt + (inputs * (dt + 1) if dropout else 0))
+
+
 def logits(rows: int, seq: int, cfg: dict, dt: int) -> float:
     """The output head's logits (rows x seq x vocab in the compute dtype) and the fp32 log-softmax the loss keeps for
     backward: rows x seq x vocab x (dt + 4). At small scale this dominates the activations."""
