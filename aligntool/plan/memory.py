@@ -127,7 +127,7 @@ def _model_states(s: Setup, c) -> list[Component]:
     if s.backend == "fsdp" and s.mixed and not s.peft:
         weights, wnote = c.total * 4, f"{c.total:,} x 4 bytes (fp32 masters, accelerate's FSDP2 upcast)"
     shard_w = s.backend == "fsdp" or (s.backend == "deepspeed" and s.zero_stage == 3)
-    parts = [Component("weights", weights / (n if shard_w else 1), wnote + (f" / {n}" if shard_w else ""))]
+    parts = [Component("weights", weights / (n if shard_w else 1), wnote + (f" / {n}" if shard_w and n > 1 else ""))]
     if s.backend == "fsdp":
         cb = 2 if s.mixed else s.weight_bytes
         gathered = 2 * c.largest_block * cb if s.fsdp_full else c.total * cb
@@ -199,8 +199,9 @@ def _activations(s: Setup, shape: dict, c) -> list[Component]:
     other = _activation_bytes(s, shape, c, not s.checkpointing)
     logit = terms.logits(s.rows, s.logit_seq, shape, dt)
     name = "activations (recomputation on)" if s.checkpointing else "activations (recomputation off)"
-    parts = [Component(name, on, f"{s.rows} x {s.seq} tokens, logits {fmt(logit)} of it; "
-                       f"recomputation {'off' if s.checkpointing else 'on'}: {fmt(other)}")]
+    other_note = (f"recomputation {'off' if s.checkpointing else 'on'}: {fmt(other)}" if s.algorithm not in ONLINE
+                  else "the rollout engine does not recompute")
+    parts = [Component(name, on, f"{s.rows} x {s.seq} tokens, logits {fmt(logit)} of it; {other_note}")]
     if s.critic == "separate":
         parts.append(Component("critic activations", on - logit, "the separate critic's forward (no logits)"))
     if s.gen_rows and not s.vllm_share:
