@@ -59,9 +59,24 @@ def train(
     slurm: bool = typer.Option(False, "--slurm", help="Inside a SLURM job step (the `aligntool slurm` script): take "
                                "nodes, node rank and main address from SLURM, resume if a checkpoint exists."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the recipe without weights or data (the model's "
+                                 "config, model.config, built on the meta device) and print its memory plan per GPU "
+                                 "with a verdict; exit 2 when it does not fit (docs/DRY_RUN.md)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="With --dry-run: one GPU's memory, e.g. 80GB "
+                                             "(default: the recipe's hardware.gpu_memory)."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
+    ctx: typer.Context = None,
 ):
     """Train a model as the recipe says; outputs go to the recipe's output_dir."""
     _DEBUG["on"] = _DEBUG["on"] or debug
+    if dry_run or gpu_memory is not None or as_json:  # the dry run: nothing trained, written or downloaded
+        if not dry_run:
+            raise UserError(f"{'--gpu-memory' if gpu_memory is not None else '--json'}: only with --dry-run")
+        from aligntool.plan.dryrun import dry_run as plan_run
+
+        given = {n: getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE" for n in ("nproc", "nnodes")}
+        raise typer.Exit(plan_run(recipe, list(overrides or []), gpu_memory_option=gpu_memory, as_json=as_json,
+                                  nproc=nproc if given["nproc"] else None, nnodes=nnodes if given["nnodes"] else None))
     from aligntool.entry import Launch, start
 
     launch = Launch(nproc, nnodes, node_rank, master_addr, master_port, slurm)
@@ -89,8 +104,9 @@ def merge_lora(
 def slurm(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe file or algorithm name."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides passed to every node."),
-    nodes: int = typer.Option(1, "--nodes", min=1),
-    gpus_per_node: int = typer.Option(1, "--gpus-per-node", min=0, help="GPUs (= processes) per node."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", min=1, help="Default: the recipe's hardware.nodes, else 1."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=0, help="GPUs (= processes) per node; "
+                                                "default: the recipe's hardware.gpus_per_node, else 1."),
     time_limit: str = typer.Option(..., "--time", help="SLURM time limit, HH:MM:SS or D-HH:MM:SS."),
     partition: Optional[str] = typer.Option(None, "--partition"),
     account: Optional[str] = typer.Option(None, "--account"),
@@ -107,6 +123,9 @@ def slurm(
     check_time(time_limit)
     overrides = list(overrides or [])
     loaded = load_recipe(recipe, overrides)
+    hw = loaded.recipe.hardware  # the machines the recipe is written for give the defaults
+    nodes = nodes or (hw.nodes if hw else 1)
+    gpus_per_node = gpus_per_node if gpus_per_node is not None else (hw.gpus_per_node if hw and hw.gpus_per_node else 1)
     output_dir = str(Path(loaded.recipe.output_dir).expanduser())
     script = sbatch_script(recipe, overrides, nodes, gpus_per_node, time_limit, output_dir,
                            job_name=f"aligntool-{loaded.spec.name}", partition=partition, account=account,

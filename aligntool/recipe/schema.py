@@ -58,6 +58,11 @@ class ModelConfig(Strict):
         None, description="Chat template for conversational data: a Jinja file (relative to the recipe's folder or "
         "the working directory) or a name: chatml, llama3, gemma, mistral, phi3, olmo2. Replaces the tokenizer's own; "
         "needed for conversational data on a model that has none. Saved with the trained model.")
+    config: str | None = Field(
+        None, description="The architecture when the weights are not here: a transformers config.json, or a folder "
+        "holding one (relative to the recipe's folder, then the working directory). Read by `aligntool train "
+        "--dry-run` instead of model.name_or_path's own config (examples/configs/ ships those of the examples' "
+        "models); training reads the checkpoint's own config.")
 
 
 class RefModelConfig(Strict):
@@ -371,6 +376,39 @@ class GenerationConfig(Strict):
         return self
 
 
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|MB|MiB|TB|TiB)\s*$", re.IGNORECASE)
+_UNIT = {"mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30, "tb": 2**40, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a GPU memory size such as "80GB", "141GB", "79.6GiB", "24576MiB". GB means GiB (2**30 bytes), as GPU
+    makers name their cards' memory (an "80GB" H100 or A100 has 80 GiB); ValueError for anything else."""
+    match = _MEMORY.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("expected a size such as 80GB, 141GB or 24576MiB")
+    return int(float(match.group(1)) * _UNIT[match.group(2).lower()])
+
+
+class HardwareConfig(Strict):
+    """The machines a recipe is written for. Nothing here changes training: `aligntool train --dry-run` plans memory
+    for them (world size = nodes x gpus_per_node, the verdict against gpu_memory), `aligntool slurm` takes its
+    --nodes and --gpus-per-node defaults from them, and the reader learns what the recipe needs."""
+
+    gpus_per_node: PositiveInt | None = Field(None, description="GPUs per node (= processes per node: --nproc).")
+    nodes: PositiveInt = Field(1, description="Nodes (--nnodes; `aligntool slurm --nodes`).")
+    gpu_memory: str | None = Field(
+        None, description="Memory of one GPU, such as 80GB (H100, A100 80GB), 141GB (H200), 24GB; GB means GiB as GPU "
+        "makers count. The dry run's verdict is against it unless --gpu-memory is given.")
+    gpu: str | None = Field(None, description="The GPU's name, a note for the reader (H100 SXM, A100 80GB, ...).")
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory(cls, v):
+        if v is not None:
+            parse_memory(v)
+        return v
+
+
 class Recipe(Strict):
     algorithm: str = Field(description="Registry name of the algorithm; `aligntool recipes` lists them.")
     description: str | None = Field(None, description="Free text, for the reader of the recipe.")
@@ -390,6 +428,8 @@ class Recipe(Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How the methods that "
                                          "sample generate: transformers or vLLM.")
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
+    hardware: HardwareConfig | None = Field(None, description="The machines the recipe is written for (read by the "
+                                            "dry run and `aligntool slurm`; training does not change with it).")
 
     @field_validator("optimizer")
     @classmethod
