@@ -37,7 +37,9 @@ HARMLESS = {"description", "train.logging_steps", "train.logging_first_step", "t
             "train.completions_steps", "train.num_completions_to_log", "train.push_to_hub", "train.hub_model_id",
             "train.hub_private_repo", "train.hub_revision",
             "dataset.eval_path", "dataset.eval_split", "generation.gpu_memory_utilization",
-            "generation.enforce_eager", "generation.server_base_url"}
+            "generation.enforce_eager", "generation.server_base_url",
+            # read by the dry run only (and hardware: by `aligntool slurm`'s defaults): they never change training
+            "model.config", "hardware.gpus_per_node", "hardware.nodes", "hardware.gpu_memory", "hardware.gpu"}
 # keys whose new value an accepted resume does not apply: the optimizer state restored from the checkpoint wins
 # (a new learning rate, scheduler, warm-up or max_steps does apply: ``apply_learning_rate`` and the new schedule)
 OPTIMIZER_STATE = ("train.weight_decay", "train.optim", "optimizer")

@@ -284,3 +284,28 @@ def test_plan_against_measured_peaks(tmp_path):
     assert set(rows) == set(MEASURE)
     for case, key in MEASURE.items():
         assert abs(rows[case][key]) <= 0.15, (case, key, rows[case][key], proc.stdout)
+
+
+def test_a_reward_model_is_planned_as_the_sequence_classifier_it_trains():
+    """The reward method trains AutoModelForSequenceClassification: its parameters are the classifier's (counted
+    here by transformers on the meta device) and it computes one score per row, no vocabulary logits: its 16 pairs
+    are 32 rows of 1024 tokens, and its activations are at least the logits (rows x seq x vocab x 6 bytes) below those
+    of SFT on 32 rows of 1024 tokens."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from aligntool.plan.memory import memory_plan
+    from aligntool.recipe.loader import load_recipe
+
+    config = _llama8b()
+    shared = ["train.bf16=true", "train.per_device_train_batch_size=16", "train.max_length=1024"]
+    reward = memory_plan(load_recipe("reward", shared), config, world_size=1)
+    sft = memory_plan(load_recipe("sft", [*shared, "train.per_device_train_batch_size=32"]), config, world_size=1)
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config.__class__(**{**config.to_dict(),
+                                                                                        "num_labels": 1}))
+    assert reward.params == sum(p.numel() for p in classifier.parameters())
+
+    def activations(plan):
+        return next(c.bytes for c in plan.components if c.name.startswith("activations"))
+    assert activations(sft) - activations(reward) >= 32 * 1024 * config.vocab_size * 6

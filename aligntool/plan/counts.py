@@ -33,6 +33,8 @@ def _build(config, head: str, trust_remote_code: bool):
 
     auto = {"causal": transformers.AutoModelForCausalLM,
             "score": transformers.AutoModelForSequenceClassification}[head]
+    if head == "score":  # a reward model: one score per sequence, as aligntool and TRL load it (num_labels=1)
+        config = config.__class__.from_dict({**config.to_dict(), "num_labels": 1})
     with torch.device("meta"):
         return auto.from_config(config, trust_remote_code=trust_remote_code)
 

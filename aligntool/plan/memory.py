@@ -81,8 +81,9 @@ def memory_plan(loaded, config, *, world_size: int, gpu_memory: int | None = Non
 
 
 def compute(setup: Setup, config, reward_config, gpu_memory: int | None) -> MemoryPlan:
-    c = counting.count(config, peft=setup.peft)
-    shape = terms.arch(config)
+    score = setup.algorithm == "reward"  # a reward model trains a sequence classifier: one score per row, no vocabulary
+    c = counting.count(config, head="score" if score else "causal", peft=setup.peft)
+    shape = {**terms.arch(config), "vocab": 0} if score else terms.arch(config)
     parts = (_model_states(setup, c) + _activations(setup, shape, c)
              + _others(setup, c, config, reward_config, gpu_memory))
     parts.append(Component("runtime allowance", RUNTIME_ALLOWANCE, "CUDA context, NCCL, allocator slack (fixed)"))
