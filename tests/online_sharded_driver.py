@@ -20,7 +20,8 @@ if __name__ == "__main__":
         resume = spec.startswith("+")
         name, recipe_and_extra = spec.lstrip("+").split(":", 1)
         recipe, *extra = recipe_and_extra.split(",")
-        train(load_recipe(repo / "recipes" / f"{recipe}.yaml", [*common, *extra, f"output_dir={out_root / name}"]),
+        recipes = repo / "aligntool" / "recipes"
+        train(load_recipe(recipes / f"{recipe}.yaml", [*common, *extra, f"output_dir={out_root / name}"]),
               resume=resume, accept_changes=resume)  # a resume runs on to a larger train.max_steps
         if deepspeed:  # the next run's DeepSpeed plugin carries its own config (FSDP's is the same for all runs)
             AcceleratorState._reset_state(reset_partial_state=False)

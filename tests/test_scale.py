@@ -77,6 +77,7 @@ def test_sigkill_mid_training_then_resume_gives_bitwise_the_uninterrupted_weight
             assert torch.equal(a[k], b[k]), (name, k)
 
 
+@pytest.mark.system  # beside the real SLURM cluster's test (test_slurm_real.py), in CI's system stage
 def test_slurm_script_preemption_checkpoints_requeues_and_resumes(tmp_path, tiny_path):
     """The generated sbatch script, run by bash with stand-ins for srun/scontrol and a SLURM-like environment:
     2 processes train; SIGUSR1 to the batch shell (SLURM's warning) -> checkpoint at a step end, clean exit, requeue;
