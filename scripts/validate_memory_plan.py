@@ -102,13 +102,16 @@ def worker(a) -> None:
     """bench_zero3_memory's worker, with its measurement (``TensorBytes``, ``measure_engine``, ``rss_mb``) hooked into
     the run's callbacks as ``train.run_callbacks`` gives them now (the bench patches ``train._callbacks``, a name
     train.py no longer has), and this script's settings (fp32, no recomputation)."""
+    import importlib
+
     import deepspeed  # noqa: F401 - libraries first: they are the same for every case
     import torch  # noqa: F401
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    import aligntool.train as train_mod
     from aligntool.recipe.loader import load_recipe
+
+    train_mod = importlib.import_module("aligntool.train")  # the module (the package's `aligntool.train` is the API)
 
     tensors = bench.TensorBytes()
     callbacks = train_mod.run_callbacks
