@@ -27,53 +27,6 @@ CARD_FILE = "README.md"
 CARD_TAG = "aligntool"
 
 # the paper of each method: (title, first author et al., year, arXiv id)
-PAPERS = {
-    "reward": ("Training language models to follow instructions with human feedback", "Ouyang et al.", 2022,
-               "2203.02155"),
-    "dpo": ("Direct Preference Optimization: Your Language Model is Secretly a Reward Model", "Rafailov et al.", 2023,
-            "2305.18290"),
-    "ipo": ("A General Theoretical Paradigm to Understand Learning from Human Preferences", "Azar et al.", 2023,
-            "2310.12036"),
-    "slic": ("SLiC-HF: Sequence Likelihood Calibration with Human Feedback", "Zhao et al.", 2023, "2305.10425"),
-    "robust_dpo": ("Provably Robust DPO: Aligning Language Models with Noisy Feedback", "Chowdhury et al.", 2024,
-                   "2403.00409"),
-    "sppo_hard": ("Self-Play Preference Optimization for Language Model Alignment", "Wu et al.", 2024, "2405.00675"),
-    "sppo": ("Self-Play Preference Optimization for Language Model Alignment", "Wu et al.", 2024, "2405.00675"),
-    "fdpo": ("Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints",
-             "Wang et al.", 2023, "2309.16240"),
-    "rpo": ("Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an Adversarial Regularizer",
-            "Liu et al.", 2024, "2405.16436"),
-    "cpl": ("Contrastive Preference Learning: Learning from Human Feedback without RL", "Hejna et al.", 2023,
-            "2310.13639"),
-    "rso": ("Statistical Rejection Sampling Improves Preference Optimization", "Liu et al.", 2023, "2309.06657"),
-    "hypo": ("The Importance of Online Data: Understanding Preference Fine-tuning via Coverage", "Song et al.", 2024,
-             "2406.01462"),
-    "srpo": ("Self-Improving Robust Preference Optimization", "Choi et al.", 2024, "2406.01660"),
-    "spo": ("Self-supervised Preference Optimization: Enhance Your Language Model with Preference Degree Awareness",
-            "Li et al.", 2024, "2409.17791"),
-    "kto": ("KTO: Model Alignment as Prospect Theoretic Optimization", "Ethayarajh et al.", 2024, "2402.01306"),
-    "orpo": ("ORPO: Monolithic Preference Optimization without Reference Model", "Hong et al.", 2024, "2403.07691"),
-    "cpo": ("Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine Translation",
-            "Xu et al.", 2024, "2401.08417"),
-    "simpo": ("SimPO: Simple Preference Optimization with a Reference-Free Reward", "Meng et al.", 2024, "2405.14734"),
-    "grpo": ("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", "Shao et al.", 2024,
-             "2402.03300"),
-    "rloo": ("Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
-             "Ahmadian et al.", 2024, "2402.14740"),
-    "ppo": ("Training language models to follow instructions with human feedback", "Ouyang et al.", 2022,
-            "2203.02155"),
-    "p3o": ("Pairwise Proximal Policy Optimization: Harnessing Relative Feedback for LLM Alignment", "Wu et al.", 2023,
-            "2310.00212"),
-    "remax": ("ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for Aligning Large Language "
-              "Models", "Li et al.", 2023, "2310.10505"),
-    "reinforce_pp": ("REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models", "Hu", 2025,
-                     "2501.03262"),
-    "online_dpo": ("Direct Language Model Alignment from Online AI Feedback", "Guo et al.", 2024, "2402.04792"),
-    "xpo": ("Exploratory Preference Optimization: Harnessing Implicit Q*-Approximation for Sample-Efficient RLHF",
-            "Xie et al.", 2024, "2405.21046"),
-    "inpo": ("Iterative Nash Policy Optimization: Aligning LLMs with General Preferences via No-Regret Learning",
-             "Zhang et al.", 2024, "2407.00617"),
-}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUILT_IN_MODELS = {"tiny": "aligntool's built-in tiny model", "tiny-arith": "aligntool's built-in tiny-arith model"}
 
@@ -238,7 +191,7 @@ def _card_body(folder: Path, title: str) -> list[str]:
         lines.append(f"- Base model: {where}")
     if method:
         spec = registry.ALGORITHMS.get(method)
-        paper = PAPERS.get(method)
+        paper = registry.PAPERS.get(method)
         cite = (f" Paper: {paper[1]}, \"{paper[0]}\", {paper[2]} ([arXiv:{paper[3]}](https://arxiv.org/abs/{paper[3]}))."
                 if paper else "")
         lines.append(f"- Method: `{method}`: {spec.summary if spec else ''}{cite}")

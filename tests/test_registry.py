@@ -151,3 +151,14 @@ def test_step_law_reads_the_batch_unit(monkeypatch, unit, refused):
         steplaw.for_run(Loaded, "model", None, [{"prompt": "x"}])
     generated = "fake_method trains on rows it generates during the run" in str(info.value)
     assert generated == refused, str(info.value)
+
+
+def test_every_method_names_its_paper():
+    """The model card cites a method's paper from the registry (registry.PAPERS): every algorithm has one, with an
+    arXiv id of the form YYMM.NNNNN, and no entry names a method that does not exist (SFT has no one paper)."""
+    import re
+
+    assert set(registry.PAPERS) == set(registry.names()) - {"sft"}
+    for name, (title, authors, year, arxiv) in registry.PAPERS.items():
+        assert title and authors and 2017 <= year <= 2026 and re.fullmatch(r"\d{4}\.\d{5}", arxiv), name
+        assert str(year)[2:] <= arxiv[:2], (name, year, arxiv)  # published no earlier than its preprint
