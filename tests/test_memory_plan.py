@@ -133,6 +133,24 @@ def test_lora_trainable_parameters_by_hand():
     assert count(config).trainable == count(config).total == 494_032_768  # Qwen2.5-0.5B's published size
 
 
+def _saved_for_backward(model, ids) -> int:
+    """Bytes autograd saves for backward in one forward with labels (saved_tensors_hooks; parameters left out, each
+    storage counted once)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(saved.values())
+
+
 def test_activation_formula_matches_saved_tensors(tiny_path):
     """The activation formula (recomputation off) against the bytes autograd saves for backward in one forward of the
     tiny model (saved_tensors_hooks, parameters left out), in fp32, bf16 weights and bf16 autocast: within 10%."""
@@ -147,21 +165,11 @@ def test_activation_formula_matches_saved_tensors(tiny_path):
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     for autocast, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16)):
         model = model.to(dtype)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                model(ids, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            actual = _saved_for_backward(model, ids)
         dt = 4 if dtype == torch.float32 and not autocast else 2
         predicted = terms.activations(rows, seq, shape, dt, False, rb=4 if dtype == torch.float32 else 2,
                                       cast_weights=2 * linear if autocast else 0)
-        actual = sum(saved.values())
         assert abs(predicted / actual - 1) <= 0.10, (autocast, dtype, predicted, actual)
 
 
@@ -243,20 +251,11 @@ def test_lora_activations_match_saved_tensors(tiny_path):
     model.train()
     rows, seq = 4, 64
     ids = torch.randint(0, config.vocab_size, (rows, seq))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+    actual = _saved_for_backward(model, ids)
     c = count(config, peft=PeftConfig(r=8, lora_alpha=16))
     predicted = (terms.activations(rows, seq, terms.arch(config), 4, False)
                  + terms.lora_activations(rows, seq, c.lora_modules, c.lora_inputs, 8, 4, True))
-    assert abs(predicted / sum(saved.values()) - 1) <= 0.10, (predicted, sum(saved.values()))
+    assert abs(predicted / actual - 1) <= 0.10, (predicted, actual)
 
 
 # what each case's assertion compares: the resident high-water training adds (scripts/bench_zero3_memory.py's
