@@ -96,6 +96,14 @@ def test_recipe_name_typo_suggests_the_closest(monkeypatch, recipe, suggestion):
     assert "recipe file not found" in message and "did you mean" in message and suggestion in message, message
 
 
+def test_a_recipes_folder_path_of_a_built_in_recipe_points_to_its_name(monkeypatch, tmp_path):
+    """`--recipe recipes/dpo.yaml` (the path in a clone before the recipes moved into the package) where there is no
+    such folder: the one line names `--recipe dpo`."""
+    monkeypatch.chdir(tmp_path)
+    message = user_error(resolve_recipe_path, "recipes/dpo.yaml")
+    assert "recipe file not found" in message and "--recipe dpo" in message, message
+
+
 def test_unknown_recipe_name_says_where_the_built_in_names_are(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     message = user_error(resolve_recipe_path, "zzzz")

@@ -119,6 +119,8 @@ def _recipe_suggestion(recipe: str, path: Path) -> str:
         match = closest(path.name, [p.name for p in folder.iterdir() if p.suffix in (".yaml", ".yml")])
         if match:
             return f" (did you mean {str(folder / match)!r}?)"
+    if path.stem in names and path.suffix in (".yaml", ".yml"):  # recipes/dpo.yaml of a clone before 0.1's wheel
+        return f" (the built-in recipes ship inside the package: --recipe {path.stem})"
     if "/" not in recipe and not path.suffix:
         return ", and no built-in recipe has that name (`aligntool recipes` lists them)"
     return ""
