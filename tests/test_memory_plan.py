@@ -108,12 +108,21 @@ def test_optimizer_states_equal_the_optimizers_own():
     params = list(model.parameters())
     shapes = [tuple(p.shape) for p in params]
     model(torch.randint(0, vocab, (2, 8))).square().mean().backward()
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.initialize()  # no override left by an earlier Trainer in this process (it keys them by parameter id)
     for name, opt in (("adamw_torch", torch.optim.AdamW(params)), ("adamw_8bit", bnb.optim.AdamW8bit(params)),
                       ("lion_kappa", LionKappa(params)), ("cosmos", Cosmos(params, rank=16, vocab_size=vocab))):
         opt.step()
         predicted, _ = terms.optimizer_states(name, shapes, 4, vocab, cosmos_rank=16)
         actual = _state_bytes(opt)
         assert abs(predicted - actual) <= 0.01 * actual, (name, predicted, actual)
+    # as transformers' Trainer.create_optimizer does for a bitsandbytes 8-bit optimizer: nn.Embedding in 32 bits
+    manager.register_module_override(model[0], "weight", {"optim_bits": 32})
+    opt = bnb.optim.AdamW8bit(params)
+    opt.step()
+    predicted, _ = terms.optimizer_states("adamw_8bit", shapes, 4, vocab, fp32_embedding=model[0].weight.numel())
+    manager.initialize()
+    assert abs(predicted - _state_bytes(opt)) <= 0.01 * _state_bytes(opt), (predicted, _state_bytes(opt))
 
 
 def test_lora_trainable_parameters_by_hand():

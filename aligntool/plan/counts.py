@@ -25,6 +25,9 @@ class ModelCounts:
     lora: bool = False
     lora_modules: int = 0  # adapted Linear layers
     lora_inputs: int = 0  # the sum of their input widths (each keeps its own dropped-out copy of its input)
+    # the parameters of nn.Embedding modules, each tied one once: transformers' Trainer keeps their bitsandbytes 8-bit
+    # optimizer state in 32 bits (Trainer.create_optimizer registers optim_bits=32 for every nn.Embedding)
+    embedding_modules: int = 0
 
 
 def _build(config, head: str, trust_remote_code: bool):
@@ -96,9 +99,11 @@ def _count(config, head, peft, trust_remote_code) -> ModelCounts:
     linear = sum(m.weight.numel() for m in model.modules()
                  if isinstance(m, torch.nn.Linear) and m is not out_head and m.weight.ndim == 2)
     block = _largest_block(model)
+    embedded = {id(p): p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     if peft is None:
         shapes = tuple(tuple(p.shape) for p in params.values())
-        return ModelCounts(total, embedding, largest_layer, block, linear, total, shapes)
+        return ModelCounts(total, embedding, largest_layer, block, linear, total, shapes,
+                           embedding_modules=sum(embedded.values()))
     wrapped = _lora(model, peft)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     adapted = [m for m in wrapped.modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None),

@@ -139,11 +139,18 @@ def _model_states(s: Setup, c) -> list[Component]:
     if s.backend == "ddp" and s.world > 1:
         parts.append(Component("DDP gradient buckets", c.trainable * tb, "DDP's flat copy of the gradients for the "
                                "all-reduce (gradient_as_bucket_view off, accelerate's default)"))
-    opt, note = terms.optimizer_states(s.optim, c.trainable_shapes, tb, s.vocab_size, s.cosmos_rank)
+    opt, note = terms.optimizer_states(s.optim, c.trainable_shapes, tb, s.vocab_size, s.cosmos_rank,
+                                       _fp32_embedding(s, c))
     if s.backend == "deepspeed" and s.offload_optimizer:
         opt, note = 0, "offloaded to CPU (" + note + ")"
     parts.append(Component("optimizer state", opt / n, note + (f" / {n}" if n > 1 else "")))
     return parts
+
+
+def _fp32_embedding(s: Setup, c) -> int:
+    """The embedding elements whose bitsandbytes 8-bit state transformers' Trainer keeps in 32 bits (the methods
+    trained by a Trainer, the embeddings trainable); the rollout engine builds its optimizer itself."""
+    return 0 if s.algorithm in ONLINE or c.lora else c.embedding_modules
 
 
 def _deepspeed_states(s: Setup, c) -> list[Component]:
@@ -152,7 +159,8 @@ def _deepspeed_states(s: Setup, c) -> list[Component]:
     wb = 2 if s.mixed else 4
     ds = terms.deepspeed_states(c.total, c.trainable, c.largest_layer, s.world, s.zero_stage,
                                 s.offload_optimizer, s.offload_params, wb)
-    moments, note = terms.optimizer_states(s.optim, c.trainable_shapes, 4, s.vocab_size, s.cosmos_rank)
+    moments, note = terms.optimizer_states(s.optim, c.trainable_shapes, 4, s.vocab_size, s.cosmos_rank,
+                                           _fp32_embedding(s, c))
     if not s.offload_optimizer:
         ds["moments"] = moments / s.world
     n = s.world

@@ -26,9 +26,11 @@ NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
 def optimizer_states(optim: str, shapes, state_bytes: float, vocab_size: int | None = None,
-                     cosmos_rank: int = 64) -> tuple[float, str]:
+                     cosmos_rank: int = 64, fp32_embedding: int = 0) -> tuple[float, str]:
     """Bytes of optimizer state for the trainable tensors ``shapes`` (state dtype ``state_bytes`` for the torch
-    optimizers: the parameter's), with a note naming what is counted. Unknown names count as Adam."""
+    optimizers: the parameter's), with a note naming what is counted. Unknown names count as Adam.
+    ``fp32_embedding``: elements of one of ``shapes`` (the embedding) whose bitsandbytes 8-bit state is kept in 32
+    bits, as transformers' Trainer asks for every nn.Embedding."""
     numel = [math.prod(s) for s in shapes]
     total = sum(numel)
     name = optim.lower()
@@ -37,9 +39,13 @@ def optimizer_states(optim: str, shapes, state_bytes: float, vocab_size: int | N
         small = sum(n for n in numel if n < BNB_MIN_8BIT)
         # per 8-bit tensor and state: the bytes, one fp32 absmax per block, the 256-entry fp32 quantile map
         big = sum(n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256 for n in numel if n >= BNB_MIN_8BIT)
+        n = fp32_embedding
+        if n >= BNB_MIN_8BIT:  # that tensor's 8-bit state replaced by 32-bit
+            big -= n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256
+            small += n
         return (states * (big + small * 4),
                 f"bitsandbytes 8-bit {'Lion: 1' if states == 1 else 'Adam: 2'} state(s) x 1 byte + absmax per "
-                f"{BNB_BLOCK}")
+                f"{BNB_BLOCK}" + (" (embeddings in 32 bits, as the Trainer keeps them)" if n else ""))
     if name in ("lion_32bit", "paged_lion_32bit", "lion"):
         return total * 4, "Lion: 1 fp32 momentum"
     if name == "lion_kappa":
