@@ -92,7 +92,8 @@ if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$WANT" ]; then
     restart=1
 fi
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# a pid file left by daemons a previous session's end killed may name a reused pid: the process must be a slurm one
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && grep -q '^slurm' "/proc/$(cat "$1")/comm" 2>/dev/null; }
 stop() {  # by the daemon's own pid file
     if running "$1"; then kill "$(cat "$1")"; for _ in $(seq 50); do running "$1" || break; sleep 0.1; done; fi
 }
