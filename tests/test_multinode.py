@@ -222,8 +222,7 @@ def test_the_watch_names_a_silent_node_a_failed_one_and_ignores_one_that_ended(m
         w.on_verdict = lambda w=w: verdicts.append((w.node, w.message))
         w.start()
     time.sleep(0.6)
-    start = time.monotonic()
-    assert watches[0].verdict() is None and time.monotonic() - start < 1.5  # all alive: this node's own failure
+    assert watches[0].verdict() is None  # all alive: this node's own failure
 
     watches[1].stop("ended")  # finished its part: not watched any more
     watches[2]._stop.set()  # killed: silent, no state
@@ -235,7 +234,7 @@ def test_the_watch_names_a_silent_node_a_failed_one_and_ignores_one_that_ended(m
     took = time.monotonic() - start
     assert message is not None and message.startswith("lost node 2 (host ") and "for 2 s" in message, message
     assert "node 1" not in message and watches[0].code == nodes.EXIT_LOST and "for 2 s (killed" in message
-    assert 1.5 < took < 4.0, took
+    assert took >= 1.5, took  # not before the 2 s timeout (a slow machine only makes this later)
     time.sleep(0.5)
     assert (0, message) in verdicts  # the watch thread's own way out (os._exit in a rank) is taken too
     watches[0].stop(None)
@@ -251,7 +250,7 @@ def test_the_watch_names_a_silent_node_a_failed_one_and_ignores_one_that_ended(m
     start = time.monotonic()
     message = a.verdict()
     assert message.startswith("node 1 (host ") and "failed" in message and a.code == nodes.EXIT_PEER_FAILED
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 15  # from the node's own word, not after the 30 s timeout
     a.stop(None)
 
     # node 0's launcher (the store's host) ends: node 1 names node 0 at once, and stops calling the store
@@ -266,7 +265,7 @@ def test_the_watch_names_a_silent_node_a_failed_one_and_ignores_one_that_ended(m
     start = time.monotonic()
     message = b.verdict()
     assert message.startswith("lost node 0 (host ") and "store at 127.0.0.1" in message and "closed" in message
-    assert time.monotonic() - start < 2.0 and b.store_gone
+    assert time.monotonic() - start < 15 and b.store_gone  # from the closed store, not after the 30 s timeout
     b.stop(None)
 
 
