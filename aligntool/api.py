@@ -90,10 +90,16 @@ def train(recipe: Any, *, overrides: list[str] | tuple = (), resume: bool = Fals
                             "can import (or name it as 'module:function'), or train with nproc=1")
         _train_launched(recipe, data, fields, overrides, resume, overwrite, accept_changes, nproc)
     else:
-        from aligntool.entry import train_here
+        from aligntool.entry import check_push, push_final, train_here
 
+        if loaded.recipe.train.push_to_hub:
+            check_push(loaded)
         with _process_state():
             train_here(loaded, out, resume, overwrite, debug=False, accept_changes=accept_changes)
+        result = _train_result(out)
+        if loaded.recipe.train.push_to_hub:  # as `aligntool train` does (after the model is checked)
+            push_final(loaded, out)
+        return result
     return _train_result(out)
 
 

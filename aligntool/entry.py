@@ -70,22 +70,33 @@ def start(recipe: str, overrides: list[str], resume: bool, overwrite: bool, laun
         return train_here(loaded, out, resume, overwrite, debug, accept_changes)
     check_processes(launch)
     push = loaded.recipe.train.push_to_hub and launch.node_rank == 0
-    if push:  # train.push_to_hub: the repo id and the token checked before anything trains
-        from aligntool.publish import check_repo_id, find_token
-
-        check_repo_id(loaded.recipe.train.hub_model_id, key="train.hub_model_id")
-        find_token()
+    if push:
+        check_push(loaded)
     if launch.nproc > 1 or launch.nnodes > 1:
         code = relaunch(recipe, overrides, resume, overwrite, launch, debug, loaded, out, accept_changes)
     else:
         code = train_here(loaded, out, resume, overwrite, debug, accept_changes)
-    if code == 0 and push:  # finished (summary.json written, the model checked loadable): the final model, no more
-        from aligntool.publish import push as push_model
-
-        t = loaded.recipe.train
-        push_model(out, t.hub_model_id, private=bool(t.hub_private_repo), revision=t.hub_revision,
-                   log=lambda m: print(m, file=sys.stderr))
+    if code == 0 and push:
+        push_final(loaded, out)
     return code
+
+
+def check_push(loaded) -> None:
+    """train.push_to_hub: the repo id and the token, checked before anything trains."""
+    from aligntool.publish import check_repo_id, find_token
+
+    check_repo_id(loaded.recipe.train.hub_model_id, key="train.hub_model_id")
+    find_token()
+
+
+def push_final(loaded, out: Path) -> None:
+    """train.push_to_hub, once the run finished (summary.json written, the model checked loadable): the final model,
+    no more."""
+    from aligntool.publish import push as push_model
+
+    t = loaded.recipe.train
+    push_model(out, t.hub_model_id, private=bool(t.hub_private_repo), revision=t.hub_revision,
+               log=lambda m: print(m, file=sys.stderr))
 
 
 def relaunch(recipe, overrides, resume, overwrite, launch: Launch, debug: bool, loaded, out: Path,

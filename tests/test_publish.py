@@ -159,3 +159,23 @@ def test_push_bad_input_is_one_line(pushed_run, tmp_path, capsys, monkeypatch):
     cli_error(capsys, ["train", "--recipe", "dpo", "train.push_to_hub=true"], "push_to_hub needs hub_model_id")
     cli_error(capsys, ["train", "--recipe", "dpo", "train.hub_token=hf_secret"], "hub_token", "HF_TOKEN")
     assert not (tmp_path / "never").exists() and calls == []
+
+
+def test_the_python_api_pushes_as_the_command_does(tmp_path, tiny_path, monkeypatch):
+    """aligntool.train with train.push_to_hub: the token is checked before training (no token: UserError and no
+    run folder) and the final folder is uploaded after it, as `aligntool train` does (the API skipped it before)."""
+    from aligntool.errors import UserError
+
+    keys = {"output_dir": str(tmp_path / "dpo"), "overrides": FAST,
+            "train": {"push_to_hub": True, "hub_model_id": REPO_ID}}
+    with pytest.MonkeyPatch.context() as mp:
+        _no_token(mp, tmp_path)
+        with pytest.raises(UserError, match="token"):
+            aligntool.train("dpo", **keys)
+    assert not (tmp_path / "dpo" / "summary.json").exists()
+    calls = Calls()
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    calls.install(monkeypatch)
+    result = aligntool.train("dpo", **keys)
+    (upload,) = calls.named("upload_folder")
+    assert upload["folder_path"] == str(result.output_dir) and upload["repo_id"] == REPO_ID
