@@ -68,6 +68,8 @@ class PPO(MethodBase):
         if cfg.whiten_advantages:
             adv = L.whiten(adv, ro.mask, all_sum=engine.all_sum)  # over the global batch
         check_finite(adv, returns)
+        if (w := engine.tis_weight(ro)) is not None:  # an asynchronous rollout: truncated importance weights
+            adv = adv * w
         # 4. ppo_epochs passes over minibatches: clipped policy loss + vf_coef * clipped value loss
         gen = torch.Generator().manual_seed(engine.state["iteration"])
         size = max(1, len(prompts) // cfg.num_minibatches)

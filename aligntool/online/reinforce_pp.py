@@ -105,6 +105,8 @@ class ReinforcePP(MethodBase):
         returns = L.discounted_returns(rewards, ro.mask, cfg.gamma)
         adv = L.global_normalize(returns, ro.mask, engine.all_sum, cfg.normalize_std)
         check_finite(adv)
+        if (w := engine.tis_weight(ro)) is not None:  # an asynchronous rollout: truncated importance weights
+            adv = adv * w
         gen = torch.Generator().manual_seed(engine.state["iteration"])
         rows = len(ro.texts)
         size = rows // cfg.num_minibatches

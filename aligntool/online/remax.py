@@ -43,6 +43,8 @@ class ReMax(MethodBase):
         ro = ro.with_(logp=logp.detach())
         returns = remax_returns(ro.logp, ro.logp_ref, ro.mask, ro.score, greedy_score, cfg.kl_coef, cfg.gamma,
                                 cfg.reward_clip)
+        if (w := engine.tis_weight(ro)) is not None:  # an asynchronous rollout: truncated importance weights
+            returns = returns * w
         loss = remax_loss(logp, returns, ro.mask, denom=engine.token_denominator(ro.mask))
         grad_norm = engine.optimizer_step(loss)
         return {**engine.rollout_stats(ro), "loss": loss.item(), "greedy_reward": greedy_score.mean().item(),

@@ -82,6 +82,26 @@ def engine_options(dtype: torch.dtype, enforce_eager: bool):
             setattr(m, name, value)
 
 
+def check_scale_options(cfg, processes: int) -> None:
+    """The rollout options at scale (``generation.enable_sleep_mode``, ``tensor_parallel_size``): one line where the
+    installed vLLM or this machine cannot run them, before vLLM starts."""
+    if cfg.enable_sleep_mode:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_sleep_mode_available():
+            raise UserError(f"generation.enable_sleep_mode: the installed vLLM has no sleep mode on this machine "
+                            f"({current_platform.device_name or current_platform.device_type}; vLLM's sleep mode "
+                            "needs a CUDA or ROCm GPU); remove it")
+    if cfg.tensor_parallel_size > 1:
+        if not torch.cuda.is_available():
+            raise UserError(f"generation.tensor_parallel_size: {cfg.tensor_parallel_size} needs GPUs (one per shard "
+                            "of the vLLM engine); use 1 on a CPU")
+        if processes % cfg.tensor_parallel_size:
+            raise UserError(f"generation.tensor_parallel_size: {cfg.tensor_parallel_size} does not divide the "
+                            f"{processes} training processes (each group of tensor_parallel_size processes shares "
+                            "one vLLM engine)")
+
+
 class VLLMSampler:
     """One vLLM engine per training process (colocate) or a client of ``trl vllm-serve`` (server)."""
 
@@ -95,20 +115,57 @@ class VLLMSampler:
         from trl.generation.vllm_generation import VLLMGeneration
 
         self.mode = cfg.vllm_mode
+        check_scale_options(cfg, accelerator.num_processes)
         eager = on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
         dtype = next(lm.parameters()).dtype if on_cpu else "auto"
         with engine_options(dtype, eager):
             self.generation = VLLMGeneration(
                 model=lm, accelerator=accelerator, processing_class=tokenizer, mode=cfg.vllm_mode,
                 server_base_url=cfg.server_base_url, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                max_model_length=cfg.max_model_length, max_completion_length=max_new_tokens, logprobs=None)
+                max_model_length=cfg.max_model_length, max_completion_length=max_new_tokens, logprobs=None,
+                tensor_parallel_size=cfg.tensor_parallel_size, max_num_seqs=cfg.max_num_seqs,
+                enable_sleep_mode=cfg.enable_sleep_mode)
         self.synced_version = None
 
     def sync(self, version: int) -> None:
-        """Push the policy's weights to vLLM unless ``version`` (the engine's count of optimizer steps) was pushed."""
-        if version != self.synced_version:
-            self.generation.sync_weights()
+        """Push the policy's weights to vLLM unless ``version`` (the engine's count of optimizer steps) was pushed
+        (and is still there: sleep level 2 discards vLLM's weights after each generation)."""
+        if version != self.synced_version or getattr(self.generation, "_llm_weights_sleeping", False):
+            self.generation.sync_weights()  # wakes the weights first in sleep mode (TRL)
             self.synced_version = version
+
+    @contextlib.contextmanager
+    def _awake(self):
+        """Sleep mode (colocate): the weights re-pushed if asleep, the KV cache woken for the call, and both freed
+        after it (vLLM's sleep level 2), as TRL's VLLMGeneration.generate does around its own call."""
+        g = self.generation
+        if not g.enable_sleep_mode:
+            yield
+            return
+        if g._llm_weights_sleeping:
+            g.sync_weights()
+        g.llm.wake_up(tags=["kv_cache"])
+        try:
+            yield
+        finally:
+            g.llm.sleep(level=2)
+            g._llm_weights_sleeping = True
+
+    @contextlib.contextmanager
+    def _tensor_parallel(self, prompt_ids, seeds, greedy_rows):
+        """Tensor parallelism (colocate): every rank of a TP group must hand vLLM the same requests; the group's rows
+        are gathered, generated once, and each rank keeps its own slice (TRL's VLLMGeneration does the same).
+        Yields ((prompt ids, seeds, greedy flags) of the call, the slice of this rank's rows)."""
+        g, n = self.generation, len(prompt_ids)
+        if g.tensor_parallel_size == 1:
+            yield (prompt_ids, seeds, greedy_rows), slice(0, n)
+            return
+        gathered = [None] * g.tensor_parallel_size
+        torch.distributed.all_gather_object(gathered, (prompt_ids, seeds, greedy_rows), group=g.tp_group)
+        rank = torch.distributed.get_rank(group=g.tp_group)
+        rows = tuple([x for part in gathered for x in part[k]] for k in range(3))
+        start = sum(len(part[0]) for part in gathered[:rank])
+        yield rows, slice(start, start + n)
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy_rows: list[bool], stops: list[int],
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int = 0) -> list[list[int]]:
@@ -121,11 +178,12 @@ class VLLMSampler:
                                   else top_k, detokenize=False, **extra)
 
         if self.mode == "colocate":
-            outputs = self.generation.llm.generate(
-                [{"prompt_token_ids": ids} for ids in prompt_ids],
-                sampling_params=[params(g, seed=int(s) % 2**63) for s, g in zip(seeds, greedy_rows)],
-                use_tqdm=False)
-            return [list(o.outputs[0].token_ids) for o in outputs]
+            with self._tensor_parallel(prompt_ids, seeds, greedy_rows) as (rows, keep), self._awake():
+                outputs = self.generation.llm.generate(
+                    [{"prompt_token_ids": ids} for ids in rows[0]],
+                    sampling_params=[params(g, seed=int(s) % 2**63) for s, g in zip(rows[1], rows[2])],
+                    use_tqdm=False)
+                return [list(o.outputs[0].token_ids) for o in outputs][keep]
         # server mode: one request per kind of row through TRL's client (the server seeds its own sampling)
         rows: list[list[int] | None] = [None] * len(prompt_ids)
         for greedy in (False, True):
