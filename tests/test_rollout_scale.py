@@ -271,10 +271,10 @@ def test_async_grpo_is_refused_where_it_cannot_run(capsys, tmp_path, overrides, 
 def test_async_grpo_picks_trls_async_trainer_with_the_recipes_fields(monkeypatch, tmp_path):
     """Where it can run (CUDA and vLLM faked present), grpo's build hands TRL's AsyncGRPOTrainer the model folder,
     the reward functions and an AsyncGRPOConfig with the recipe's fields and the server's URL."""
+    import trl.experimental.async_grpo as ag
     from trl.experimental.async_grpo import AsyncGRPOConfig
 
     import aligntool.online.vllm_backend as vb
-    import trl.experimental.async_grpo as ag
     from aligntool import data, models
     from aligntool.train import Run
     from aligntool.trainers import grpo, grpo_async
