@@ -137,8 +137,8 @@ class VLLMSampler:
 
     def sync(self, version: int) -> None:
         """Push the policy's weights to vLLM unless ``version`` (the engine's count of optimizer steps) was pushed
-        (and is still there: sleep level 2 discards vLLM's weights after each generation)."""
-        if version != self.synced_version or getattr(self.generation, "_llm_weights_sleeping", False):
+        (in sleep mode ``_awake`` pushes them again before each generation: sleep level 2 discards them)."""
+        if version != self.synced_version:
             self.generation.sync_weights()  # wakes the weights first in sleep mode (TRL)
             self.synced_version = version
 
