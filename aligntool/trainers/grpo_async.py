@@ -9,8 +9,8 @@ server: aligntool refuses it in one line otherwise, before any model loads.
 The recipe maps as for GRPO (aligntool.trainers.grpo): ``train.*`` and the ``algo.*`` keys TRL's AsyncGRPOConfig
 has; ``generation.server_base_url`` -> ``vllm_server_base_url``. GRPO keys the asynchronous trainer does not have
 (beta, loss_type, num_iterations, ...) are refused where the recipe sets them to other than their defaults; its own
-keys (max_staleness, weight_sync_steps, max_inflight_tasks, ...) go in ``train.*``. Its rewards take no weights: one
-reward term, or several of weight 1. No eval set (TRL's trainer takes none).
+keys (max_staleness, weight_sync_steps, max_inflight_tasks, ...) keep TRL's defaults (``train.*`` takes GRPOConfig's
+fields). Its rewards take no weights: one reward term, or several of weight 1. No eval set (TRL's trainer takes none).
 """
 
 from __future__ import annotations
