@@ -231,7 +231,7 @@ def build(run):
     if run.recipe.generation.asynchronous:  # TRL's experimental AsyncGRPOTrainer (aligntool.trainers.grpo_async)
         from aligntool.trainers import grpo_async
 
-        return grpo_async.build(run)
+        return grpo_async.build(run, reward_terms)
     from trl import GRPOTrainer
 
     return build_trainer(run, GRPOTrainer)

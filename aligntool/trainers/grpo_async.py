@@ -68,12 +68,12 @@ def config_kwargs(run, terms) -> dict:
     return kwargs
 
 
-def build(run):
-    """TRL's AsyncGRPOTrainer on the run's model folder (it loads the model itself), rewards, data and LoRA config."""
+def build(run, reward_terms):
+    """TRL's AsyncGRPOTrainer on the run's model folder (it loads the model itself), rewards (``reward_terms(run)``:
+    aligntool.trainers.grpo's), data and LoRA config."""
     from trl.experimental.async_grpo import AsyncGRPOTrainer
 
     from aligntool.errors import first_line
-    from aligntool.trainers.grpo import reward_terms
 
     check(run)
     terms = reward_terms(run)
