@@ -61,6 +61,20 @@ def tis_weights(logp_old: torch.Tensor, logp_behaviour: torch.Tensor, mask: torc
     return d.exp().clamp(max=cap) * mask
 
 
+def weight(engine, ro, group: int = 0) -> torch.Tensor | None:
+    """The truncated importance weights of an asynchronous rollout (``tis_weights`` with the recipe's C), to multiply
+    the policy-gradient term; None for a rollout sampled by the current policy. Their mean and the share of tokens
+    whose ratio exceeded C are logged (``tis/weight_mean``, ``tis/capped_ratio``)."""
+    if getattr(ro, "logp_behaviour", None) is None:
+        return None
+    cap = engine.run.recipe.generation.tis_imp_ratio_cap
+    w = tis_weights(ro.logp, ro.logp_behaviour, ro.mask, cap, group)
+    ratio = tis_weights(ro.logp, ro.logp_behaviour, ro.mask, float("inf"))
+    engine._tis_stats = {"tis/weight_mean": (w.sum() / (w.numel() if group else ro.mask.sum())).item(),
+                         "tis/capped_ratio": ((ratio > cap).sum() / ro.mask.sum()).item()}
+    return w
+
+
 class AsyncRollouts:
     """The engine's generation copy and the background rollout of the next iteration (one at a time)."""
 
@@ -88,8 +102,10 @@ class AsyncRollouts:
         e = self.engine
         if from_reference or seeds is not None or e._calls != 0 or self.generation_lm() is not None:
             return None
-        batch = e._batch_prompts
-        per = len(prompts) // max(1, len(batch))
+        batch = getattr(e, "_batch_prompts", None)  # set by the engine's loop; none for a call outside it
+        if not batch:
+            return None
+        per = len(prompts) // len(batch)
         self.pattern = (per, tuple(kinds)) if [p for p in batch for _ in range(per)] == list(prompts) else None
         pending, self.pending = self.pending, None
         if pending is None or pending[:2] != (e.state["iteration"], (tuple(prompts), tuple(kinds))):

@@ -104,7 +104,7 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
         the backend does not say). A non-finite loss raises FloatingPointError (the run stops: "diverged")."""
         if not torch.isfinite(loss):
             raise FloatingPointError("loss")
-        if self.asynchronous is not None:  # the next iteration's rollout, sampled by the weights before this step
+        if getattr(self, "asynchronous", None):  # the next iteration's rollout, sampled by the weights before this step
             self.asynchronous.launch()
         self.model.train()
         self.accelerator.backward(loss)  # under DeepSpeed this also steps (and clips: deepspeed.json)
@@ -114,21 +114,6 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return float(norm) if norm is not None else float("nan")
-
-    def tis_weight(self, ro, group: int = 0) -> torch.Tensor | None:
-        """The truncated importance weights of an asynchronous rollout, min(pi_old / pi_behaviour, C) per token (or
-        per group of ``group`` rows: P3O's pairs), to multiply the policy-gradient term; None for a rollout sampled by
-        the current policy (aligntool.online.asynchronous). Their mean and the share of capped tokens are logged."""
-        if ro.logp_behaviour is None:
-            return None
-        from aligntool.online.asynchronous import tis_weights
-
-        cap = self.run.recipe.generation.tis_imp_ratio_cap
-        w = tis_weights(ro.logp, ro.logp_behaviour, ro.mask, cap, group)
-        token = tis_weights(ro.logp, ro.logp_behaviour, ro.mask, float("inf"))
-        self._tis_stats = {"tis/weight_mean": (w.sum() / (w.numel() if group else ro.mask.sum())).item(),
-                           "tis/capped_ratio": ((token > cap).sum() / ro.mask.sum()).item()}
-        return w
 
     # --------------------------------------------------------------------------------------------------- loop
     def batch_prompts(self) -> list[str]:
