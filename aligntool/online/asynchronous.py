@@ -45,6 +45,9 @@ def check(run) -> None:
     if name not in METHODS:
         raise UserError(f"generation.asynchronous: applies to {', '.join(METHODS)} on the engine; {name!r} "
                         "generates synchronously")
+    if getattr(run.recipe, "agent", None) is not None:  # multi-turn episodes sample turn by turn: not sampled ahead
+        raise UserError("generation.asynchronous: multi-turn tool episodes (agent:) generate synchronously; remove "
+                        "one of the two")
     if g.backend != "hf":
         raise UserError("generation.asynchronous: the engine generates asynchronously with transformers on a copy "
                         "of the weights (generation.backend: hf); with vLLM, remove one of the two")
