@@ -4,16 +4,18 @@ Both sides run the same method (``--method``, default reinforce_pp), model, prom
 and iterations; the asynchronous side sets ``generation.asynchronous: true`` (iteration t + 1's rollout sampled from a
 copy of the policy of iteration t in a background thread while iteration t's update runs, with the truncated
 importance-sampling correction: aligntool/online/asynchronous.py). Each side runs in a fresh process (sides alternate
-over ``--repeats``), and times every iteration (rollout + reward + update; the first one, which is synchronous on
-both sides and warms the caches, is left out of the mean). Prints per iteration the mean reward of each side (the
-reward curve), then seconds per iteration (mean, median), the ratio async / sync, the mean reward over the last half
-of the iterations, and the asynchronous side's mean importance weight and share of capped tokens.
+over ``--repeats``), and times every iteration (rollout + reward + update; the first ``--warmup`` (2), which warm
+the caches and of which the first is synchronous on both sides, are left out). Prints per iteration the mean reward
+of each side (the reward curve), then seconds per iteration (median, mean), the ratio of the medians async / sync,
+the mean reward over the last half of the iterations, the mean response length, and the asynchronous side's mean
+importance weight and share of capped tokens.
 
 On a CPU the two threads share the cores: the overlap pays only where generation leaves cores idle (small batches,
 or more cores than one torch op uses); run it alone on a quiet machine.
 
     python scripts/bench_async_rollout.py [--method reinforce_pp] [--iterations 12] [--batch-size 32]
-                                          [--max-new-tokens 48] [--repeats 2] [--learning-rate 1e-4] [--quick]
+                                          [--max-new-tokens 48] [--repeats 2] [--learning-rate 1e-4] [--warmup 2]
+                                          [--quick]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def worker(args) -> dict:
     tis = [r["tis/weight_mean"] for r in rows if "tis/weight_mean" in r]
     capped = [r["tis/capped_ratio"] for r in rows if "tis/capped_ratio" in r]
     return {"seconds": seconds, "reward": [r["reward"] for r in rows],
+            "length": statistics.mean(r["completions/mean_length"] for r in rows),
             "tis_weight_mean": statistics.mean(tis) if tis else None,
             "tis_capped_ratio": statistics.mean(capped) if capped else None}
 
@@ -70,17 +73,20 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--learning-rate", type=float, default=1e-4)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="4 iterations, batch 8, 16 new tokens, 1 repeat")
+    ap.add_argument("--warmup", type=int, default=2, help="first iterations left out of the timing")
+    ap.add_argument("--quick", action="store_true", help="5 iterations, batch 8, 16 new tokens, 1 repeat")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.iterations, args.batch_size, args.max_new_tokens, args.repeats = 4, 8, 16, 1
+        args.iterations, args.batch_size, args.max_new_tokens, args.repeats = 5, 8, 16, 1
+    if args.iterations <= args.warmup:
+        ap.error(f"--iterations must exceed --warmup ({args.warmup})")
     if args.worker:
         print(json.dumps(worker(args)))
         return
     passed = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-              ("method", "iterations", "batch_size", "max_new_tokens", "learning_rate")]
+              ("method", "iterations", "batch_size", "max_new_tokens", "learning_rate", "warmup")]
     results = {side: [] for side in SIDES}
     for r in range(args.repeats):
         for side in SIDES if r % 2 == 0 else SIDES[::-1]:
@@ -95,18 +101,19 @@ def report(args, results) -> None:
     print("iteration  reward sync  reward async")
     for i, (a, b) in enumerate(zip(curve["sync"], curve["async"]), 1):
         print(f"{i:9d}  {a:11.4f}  {b:12.4f}")
-    per = {s: [t for res in results[s] for t in res["seconds"][1:]] for s in SIDES}
+    per = {s: [t for res in results[s] for t in res["seconds"][args.warmup:]] for s in SIDES}
     half = args.iterations // 2
     summary = {s: {"mean_s": statistics.mean(per[s]), "median_s": statistics.median(per[s]),
-                   "last_half_reward": statistics.mean(curve[s][half:])} for s in SIDES}
+                   "last_half_reward": statistics.mean(curve[s][half:]),
+                   "mean_length": statistics.mean(res["length"] for res in results[s])} for s in SIDES}
     for s in SIDES:
-        print(f"{s:5s}: {summary[s]['mean_s']:.3f} s/iteration (median {summary[s]['median_s']:.3f}; iteration 1 "
-              f"left out), mean reward of the last {args.iterations - half} iterations "
-              f"{summary[s]['last_half_reward']:.4f}")
-    ratio = summary["async"]["mean_s"] / summary["sync"]["mean_s"]
+        print(f"{s:5s}: median {summary[s]['median_s']:.3f} s/iteration (mean {summary[s]['mean_s']:.3f}; first "
+              f"{args.warmup} left out), mean reward of the last {args.iterations - half} iterations "
+              f"{summary[s]['last_half_reward']:.4f}, mean response length {summary[s]['mean_length']:.1f} tokens")
+    ratio = summary["async"]["median_s"] / summary["sync"]["median_s"]
     tis = [res["tis_weight_mean"] for res in results["async"] if res["tis_weight_mean"] is not None]
     capped = [res["tis_capped_ratio"] for res in results["async"] if res["tis_capped_ratio"] is not None]
-    print(f"async / sync time per iteration: {ratio:.3f}; async importance weight mean "
+    print(f"async / sync median time per iteration: {ratio:.3f}; async importance weight mean "
           f"{statistics.mean(tis) if tis else float('nan'):.4f}, capped tokens "
           f"{statistics.mean(capped) if capped else float('nan'):.4f}")
     print(json.dumps({"summary": summary, "ratio": ratio, "curve": curve}))
