@@ -15,7 +15,7 @@ or more cores than one torch op uses); run it alone on a quiet machine.
 
     python scripts/bench_async_rollout.py [--method reinforce_pp] [--iterations 12] [--batch-size 32]
                                           [--max-new-tokens 48] [--repeats 2] [--learning-rate 1e-4] [--warmup 2]
-                                          [--quick]
+                                          [--threads 0] [--quick]
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ SIDES = ("sync", "async")
 
 
 def worker(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from aligntool import data, models
     from aligntool.online.engine import Engine
     from aligntool.recipe.loader import load_recipe
@@ -74,6 +78,9 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=1e-4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2, help="first iterations left out of the timing")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each side (0: torch's "
+                    "default, one per core). On a loaded machine the default's OpenMP waits inflate the synchronous "
+                    "side's time (measured: 10x, gone with --threads 1): compare both")
     ap.add_argument("--quick", action="store_true", help="5 iterations, batch 8, 16 new tokens, 1 repeat")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -86,7 +93,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     passed = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-              ("method", "iterations", "batch_size", "max_new_tokens", "learning_rate", "warmup")]
+              ("method", "iterations", "batch_size", "max_new_tokens", "learning_rate", "warmup", "threads")]
     results = {side: [] for side in SIDES}
     for r in range(args.repeats):
         for side in SIDES if r % 2 == 0 else SIDES[::-1]:
@@ -97,7 +104,8 @@ def main() -> None:
 def report(args, results) -> None:
     curve = {s: [statistics.mean(x) for x in zip(*(res["reward"] for res in results[s]))] for s in SIDES}
     print(f"{args.method}: {args.iterations} iterations x {args.batch_size} prompts, {args.max_new_tokens} new tokens, "
-          f"lr {args.learning_rate}, {args.repeats} repeat(s) per side (same seeds)")
+          f"lr {args.learning_rate}, {args.repeats} repeat(s) per side (same seeds), torch threads "
+          f"{args.threads or 'default'}")
     print("iteration  reward sync  reward async")
     for i, (a, b) in enumerate(zip(curve["sync"], curve["async"]), 1):
         print(f"{i:9d}  {a:11.4f}  {b:12.4f}")

@@ -296,3 +296,23 @@ def test_async_grpo_picks_trls_async_trainer_with_the_recipes_fields(monkeypatch
     assert (args.vllm_server_base_url, args.epsilon, args.num_generations, args.learning_rate) == \
         ("http://10.0.0.5:8000", 0.3, 4, 3e-6)
     assert len(made["reward_funcs"]) == 1 and made["train_dataset"] is run.train_dataset
+
+
+# ------------------------------------------------------------------------------------------------- the benchmark
+@pytest.mark.system
+def test_bench_async_rollout_prints_both_curves_and_the_ratio(tiny_path):
+    """scripts/bench_async_rollout.py --quick: both sides run; their first iteration is synchronous on both with the
+    same seeds, so its reward is the same; the asynchronous side logged importance weights."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_async_rollout.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "async / sync median time per iteration:" in proc.stdout
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["curve"]["sync"]) == len(result["curve"]["async"]) == 5
+    assert result["curve"]["sync"][0] == result["curve"]["async"][0]
+    assert "importance weight mean nan" not in proc.stdout and result["ratio"] > 0
