@@ -8,6 +8,9 @@
 #   (c)      QLoRA DPO (peft.load_in_4bit=true) on the 0.5B model
 #   (d)      ZeRO-3 on one GPU (distributed.backend=deepspeed, zero_stage=3): DPO on the 0.5B model
 #   (e)      scripts/bench_generation.py on the 0.5B model: HF generate vs vLLM tokens/s
+#   (f)      rollouts at scale: REINFORCE++ with generation.asynchronous (HF); ReMax with vLLM sleep mode and
+#            max_num_seqs (GPU + vllm); GRPO through TRL's AsyncGRPOTrainer against a `vllm serve` on a second GPU
+#            (skipped with fewer than 2 GPUs: NCCL weight transfer needs the server and the trainer on separate GPUs)
 # Each check prints PASS / FAIL / TIMEOUT / SKIP; the end prints a table (samples/s and peak memory from each run's
 # summary.json, the most GPU memory nvidia-smi saw during the check) and writes it to gpu_check_summary.txt.
 # Everything goes under the work folder: $OUT when set (the device tool brings it back), else /tmp/gpu_check.
@@ -280,6 +283,39 @@ EOF
 [[ -n $gen ]] && last_is e-bench-generation && INFO[${#INFO[@]}-1]="$gen${INFO[-1]:+, ${INFO[-1]}}"
 if [[ -f $WORK/logs/e-bench-generation.log ]]; then
   grep -E "^generation|^ *backend|^ *(hf|vllm) |^vLLM" "$WORK/logs/e-bench-generation.log" | tee -a "$WORK/gpu_check.log"
+fi
+
+# (f) rollouts at scale: asynchronous engine generation; vLLM sleep mode + max_num_seqs; TRL's AsyncGRPOTrainer
+run_check f-reinforce-pp-async 180 "$R/f-rpp-async" "${AT[@]}" train --recipe reinforce_pp output_dir="$R/f-rpp-async" \
+  model.name_or_path="$M" "${DTYPE[@]}" "${ONLINE[@]}" generation.asynchronous=true "${QUIET[@]}"
+if wanted f-remax-vllm-sleep; then
+  if [[ $HAVE_GPU == 0 || $VLLM == 0 ]]; then
+    say "SKIP    f-remax-vllm-sleep (needs a GPU and vllm: vLLM's CPU build has no sleep mode)"
+    record f-remax-vllm-sleep SKIP 0 "no GPU or no vllm"
+  else
+    run_check f-remax-vllm-sleep 180 "$R/f-remax-sleep" "${AT[@]}" train --recipe remax output_dir="$R/f-remax-sleep" \
+      model.name_or_path="$M" "${DTYPE[@]}" train.bf16=true "${ONLINE[@]}" generation.backend=vllm \
+      generation.gpu_memory_utilization="$VLLM_UTIL" generation.enable_sleep_mode=true generation.max_num_seqs=8 \
+      "${QUIET[@]}"
+  fi
+fi
+if wanted f-async-grpo; then
+  ngpu=0; [[ $HAVE_GPU == 1 ]] && ngpu=$(nvidia-smi -L | wc -l)
+  if (( ngpu < 2 )) || [[ $VLLM == 0 ]]; then
+    say "SKIP    f-async-grpo (needs vllm and 2 GPUs: a vllm serve with NCCL weight transfer on one, the trainer on another; $ngpu here)"
+    record f-async-grpo SKIP 0 "$ngpu GPU(s) or no vllm"
+  else
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    CUDA_VISIBLE_DEVICES=1 setsid "$PY" -m vllm.entrypoints.cli.main serve "$M" --port "$port" --max-model-len 1024 \
+      --gpu-memory-utilization 0.5 --weight-transfer-config '{"backend": "nccl"}' > "$WORK/logs/f-vllm-serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 1; done
+    CUDA_VISIBLE_DEVICES=0 run_check f-async-grpo 240 "$R/f-async-grpo" "${AT[@]}" train --recipe grpo \
+      output_dir="$R/f-async-grpo" model.name_or_path="$M" train.max_steps=4 train.per_device_train_batch_size=8 \
+      algo.num_generations=4 algo.max_completion_length=64 generation.asynchronous=true generation.backend=vllm \
+      generation.vllm_mode=server generation.server_base_url="http://127.0.0.1:$port" "${QUIET[@]}"
+    kill -- -"$server" 2>/dev/null; wait "$server" 2>/dev/null
+  fi
 fi
 
 # ------------------------------------------------------------------------------------------------ summary

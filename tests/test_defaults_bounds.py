@@ -211,7 +211,8 @@ PINNED_BOUNDS = {
     'MixtureSource': "fraction gt 0, fraction le 1, weight gt 0",
     'HardwareConfig': "gpus_per_node gt 0, nodes gt 0",
     'AgentConfig': "max_total_tokens gt 0, max_turns gt 0, tool_timeout gt 0",
-    'GenerationConfig': "gpu_memory_utilization gt 0, gpu_memory_utilization le 1, max_model_length gt 0",
+    'GenerationConfig': "gpu_memory_utilization gt 0, gpu_memory_utilization le 1, max_model_length gt 0, "
+        "max_num_seqs gt 0, tensor_parallel_size gt 0, tis_imp_ratio_cap gt 0",
     'PeftConfig': "lora_alpha gt 0, lora_dropout ge 0, lora_dropout lt 1, r gt 0",
     'RewardConfig': "batch_size gt 0, bt_temperature ge 0, uwo_lambda ge 0",
     'ToyDataConfig': "bt_temperature ge 0, eval_size ge 0, seed ge 0, size gt 0",

@@ -114,12 +114,15 @@ def test_vllm_samples_what_the_policy_would_and_follows_its_updates(tmp_path, ti
     from aligntool.tokens import encode_prompts, stop_ids
     from aligntool.train import prepare
 
-    overrides = [*QUICK, "train.learning_rate=0.05", "train.lr_scheduler_type=constant", f"output_dir={tmp_path}"]
+    overrides = [*QUICK, "train.learning_rate=0.05", "train.lr_scheduler_type=constant", f"output_dir={tmp_path}",
+                 "generation.max_num_seqs=3"]
     loaded = load_recipe(RECIPES / "remax.yaml", overrides)
     run = prepare(loaded, tmp_path)
     from aligntool.online.engine import Engine
 
     engine = Engine(run, loaded.spec.load().method(run))
+    # generation.max_num_seqs reached vLLM's scheduler (an engine argument TRL's configs do not expose)
+    assert engine.vllm.generation.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 3
     prompts = engine.batch_prompts()
 
     def hf_greedy():
@@ -146,6 +149,24 @@ def test_vllm_samples_what_the_policy_would_and_follows_its_updates(tmp_path, ti
     assert len(set(a.texts)) > 1  # four rows, four seeds
     engine._calls = call  # the same call of the same iteration: the same seeds, the same responses
     assert torch.equal(engine.samples(same, ["sample"])[0].input_ids, a.input_ids)
+
+
+@needs_vllm
+def test_vllm_sleep_mode_where_the_installed_vllm_has_none_is_one_line():
+    """vLLM's CPU build has no sleep mode (its platform says so, and its ModelConfig would raise): refused in one line
+    before vLLM starts; on a GPU build the same check passes (scripts/gpu_check.sh (f) runs sleep mode there)."""
+    import torch
+    from conftest import user_error
+
+    from aligntool.online import vllm_backend
+    from aligntool.recipe.loader import load_recipe
+
+    g = load_recipe(RECIPES / "remax.yaml", ["generation.backend=vllm", "generation.enable_sleep_mode=true"])
+    if torch.cuda.is_available():
+        vllm_backend.check_scale_options(g.recipe.generation, 1)
+    else:
+        assert "generation.enable_sleep_mode: the installed vLLM has no sleep mode on this machine (cpu;" in \
+            user_error(vllm_backend.check_scale_options, g.recipe.generation, 1)
 
 
 VLLM_GENERATE = """

@@ -62,7 +62,14 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
     def __init__(self, run, method):
         self.run, self.cfg = run, run.algo
         self.method = check_method(method, run.loaded.spec.name)
+        self.asynchronous = self._tis_stats = None
+        if run.recipe.generation.asynchronous:  # one step off-policy (aligntool.online.asynchronous)
+            from aligntool.online import asynchronous
+
+            asynchronous.check(run)
         self.setup()
+        if run.recipe.generation.asynchronous:
+            self.asynchronous = asynchronous.AsyncRollouts(self)
 
     def _setup_iterations(self) -> None:
         """``iterations``: train.max_steps, or DEFAULT_ITERATIONS (said) when it is not set."""
@@ -97,6 +104,8 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
         the backend does not say). A non-finite loss raises FloatingPointError (the run stops: "diverged")."""
         if not torch.isfinite(loss):
             raise FloatingPointError("loss")
+        if getattr(self, "asynchronous", None):  # the next iteration's rollout, sampled by the weights before this step
+            self.asynchronous.launch()
         self.model.train()
         self.accelerator.backward(loss)  # under DeepSpeed this also steps (and clips: deepspeed.json)
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
@@ -121,8 +130,8 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
     def _iteration(self) -> dict:
         from aligntool.outputs import latest_checkpoint
 
-        prompts = self.batch_prompts()
-        self._calls = 0
+        prompts = self._batch_prompts = self.batch_prompts()
+        self._calls, self._tis_stats = 0, None
         self._completions = None if self._completions_due() else ()  # None: note this iteration's completions
         try:
             stats = self.method.step(self, prompts)
@@ -135,7 +144,7 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
             raise UserError(f"{exc} at iteration {self.state['iteration'] + 1}; last checkpoint kept: "
                             f"{ckpt or 'none'}") from None
         self.state["iteration"] += 1
-        stats = {TRL_NAMES.get(k, k): float(v) for k, v in stats.items()}
+        stats = {TRL_NAMES.get(k, k): float(v) for k, v in {**stats, **(self._tis_stats or {})}.items()}
         if self.world > 1:  # log the mean over all processes' prompts, not rank 0's alone
             keys = sorted(stats)
             mean = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.accelerator.device),
@@ -179,6 +188,8 @@ class Engine(EngineSetup, RolloutSteps, Checkpoints, Tracking):
                     raise preemption.Preempted(self.state["iteration"], str(ckpt))
                 bar.set_postfix({k: f"{last[k]:.2f}" for k in ("reward", "loss", "kl") if k in last})
         wall = time.time() - start
+        if self.asynchronous is not None:
+            self.asynchronous.close()
         if self.eval_prompts and self._last_eval != self.state["iteration"]:
             last = {**last, **self.evaluate()}  # the final model's evaluation, unless the last iteration had one
         lm_state, _ = self._whole_state()

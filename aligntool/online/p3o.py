@@ -33,16 +33,19 @@ class P3O(MethodBase):
 
     def step(self, engine, prompts):
         from aligntool.losses.online import p3o_loss
+        from aligntool.online.asynchronous import weight as tis_weight
         from aligntool.online.ops import sequence_kl
 
         cfg = self.cfg
         ro = engine.rollout(prompts, per_prompt=2)  # a group of 2 per prompt: rows 2i and 2i+1 share prompt i
         reward = ro.score - cfg.kl_coef * sequence_kl(ro)
+        w = tis_weight(engine, ro, group=2)  # an asynchronous rollout: the pair's truncated sequence weight
         losses = []
         for _ in range(cfg.ppo_epochs):
             logp, _ = engine.policy_logprobs(ro, grad=True)
             seq = ((logp - ro.logp) * ro.mask).sum(-1)  # log rho_i
-            loss = p3o_loss(seq[0::2], seq[1::2], reward[0::2], reward[1::2], cfg.clip_range, cfg.variant).mean()
+            loss = p3o_loss(seq[0::2], seq[1::2], reward[0::2], reward[1::2], cfg.clip_range, cfg.variant)
+            loss = (loss if w is None else loss * w).mean()
             engine.optimizer_step(loss)
             losses.append(loss.item())
         return {**engine.rollout_stats(ro), "loss": sum(losses) / len(losses),

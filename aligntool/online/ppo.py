@@ -55,6 +55,7 @@ class PPO(MethodBase):
         import torch
 
         from aligntool.losses import online as L
+        from aligntool.online.asynchronous import weight as tis_weight
         from aligntool.online.ops import check_finite, minibatches, sequence_kl
 
         cfg = self.cfg
@@ -68,6 +69,8 @@ class PPO(MethodBase):
         if cfg.whiten_advantages:
             adv = L.whiten(adv, ro.mask, all_sum=engine.all_sum)  # over the global batch
         check_finite(adv, returns)
+        if (w := tis_weight(engine, ro)) is not None:  # an asynchronous rollout: truncated importance weights
+            adv = adv * w
         # 4. ppo_epochs passes over minibatches: clipped policy loss + vf_coef * clipped value loss
         gen = torch.Generator().manual_seed(engine.state["iteration"])
         size = max(1, len(prompts) // cfg.num_minibatches)

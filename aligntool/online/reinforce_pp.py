@@ -86,6 +86,7 @@ class ReinforcePP(MethodBase):
         import torch
 
         from aligntool.losses import online as L
+        from aligntool.online.asynchronous import weight as tis_weight
         from aligntool.online.ops import check_finite, minibatches
 
         cfg, n = self.cfg, self.cfg.samples_per_prompt
@@ -105,6 +106,8 @@ class ReinforcePP(MethodBase):
         returns = L.discounted_returns(rewards, ro.mask, cfg.gamma)
         adv = L.global_normalize(returns, ro.mask, engine.all_sum, cfg.normalize_std)
         check_finite(adv)
+        if (w := tis_weight(engine, ro)) is not None:  # an asynchronous rollout: truncated importance weights
+            adv = adv * w
         gen = torch.Generator().manual_seed(engine.state["iteration"])
         rows = len(ro.texts)
         size = rows // cfg.num_minibatches

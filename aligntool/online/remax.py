@@ -34,6 +34,7 @@ class ReMax(MethodBase):
 
     def step(self, engine, prompts):
         from aligntool.losses.online import remax_loss, remax_returns
+        from aligntool.online.asynchronous import weight as tis_weight
 
         cfg = self.cfg
         ro, greedy = engine.samples(prompts, ["sample", "greedy"])  # one generate call; greedy is the baseline
@@ -43,6 +44,8 @@ class ReMax(MethodBase):
         ro = ro.with_(logp=logp.detach())
         returns = remax_returns(ro.logp, ro.logp_ref, ro.mask, ro.score, greedy_score, cfg.kl_coef, cfg.gamma,
                                 cfg.reward_clip)
+        if (w := tis_weight(engine, ro)) is not None:  # an asynchronous rollout: truncated importance weights
+            returns = returns * w
         loss = remax_loss(logp, returns, ro.mask, denom=engine.token_denominator(ro.mask))
         grad_norm = engine.optimizer_step(loss)
         return {**engine.rollout_stats(ro), "loss": loss.item(), "greedy_reward": greedy_score.mean().item(),

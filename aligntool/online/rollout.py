@@ -34,6 +34,7 @@ class Rollout:
     logp_ref: torch.Tensor | None = None  # (B, R) under the reference
     score: torch.Tensor | None = None  # (B,) from the reward source
     values: torch.Tensor | None = None  # (B, R) of the value head
+    logp_behaviour: torch.Tensor | None = None  # (B, R) under the policy that sampled, when older (asynchronous)
 
     def with_(self, **changes) -> "Rollout":
         return dataclasses.replace(self, **changes)
@@ -43,7 +44,8 @@ class Rollout:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollout([self.prompts[i] for i in rows], [self.texts[i] for i in rows], self.input_ids[idx],
                        self.attention_mask[idx], self.prompt_width, self.mask[idx], self.missing_eos[idx],
-                       pick(self.logp), pick(self.logp_ref), pick(self.score), pick(self.values))
+                       pick(self.logp), pick(self.logp_ref), pick(self.score), pick(self.values),
+                       logp_behaviour=pick(self.logp_behaviour))
 
 
 class RolloutSteps:
@@ -80,6 +82,8 @@ class RolloutSteps:
             else:
                 lm = getattr(self.ref, "module", self.ref)  # under ZeRO-2 the DeepSpeed engine's module (stage 0)
             return lm, stack
+        if (ahead := getattr(self, "asynchronous", None)) and (copy := ahead.generation_lm()) is not None:
+            return copy, stack  # the background thread samples from the generation copy (online/asynchronous.py)
         if self.zero3:
             from trl.models.utils import unwrap_model_for_generation
 
@@ -99,6 +103,9 @@ class RolloutSteps:
         from aligntool.sampling import generate_from_ids, pack, trim
         from aligntool.tokens import encode_prompts, stop_ids
 
+        if (ahead := getattr(self, "asynchronous", None)) and (served := ahead.serve(prompts, kinds, from_reference,
+                                                                                     seeds)):
+            return served  # sampled ahead by the previous iteration's policy (aligntool.online.asynchronous)
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = encode_prompts(tok, prompts)
         stops = stop_ids(tok)  # EOS and the chat template's end of turn: either ends a response

