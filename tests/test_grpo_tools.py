@@ -24,7 +24,8 @@ ADDED = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_res
          "<think>", "</think>"]
 QUESTION = [{"role": "user", "content": "What is 2+3?"}]
 CALL = '<tool_call>\n{"name": "%s", "arguments": {"expression": "2+3"}}\n</tool_call>'
-ANSWER = "The answer is 5."
+CALL0 = '<tool_call>\n{"name": "%s", "arguments": {}}\n</tool_call>'  # a tool without arguments
+ANSWER = "5"
 BIAS = 100.0
 
 USER_PY = '''
@@ -42,21 +43,13 @@ def calculator(expression: str) -> str:
     return str(int(a) + int(b))
 
 
-def boom(expression: str) -> str:
-    """A tool that fails.
-
-    Args:
-        expression: Ignored.
-    """
+def boom() -> str:
+    """A tool that fails."""
     raise RuntimeError("the tool broke")
 
 
-def sleepy(expression: str) -> str:
-    """A tool that hangs.
-
-    Args:
-        expression: Ignored.
-    """
+def sleepy() -> str:
+    """A tool that hangs."""
     time.sleep(30)
     return "too late"
 
@@ -124,33 +117,37 @@ def _tokenizer(model: Path, template: Path):
     return tok
 
 
-def forcing(tok, tool_name: str | None, tools: list) -> list:
-    """sequence_bias entries that make the model write ``CALL % tool_name`` + EOS after the prompt (when tool_name),
-    and ANSWER + EOS after a tool reply: each next token biased, keyed on the context before it (the prompt's tail as
-    TRL renders it with the tools, or the tool reply's closing tokens)."""
-    prompt = tok.apply_chat_template(QUESTION, tools=tools, add_generation_prompt=True, tokenize=True,
+def forcing(tok, call: str, tools: list, question=QUESTION) -> list:
+    """sequence_bias entries that make the model write ``call`` + EOS after the prompt and ANSWER + EOS after a tool
+    reply: each next token biased, keyed on the context before it (the prompt's tail as TRL renders it with the
+    tools, or the tool reply's closing tokens)."""
+    prompt = tok.apply_chat_template(question, tools=tools, add_generation_prompt=True, tokenize=True,
                                      return_dict=False)
     after_tool = tok.encode("</tool_response><|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    return bias(tok, prompt[-12:], call) + bias(tok, after_tool, ANSWER)
+
+
+def bias(tok, context: list[int], text: str) -> list:
+    """sequence_bias entries forcing ``text`` + EOS after ``context``."""
     out = []
-    for context, text in ((prompt[-12:], CALL % tool_name if tool_name else None), (after_tool, ANSWER)):
-        if text is None:
-            continue
+    if text:
         target = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
         out += [[context + target[: i + 1], BIAS] for i in range(len(target))]
     return out
 
 
-def grpo_recipe(user_dir: Path, model: Path, template: Path, agent: str, bias: list, *extra: str) -> Path:
+def grpo_recipe(user_dir: Path, model: Path, template: Path, agent: str, forced: list,
+                reward: str = "{function: 'user_tools:record'}", train_extra: str = "", length: int = 400) -> Path:
     recipe = user_dir / "recipe.yaml"
     recipe.write_text(textwrap.dedent(f"""\
         algorithm: grpo
         model: {{name_or_path: {model}, chat_template: {template}}}
         dataset: {{path: qa.jsonl}}
-        reward: {{function: 'user_tools:record'}}
+        reward: {reward}
         {agent}
-        train: {{max_steps: 1, per_device_train_batch_size: 4, logging_steps: 1, save_steps: 100, seed: 0}}
-        algo: {{num_generations: 4, max_completion_length: 200, generation_kwargs: {{sequence_bias: {json.dumps(bias)}}}}}
-        """) + "".join(f"{e}\n" for e in extra))
+        train: {{max_steps: 1, per_device_train_batch_size: 4, logging_steps: 1, save_steps: 100, seed: 0{train_extra}}}
+        algo: {{num_generations: 4, max_completion_length: {length}, generation_kwargs: {{sequence_bias: FORCED}}}}
+        """).replace("FORCED", json.dumps(forced)))
     return recipe
 
 
@@ -167,44 +164,103 @@ def seen(user_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (user_dir / "seen.jsonl").read_text().splitlines()]
 
 
-def tool_suffix(tok, name: str, reply: str) -> list[int]:
-    """The tokens TRL inserts after the assistant's tool call (its EOS): the tool message and the next assistant
-    header, as the template renders them (computed here from the template, as TRL's _get_tool_suffix_ids does)."""
-    call = [{"type": "function", "function": {"name": name, "arguments": {}}}]
+def tool_suffix(tok, replies: list[tuple[str, str]]) -> list[int]:
+    """The tokens TRL inserts after the assistant's tool calls (after its EOS): the tool messages and the next
+    assistant header, as the template renders them (from the template here, as TRL's _get_tool_suffix_ids does)."""
+    call = [{"type": "function", "function": {"name": replies[0][0], "arguments": {}}}]
     head = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": call}]
     prefix = tok.apply_chat_template(head, tokenize=True, return_dict=False)
-    full = tok.apply_chat_template(head + [{"role": "tool", "name": name, "content": reply}], tokenize=True,
-                                   add_generation_prompt=True, return_dict=False)
+    tool = [{"role": "tool", "name": name, "content": reply} for name, reply in replies]
+    full = tok.apply_chat_template(head + tool, tokenize=True, add_generation_prompt=True, return_dict=False)
     prefix = prefix[: len(prefix) - prefix[::-1].index(tok.eos_token_id)]
     assert full[: len(prefix)] == prefix
     return full[len(prefix):]
 
 
 @pytest.mark.system
-def test_a_tool_call_runs_and_its_reply_reaches_the_reward_masked_out_of_the_loss(capsys, user_dir, qwen_tiny):
-    from aligntool.tools import load_tools
+def test_tool_calls_run_their_replies_reach_the_reward_and_are_masked_out_of_the_loss(capsys, user_dir, qwen_tiny):
+    """One turn calls three tools: the calculator (its real output is the reply), one that raises and one that hangs
+    past agent.tool_timeout (their replies are the errors, as TRL writes them; the episode goes on to the answer)."""
     from aligntool.recipe.agent import AgentConfig
+    from aligntool.tools import load_tools
 
     tok = _tokenizer(qwen_tiny, QWEN25)
-    calculator = load_tools(AgentConfig(tools=["user_tools:calculator"]))[0]
-    recipe = grpo_recipe(user_dir, qwen_tiny, QWEN25, "agent: {tools: ['user_tools:calculator'], max_turns: 2}",
-                         forcing(tok, "calculator", [calculator]))
-    code, err = train(recipe, user_dir / "run", capsys)
+    names = ["calculator", "boom", "sleepy"]
+    fns = load_tools(AgentConfig(tools=[f"user_tools:{n}" for n in names]))
+    turn = "\n".join([CALL % "calculator", CALL0 % "boom", CALL0 % "sleepy"])
+    agent = f"agent: {{tools: {[f'user_tools:{n}' for n in names]}, max_turns: 2, tool_timeout: 0.5}}"
+    code, err = train(grpo_recipe(user_dir, qwen_tiny, QWEN25, agent, forcing(tok, turn, fns)), user_dir / "run",
+                      capsys)
     assert code == 0, err[-3000:]
+    replies = [("calculator", "5"), ("boom", str({"error": "RuntimeError: the tool broke"})),
+               ("sleepy", str({"error": "sleepy did not return within 0.5 s"}))]
     rows = seen(user_dir)
     assert len(rows) == 4
-    turn1 = len(tok.encode(CALL % "calculator", add_special_tokens=False)) + 1
-    turn2 = len(tok.encode(ANSWER, add_special_tokens=False)) + 1
-    suffix = tool_suffix(tok, "calculator", "5")
     for row in rows:
         assert row["prompt"] == QUESTION
-        call, reply, answer = row["completion"]  # messages, as TRL passes them
-        assert call["tool_calls"][0]["function"] == {"name": "calculator", "arguments": {"expression": "2+3"}}
-        assert reply == {"role": "tool", "name": "calculator", "content": "5"}  # the tool's real output
-        assert answer["content"] == ANSWER
-        assert row["n_ids"] == turn1 + len(suffix) + turn2  # the completion ids hold the inserted reply ...
+        call, *tool_messages, answer = row["completion"]  # messages, as TRL passes them
+        assert [c["function"] for c in call["tool_calls"]] == [
+            {"name": "calculator", "arguments": {"expression": "2+3"}}, {"name": "boom", "arguments": {}},
+            {"name": "sleepy", "arguments": {}}]
+        assert tool_messages == [{"role": "tool", "name": n, "content": r} for n, r in replies]  # the real output
+        assert answer == {"role": "assistant", "content": ANSWER}  # the episode went on after the errors
+    turn1 = len(tok.encode(turn, add_special_tokens=False)) + 1
+    turn2 = len(tok.encode(ANSWER, add_special_tokens=False)) + 1
+    suffix = tool_suffix(tok, replies)
+    assert all(row["n_ids"] == turn1 + len(suffix) + turn2 for row in rows)  # the ids hold the inserted replies ...
     m = metrics(user_dir / "run")
-    # ... and TRL's tool_mask leaves it out: the logged lengths count the policy's own tokens only
+    # ... and TRL's tool_mask leaves them out: the logged lengths count the policy's own tokens only
     assert m["completions/mean_length"] == turn1 + turn2
-    assert m["tools/call_frequency"] == 1.0 and m["tools/failure_frequency"] == 0.0
-    assert (m["tools/errors"], m["tools/timeouts"]) == (0, 0)
+    assert m["tools/call_frequency"] == 3.0 and m["tools/failure_frequency"] == pytest.approx(2 / 3)  # TRL's counts
+    assert (m["tools/errors"], m["tools/timeouts"]) == (8, 4)  # aligntool's: 4 completions x (raise, timeout)
+
+
+@pytest.mark.system
+def test_an_environment_resets_into_the_prompt_serves_a_tool_and_gives_the_reward(capsys, user_dir, qwen_tiny):
+    from aligntool.recipe.agent import AgentConfig
+    from aligntool.tools import environment_methods, load_environment
+
+    tok = _tokenizer(qwen_tiny, QWEN25)
+    env = load_environment(AgentConfig(environment="user_tools:Calc"))()
+    observed = [{"role": "user", "content": QUESTION[0]["content"] + env.reset()}]  # TRL appends it to the prompt
+    forced = forcing(tok, CALL % "calculator", environment_methods(env), observed)
+    recipe = grpo_recipe(user_dir, qwen_tiny, QWEN25, "agent: {environment: 'user_tools:Calc', max_turns: 2}",
+                         forced, reward="null")
+    code, err = train(recipe, user_dir / "run", capsys)
+    assert code == 0, err[-3000:]
+    assert not (user_dir / "seen.jsonl").exists()  # no reward function: the environment's get_reward is the reward
+    m = metrics(user_dir / "run")
+    assert m["rewards/Calc/mean"] == 10.0 and m["reward"] == 10.0  # one calculator call per episode
+    sampled = [json.loads(line) for line in (user_dir / "run" / "completions.jsonl").read_text().splitlines()]
+    assert len(sampled) == 4 and all(r["prompt"] == observed for r in sampled)  # the first observation, in the prompt
+    assert all(r["completion"][1] == {"role": "tool", "name": "calculator", "content": "5"} for r in sampled)
+    assert all(r["reward"] == 10.0 for r in sampled)
+
+
+def qwen3_prompt_ids(tok, thinking: bool) -> list[int]:
+    """The generation prompt as Qwen3's template renders it (jinja2 through the tokenizer, independently of TRL)."""
+    return tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                   enable_thinking=thinking)
+
+
+@pytest.mark.system
+def test_chat_template_kwargs_reach_trls_rendering_of_conversational_prompts(capsys, user_dir, qwen_tiny):
+    """train.chat_template_kwargs {enable_thinking: ...}: the prompt ids TRL generates from are Qwen3's rendering with
+    that value, exactly: the model is made to answer "no" only after the whole enable_thinking=false prompt and "yes"
+    only after the whole enable_thinking=true prompt (the empty <think></think> block is the difference)."""
+    tok = _tokenizer(qwen_tiny, QWEN3)
+    off, on = qwen3_prompt_ids(tok, False), qwen3_prompt_ids(tok, True)
+    assert len(off) > len(on) and tok.decode(off[len(on):]) == "<think>\n\n</think>\n\n"
+    forced = bias(tok, off, "no") + bias(tok, on, "yes")
+    for thinking, word in ((False, "no"), (True, "yes")):
+        (user_dir / "seen.jsonl").unlink(missing_ok=True)
+        recipe = grpo_recipe(user_dir, qwen_tiny, QWEN3, "", forced, length=4,
+                             train_extra=f", chat_template_kwargs: {{enable_thinking: {str(thinking).lower()}}}")
+        code, err = train(recipe, user_dir / f"run{thinking}", capsys)
+        assert code == 0, err[-3000:]
+        rows = seen(user_dir)
+        assert all(r["prompt"] == QUESTION for r in rows)  # messages, not text
+        assert all(r["completion"] == [{"role": "assistant", "content": word}] for r in rows), rows
+        # TRL's count of the tokens it saw: 4 x (the prompt as rendered here + the word + EOS)
+        words = len(tok.encode(word, add_special_tokens=False)) + 1
+        assert metrics(user_dir / f"run{thinking}")["num_tokens"] == 4 * (len(on if thinking else off) + words)
