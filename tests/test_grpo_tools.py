@@ -264,3 +264,96 @@ def test_chat_template_kwargs_reach_trls_rendering_of_conversational_prompts(cap
         # TRL's count of the tokens it saw: 4 x (the prompt as rendered here + the word + EOS)
         words = len(tok.encode(word, add_special_tokens=False)) + 1
         assert metrics(user_dir / f"run{thinking}")["num_tokens"] == 4 * (len(on if thinking else off) + words)
+
+
+# ---- the default suite: wrappers, refusals and the reward scorers on conversations (no training) ----
+
+def test_the_time_limited_tools_keep_their_schema_and_fail_as_trl_replies(user_dir):
+    from transformers.utils import get_json_schema
+
+    from aligntool import tools
+    from aligntool.recipe.agent import AgentConfig
+    from aligntool.trainers import grpo_tools
+
+    calculator, boom, sleepy = tools.load_tools(AgentConfig(tools=["user_tools:calculator", "user_tools:boom",
+                                                                   "user_tools:sleepy"]))
+    counts = grpo_tools.ToolCounts()
+    timed = [grpo_tools.timed_tool(fn, 0.2, counts) for fn in (calculator, boom, sleepy)]
+    assert [get_json_schema(t) for t in timed] == [get_json_schema(f) for f in (calculator, boom, sleepy)]
+    assert timed[0](expression="2+3") == "5"
+    for tool, message in ((timed[1], "RuntimeError: the tool broke"), (timed[2], "sleepy did not return within 0.2 s")):
+        with pytest.raises(Exception) as err:  # TRL catches it and replies str({"error": str(exc)})
+            tool()
+        assert str(err.value) == message
+    assert (counts.errors, counts.timeouts) == (2, 1)
+    env_cls = tools.load_environment(AgentConfig(environment="user_tools:Calc"))
+    timed_cls = grpo_tools.timed_environment(env_cls, 0.2, counts)
+    env, plain = timed_cls(), env_cls()
+    assert timed_cls.__name__ == "Calc" and env.reset() == plain.reset()
+    assert [get_json_schema(m) for m in tools.environment_methods(env)] == \
+        [get_json_schema(m) for m in tools.environment_methods(plain)]
+    assert env.calculator(expression="2+3") == "5" and env.get_reward() == 10.0
+
+
+def _refused(capsys, user_dir, template: str | None, *needles, agent="{tools: ['user_tools:calculator']}",
+             data="qa.jsonl", algorithm="grpo", extra=""):
+    from conftest import cli_error
+
+    model = f"{{name_or_path: tiny, chat_template: {template}}}" if template else "{name_or_path: tiny}"
+    recipe = user_dir / "refused.yaml"
+    recipe.write_text(f"algorithm: {algorithm}\nmodel: {model}\ndataset: {{path: {data}}}\nagent: {agent}\n{extra}")
+    cli_error(capsys, ["train", "--recipe", str(recipe), f"output_dir={user_dir / 'out'}"], *needles)
+
+
+def test_templates_trl_cannot_run_tools_with_are_refused_in_one_line(capsys, user_dir, tiny_path):
+    _refused(capsys, user_dir, None, "model.name_or_path: tiny (its chat template): has no tool-call syntax")
+    odd = user_dir / "odd_qwen.jinja"  # Qwen2.5's tool syntax, but not a template TRL knows how to parse
+    odd.write_text("{#- a local edit -#}\n" + QWEN25.read_text())
+    _refused(capsys, user_dir, odd, f"model.chat_template: {odd}: TRL cannot parse tool calls")
+
+
+def test_agent_settings_grpo_cannot_take_are_refused_in_one_line(capsys, user_dir, tiny_path):
+    _refused(capsys, user_dir, QWEN25, "agent: TRL's tool episodes need conversational prompts", data="toy")
+    _refused(capsys, user_dir, QWEN25, "agent.max_total_tokens: 300, but algo.max_completion_length is 100",
+             agent="{tools: ['user_tools:calculator'], max_total_tokens: 300}",
+             extra="algo: {max_completion_length: 100}")
+    _refused(capsys, user_dir, QWEN25, "rloo", "use grpo, or reinforce_pp", algorithm="rloo")
+
+
+def test_rewards_read_conversations_as_trl_passes_them(tmp_path, tiny_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from aligntool import rewards
+    from aligntool.errors import UserError
+    from aligntool.toy import world
+
+    prompts = [QUESTION, QUESTION]
+    episode = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "calculator", "arguments": {"expression": "2+3"}}}]}, {"role": "tool", "name": "calculator",
+        "content": "5"}, {"role": "assistant", "content": "The answer is 5."}]
+    completions = [episode, [{"role": "assistant", "content": "no idea"}]]
+    texts = ["The answer is 5.", "no idea"]  # the last assistant message: what the gold reward reads
+    assert rewards.gold(prompts, completions) == [world.gold_reward(t) for t in texts]
+    assert rewards.gold(["q", "q"], texts) == [world.gold_reward(t) for t in texts]  # strings: unchanged
+
+    def nan(prompts, completions):
+        return [float("nan")] * len(completions)
+
+    with pytest.raises(UserError, match=r"\(prompt 'What is 2\+3\?'\): nan is not a finite number"):
+        rewards.checked("nan", nan)(prompts, completions)
+    # a reward model scores prompt + completion rendered by its own chat template, as TRL's GRPOTrainer does
+    config = AutoConfig.from_pretrained(tiny_path, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(config).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    scores = rewards.reward_model_scorer(str(tmp_path / "rm"), device="cpu", dtype="float32")(prompts, completions)
+    expected = []
+    for c in completions:
+        text = tok.apply_chat_template(QUESTION + c, tokenize=False)
+        with torch.no_grad():
+            expected.append(rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item())
+    assert scores == pytest.approx(expected, abs=1e-5)
