@@ -213,6 +213,10 @@ def test_tool_calls_run_their_replies_reach_the_reward_and_are_masked_out_of_the
     assert m["completions/mean_length"] == turn1 + turn2
     assert m["tools/call_frequency"] == 3.0 and m["tools/failure_frequency"] == pytest.approx(2 / 3)  # TRL's counts
     assert (m["tools/errors"], m["tools/timeouts"]) == (8, 4)  # aligntool's: 4 completions x (raise, timeout)
+    import torch
+
+    args = torch.load(user_dir / "run" / "training_args.bin", weights_only=False)  # TRL's config of the run
+    assert (args.max_tool_calling_iterations, args.max_completion_length) == (1, 400)  # max_turns 2 - 1
 
 
 @pytest.mark.system
@@ -231,6 +235,7 @@ def test_an_environment_resets_into_the_prompt_serves_a_tool_and_gives_the_rewar
     assert not (user_dir / "seen.jsonl").exists()  # no reward function: the environment's get_reward is the reward
     m = metrics(user_dir / "run")
     assert m["rewards/Calc/mean"] == 10.0 and m["reward"] == 10.0  # one calculator call per episode
+    assert [k for k in m if k.startswith("rewards/") and k.endswith("/mean")] == ["rewards/Calc/mean"]  # no gold
     sampled = [json.loads(line) for line in (user_dir / "run" / "completions.jsonl").read_text().splitlines()]
     assert len(sampled) == 4 and all(r["prompt"] == observed for r in sampled)  # the first observation, in the prompt
     assert all(r["completion"][1] == {"role": "tool", "name": "calculator", "content": "5"} for r in sampled)
@@ -293,6 +298,9 @@ def test_the_time_limited_tools_keep_their_schema_and_fail_as_trl_replies(user_d
     assert [get_json_schema(m) for m in tools.environment_methods(env)] == \
         [get_json_schema(m) for m in tools.environment_methods(plain)]
     assert env.calculator(expression="2+3") == "5" and env.get_reward() == 10.0
+    with pytest.raises(Exception, match="ValueError: invalid literal"):  # the method runs through tools.call too
+        env.calculator(expression="x+1")
+    assert (counts.errors, counts.timeouts) == (3, 1)
 
 
 def _refused(capsys, user_dir, template: str | None, *needles, agent="{tools: ['user_tools:calculator']}",
