@@ -339,10 +339,10 @@ def test_rewards_read_conversations_as_trl_passes_them(tmp_path, tiny_path):
     prompts = [QUESTION, QUESTION]
     episode = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
         "name": "calculator", "arguments": {"expression": "2+3"}}}]}, {"role": "tool", "name": "calculator",
-        "content": "5"}, {"role": "assistant", "content": "The answer is 5."}]
-    completions = [episode, [{"role": "assistant", "content": "no idea"}]]
-    texts = ["The answer is 5.", "no idea"]  # the last assistant message: what the gold reward reads
-    assert rewards.gold(prompts, completions) == [world.gold_reward(t) for t in texts]
+        "content": "awful awful"}, {"role": "assistant", "content": "The answer is great."}]
+    completions = [episode, [{"role": "assistant", "content": "terrible"}]]
+    texts = ["The answer is great.", "terrible"]  # the last assistant message: what the gold reward reads
+    assert rewards.gold(prompts, completions) == [world.gold_reward(t) for t in texts] == [1.0, -1.0]
     assert rewards.gold(["q", "q"], texts) == [world.gold_reward(t) for t in texts]  # strings: unchanged
 
     def nan(prompts, completions):
