@@ -146,8 +146,8 @@ def grpo_recipe(user_dir: Path, model: Path, template: Path, agent: str, forced:
         reward: {reward}
         {agent}
         train: {{max_steps: 1, per_device_train_batch_size: 4, logging_steps: 1, save_steps: 100, seed: 0{train_extra}}}
-        algo: {{num_generations: 4, max_completion_length: {length}, generation_kwargs: {{sequence_bias: FORCED}}}}
-        """).replace("FORCED", json.dumps(forced)))
+        algo: {{num_generations: 4, max_completion_length: {length}, generation_kwargs: GENERATION}}
+        """).replace("GENERATION", json.dumps({"use_cache": True, "sequence_bias": forced})))
     return recipe
 
 
