@@ -137,10 +137,11 @@ def bias(tok, context: list[int], text: str) -> list:
 
 
 def grpo_recipe(user_dir: Path, model: Path, template: Path, agent: str, forced: list,
-                reward: str = "{function: 'user_tools:record'}", train_extra: str = "", length: int = 400) -> Path:
+                reward: str = "{function: 'user_tools:record'}", train_extra: str = "", length: int = 400,
+                algorithm: str = "grpo") -> Path:
     recipe = user_dir / "recipe.yaml"
     recipe.write_text(textwrap.dedent(f"""\
-        algorithm: grpo
+        algorithm: {algorithm}
         model: {{name_or_path: {model}, chat_template: {template}}}
         dataset: {{path: qa.jsonl}}
         reward: {reward}
@@ -250,25 +251,27 @@ def qwen3_prompt_ids(tok, thinking: bool) -> list[int]:
 
 @pytest.mark.system
 def test_chat_template_kwargs_reach_trls_rendering_of_conversational_prompts(capsys, user_dir, qwen_tiny):
-    """train.chat_template_kwargs {enable_thinking: ...}: the prompt ids TRL generates from are Qwen3's rendering with
-    that value, exactly: the model is made to answer "no" only after the whole enable_thinking=false prompt and "yes"
-    only after the whole enable_thinking=true prompt (the empty <think></think> block is the difference)."""
+    """train.chat_template_kwargs {enable_thinking: ...}: the prompt ids GRPO (and RLOO) generate from are Qwen3's
+    rendering with that value, exactly: the model is made to answer "no" only after the whole enable_thinking=false
+    prompt and "yes" only after the whole enable_thinking=true prompt (the empty <think></think> block is the
+    difference)."""
     tok = _tokenizer(qwen_tiny, QWEN3)
     off, on = qwen3_prompt_ids(tok, False), qwen3_prompt_ids(tok, True)
     assert len(off) > len(on) and tok.decode(off[len(on):]) == "<think>\n\n</think>\n\n"
     forced = bias(tok, off, "no") + bias(tok, on, "yes")
-    for thinking, word in ((False, "no"), (True, "yes")):
+    for algorithm, thinking, word in (("grpo", False, "no"), ("grpo", True, "yes"), ("rloo", False, "no")):
         (user_dir / "seen.jsonl").unlink(missing_ok=True)
-        recipe = grpo_recipe(user_dir, qwen_tiny, QWEN3, "", forced, length=4,
+        recipe = grpo_recipe(user_dir, qwen_tiny, QWEN3, "", forced, length=4, algorithm=algorithm,
                              train_extra=f", chat_template_kwargs: {{enable_thinking: {str(thinking).lower()}}}")
-        code, err = train(recipe, user_dir / f"run{thinking}", capsys)
+        out = user_dir / f"{algorithm}{thinking}"
+        code, err = train(recipe, out, capsys)
         assert code == 0, err[-3000:]
         rows = seen(user_dir)
         assert all(r["prompt"] == QUESTION for r in rows)  # messages, not text
         assert all(r["completion"] == [{"role": "assistant", "content": word}] for r in rows), rows
         # TRL's count of the tokens it saw: 4 x (the prompt as rendered here + the word + EOS)
         words = len(tok.encode(word, add_special_tokens=False)) + 1
-        assert metrics(user_dir / f"run{thinking}")["num_tokens"] == 4 * (len(on if thinking else off) + words)
+        assert metrics(out)["num_tokens"] == 4 * (len(on if thinking else off) + words)
 
 
 # ---- the default suite: wrappers, refusals and the reward scorers on conversations (no training) ----
