@@ -37,6 +37,9 @@ VLLM_PATHS = ("trl", "engine")
 # what train.per_device_train_batch_size counts: given rows (examples, pairs), prompts per iteration (the engine),
 # completions (TRL's GRPO / RLOO), or rows the method generates during the run (pipelines: pairs it samples)
 BATCH_UNITS = ("rows", "prompts", "completions", "generated")
+# where the recipe's `agent` section (tools, environment: multi-turn episodes) runs: TRL's GRPOTrainer (tools=,
+# environment_factory=) or aligntool's rollout engine (aligntool/online/episodes.py)
+AGENT_PATHS = ("trl", "engine")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,10 +59,11 @@ class AlgorithmSpec:
     value_head: bool = False  # trains a value head (a critic) beside the policy
     batch_unit: str = "rows"  # one of BATCH_UNITS: what train.per_device_train_batch_size counts
     sharded: bool = True  # online: runs under ZeRO-3 / FSDP (False: samples from the reference, which they partition)
+    agent: str | None = None  # multi-turn tool episodes (recipe `agent:`) through one of AGENT_PATHS; None: refused
 
     def __post_init__(self):
         for key, allowed in (("kind", KINDS), ("data", DATA_KINDS), ("batch_unit", BATCH_UNITS),
-                             ("vllm", (None, *VLLM_PATHS))):
+                             ("vllm", (None, *VLLM_PATHS)), ("agent", (None, *AGENT_PATHS))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{self.name}: {key} {getattr(self, key)!r} is not one of {allowed}")
         if (self.kind == "online") != (self.vllm == "engine"):
@@ -169,7 +173,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                       summary="SimPO: length-normalised log-probability margin with a target gamma; no reference "
                               "(Meng et al. 2024; TRL CPOTrainer, loss_type simpo)."),
         # Critic-free RL with verifiable rewards through TRL's trainers (sampling inside the Trainer)
-        AlgorithmSpec(name="grpo", kind="trl", family="online-rl", data="prompt", samples=True, vllm="trl",
+        AlgorithmSpec(name="grpo", kind="trl", family="online-rl", data="prompt", samples=True, vllm="trl", agent="trl",
                       batch_unit="completions", module="aligntool.trainers.grpo", trl_config="trl:GRPOConfig",
                       recipe="aligntool/recipes/grpo.yaml",
                       summary="GRPO and every TRL GRPO loss (dr_grpo, dapo, bnpo, ...): group-normalised advantages "
@@ -181,22 +185,25 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                               "2024; TRL RLOOTrainer)."),
         # Online RL on aligntool's rollout engine; train.* = transformers.TrainingArguments
         AlgorithmSpec(name="ppo", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
+                      agent="engine",
                       batch_unit="prompts", value_head=True, module="aligntool.online.ppo",
                       trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/ppo.yaml",
                       summary="PPO with a value head, GAE, clipped policy/value losses, adaptive KL (Ouyang et al. "
                               "2022)."),
         AlgorithmSpec(name="p3o", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
+                      agent="engine",
                       batch_unit="prompts", module="aligntool.online.p3o",
                       trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/p3o.yaml",
                       summary="P3O: pairwise PPO on two samples per prompt, V1/V2 clipping, no critic (Wu et al. "
                               "2023)."),
         AlgorithmSpec(name="remax", kind="online", family="online-rl", data="prompt", samples=True, vllm="engine",
+                      agent="engine",
                       batch_unit="prompts", module="aligntool.online.remax",
                       trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/remax.yaml",
                       summary="ReMax: REINFORCE with the greedy response's reward as baseline, no critic (Li et al. "
                               "2023)."),
         AlgorithmSpec(name="reinforce_pp", kind="online", family="online-rl", data="prompt", samples=True,
-                      vllm="engine", batch_unit="prompts", module="aligntool.online.reinforce_pp",
+                      vllm="engine", agent="engine", batch_unit="prompts", module="aligntool.online.reinforce_pp",
                       trl_config="transformers:TrainingArguments", recipe="aligntool/recipes/reinforce_pp.yaml",
                       summary="REINFORCE++: token-level KL in the reward, advantages normalised over the global "
                               "batch, PPO-clipped updates, no critic (Hu 2025; OpenRLHF)."),

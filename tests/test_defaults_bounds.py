@@ -157,12 +157,12 @@ def _bad(kind, limit, integer):
 
 
 def _models():
-    from aligntool.recipe import dataset, schema
+    from aligntool.recipe import agent, dataset, schema
 
     out = {f"algo:{name}": spec.load().AlgoConfig for name, spec in registry.ALGORITHMS.items()}
     for cls in vars(schema).values():  # the schema's own classes and the dataset section's (recipe/dataset.py)
-        if isinstance(cls, type) and hasattr(cls, "model_fields") and cls.__module__ in (schema.__name__,
-                                                                                           dataset.__name__):
+        if isinstance(cls, type) and hasattr(cls, "model_fields") and cls.__module__ in (
+                schema.__name__, dataset.__name__, agent.__name__):
             out[cls.__name__] = cls
     return out
 
@@ -210,6 +210,7 @@ PINNED_BOUNDS = {
     'DatasetConfig': "eval_fraction ge 0, eval_fraction lt 1, max_samples gt 0, mixture_size gt 0",
     'MixtureSource': "fraction gt 0, fraction le 1, weight gt 0",
     'HardwareConfig': "gpus_per_node gt 0, nodes gt 0",
+    'AgentConfig': "max_total_tokens gt 0, max_turns gt 0, tool_timeout gt 0",
     'GenerationConfig': "gpu_memory_utilization gt 0, gpu_memory_utilization le 1, max_model_length gt 0",
     'PeftConfig': "lora_alpha gt 0, lora_dropout ge 0, lora_dropout lt 1, r gt 0",
     'RewardConfig': "batch_size gt 0, bt_temperature ge 0, uwo_lambda ge 0",

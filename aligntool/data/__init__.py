@@ -42,12 +42,14 @@ __all__ = ["ASSISTANT_TURN", "DATA_KINDS", "FILE_LOADERS", "FORMATS", "GLOB_CHAR
 
 @without_progress_bars  # our checks answer in one line; datasets' bars for each file and map would come first
 def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path | None = None,
-                    output_dir: Path | None = None):
+                    output_dir: Path | None = None, keep_conversations: bool = False):
     """(train, eval or None) datasets for a validated recipe and a data kind, checked row by row. ``eval_fraction``
     carves a held-out split off the training rows when there is no eval set; with a tokenizer, conversational
-    prompts of the sampling methods become text. Relative data paths are looked for in ``base_dir`` (the recipe's
-    folder) first, then the working directory. A mixture's realised counts go to ``output_dir``/data_mixture.json.
-    With ``dataset.streaming`` the training set is an ``IterableDataset`` (``_streamed``)."""
+    prompts of the sampling methods become text, unless ``keep_conversations`` (the trainer applies the chat template
+    itself: TRL's GRPO / RLOO, the engine's multi-turn episodes). Relative data paths are looked for in ``base_dir``
+    (the recipe's folder) first, then the working directory. A mixture's realised counts go to
+    ``output_dir``/data_mixture.json. With ``dataset.streaming`` the training set is an ``IterableDataset``
+    (``_streamed``)."""
     cfg = recipe.dataset
     from_pairs = getattr(cfg, "unpaired_from_pairs", False)
     if from_pairs and kind != "unpaired":
@@ -73,7 +75,7 @@ def load_for_recipe(recipe, kind: str, tokenizer=None, log=print, base_dir: Path
         train, evald = _with_prompts(cfg, train, evald, where, base_dir, log)
     if tokenizer is not None:
         check_template(train, columns, tokenizer, where)
-    if tokenizer is not None and kind == "prompt":
+    if tokenizer is not None and kind == "prompt" and not keep_conversations:
         train = prompts_as_text(train, tokenizer, where)
         evald = prompts_as_text(evald, tokenizer, where) if evald is not None else None
     return train, evald

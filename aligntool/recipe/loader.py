@@ -350,8 +350,19 @@ def load_mapping(data: dict, source: str, lines: dict | None = None, base_dir: P
         raise UserError(f"{at}: generation.backend: {parsed.generation.backend} applies to the online methods "
                         f"({registry.listing(vllm='engine')}) and to {registry.listing(vllm='trl')} (TRL's vLLM "
                         f"generation); {spec.name!r} generates with transformers")
+    if parsed.agent is not None and spec.agent is None:
+        at = lines.get(("agent",), source)
+        hint = (" (TRL's RLOOTrainer takes no tools: use grpo, or reinforce_pp, whose baseline is the group's)"
+                if spec.name == "rloo" else "")
+        raise UserError(f"{at}: agent: multi-turn tool episodes run with {registry.listing(lambda s: s.agent)}; "
+                        f"not with {spec.name!r}{hint}")
+    if parsed.agent is not None and not (parsed.agent.tools or parsed.agent.environment):
+        at = lines.get(("agent",), source)
+        raise UserError(f"{at}: agent: name the tools (agent.tools) or an environment (agent.environment)")
     if parsed.output_dir is None:
         parsed.output_dir = f"runs/{spec.name}"
     if parsed.reward is not None:
         parsed.reward._base_dir = str(base_dir) if base_dir is not None else None
+    if parsed.agent is not None:
+        parsed.agent._base_dir = str(base_dir) if base_dir is not None else None
     return LoadedRecipe(parsed, algo, spec, source)

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from aligntool import registry
+from aligntool.recipe.agent import AgentConfig
 from aligntool.recipe.base import Strict, in_structural_pass
 from aligntool.recipe.dataset import (  # noqa: F401 - the dataset section's classes, re-exported
     DATA_FORMATS,
@@ -430,6 +431,9 @@ class Recipe(Strict):
     algo: dict = Field(default_factory=dict, description="Algorithm-specific settings, checked by its AlgoConfig.")
     hardware: HardwareConfig | None = Field(None, description="The machines the recipe is written for (read by the "
                                             "dry run and `aligntool slurm`; training does not change with it).")
+    agent: AgentConfig | None = Field(None, description="Multi-turn, tool-using episodes (tools, an environment, "
+                                      "turn and token limits) for the methods that support them: "
+                                      f"{registry.listing(lambda s: s.agent is not None)} (docs/AGENTS.md).")
 
     @field_validator("optimizer")
     @classmethod
