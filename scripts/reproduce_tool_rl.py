@@ -11,7 +11,8 @@ no commuted twin of a held-out question is trained on), greedy and sampled at T 
 
 Every model is evaluated with the calculator offered (the task), on the same held-out questions; each line gives mean
 +- s.e. over questions, and each trained model its paired gain over ``sft`` (per-question differences: mean, s.e.,
-and the gain in standard errors). Training goes through the Python API (``aligntool.train``).
+and the gain in standard errors). Training goes through the Python API (``aligntool.train``; ``--overwrite`` trains
+again over runs left in ``--out``).
 
     python scripts/reproduce_tool_rl.py [--quick] [--only sft] [--questions 200] [--out runs/tool_rl]
 """
@@ -19,7 +20,6 @@ and the gain in standard errors). Training goes through the Python API (``alignt
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -108,16 +108,17 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean_se([y - x for x, y in zip(a, b, strict=True)])
 
 
-def train(name: str, recipe: str, out: Path, quick: bool, no_tools: bool) -> str:
-    """Train through the Python API; returns the output folder. ``no_tools``: the recipe without agent.tools."""
-    api = importlib.import_module("aligntool.train")
+def train(name: str, recipe: str, out: Path, quick: bool, no_tools: bool, overwrite: bool) -> str:
+    """Train through the Python API (``aligntool.train``); returns the final model's folder. ``no_tools``: the
+    recipe without its agent section (the prompts offer no tool)."""
+    import aligntool
+
     overrides = [f"output_dir={out / name}", "train.report_to=none"]
     if quick:
-        overrides += ["train.max_steps=4"]
+        overrides += ["train.max_steps=4", "train.save_steps=4"]
     if no_tools:
-        overrides += ["agent.tools=[]"]
-    api.train(recipe, overrides=overrides)
-    return str(out / name)
+        overrides += ["agent=null"]
+    return str(aligntool.train(recipe, overrides=overrides, overwrite=overwrite).model_path)
 
 
 def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]:
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                         "grpo-no-tools, reinforce_pp-no-tools (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/tool_rl"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="train again over runs left in --out")
     args = parser.parse_args(argv)
     from aligntool.toy import tools
 
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sft":
             path = "tiny-tools"
         elif name in RECIPES or name in CONTROLS:
-            path = train(name, RECIPES.get(name) or CONTROLS[name], args.out, args.quick, name in CONTROLS)
+            path = train(name, RECIPES.get(name) or CONTROLS[name], args.out, args.quick, name in CONTROLS,
+                         args.overwrite)
         else:
             parser.error(f"--only: unknown model {name!r}")
         results[name] = {mode: evaluate(path, questions, greedy=mode == "greedy", seed=args.seed)

@@ -152,7 +152,7 @@ def test_trl_parses_a_tool_call_of_the_template(quick_build):
 
     tokenizer = add_response_schema(AutoTokenizer.from_pretrained(quick_build))  # recognises Qwen2.5's template
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 347 + 589?"}],
-                                           tools=[tools.calculator], add_generation_prompt=True)
+                                           tools=[tools.calculator], add_generation_prompt=True, return_dict=False)
     ids = tokenizer(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
     parsed = parse_response(tokenizer, ids, prefix=list(prompt), tools=[tools.calculator])
     assert parsed["tool_calls"] == [{"type": "function", "function": {"name": "calculator",

@@ -77,17 +77,6 @@ def tiny_arith_model_path(log=print) -> Path:
                         log)
 
 
-def tiny_tools_model_path(log=print) -> Path:
-    """Path of ``tiny-tools`` (the tiny model taught to call a calculator in Qwen2.5's chat template,
-    ``aligntool.toy.tiny_tools``), building it (and the tiny model it starts from) first if the cache lacks it."""
-    from aligntool.toy import tiny_tools
-
-    base = tiny_model_path(log=log)
-    return cached_build(cache_dir() / f"tiny-tools-v{BUILD_VERSION}.{tiny_tools.BUILD_VERSION}", "the tiny-tools model",
-                        "about two minutes", lambda out, progress: tiny_tools.build_tiny_tools_model(
-                            out, base, progress=progress), log)
-
-
 def cached_build(target: Path, what: str, duration: str, build, log=print) -> Path:
     """``target``, built by ``build(folder, progress=...)`` first if it holds no model yet: one builder at a time
     (``build_lock``), into a temporary folder renamed into place when done (a killed build leaves nothing behind)."""

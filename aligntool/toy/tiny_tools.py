@@ -37,6 +37,17 @@ CALL_TEXTS = ['\n{"name": "calculator", "arguments": {"expression": "', '"}}\n']
 ROLE_TEXTS = ["system\n", "user\n", "assistant\n"]
 
 
+def tiny_tools_model_path(log=print) -> Path:
+    """Path of ``tiny-tools`` (module docstring), building it (and the tiny model it starts from) first if the cache
+    lacks it."""
+    from aligntool.toy import tiny
+
+    base = tiny.tiny_model_path(log=log)
+    return tiny.cached_build(tiny.cache_dir() / f"tiny-tools-v{tiny.BUILD_VERSION}.{BUILD_VERSION}",
+                             "the tiny-tools model", "two to four minutes",
+                             lambda out, progress: build_tiny_tools_model(out, base, progress=progress), log)
+
+
 def qwen2_5_template() -> str:
     """Qwen2.5's chat template as the installed TRL ships it offline."""
     import trl
