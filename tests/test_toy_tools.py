@@ -82,8 +82,9 @@ def test_reward_on_message_completions():
         _episode("936, or rather 937"),                    # the final number counts
         [{"role": "assistant", "content": "347 + 589 = 936"}],  # in its head, right
         [{"role": "assistant", "content": "I do not know."}],   # no number
+        [{"role": "assistant", "content": "Maybe 936."}] + _episode("I cannot tell."),  # only the last message counts
     ]
-    assert tools.reward(None, completions, ["936"] * 6) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert tools.reward(None, completions, ["936"] * 7) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_reward_on_string_completions():
@@ -175,3 +176,20 @@ def test_built_model_round_trips(quick_build):
     assert prompt["input_ids"].shape[1] < 60  # the fixed system text is a few whole tokens
     out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert out.shape[1] <= prompt["input_ids"].shape[1] + 3 and torch.isfinite(model(**prompt).logits).all()
+
+
+@pytest.mark.system
+def test_tiny_tools_calls_the_tool_part_of_the_time_and_it_pays(capsys):
+    """The built model (2-4 minutes to build on 2 cores, then cached), through the evaluation of
+    scripts/reproduce_tool_rl.py on 48 held-out questions, greedy: it calls the calculator on some questions and not
+    on others (the headroom RL has), and is right far more often after a call than without one."""
+    import runpy
+
+    from conftest import REPO
+
+    script = runpy.run_path(str(REPO / "scripts" / "reproduce_tool_rl.py"))
+    scores = script["evaluate"]("tiny-tools", tools.rows(48, seed=0, split="eval"), greedy=True, seed=0)
+    called = [a for a, t in zip(scores["accuracy"], scores["tool_call"]) if t]
+    direct = [a for a, t in zip(scores["accuracy"], scores["tool_call"]) if not t]
+    assert 0.3 < len(called) / 48 < 0.95
+    assert sum(called) / len(called) > 0.6 > 0.2 > sum(direct) / len(direct)
