@@ -12,10 +12,12 @@ Built once from the tiny model (``aligntool.toy.tiny``), deterministically, and 
   line) is added as a few whole tokens: the rendered text is Qwen2.5's, byte for byte, but a prompt is about 30
   tokens instead of about 570 in the tiny model's 640-token vocabulary, which keeps SFT and RL on the CPU quick;
 - then SFT with tiny-arith's loop (``tiny.lm_step``; loss on the assistant's tokens only) on demonstrations rendered
-  by that template with ``tools=[calculator]`` on training questions only: a share ``tool_share`` call the tool
-  (user -> assistant tool call -> tool reply -> "The answer is N."), the others answer at once (the right sum, which
-  the tiny model mostly cannot compute), and a share ``no_tools_share`` is rendered without tools (answered at once).
-  The SFT model therefore calls the tool only part of the time: the headroom RL with the tool has to gain.
+  by that template with ``tools=[calculator]`` on training questions only: a share calls the tool (user -> assistant
+  tool call -> tool reply -> "The answer is N."), ``tool_share_large`` of the questions whose sum is 1000 or more and
+  ``tool_share_small`` of the others; the rest answer at once (the right sum, which the tiny model mostly cannot
+  compute), and a share ``no_tools_share`` is rendered without tools (answered at once). The SFT model therefore
+  calls the tool only part of the time: the headroom RL with the tool has to gain. A known weakness: 3-digit tool
+  replies are rare in the demonstrations, and the model does not copy them (see docs/AGENTS.md).
 
 Each conversation is cut into pieces at turn boundaries (``pieces``) and tokenised piece by piece, as a rollout sees
 it: the prompt's tokens, generated tokens up to ``<|im_end|>``, the inserted tool reply, generated tokens again.
