@@ -10,6 +10,12 @@ A recipe names one in its ``reward`` section:
       functions: [{function: mypkg.mod:fn, weight: 1.0}, {source: runs/reward, weight: 0.5}]   # a weighted sum
       ensemble: [runs/rm0, runs/rm1]   # several reward models, combined by `aggregate` (mean)
 
+Conversational data on TRL's path (GRPO / RLOO): TRL passes ``prompts`` and ``completions`` as lists of messages (a
+completion of a tool episode holds the assistant's tool calls, the tool replies and the final answer). The built-in
+scorers read them as TRL does: the gold reward scores the last assistant message's text (``completion_text``), a
+reward model scores the whole conversation rendered by its own chat template (TRL's ``apply_chat_template`` on
+prompt + completion); a user function receives them as TRL passes them.
+
 Through the Python API (aligntool/api.py) a function may be given as a Python callable wherever a ``module:function``
 is taken; the recipe records it as ``module:function`` when that imports back to it, else as a token
 ``<callable module:qualname>`` that this process resolves (``callable_spec``).
@@ -28,10 +34,35 @@ from aligntool.recipe.schema import RewardConfig
 Scorer = Callable[[list[str], list[str]], list[float]]
 
 
-def gold(prompts: list[str], completions: list[str]) -> list[float]:
+def is_conversation(value) -> bool:
+    """A list of messages (TRL's conversational prompt or completion), not a string."""
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _content(message: dict) -> str:
+    content = message.get("content") or ""
+    if isinstance(content, list):  # content parts: their text
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def completion_text(completion) -> str:
+    """A completion as the text a scorer reads: a string as is; a conversation's last assistant message (a tool
+    episode's final answer; "" when the assistant never wrote one)."""
+    if not is_conversation(completion):
+        return completion
+    return next((_content(m) for m in reversed(completion) if m.get("role") == "assistant"), "")
+
+
+def shown(prompt) -> str:
+    """A prompt as messages show it: a string as is, a conversation as its last message's text."""
+    return _content(prompt[-1]) if is_conversation(prompt) and prompt else str(prompt)
+
+
+def gold(prompts: list, completions: list) -> list[float]:
     from aligntool.toy import world
 
-    return [world.gold_reward(c) for c in completions]
+    return [world.gold_reward(completion_text(c)) for c in completions]
 
 
 def is_reward_model(path: str) -> bool:
@@ -46,9 +77,12 @@ def is_reward_model(path: str) -> bool:
 
 
 def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.source", device=None,
-                        dtype: str = "auto") -> Scorer:
+                        dtype: str = "auto", chat_template_kwargs: dict | None = None) -> Scorer:
     """Scores from a reward-model folder (a one-output sequence classifier), in eval mode, on ``device`` (default: this
-    process's GPU, else the CPU) in ``dtype``, ``batch_size`` texts per forward. The model is ``scorer.model``."""
+    process's GPU, else the CPU) in ``dtype``, ``batch_size`` texts per forward. The model is ``scorer.model``.
+    Conversational prompts and completions are scored as TRL's GRPO / RLOO score them with a reward model: prompt +
+    completion messages rendered by the reward model's own chat template (with ``chat_template_kwargs``), tokenized
+    without special tokens (the template writes them)."""
     import torch
 
     from aligntool import models
@@ -67,17 +101,32 @@ def reward_model_scorer(path: str, batch_size: int = 64, key: str = "reward.sour
     model = models.load_model(path, dtype, head="reward", pad_token_id=tokenizer.pad_token_id, key=key)
     model = model.to(device).eval().requires_grad_(False)
 
-    def score(prompts: list[str], completions: list[str]) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions)]
+    def score(prompts: list, completions: list) -> list[float]:
+        texts, special = _texts(prompts, completions, tokenizer, path, key, chat_template_kwargs or {})
         out: list[float] = []
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=special).to(device)
             with torch.no_grad():
                 out.extend(model(**batch).logits[:, 0].float().tolist())
         return out
 
     score.model = model
     return score
+
+
+def _texts(prompts: list, completions: list, tokenizer, path: str, key: str, kwargs: dict) -> tuple[list[str], bool]:
+    """The texts a reward model reads, and whether the tokenizer adds its special tokens: prompt + completion strings
+    as they are; conversations rendered with the model's chat template by TRL's ``apply_chat_template``."""
+    if not (prompts and is_conversation(prompts[0])):
+        return [p + c for p, c in zip(prompts, completions)], True
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{key}: {path}: the prompts are conversations, but this reward model's tokenizer has no chat "
+                        "template to render them")
+    from trl.data_utils import apply_chat_template
+
+    return [apply_chat_template({"messages": p + (c if is_conversation(c) else [{"role": "assistant", "content": c}])},
+                                tokenizer, **kwargs)["text"] for p, c in zip(prompts, completions)], False
 
 
 def check_same_tokenizer(paths: list[str], key: str = "reward.ensemble") -> None:
@@ -220,7 +269,7 @@ def checked(name: str, fn, allow_none: bool = False) -> Scorer:
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - user code: any failure becomes one line naming it
-            first = repr(prompts[0][:60]) if prompts else "none"
+            first = repr(shown(prompts[0])[:60]) if prompts else "none"
             raise UserError(f"reward {name}: raised {type(exc).__name__}: {first_line(exc)} (a batch of "
                             f"{len(completions)} completions; first prompt {first})") from None
         try:
@@ -242,7 +291,7 @@ def checked(name: str, fn, allow_none: bool = False) -> Scorer:
                 number = math.nan
             if not math.isfinite(number):
                 raise UserError(f"reward {name}: completion {i} of {len(values)} in the batch (prompt "
-                                f"{prompts[i][:60]!r}): {v!r} is not a finite number")
+                                f"{shown(prompts[i])[:60]!r}): {v!r} is not a finite number")
             out.append(number)
         return out
 
@@ -255,11 +304,13 @@ def _is_scalar(v) -> bool:
     return hasattr(v, "item") and getattr(v, "ndim", 1) == 0 and isinstance(v.item(), (int, float))
 
 
-def terms(config: RewardConfig, device=None, allow_none: bool = False) -> list[tuple[str, Scorer, float]]:
+def terms(config: RewardConfig, device=None, allow_none: bool = False,
+          chat_template_kwargs: dict | None = None) -> list[tuple[str, Scorer, float]]:
     """The recipe's reward as weighted terms (name, checked scorer(prompts, completions, **columns), weight): one term
     for ``source`` / ``ensemble`` / ``function``, one per entry of ``functions``. TRL's GRPO / RLOO trainers take them
     as ``reward_funcs`` + ``reward_weights`` (``allow_none``: a function may return None for a completion it does not
-    apply to, which TRL skips); aligntool's own methods use their weighted sum (``load``), numbers only."""
+    apply to, which TRL skips); aligntool's own methods use their weighted sum (``load``), numbers only.
+    ``chat_template_kwargs``: how reward models render conversations (TRL's ``train.chat_template_kwargs``)."""
     if config.judge:
         from aligntool.registry import listing
 
@@ -276,15 +327,15 @@ def terms(config: RewardConfig, device=None, allow_none: bool = False) -> list[t
                     term.function, key, dirs), allow_none), term.weight))
             else:
                 out.append((_name(term.source), checked(_name(term.source), _source_scorer(
-                    term.source, config, device, key)), term.weight))
+                    term.source, config, device, key, chat_template_kwargs)), term.weight))
         return out
     if config.function:
         fn = function_scorer(config.function, "reward.function", dirs)
         return [(_name(config.function), checked(_name(config.function), fn, allow_none), 1.0)]
     if config.ensemble:
         check_same_tokenizer(config.ensemble)
-        members = [reward_model_scorer(p, config.batch_size, "reward.ensemble", device, config.dtype)
-                   for p in config.ensemble]
+        members = [reward_model_scorer(p, config.batch_size, "reward.ensemble", device, config.dtype,
+                                       chat_template_kwargs) for p in config.ensemble]
 
         def ensemble(prompts, completions):
             import torch
@@ -295,8 +346,8 @@ def terms(config: RewardConfig, device=None, allow_none: bool = False) -> list[t
             return aggregate_ensemble(scores, config.aggregate, config.uwo_lambda, config.uwo_ddof).tolist()
 
         return [(f"ensemble_{config.aggregate}", checked(f"ensemble_{config.aggregate}", ensemble), 1.0)]
-    return [(_name(config.source), checked(_name(config.source), _source_scorer(config.source, config, device,
-                                                                               "reward.source")), 1.0)]
+    scorer = _source_scorer(config.source, config, device, "reward.source", chat_template_kwargs)
+    return [(_name(config.source), checked(_name(config.source), scorer), 1.0)]
 
 
 def _name(spec: str) -> str:
@@ -317,12 +368,13 @@ def check_functions(config: RewardConfig | None) -> None:
             _accepting(function_scorer(spec, key, search_dirs(config)), _name(spec))  # its signature, too
 
 
-def _source_scorer(source: str, config: RewardConfig, device, key: str) -> Scorer:
+def _source_scorer(source: str, config: RewardConfig, device, key: str,
+                   chat_template_kwargs: dict | None = None) -> Scorer:
     if source == "gold":
         return gold
     if ":" in source and not Path(source).exists():
         return function_scorer(source, key, search_dirs(config))
-    return reward_model_scorer(source, config.batch_size, key, device, config.dtype)
+    return reward_model_scorer(source, config.batch_size, key, device, config.dtype, chat_template_kwargs)
 
 
 def load(config: RewardConfig, device=None) -> Scorer:

@@ -387,8 +387,11 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision,
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
     check_positions(run)
+    # conversational prompts stay messages where the trainer applies the chat template itself (TRL's GRPO / RLOO)
+    keep_conversations = spec.vllm == "trl"
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log,
-                                                                   base_dir=loaded.base_dir, output_dir=out)
+                                                                   base_dir=loaded.base_dir, output_dir=out,
+                                                                   keep_conversations=keep_conversations)
     _step_law(run)
     note_steps_and_epochs(run)
     return run

@@ -156,7 +156,14 @@ def reward_terms(run) -> list:
     from aligntool import models, rewards
     from aligntool.recipe.schema import RewardConfig
 
-    return rewards.terms(run.recipe.reward or RewardConfig(), models.run_device(), allow_none=True)
+    if run.recipe.reward is None and run.recipe.agent is not None:
+        from aligntool.trainers.grpo_tools import environment_reward
+
+        if environment_reward(run):  # the environment's get_reward is the reward (TRL adds it as a reward source)
+            return []
+    kwargs = (run.recipe.train.model_extra or {}).get("chat_template_kwargs")  # how reward models render conversations
+    return rewards.terms(run.recipe.reward or RewardConfig(), models.run_device(), allow_none=True,
+                         chat_template_kwargs=kwargs)
 
 
 def args(run, terms=None):
@@ -167,7 +174,8 @@ def args(run, terms=None):
     extra = {"trust_remote_code": m.trust_remote_code}
     if m.revision is not None:
         extra["model_init_kwargs"] = {"revision": m.revision}
-    return run.trl_config(reward_weights=[float(w) for _, _, w in terms], **extra, **generation_kwargs(run))
+    weights = [float(w) for _, _, w in terms] or None  # None: the environment's get_reward only (TRL's weight 1)
+    return run.trl_config(reward_weights=weights, **extra, **generation_kwargs(run))
 
 
 def build_trainer(run, trainer_cls):
@@ -197,15 +205,23 @@ def build_trainer(run, trainer_cls):
         raise UserError(f"{run.loaded.source}: model.name_or_path: {run.model_path} is a LoRA adapter; with "
                         f"algo.beta > 0 {run.loaded.spec.name}'s KL reference would be its base model: merge it first "
                         "(aligntool merge-lora), or set algo.beta: 0")
+    agent, counts = {}, None
+    if recipe.agent is not None:  # tools / environment (GRPO only: the loader refuses agent elsewhere)
+        from aligntool.trainers import grpo_tools
+
+        agent, counts = grpo_tools.trainer_kwargs(run, config)
     policy = run.policy()
     engine = _vllm_engine(run, policy) if config.use_vllm else contextlib.nullcontext()
     try:
         with engine:
-            return trainer_cls(model=policy, reward_funcs=[fn for _, fn, _ in terms], args=config,
-                               train_dataset=run.train_dataset, eval_dataset=run.eval_dataset,
-                               processing_class=run.tokenizer, peft_config=run.peft_config())
+            trainer = trainer_cls(model=policy, reward_funcs=[fn for _, fn, _ in terms], args=config,
+                                  train_dataset=run.train_dataset, eval_dataset=run.eval_dataset,
+                                  processing_class=run.tokenizer, peft_config=run.peft_config(), **agent)
     except ValueError as exc:  # TRL's checks of combined settings (e.g. sync_ref_model with beta 0)
         raise UserError(f"{run.loaded.source}: train/algo: {first_line(exc)}") from None
+    if counts is not None:  # before the callbacks that write the logged row
+        trainer.callback_handler.callbacks.insert(0, grpo_tools.counts_callback(counts))
+    return trainer
 
 
 def _vllm_engine(run, policy):
