@@ -92,11 +92,14 @@ def test_a_token_of_zero_probability_is_never_drawn_even_at_u_near_one(monkeypat
 def test_a_row_draws_the_same_alone_and_in_any_batch():
     torch.manual_seed(0)
     scores = torch.randn(6, 1300)  # three blocks of 512, the last short
-    together = [RowSampler([10, 11, 12, 13, 14, 15], [False] * 6, 0.9, 0, 0.95, "cpu") for _ in range(1)][0]
+    together = RowSampler([10, 11, 12, 13, 14, 15], [False] * 6, 0.9, 0, 0.95, "cpu")
     alone = [RowSampler([s], [False], 0.9, 0, 0.95, "cpu") for s in (10, 11, 12, 13, 14, 15)]
-    for _ in range(3):  # the stream moves on with the step
+    steps = []
+    for _ in range(3):
         batch = together(None, scores.clone()).argmax(-1).tolist()
         assert batch == [a(None, scores[i : i + 1].clone()).argmax(-1).item() for i, a in enumerate(alone)]
+        steps.append(batch)
+    assert steps[0] != steps[1] != steps[2]  # the stream moves on with the step
 
 
 def test_generation_row_alone_equals_row_in_batch_and_greedy_rows_are_greedy(tiny_path):
