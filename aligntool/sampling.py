@@ -103,14 +103,14 @@ def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, stop: int
 
 
 class RowSampler:
-    """A logits processor that samples every row from its own counter-based random stream, all rows at once:
-    step t of the row with seed s draws u = SplitMix64(s)'s t-th output (``row_uniforms``, a function of (s, t)
-    alone), and inverts the CDF of softmax(s / T) (restricted to the top-k / top-p set, whose other tokens get -inf
-    first) at u: the token v with F(v - 1) <= u * F(V) < F(v). Exact in float64 and cheap at a 152k vocabulary: the
-    CDF is taken over blocks of ``BLOCK`` tokens first, then inside the chosen block only. The processor returns
-    0 at the chosen token and -inf elsewhere, and generate() runs greedy (``do_sample=False``) and takes it. Greedy
-    rows keep their scores (their argmax is unchanged by T and by the top-k / top-p filter, which always keeps the
-    best token). A row's draws depend on its seed, the step and its own scores only, not on the other rows."""
+    """A logits processor that samples every row from its own counter-based random stream, all rows at once: at
+    step t the row with seed s draws one uniform u = output t of SplitMix64 started from s (``row_uniforms``: a
+    function of (s, t) alone) and takes the token where u falls in the CDF of softmax(scores / T) (restricted to the
+    top-k / top-p set, whose other tokens get -inf first; ``inverse_cdf``, two levels of ``BLOCK`` tokens, cheap at
+    a 152k vocabulary). It sets that token's score to +inf, in place (generate() hands the processors its own float32
+    copy of the logits), and generate() runs greedy (``do_sample=False``) and takes it. Greedy rows keep their
+    scores (their argmax is unchanged by T and by the top-k / top-p filter, which always keeps the best token). A
+    row's tokens depend on its seed, the step and its own scores only, not on the other rows of the batch."""
 
     BLOCK = 512
 
@@ -133,7 +133,7 @@ class RowSampler:
         picks = inverse_cdf(scores, u)
         if bool(self.greedy.any()):
             picks[self.greedy] = scores[self.greedy].argmax(-1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, picks[:, None], 0.0)
+        return scores.scatter_(1, picks[:, None], float("inf"))  # in place: a copy of 152k x 256 floats costs
 
 
 _GAMMA, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -164,24 +164,25 @@ def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def inverse_cdf(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the token v with F(v - 1) <= u F(V) < F(v), F the cumulative sum of exp(scores - max): a draw from
-    softmax(scores) for u ~ U(0, 1). Two levels: block sums (float64), then the cumulative sum inside the chosen block
-    only. A token of zero probability is never chosen (a row whose u F(V) rounds past the end gets its last token of
-    positive probability)."""
+    """Per row, a draw from softmax(scores) for u ~ U(0, 1) by inverting its CDF, in two levels: the block of
+    ``RowSampler.BLOCK`` tokens where u falls in the CDF of the block sums (float32 sums, float64 CDF), then the token
+    where the rest of u, as a fraction of the block's mass, falls in the block's own float64 CDF: P(v) = P(its block)
+    x p_v / (the block's sum), exact to the float32 block sums' rounding. A token of zero probability is never chosen
+    (a row past the end by rounding gets its last token of positive probability)."""
     B, V = scores.shape
     n = min(RowSampler.BLOCK, V)
-    p = (scores - scores.amax(-1, keepdim=True)).exp_()
+    p = torch.softmax(scores, -1)  # one fused pass
     full = V // n * n
-    sums = p[:, :full].reshape(B, -1, n).sum(-1, dtype=torch.float64)
+    sums = p[:, :full].reshape(B, -1, n).sum(-1)
     if full < V:
-        sums = torch.cat([sums, p[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], 1)
-    cdf = sums.cumsum(-1)
+        sums = torch.cat([sums, p[:, full:].sum(-1, keepdim=True)], 1)
+    cdf = sums.double().cumsum(-1)
     x = u.to(cdf.device)[:, None] * cdf[:, -1:]
     block = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[1] - 1)
-    x = x - torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    frac = (x - torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)) / sums.double().gather(1, block)
     cols = block * n + torch.arange(n, device=p.device)  # the chosen block's tokens (the last block may be short)
-    inside = torch.where(cols < V, p.gather(1, cols.clamp(max=V - 1)), 0.0)
-    within = torch.searchsorted(inside.double().cumsum(-1), x, right=True).clamp_(max=n - 1)
+    inside = torch.where(cols < V, p.gather(1, cols.clamp(max=V - 1)), 0.0).double().cumsum(-1)
+    within = torch.searchsorted(inside, frac * inside[:, -1:], right=True).clamp_(max=n - 1)
     picks = cols.gather(1, within)[:, 0].clamp_(max=V - 1)
     bad = p.gather(1, picks[:, None])[:, 0] <= 0
     if bool(bad.any()):  # past the end by rounding (or a row without a finite score): the last positive token

@@ -265,3 +265,57 @@ def timed_worker(side: str, a, import_libraries, work, warmup: int) -> dict:
     baseline = memory_baseline()
     ends, tokens, gen = work()
     return timing_summary(side, ends, tokens, gen, warmup, baseline)
+
+
+# ----------------------------------------------------------------- model FLOP/s as a fraction of the matmul peak
+FLOPS_NOTE = ("model FLOPs: 2N per token forward, 6N forward + backward, N = the parameters that take part in a "
+              "matmul per token (all but the input embedding lookup; the output head counted once, tied or not), the "
+              "attention score term (2 n_layer n_ctx d per token) left out: Kaplan et al. 2020, Table 1 / eq. 2.2; "
+              "PaLM (Chowdhery et al. 2022), appendix B")
+_PEAKS: dict = {}
+
+
+def matmul_params(model) -> int:
+    """N of ``FLOPS_NOTE``: the model's parameters less its input embedding matrix, plus its output head once (with
+    tied embeddings the head is the embedding matrix, used as a matmul on every token)."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    n = sum(p.numel() for p in model.parameters()) - embed.numel()
+    if head is not None and head.weight is embed:  # tied: the head's matmul uses the embedding matrix
+        n += embed.numel()
+    return n
+
+
+def matmul_peak_flops(dtype: str = "float32", device: str | None = None, size: int | None = None,
+                      repeats: int = 5) -> float:
+    """This machine's measured matmul peak in FLOP/s: the best of ``repeats`` timed ``torch.matmul`` of two square
+    ``size`` x ``size`` matrices in ``dtype`` (2 size^3 FLOPs each), after one untimed warm-up; on CUDA when
+    available (the card's, synchronised), else on the CPU with torch's threads. Measured once per process, per
+    (dtype, device, size)."""
+    import time
+
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = size or (8192 if device.startswith("cuda") else 2048)
+    key = (dtype, device, size)
+    if key not in _PEAKS:
+        a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+        b = torch.randn(size, size, device=device).to(a.dtype)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        best = float("inf")
+        for i in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            if i:  # the first is the warm-up
+                best = min(best, time.perf_counter() - t0)
+        _PEAKS[key] = 2 * size**3 / best
+    return _PEAKS[key]
+
+
+def flops_text(flops: float, seconds: float, peak: float) -> str:
+    """'achieved X GFLOP/s = Y% of measured matmul peak Z GFLOP/s' for ``flops`` model FLOPs in ``seconds``."""
+    achieved = flops / seconds
+    return (f"achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of measured matmul peak "
+            f"{peak / 1e9:.1f} GFLOP/s")
