@@ -319,3 +319,65 @@ def flops_text(flops: float, seconds: float, peak: float) -> str:
     achieved = flops / seconds
     return (f"achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of measured matmul peak "
             f"{peak / 1e9:.1f} GFLOP/s")
+
+
+def model_matmul_params(path: str) -> int:
+    """``matmul_params`` of the model saved at ``path``, built from its config on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return matmul_params(model)
+
+
+def measured_peak(threads: int = 0, dtype: str = "float32") -> float:
+    """``matmul_peak_flops`` with ``threads`` torch threads (0: torch's default), as the benchmark's runs use."""
+    import torch
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    return matmul_peak_flops(dtype)
+
+
+def print_generation_flops(med, sides, path: str, threads: int, dtype: str = "float32") -> None:
+    """Per side, the generation phase's model FLOP/s (``med`` from ``alternate_runs``): forward only, 2N per
+    generated token (tokens_per_iteration, greedy rows included) over the median generation seconds. The prompts'
+    prefill is not counted (a lower bound); the other phases (scoring forwards, the update's forward + backward)
+    are not in it."""
+    n, peak = model_matmul_params(path), measured_peak(threads, dtype)
+    print(f"{FLOPS_NOTE}; N = {n / 1e6:.1f} M")
+    for side in sides:
+        flops = 2 * n * med(side, "tokens_per_iteration")
+        print(f"generation of {side} (forward only, prompt prefill not counted): "
+              f"{flops_text(flops, med(side, 'generation_s'), peak)}")
+
+
+def count_forward_tokens(model_class) -> dict:
+    """Wrap ``model_class.forward`` to count the tokens of every forward (the attention mask's ones, else every
+    input position): ``with_grad`` (those of a forward + backward: a training forward) and ``no_grad`` (forward
+    only: reference log-probs, generation). Returns the live counters. Give the decoder body's class (LlamaModel,
+    not LlamaForCausalLM): TRL's fused LM head replaces the causal LM's forward and calls the body directly."""
+    import functools
+
+    import torch
+
+    counts = {"with_grad": 0, "no_grad": 0}
+    inner = model_class.forward
+
+    @functools.wraps(inner)
+    def forward(self, *args, **kwargs):
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if ids is not None else kwargs.get("inputs_embeds")
+        tokens = int(mask.sum()) if mask is not None else (ids.shape[:2].numel() if ids is not None else 0)
+        counts["with_grad" if torch.is_grad_enabled() else "no_grad"] += tokens
+        return inner(self, *args, **kwargs)
+
+    model_class.forward = forward
+    return counts
+
+
+def training_flops(n: int, counts: dict) -> float:
+    """Model FLOPs of ``count_forward_tokens``' counts: 6N per token of a forward with grad (forward + backward),
+    2N per token of a forward without."""
+    return 6 * n * counts["with_grad"] + 2 * n * counts["no_grad"]
