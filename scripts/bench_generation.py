@@ -295,8 +295,10 @@ def compare(a, label: str, backends: list[str]) -> int:
         n, peak = benchlib.model_matmul_params(a.model), benchlib.matmul_peak_flops(_dtype(a.dtype, cuda))
         print(f"{benchlib.FLOPS_NOTE}; N = {n / 1e6:.1f} M")
         for side, r in rows.items():  # forward only; the prompts' prefill is not counted (a lower bound)
+            r.update(model_flops_per_s=2 * n * r["tokens_per_s"], matmul_peak_flops_per_s=peak)
+            r["peak_fraction"] = r["model_flops_per_s"] / peak
             print(f"{side} generation (forward only, prefill not counted): "
-                  f"{benchlib.flops_text(2 * n * r['tokens_per_s'], 1.0, peak)}")
+                  f"{benchlib.flops_text(r['model_flops_per_s'], 1.0, peak)}")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": label, "folder": a.model, "device": device,
                                             "num_prompts": a.num_prompts, "max_new_tokens": a.max_new_tokens,
