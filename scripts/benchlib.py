@@ -354,10 +354,12 @@ def print_generation_flops(med, sides, path: str, threads: int, dtype: str = "fl
 
 
 def count_forward_tokens(model_class) -> dict:
-    """Wrap ``model_class.forward`` to count the tokens of every forward (the attention mask's ones, else every
-    input position): ``with_grad`` (those of a forward + backward: a training forward) and ``no_grad`` (forward
-    only: reference log-probs, generation). Returns the live counters. Give the decoder body's class (LlamaModel,
-    not LlamaForCausalLM): TRL's fused LM head replaces the causal LM's forward and calls the body directly."""
+    """Wrap ``model_class.forward`` to count the tokens of every forward (the input positions the attention mask
+    keeps: with a KV cache only the new ones, e.g. one per row and step in generation): ``with_grad`` (those of a
+    forward + backward: a training forward) and ``no_grad`` (forward only: reference log-probs, generation). Returns
+    the live counters. Give the decoder body's class (LlamaModel, not LlamaForCausalLM): TRL's fused LM head
+    replaces the causal LM's forward and calls the body directly. vLLM's own model is not counted."""
+
     import functools
 
     import torch
@@ -369,7 +371,8 @@ def count_forward_tokens(model_class) -> dict:
     def forward(self, *args, **kwargs):
         mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
         ids = ids if ids is not None else kwargs.get("inputs_embeds")
-        tokens = int(mask.sum()) if mask is not None else (ids.shape[:2].numel() if ids is not None else 0)
+        new = ids.shape[1] if ids is not None else 0  # positions this forward computes (the rest are cached)
+        tokens = int(mask[:, -new:].sum()) if mask is not None and new else (ids.shape[:2].numel() if new else 0)
         counts["with_grad" if torch.is_grad_enabled() else "no_grad"] += tokens
         return inner(self, *args, **kwargs)
 

@@ -50,6 +50,9 @@ def test_forward_tokens_are_counted_by_the_attention_mask_and_grad_mode(benchlib
     with torch.no_grad():
         model(input_ids=ids)
     assert counts == {"with_grad": 5, "no_grad": 6}
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=None,
+                   pad_token_id=0)  # the prompts' 5 tokens, then 2 rows x 2 cached steps (the 3rd token needs none)
+    assert counts == {"with_grad": 5, "no_grad": 6 + 5 + 4}
 
 
 def test_measured_matmul_peak_is_positive_and_finite_and_the_text_reads_it(benchlib):
