@@ -322,12 +322,15 @@ def flops_text(flops: float, seconds: float, peak: float) -> str:
 
 
 def model_matmul_params(path: str) -> int:
-    """``matmul_params`` of the model saved at ``path``, built from its config on the meta device (no weights)."""
+    """``matmul_params`` of the model at ``path`` (a folder, or a built-in name such as tiny), built from its config
+    on the meta device (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from aligntool import models
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(models.resolve(path))))
     return matmul_params(model)
 
 
