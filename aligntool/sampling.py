@@ -112,7 +112,8 @@ class RowSampler:
     scores (their argmax is unchanged by T and by the top-k / top-p filter, which always keeps the best token). A
     row's tokens depend on its seed, the step and its own scores only, not on the other rows of the batch."""
 
-    BLOCK = 512
+    BLOCK = 512  # tokens per block of the inverse CDF
+    STEPS = 64  # steps whose uniforms are drawn at once
 
     def __init__(self, seeds: list[int], greedy_rows: list[bool], temperature: float, top_k: int, top_p: float,
                  device):
@@ -120,18 +121,21 @@ class RowSampler:
 
         self.seeds = torch.tensor([int(s) % 2**63 for s in seeds], dtype=torch.int64, device=device)
         self.greedy = torch.tensor(list(greedy_rows), dtype=torch.bool, device=device)
-        self.step = 0
+        self.all_greedy, self.any_greedy = all(greedy_rows), any(greedy_rows)  # known here: no device sync per step
+        self.step, self.uniforms = 0, None
         self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature not in (0, 1) else []) + \
             ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        u, self.step = row_uniforms(self.seeds.to(scores.device), self.step), self.step + 1
-        if bool(self.greedy.all()):
+        step, self.step = self.step, self.step + 1
+        if self.all_greedy:
             return scores
-        picks = inverse_cdf(scores, u)
-        if bool(self.greedy.any()):
+        if step % self.STEPS == 0:  # the next STEPS steps' uniforms of every row, in one go
+            self.uniforms = row_uniforms(self.seeds[:, None], step + torch.arange(self.STEPS, device=scores.device))
+        picks = inverse_cdf(scores, self.uniforms[:, step % self.STEPS])
+        if self.any_greedy:
             picks[self.greedy] = scores[self.greedy].argmax(-1)
         return scores.scatter_(1, picks[:, None], float("inf"))  # in place: a copy of 152k x 256 floats costs
 
@@ -156,10 +160,11 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """u in [0, 1) (float64, 53 bits) per row: output ``step`` (0-based) of SplitMix64 started at state mix(seed),
-    i.e. mix(mix(seed) + (step + 1) * gamma) mod 2^64 -- a function of (seed, step) alone."""
-    z = _mix(seeds) + _int64((step + 1) * _GAMMA % 2**64)
+def row_uniforms(seeds: torch.Tensor, steps) -> torch.Tensor:
+    """u in [0, 1) (float64, 53 bits) for each seed and step (an int, or int64 steps broadcast against ``seeds``):
+    output ``step`` (0-based) of SplitMix64 started at state mix(seed), i.e. mix(mix(seed) + (step + 1) gamma) mod
+    2^64 -- a function of (seed, step) alone."""
+    z = _mix(seeds) + (torch.as_tensor(steps, dtype=torch.int64, device=seeds.device) + 1) * _int64(_GAMMA)
     return _shr(_mix(z), 11).double() * 2.0**-53
 
 

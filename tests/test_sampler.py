@@ -33,6 +33,9 @@ def test_row_uniforms_are_splitmix64_outputs_of_the_row_seed():
     seeds = [0, 1, 12345, 2**40 + 7, 2**63 - 1]
     got = torch.stack([row_uniforms(torch.tensor(seeds), t) for t in range(5)], 1).tolist()
     assert got == [splitmix64(s, 5) for s in seeds]
+    assert row_uniforms(torch.tensor(seeds)[:, None], torch.arange(5)).tolist() == got  # all steps at once
+    far = row_uniforms(torch.tensor(seeds[2:3]), 200).item()  # a later block of RowSampler.STEPS steps
+    assert far == splitmix64(seeds[2], 201)[-1]
 
 
 def draws(logits, temperature=1.0, top_k=0, top_p=1.0, rows=40_000, steps=1):
@@ -84,20 +87,23 @@ def test_top_p_and_top_k_draw_from_the_kept_set_only(monkeypatch):
 
 def test_a_token_of_zero_probability_is_never_drawn_even_at_u_near_one(monkeypatch):
     scores = torch.tensor([[0.5, 1.0, float("-inf"), float("-inf")], [float("-inf"), 2.0, 0.0, float("-inf")]])
-    monkeypatch.setattr(sampling, "row_uniforms", lambda seeds, step: torch.full(seeds.shape, 1 - 2.0**-53))
+    monkeypatch.setattr(sampling, "row_uniforms", lambda seeds, steps: torch.full((2, 64), 1 - 2.0**-53))
     picks = RowSampler([1, 2], [False, False], 1.0, 0, 1.0, "cpu")(None, scores).argmax(-1)
     assert picks.tolist() == [1, 2]
 
 
-def test_a_row_draws_the_same_alone_and_in_any_batch():
+def test_a_row_draws_the_same_alone_and_in_any_batch_from_its_seeds_stream(monkeypatch):
+    monkeypatch.setattr(RowSampler, "STEPS", 2)  # uniforms drawn two steps at a time: step 2 starts a new draw
     torch.manual_seed(0)
-    scores = torch.randn(6, 1300)  # three blocks of 512, the last short
-    together = RowSampler([10, 11, 12, 13, 14, 15], [False] * 6, 0.9, 0, 0.95, "cpu")
-    alone = [RowSampler([s], [False], 0.9, 0, 0.95, "cpu") for s in (10, 11, 12, 13, 14, 15)]
+    scores, seeds = torch.randn(6, 1300), [10, 11, 12, 13, 14, 2**62 + 15]  # three blocks of 512, the last short
+    together = RowSampler(seeds, [False] * 6, 1.0, 0, 1.0, "cpu")
+    alone = [RowSampler([s], [False], 1.0, 0, 1.0, "cpu") for s in seeds]
     steps = []
-    for _ in range(3):
+    for t in range(3):
         batch = together(None, scores.clone()).argmax(-1).tolist()
         assert batch == [a(None, scores[i : i + 1].clone()).argmax(-1).item() for i, a in enumerate(alone)]
+        u = torch.tensor([splitmix64(s, t + 1)[-1] for s in seeds], dtype=torch.float64)  # output t of each seed
+        assert batch == sampling.inverse_cdf(scores, u).tolist()
         steps.append(batch)
     assert steps[0] != steps[1] != steps[2]  # the stream moves on with the step
 
