@@ -292,7 +292,7 @@ def compare(a, label: str, backends: list[str]) -> int:
     if rows:
         import benchlib
 
-        n, peak = benchlib.model_matmul_params(a.model), benchlib.matmul_peak_flops(_dtype(a.dtype, cuda))
+        n, peak = benchlib.model_matmul_params(a.model), benchlib.matmul_peak_flops(_dtype(a.dtype, cuda), again=True)
         print(f"{benchlib.FLOPS_NOTE}; N = {n / 1e6:.1f} M")
         for side, r in rows.items():  # forward only; the prompts' prefill is not counted (a lower bound)
             r.update(model_flops_per_s=2 * n * r["tokens_per_s"], matmul_peak_flops_per_s=peak)

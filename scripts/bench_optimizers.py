@@ -153,8 +153,9 @@ def compare(a) -> None:
     n, tokens = model_matmul_params(a.model), sum(int(m.sum()) for _, m, _ in train_batches)
     print(f"{FLOPS_NOTE}; N = {n / 1e6:.1f} M; training: 6N per token (forward + backward; the optimizer's own work "
           f"is in the time, not in the FLOPs), {tokens} tokens in {a.steps} steps")
+    peak = matmul_peak_flops("float32", again=True)
     for name, r in results.items():
-        print(f"{name:<10} {flops_text(6 * n * tokens, r['seconds'], matmul_peak_flops('float32'))}")
+        print(f"{name:<10} {flops_text(6 * n * tokens, r['seconds'], peak)}")
 
 
 def main() -> None:
