@@ -103,30 +103,97 @@ def generate_from_ids(model, prompt_ids: list[list[int]], pad_id: int, stop: int
 
 
 class RowSampler:
-    """A logits processor that samples every row from its own seeded random stream, by the Gumbel-max trick: with
-    g_v = -log(-log u_v), u_v ~ U(0, 1) drawn from the row's generator, argmax_v (s_v / T + g_v) is a draw from
-    softmax(s / T) (restricted to the top-k / top-p set, whose other tokens get -inf first). generate() then runs
-    greedy (``do_sample=False``) and takes that argmax. Greedy rows get no noise (their argmax is unchanged by T
-    and by the top-k / top-p filter, which always keeps the best token)."""
+    """A logits processor that samples every row from its own counter-based random stream, all rows at once: at
+    step t the row with seed s draws one uniform u = output t of SplitMix64 started from s (``row_uniforms``: a
+    function of (s, t) alone) and takes the token where u falls in the CDF of softmax(scores / T) (restricted to the
+    top-k / top-p set, whose other tokens get -inf first; ``inverse_cdf``, two levels of ``BLOCK`` tokens, cheap at
+    a 152k vocabulary). It sets that token's score to +inf, in place (generate() hands the processors its own float32
+    copy of the logits), and generate() runs greedy (``do_sample=False``) and takes it. Greedy rows keep their
+    scores (their argmax is unchanged by T and by the top-k / top-p filter, which always keeps the best token). A
+    row's tokens depend on its seed, the step and its own scores only, not on the other rows of the batch."""
+
+    BLOCK = 512  # tokens per block of the inverse CDF
+    STEPS = 64  # steps whose uniforms are drawn at once
 
     def __init__(self, seeds: list[int], greedy_rows: list[bool], temperature: float, top_k: int, top_p: float,
                  device):
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        self.generators = [None if g else torch.Generator(device).manual_seed(int(s) % 2**63)
-                           for s, g in zip(seeds, greedy_rows)]
+        self.seeds = torch.tensor([int(s) % 2**63 for s in seeds], dtype=torch.int64, device=device)
+        self.greedy = torch.tensor(list(greedy_rows), dtype=torch.bool, device=device)
+        self.all_greedy, self.any_greedy = all(greedy_rows), any(greedy_rows)  # known here: no device sync per step
+        self.step, self.uniforms = 0, None
         self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature not in (0, 1) else []) + \
             ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        noise = torch.zeros_like(scores)
-        for i, gen in enumerate(self.generators):
-            if gen is not None:
-                u = torch.rand(scores.shape[-1], generator=gen, device=scores.device, dtype=torch.float64)
-                noise[i] = -torch.log(-torch.log(u.clamp(min=1e-300)))
-        return scores + noise
+        step, self.step = self.step, self.step + 1
+        if self.all_greedy:
+            return scores
+        if step % self.STEPS == 0:  # the next STEPS steps' uniforms of every row, in one go
+            self.uniforms = row_uniforms(self.seeds[:, None], step + torch.arange(self.STEPS, device=scores.device))
+        picks = inverse_cdf(scores, self.uniforms[:, step % self.STEPS])
+        if self.any_greedy:
+            picks[self.greedy] = scores[self.greedy].argmax(-1)
+        return scores.scatter_(1, picks[:, None], float("inf"))  # in place: a copy of 152k x 256 floats costs
+
+
+_GAMMA, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _int64(c: int) -> int:
+    """The int64 with the bits of the 64-bit unsigned ``c``."""
+    return c - 2**64 if c >= 2**63 else c
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 ``z`` by ``k`` bits (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function (Steele, Lea & Flood 2014; Vigna's splitmix64.c), in wrapping int64 arithmetic."""
+    z = (z ^ _shr(z, 30)) * _int64(_M1)
+    z = (z ^ _shr(z, 27)) * _int64(_M2)
+    return z ^ _shr(z, 31)
+
+
+def row_uniforms(seeds: torch.Tensor, steps) -> torch.Tensor:
+    """u in [0, 1) (float64, 53 bits) for each seed and step (an int, or int64 steps broadcast against ``seeds``):
+    output ``step`` (0-based) of SplitMix64 started at state mix(seed), i.e. mix(mix(seed) + (step + 1) gamma) mod
+    2^64 -- a function of (seed, step) alone."""
+    z = _mix(seeds) + (torch.as_tensor(steps, dtype=torch.int64, device=seeds.device) + 1) * _int64(_GAMMA)
+    return _shr(_mix(z), 11).double() * 2.0**-53
+
+
+def inverse_cdf(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, a draw from softmax(scores) for u ~ U(0, 1) by inverting its CDF, in two levels: the block of
+    ``RowSampler.BLOCK`` tokens where u falls in the CDF of the block sums (float32 sums, float64 CDF), then the token
+    where the rest of u, as a fraction of the block's mass, falls in the block's own float64 CDF: P(v) = P(its block)
+    x p_v / (the block's sum), exact to the float32 block sums' rounding. A token of zero probability is never chosen
+    (a row past the end by rounding gets its last token of positive probability)."""
+    B, V = scores.shape
+    n = min(RowSampler.BLOCK, V)
+    p = torch.softmax(scores, -1)  # one fused pass
+    full = V // n * n
+    sums = p[:, :full].reshape(B, -1, n).sum(-1)
+    if full < V:
+        sums = torch.cat([sums, p[:, full:].sum(-1, keepdim=True)], 1)
+    cdf = sums.double().cumsum(-1)
+    x = u.to(cdf.device)[:, None] * cdf[:, -1:]
+    block = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[1] - 1)
+    frac = (x - torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)) / sums.double().gather(1, block)
+    cols = block * n + torch.arange(n, device=p.device)  # the chosen block's tokens (the last block may be short)
+    inside = torch.where(cols < V, p.gather(1, cols.clamp(max=V - 1)), 0.0).double().cumsum(-1)
+    within = torch.searchsorted(inside, frac * inside[:, -1:], right=True).clamp_(max=n - 1)
+    picks = cols.gather(1, within)[:, 0].clamp_(max=V - 1)
+    bad = p.gather(1, picks[:, None])[:, 0] <= 0
+    if bool(bad.any()):  # past the end by rounding (or a row without a finite score): the last positive token
+        ranks = torch.where(p[bad] > 0, torch.arange(V, device=p.device), -1).amax(-1)
+        picks[bad] = torch.where(ranks >= 0, ranks, scores[bad].argmax(-1))
+    return picks
 
 
 def sequence_logprobs(model, tokenizer, prompts: list, completions: list[list[int]], batch_size: int = 64,

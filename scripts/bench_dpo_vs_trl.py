@@ -3,7 +3,11 @@
 Each run is a fresh subprocess (so peak memory is per run), and the two sides alternate (A B A B ...) so that machine
 noise hits both alike. Measured per run:
 - time per optimizer step: median wall time between on_step_begin and on_step_end, first 3 steps skipped;
-- peak resident memory of the process (ru_maxrss), which includes Python, torch and the libraries.
+- peak resident memory of the process (ru_maxrss), which includes Python, torch and the libraries;
+- model FLOP/s as a fraction of this machine's measured matmul peak (scripts/benchlib.py): 6N per token of every
+  forward with grad (the policy's forward + backward on chosen and rejected), 2N per token of every forward without
+  (the reference's log-probs), tokens counted from the attention masks over all steps (mean per step), over the
+  median step time.
 
 Both sides train the built-in tiny model on the same toy preference pairs with DPOConfig(beta 0.1, sigmoid, lr 5e-4,
 bf16 off, TensorBoard logging every 10 steps, no checkpoints): checkpointing is off on both sides because it is I/O,
@@ -21,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+import benchlib
 from benchlib import run_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,9 +105,13 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
+        from transformers import LlamaModel
+
+        counts = benchlib.count_forward_tokens(LlamaModel)  # the tiny model's body
         times = (worker_aligntool if a.worker == "aligntool" else worker_trl)(a.steps, a.batch_size, a.out)
         step = statistics.median(times[3:] or times)
-        print(json.dumps({"step_s": step, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"step_s": step, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "counts": {k: v / len(times) for k, v in counts.items()}}))
         return
 
     from aligntool.toy.tiny import tiny_model_path
@@ -121,6 +130,12 @@ def main() -> None:
     t_ratio, m_ratio = med["aligntool"][0] / med["trl"][0], med["aligntool"][1] / med["trl"][1]
     print(f"time per step   aligntool/TRL = {t_ratio:.3f}  (target <= 1.05: {'met' if t_ratio <= 1.05 else 'NOT met'})")
     print(f"peak memory     aligntool/TRL = {m_ratio:.3f}  (target <= 1.05: {'met' if m_ratio <= 1.05 else 'NOT met'})")
+    n, peak = benchlib.model_matmul_params(str(tiny_model_path())), benchlib.measured_peak()
+    print(f"{benchlib.FLOPS_NOTE}; N = {n / 1e6:.2f} M")
+    for side, runs in rows.items():
+        c = runs[-1]["counts"]
+        print(f"{side}: {c['with_grad']:.0f} tokens forward + backward, {c['no_grad']:.0f} forward only per step; "
+              f"{benchlib.flops_text(benchlib.training_flops(n, c), med[side][0], peak)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ stop tokens (EOS, generation_config.json's list, the end of turn). The prompts a
 
 Measured per side: load time (weights + engine start), then ``--repeats`` timed calls on all prompts after one
 untimed warm-up call; tokens = generated tokens without padding (the stop token counted, as both keep it). Prints each
-side's median tokens/s and the ratio vLLM / HF. Without an importable vllm it says so in one line and reports HF only.
+side's median tokens/s, the ratio vLLM / HF, and each side's model FLOP/s (2N per generated token, forward only) as a
+fraction of the measured matmul peak in the same dtype (scripts/benchlib.py; the card's on a GPU). Without an
+importable vllm it says so in one line and reports HF only.
 
     python scripts/bench_generation.py [--model tiny | 27m | qwen2-0.5b | FOLDER] [--num-prompts 64]
                                        [--max-new-tokens 64] [--dtype auto] [--backends hf,vllm] [--repeats 3]
@@ -287,6 +289,16 @@ def compare(a, label: str, backends: list[str]) -> int:
               f"{r['tokens_per_s']:>10.0f} {r['mean_length']:>9.1f} {r['at_max']:>7.0%}", flush=True)
     if "hf" in rows and "vllm" in rows:
         print(f"vLLM/HF tokens/s {rows['vllm']['tokens_per_s'] / rows['hf']['tokens_per_s']:.2f}")
+    if rows:
+        import benchlib
+
+        n, peak = benchlib.model_matmul_params(a.model), benchlib.matmul_peak_flops(_dtype(a.dtype, cuda), again=True)
+        print(f"{benchlib.FLOPS_NOTE}; N = {n / 1e6:.1f} M")
+        for side, r in rows.items():  # forward only; the prompts' prefill is not counted (a lower bound)
+            r.update(model_flops_per_s=2 * n * r["tokens_per_s"], matmul_peak_flops_per_s=peak)
+            r["peak_fraction"] = r["model_flops_per_s"] / peak
+            print(f"{side} generation (forward only, prefill not counted): "
+                  f"{benchlib.flops_text(r['model_flops_per_s'], 1.0, peak)}")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": label, "folder": a.model, "device": device,
                                             "num_prompts": a.num_prompts, "max_new_tokens": a.max_new_tokens,

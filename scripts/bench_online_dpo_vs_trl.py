@@ -20,8 +20,9 @@ checkpointing (set off on both), no mixed precision; TensorBoard logging on both
 during the timed iterations but aligntool's always-logged first one).
 
 Not equal (cannot be made equal from the outside; each is part of what the sides are):
-- the random streams: aligntool samples each row from its own seeded stream (Gumbel-max, a logits processor on a
-  greedy generate), TRL by ``generate(do_sample=True)``; so the samples, their lengths and their labels differ.
+- the random streams: aligntool samples each row from its own seeded stream (aligntool.sampling.RowSampler: an
+  inverse CDF at a counter-based uniform per row and step, a logits processor on a greedy generate), TRL by
+  ``generate(do_sample=True)``; so the samples, their lengths and their labels differ.
   Seconds per generated token (both samples of every pair, EOS included, counted from the responses' masks on both
   sides) corrects the time for the lengths;
 - how the work is split: aligntool generates both samples in one call (as TRL) but runs the policy forward with grad
@@ -42,7 +43,8 @@ Measured per run:
 - peak resident memory: that training adds (VmHWM reset through /proc/self/clear_refs once the libraries are imported,
   minus the resident memory then: models, reference, optimizer state, activations, generation caches) and that of
   the whole process (ru_maxrss).
-Prints every run, the load average before each, then the median ratios aligntool / TRL. Each run uses ``--threads``
+Prints every run, the load average before each, then the median ratios aligntool / TRL and each side's generation
+FLOP/s as a fraction of the measured matmul peak (benchlib.print_generation_flops). Each run uses ``--threads``
 torch threads (default 1): on a small machine shared with other jobs, torch's default (one thread per core) spins
 against them and the timings of one side swung 8x between runs; with 1 thread they held within ~2x under load ~3-4.
 
@@ -161,6 +163,7 @@ def compare(a) -> None:
     ratio = B.ratios(med, "aligntool", "trl")
     print(f"aligntool/TRL  time per iteration {ratio['iteration_s']:.3f} (generation {ratio['generation_s']:.3f})   "
           f"time per generated token {ratio['token_s']:.3f}   {B.memory_ratios_text(ratio)}")
+    B.print_generation_flops(med, SIDES, a.model, a.threads)
     B.print_end_load()
 
 

@@ -29,8 +29,9 @@ Not equal (cannot be made equal from the outside; each is part of what the sides
   for its KL-in-reward) than REINFORCE++ and GRPO, which reuse the forward of the update when there is one update
   per rollout; GRPO puts the KL (k3) in the loss, RLOO and REINFORCE++ (k1) in the reward; the losses' arithmetic
   differs (negligible next to the forwards);
-- the random streams: aligntool samples each row from its own seeded stream (Gumbel-max, a logits processor on a
-  greedy generate), TRL by ``generate(do_sample=True)``; so the samples and their lengths differ. Seconds per
+- the random streams: aligntool samples each row from its own seeded stream (aligntool.sampling.RowSampler: one
+  counter-based uniform per row and step, an inverse CDF, a logits processor on a greedy generate), TRL by
+  ``generate(do_sample=True)``; so the samples and their lengths differ. Seconds per
   generated token (every generated response, EOS included, greedy ones too) corrects the time for the lengths;
 - aligntool computes logits on the response positions only (``logits_to_keep``), as TRL does;
 - the loop around an iteration: the Trainer's (dataloader, collator, callbacks, its metrics) vs aligntool's engine
@@ -45,7 +46,8 @@ Measured per run (scripts/benchlib.py, as in scripts/bench_online_dpo_vs_trl.py)
 - seconds per generated token: the same iterations' total time / the tokens they generated;
 - peak resident memory that training adds (VmHWM reset once the libraries are imported, minus the resident memory
   then) and that of the whole process (ru_maxrss).
-Prints every run, the load average before each, each side's medians, then the ratios aligntool / TRL for every pair.
+Prints every run, the load average before each, each side's medians, then the ratios aligntool / TRL for every pair,
+and each side's generation FLOP/s as a fraction of the measured matmul peak (benchlib.print_generation_flops).
 Each run uses ``--threads`` torch threads (default 1; see bench_online_dpo_vs_trl.py for why).
 
     python scripts/bench_online_vs_trl.py [--iterations 8] [--batch-size 16] [--generations 2] [--max-new-tokens 32]
@@ -178,6 +180,7 @@ def compare(a) -> None:
             ratio = B.ratios(med, ours, theirs)
             print(f"{ours}/{theirs:<5} time per generated token {ratio['token_s']:.3f}   time per iteration "
                   f"{ratio['iteration_s']:.3f}   {B.memory_ratios_text(ratio)}")
+    B.print_generation_flops(med, sides, a.model, a.threads)
     B.print_end_load()
 
 

@@ -148,6 +148,14 @@ def compare(a) -> None:
         print(f"{name:<10} {r['lr']:>8g} {r['final_loss']:>10.4f} {r['heldout_loss']:>9.4f} {r['state_bytes']:>12,} "
               f"{r['state_bytes'] / base['state_bytes']:>11.3f} {r['final_loss'] / base['final_loss']:>10.3f} "
               f"{r['seconds'] / a.steps:>7.2f}")
+    from benchlib import FLOPS_NOTE, flops_text, matmul_peak_flops, model_matmul_params
+
+    n, tokens = model_matmul_params(a.model), sum(int(m.sum()) for _, m, _ in train_batches)
+    print(f"{FLOPS_NOTE}; N = {n / 1e6:.1f} M; training: 6N per token (forward + backward; the optimizer's own work "
+          f"is in the time, not in the FLOPs), {tokens} tokens in {a.steps} steps")
+    peak = matmul_peak_flops("float32", again=True)
+    for name, r in results.items():
+        print(f"{name:<10} {flops_text(6 * n * tokens, r['seconds'], peak)}")
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ caches it in output_dir/ref_logps); every training step then runs the policy onl
 (A B A B ...), each run in a fresh subprocess. Measured per run: median time per optimizer step (on_step_begin to
 on_step_end, first 3 steps skipped), and for the precomputed side the one-off pass (trainer construction time minus
 that of the per-step side, which builds the same trainer without the pass). Prints the ratio precomputed / per-step
-(target <= 0.7).
+(target <= 0.7), and per side the model FLOP/s of a step as a fraction of the measured matmul peak (benchlib: 6N per
+token of a forward with grad, 2N per token of one without, the one-off pass left out).
 
     python scripts/bench_ref_precompute.py [--steps 40] [--batch-size 16] [--repeats 2]
 """
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def worker(precompute: bool, steps: int, batch: int, out: str) -> dict:
     from bench_dpo_vs_trl import step_timer
+    from benchlib import count_forward_tokens
+    from transformers import LlamaModel
 
     from aligntool import data, models
     from aligntool.recipe.loader import load_recipe
@@ -43,13 +46,16 @@ def worker(precompute: bool, steps: int, batch: int, out: str) -> dict:
     run.model_path = models.resolve("tiny")
     run.tokenizer = models.load_tokenizer(run.model_path)
     run.train_dataset, run.eval_dataset = data.load_for_recipe(loaded.recipe, loaded.spec.data)
+    counts = count_forward_tokens(LlamaModel)  # the tiny model's body
     start = time.perf_counter()
     trainer = loaded.spec.load().build(run)
     build_s = time.perf_counter() - start
+    before = dict(counts)  # the one-off pass is not a step's
     timer = step_timer()
     trainer.add_callback(timer)
     run.fit(trainer)
-    return {"step_s": statistics.median(timer.times[3:] or timer.times), "build_s": build_s, "rows": rows}
+    return {"step_s": statistics.median(timer.times[3:] or timer.times), "build_s": build_s, "rows": rows,
+            "counts": {k: (counts[k] - before[k]) / len(timer.times) for k in counts}}
 
 
 def main() -> None:
@@ -91,6 +97,14 @@ def main() -> None:
     print(f"one-off pass    {build['precomputed'] - build['per-step']:.2f} s for {rows} pairs "
           f"(= {(build['precomputed'] - build['per-step']) / max(step['per-step'] - step['precomputed'], 1e-9):.0f} "
           "steps' worth of the per-step saving)")
+    import benchlib
+
+    n, peak = benchlib.model_matmul_params(str(tiny_model_path())), benchlib.measured_peak()
+    print(f"{benchlib.FLOPS_NOTE}; N = {n / 1e6:.2f} M")
+    for side, runs in results.items():  # tokens per step: mean over the steps; time: the median step
+        c = runs[-1]["counts"]
+        print(f"{side}: {c['with_grad']:.0f} tokens forward + backward, {c['no_grad']:.0f} forward only per step; "
+              f"{benchlib.flops_text(benchlib.training_flops(n, c), step[side], peak)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ PPO runs ``--ppo-epochs`` (default 1, DeepSpeed-Chat's default) passes of one mi
 Measured per run: time per iteration (median over iterations after the first 2, each = rollout + reward + update),
 and the peak resident memory that training adds (VmHWM, reset through /proc/self/clear_refs just before training,
 minus the resident memory at that moment: models, optimizer state, activations, generation caches; the libraries
-are imported before), besides the whole-process peak (ru_maxrss).
+are imported before), besides the whole-process peak (ru_maxrss); and the model FLOP/s of an iteration as a fraction
+of the measured matmul peak (scripts/benchlib.py): 2N per token of every forward without grad (generation, one per
+row and step with the KV cache; reference, value and old log-prob forwards), 6N per token of every forward with grad
+(the updates), tokens counted at the decoder body over all iterations (mean), over the median iteration time.
 On this CPU machine the torch runtime dominates the process memory of a tiny model, so the training-only peak is the
 number to compare. Sides alternate (A B C, C B A, ...) so machine noise hits all alike; the ratios are medians.
 
@@ -28,6 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
+import benchlib
 from benchlib import add_online_arguments, rss_mb, run_on_benchmark_model, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +62,9 @@ def worker(side: str, a, out: str) -> dict:
         return result
 
     Engine._iteration = timed
+    from transformers import LlamaModel
+
+    counts = benchlib.count_forward_tokens(LlamaModel)  # the tiny model's body (and its widened copies')
     recipe, extra = SIDES[side]
     overrides = [f"output_dir={out}", f"model.name_or_path={a.model}", f"train.max_steps={a.iterations}",
                  f"train.per_device_train_batch_size={a.batch_size}", f"algo.max_new_tokens={a.max_new_tokens}",
@@ -83,7 +90,8 @@ def worker(side: str, a, out: str) -> dict:
     train(loaded)
     peak = rss_mb("VmHWM") - baseline if baseline is not None else None
     return {"iteration_s": statistics.median(times[WARMUP:] or times), "train_peak_mb": peak,
-            "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "counts": {k: v / len(times) for k, v in counts.items()}}
 
 
 def run_side(side: str, a) -> dict:
@@ -136,6 +144,13 @@ def compare(a) -> None:
             print(f"{side + ' vLLM/hf':<20}  time per iteration "
                   f"{med(side + '-vllm', 'iteration_s') / med(side, 'iteration_s'):.3f}")
     print("(ReMax paper, 7B on A800s: ~0.5 memory with the critic removed, 1.6x faster per iteration)")
+    n, peak = benchlib.model_matmul_params(a.model), benchlib.measured_peak()
+    print(f"{benchlib.FLOPS_NOTE}; N = {n / 1e6:.1f} M (the critic counted as the policy's shape)")
+    for side in order:
+        c = rows[side][-1]["counts"]
+        print(f"{side}: per iteration {c['no_grad']:.0f} tokens forward only (generation: one per row and step; "
+              f"scoring; not vLLM's), {c['with_grad']:.0f} forward + backward; "
+              f"{benchlib.flops_text(benchlib.training_flops(n, c), med(side, 'iteration_s'), peak)}")
 
 
 if __name__ == "__main__":

@@ -265,3 +265,128 @@ def timed_worker(side: str, a, import_libraries, work, warmup: int) -> dict:
     baseline = memory_baseline()
     ends, tokens, gen = work()
     return timing_summary(side, ends, tokens, gen, warmup, baseline)
+
+
+# ----------------------------------------------------------------- model FLOP/s as a fraction of the matmul peak
+FLOPS_NOTE = ("model FLOPs: 2N per token forward, 6N forward + backward, N = the parameters that take part in a "
+              "matmul per token (all but the input embedding lookup; the output head counted once, tied or not), the "
+              "attention score term (2 n_layer n_ctx d per token) left out: Kaplan et al. 2020, Table 1 / eq. 2.2; "
+              "PaLM (Chowdhery et al. 2022), appendix B")
+_PEAKS: dict = {}
+
+
+def matmul_params(model) -> int:
+    """N of ``FLOPS_NOTE``: the model's parameters less its input embedding matrix, plus its output head once (with
+    tied embeddings the head is the embedding matrix, used as a matmul on every token)."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    n = sum(p.numel() for p in model.parameters()) - embed.numel()
+    if head is not None and head.weight is embed:  # tied: the head's matmul uses the embedding matrix
+        n += embed.numel()
+    return n
+
+
+def matmul_peak_flops(dtype: str = "float32", device: str | None = None, size: int | None = None,
+                      repeats: int = 20, again: bool = False) -> float:
+    """This machine's measured matmul peak in FLOP/s: the best of ``repeats`` timed ``torch.matmul`` of two square
+    ``size`` x ``size`` matrices in ``dtype`` (2 size^3 FLOPs each), after one untimed warm-up; on CUDA when
+    available (the card's, synchronised), else on the CPU with torch's threads. Many short products: on a shared
+    machine the best of them is the one that ran alone. Measured once per process and (dtype, device, size);
+    ``again``: measure once more and keep the best of all (call it after the timed runs: a peak measured in a busy
+    moment would put a run above 100%)."""
+    import time
+
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = size or (8192 if device.startswith("cuda") else 1024)
+    key = (dtype, device, size)
+    if key not in _PEAKS or again:
+        a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+        b = torch.randn(size, size, device=device).to(a.dtype)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        best = float("inf")
+        for i in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            if i:  # the first is the warm-up
+                best = min(best, time.perf_counter() - t0)
+        _PEAKS[key] = max(_PEAKS.get(key, 0.0), 2 * size**3 / best)
+    return _PEAKS[key]
+
+
+def flops_text(flops: float, seconds: float, peak: float) -> str:
+    """'achieved X GFLOP/s = Y% of measured matmul peak Z GFLOP/s' for ``flops`` model FLOPs in ``seconds``."""
+    achieved = flops / seconds
+    return (f"achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of measured matmul peak "
+            f"{peak / 1e9:.1f} GFLOP/s")
+
+
+def model_matmul_params(path: str) -> int:
+    """``matmul_params`` of the model at ``path`` (a folder, or a built-in name such as tiny), built from its config
+    on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aligntool import models
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(models.resolve(path))))
+    return matmul_params(model)
+
+
+def measured_peak(threads: int = 0, dtype: str = "float32") -> float:
+    """``matmul_peak_flops`` with ``threads`` torch threads (0: torch's default), as the benchmark's runs use, measured
+    once more (``again``) and kept at the best: benchmarks call it after their timed runs."""
+    import torch
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    return matmul_peak_flops(dtype, again=True)
+
+
+def print_generation_flops(med, sides, path: str, threads: int, dtype: str = "float32") -> None:
+    """Per side, the generation phase's model FLOP/s (``med`` from ``alternate_runs``): forward only, 2N per
+    generated token (tokens_per_iteration, greedy rows included) over the median generation seconds. The prompts'
+    prefill is not counted (a lower bound); the other phases (scoring forwards, the update's forward + backward)
+    are not in it."""
+    n, peak = model_matmul_params(path), measured_peak(threads, dtype)
+    print(f"{FLOPS_NOTE}; N = {n / 1e6:.1f} M")
+    for side in sides:
+        flops = 2 * n * med(side, "tokens_per_iteration")
+        print(f"generation of {side} (forward only, prompt prefill not counted): "
+              f"{flops_text(flops, med(side, 'generation_s'), peak)}")
+
+
+def count_forward_tokens(model_class) -> dict:
+    """Wrap ``model_class.forward`` to count the tokens of every forward (the input positions the attention mask
+    keeps: with a KV cache only the new ones, e.g. one per row and step in generation): ``with_grad`` (those of a
+    forward + backward: a training forward) and ``no_grad`` (forward only: reference log-probs, generation). Returns
+    the live counters. Give the decoder body's class (LlamaModel, not LlamaForCausalLM): TRL's fused LM head
+    replaces the causal LM's forward and calls the body directly. vLLM's own model is not counted."""
+
+    import functools
+
+    import torch
+
+    counts = {"with_grad": 0, "no_grad": 0}
+    inner = model_class.forward
+
+    @functools.wraps(inner)
+    def forward(self, *args, **kwargs):
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if ids is not None else kwargs.get("inputs_embeds")
+        new = ids.shape[1] if ids is not None else 0  # positions this forward computes (the rest are cached)
+        tokens = int(mask[:, -new:].sum()) if mask is not None and new else (ids.shape[:2].numel() if new else 0)
+        counts["with_grad" if torch.is_grad_enabled() else "no_grad"] += tokens
+        return inner(self, *args, **kwargs)
+
+    model_class.forward = forward
+    return counts
+
+
+def training_flops(n: int, counts: dict) -> float:
+    """Model FLOPs of ``count_forward_tokens``' counts: 6N per token of a forward with grad (forward + backward),
+    2N per token of a forward without."""
+    return 6 * n * counts["with_grad"] + 2 * n * counts["no_grad"]

@@ -39,6 +39,8 @@ def test_bench_remax_vs_ppo_prints_ratios(tiny_path):
         assert re.search(rf"^\s+1\s+{side}\s+[\d.]+\s+", out, re.M), out
     for side in ("ppo", "ppo-critic"):
         assert re.search(rf"ReMax/{side}\s+time per iteration [\d.]+\s+training memory ([\d.]+|nan)", out), out
+    for side in ("remax", "ppo", "ppo-critic"):  # the distance to the hardware (benchlib; counted in test_benchlib)
+        assert re.search(rf"^{side}: per iteration .* = [\d.]+% of measured matmul peak [\d.]+ GFLOP/s", out, re.M), out
 
 
 def test_bench_online_vs_trl_prints_ratios(tiny_path):
@@ -48,6 +50,8 @@ def test_bench_online_vs_trl_prints_ratios(tiny_path):
         assert re.search(rf"^\s+1\s+{side}\s+[\d.]+\s+", out, re.M), out
     for pair in ("remax/grpo", "remax/rloo", "reinforce_pp/grpo", "reinforce_pp/rloo"):
         assert re.search(rf"{pair}\s+time per generated token [\d.]+\s+time per iteration [\d.]+", out), out
+    for side in ("remax", "reinforce_pp", "grpo", "rloo"):
+        assert re.search(rf"^generation of {side} .* = [\d.]+% of measured matmul peak", out, re.M), out
 
 
 def test_bench_compress_prints_both_comparisons(tiny_path):
