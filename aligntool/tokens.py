@@ -227,11 +227,12 @@ def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
                                          **(chat_template_kwargs or {}))
 
 
-def check_tool_template(tokenizer, where: str = "model") -> None:
-    """Refuse, in one line, a chat template the engine cannot run tool episodes with (TRL's checks): one that cannot
-    render an assistant tool call and a tool reply (``supports_tool_calling``), one that renders earlier turns
-    differently once a reply follows (``is_chat_template_prefix_preserving``), or one with no response parser for its
-    tool-call syntax (the tokenizer's own ``response_template`` / ``response_schema``, else TRL's
+def check_tool_template(tokenizer, where: str = "model") -> dict:
+    """The chat-template keywords tool episodes render with (``{}``, or ``{"chat_template": TRL's prefix-preserving
+    training copy}`` for a template that renders earlier turns differently once a reply follows, e.g. Qwen3's, as
+    TRL's GRPOTrainer does). Refuses, in one line, a chat template the engine cannot run tool episodes with (TRL's
+    checks): one that cannot render an assistant tool call and a tool reply (``supports_tool_calling``), one that is
+    not prefix-preserving and that TRL cannot patch, or one with no response parser for its tool-call syntax (the tokenizer's own ``response_template`` / ``response_schema``, else TRL's
     ``add_response_schema`` for the families it knows: Qwen2.5/Qwen3 ``<tool_call>`` JSON, Llama 3.1/3.2 JSON, ...)."""
     from trl import chat_template_utils as ctu
 
@@ -245,9 +246,13 @@ def check_tool_template(tokenizer, where: str = "model") -> None:
         except ValueError:
             raise UserError(f"{where}: no parser for the tool calls of this chat template ({known}; or give the "
                             "tokenizer a response_template)") from None
-    if not ctu.is_chat_template_prefix_preserving(tokenizer):
+    if ctu.is_chat_template_prefix_preserving(tokenizer):
+        return {}
+    try:  # TRL's GRPOTrainer renders tool episodes with its prefix-preserving training copy (Qwen3's, ...)
+        return {"chat_template": ctu.get_training_chat_template(tokenizer)}
+    except Exception:  # noqa: BLE001 - TRL raises ValueError for a template it cannot patch
         raise UserError(f"{where}: the chat template renders earlier turns differently once a tool reply follows "
-                        "(not prefix-preserving); the episode's tokens could not be appended turn by turn")
+                        "(not prefix-preserving); the episode's tokens could not be appended turn by turn") from None
 
 
 def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:

@@ -192,7 +192,7 @@ def run_episodes(lm, tokenizer, conversations: list[list[dict]], tools: list[Cal
     from aligntool.sampling import generate_from_ids
     from aligntool.tokens import check_tool_template, stop_ids
 
-    check_tool_template(tokenizer)
+    chat_template_kwargs = {**(chat_template_kwargs or {}), **check_tool_template(tokenizer)}
     stops = stop_ids(tokenizer)
     lm.eval()
 

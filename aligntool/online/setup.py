@@ -268,7 +268,7 @@ class EngineSetup:
 
             self.agent_tools = tools.load_tools(self.agent)
             self.environment = tools.load_environment(self.agent)
-            check_tool_template(self.tokenizer)
+            self.chat_template_kwargs = {**self.chat_template_kwargs, **check_tool_template(self.tokenizer)}
             self.tool_schemas = tools.schemas(self.agent_tools + (
                 [fn for _, fn in tools._public_functions(self.environment)] if self.environment else [])) or None
 

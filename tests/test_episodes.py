@@ -1,0 +1,212 @@
+"""Multi-turn tool episodes in the engine (aligntool/online/episodes.py): TRL's shipped templates parse back, the
+template checks, the mask of inserted tokens (zero gradient, zero KL), the episode's log-probs against one forward of
+the HF model, tool errors and time limits, the stops, the per-turn random streams, the FSDP turn sync, and the engine
+methods end to end on a real model that calls a tool (tests/tool_episodes_model.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligntool.errors import UserError
+from aligntool.recipe.agent import AgentConfig
+
+TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
+LLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                "<|python_tag|>"]
+
+
+def _tokenizer(tiny_path, template: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *LLAMA_TOKENS]})
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
+    tok.chat_template = (TRL_TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
+    tok.eos_token = "<|eot_id|>" if template.startswith("llama") else "<|im_end|>"
+    tok.bos_token = "<|begin_of_text|>"
+    return tok
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a * b
+
+
+@pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "llama3_1", "llama3_2"])
+def test_a_tool_call_rendered_by_trls_templates_parses_back(tiny_path, template):
+    """The assistant turn that TRL's offline copy of each family's template renders for a tool call is parsed back, by
+    the parser the engine uses (TRL's parse_response with add_response_schema's template), to the same call."""
+    from trl.chat_template_utils import parse_response
+
+    from aligntool.tokens import check_tool_template, render_prompt
+
+    tok = _tokenizer(tiny_path, template)
+    kwargs = check_tool_template(tok)  # renders tool calls, has a parser; Qwen3: TRL's prefix-preserving copy
+    assert ("chat_template" in kwargs) == (template == "qwen3")
+    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 14}}}
+    messages = [{"role": "user", "content": "What is 3 times 14?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]}]
+    prompt = render_prompt(tok, messages[:1], [multiply], kwargs)
+    full = tok.apply_chat_template(messages, tools=[multiply], tokenize=False, **kwargs)
+    assert full.startswith(prompt)
+    turn = tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    parsed = parse_response(tok, turn, prefix=tok(prompt, add_special_tokens=False)["input_ids"], tools=[multiply])
+    assert parsed["tool_calls"][0]["function"] == call["function"], (template, full[len(prompt):])
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("tiny", "cannot render tool calls"),  # the tiny model's own template: no tool syntax
+    ("llama3", "cannot render tool calls"),  # TRL's basic Llama 3 template reads content only
+    ("chatml", "cannot render tool calls"),
+])
+def test_a_template_without_tool_calls_is_refused_in_one_line(tiny_path, template, needle):
+    from transformers import AutoTokenizer
+
+    from aligntool.tokens import TEMPLATES, check_tool_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    if template == "llama3":
+        tok = _tokenizer(tiny_path, "llama3")
+    elif template == "chatml":
+        tok.chat_template = TEMPLATES["chatml"]
+    with pytest.raises(UserError) as err:
+        check_tool_template(tok)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_engine_refuses_the_tiny_models_template_before_training(capsys, tmp_path):
+    """aligntool train with agent tools and a model whose template has no tool syntax: exit 2, one line."""
+    from conftest import cli_error
+
+    import tool_episodes_model as M
+
+    M.write_modules(tmp_path)
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"prompt": M.conversation(2, 3), "answer": "5"}) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"algorithm: reinforce_pp\nmodel: {{name_or_path: tiny}}\ndataset: {{path: {data}}}\n"
+                      f"reward: {{function: ep_reward:reward}}\nagent: {{tools: ['ep_tools_ok:add']}}\n"
+                      f"output_dir: {tmp_path / 'out'}\ntrain: {{max_steps: 1, per_device_train_batch_size: 1}}\n")
+    cli_error(capsys, ["train", "--recipe", str(recipe)], "cannot render tool calls")
+
+
+# ------------------------------------------------------------------------------------------ on a model that calls
+@pytest.fixture(scope="module")
+def tool_model():
+    import tool_episodes_model as M
+
+    path = M.model_path()
+    sys.path.insert(0, str(path))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return path, AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _tool(module: str):
+    import importlib
+
+    return importlib.import_module(module).add
+
+
+def _episodes(tool_model, module="ep_tools_ok", seeds=(1, 2), **agent):
+    import tool_episodes_model as M
+    from aligntool.online.episodes import run_episodes
+
+    _, lm, tok = tool_model
+    convs = [M.conversation(*q) for q in M.QUESTIONS][: len(seeds)]
+    return run_episodes(lm, tok, convs, [_tool(module)], AgentConfig(tools=[f"{module}:add"], **agent),
+                        max_new_tokens=24, temperature=1.0, top_p=1.0, seeds=list(seeds))
+
+
+def test_an_episode_calls_the_tool_and_masks_what_the_template_inserted(tool_model):
+    """Two turns: the call, then the answer after the reply; the inserted tokens (mask 0) are exactly the template's
+    rendering of the tool reply between the two assistant turns (rendered here independently, as text)."""
+    _, _, tok = tool_model
+    for e in _episodes(tool_model):
+        assert (e.stop, e.turns, e.tool_calls, e.tool_errors, e.text) == ("answer", 2, 1, 0, "The answer is 5.")
+        assert [m["role"] for m in e.completion_messages] == ["assistant", "tool", "assistant"]
+        assert e.completion_messages[1]["content"] == "5"
+        full = tok.apply_chat_template(e.messages, tools=[_tool("ep_tools_ok")], tokenize=False)
+        first_end = full.index("<|im_end|>", full.index("<|im_start|>assistant\n<tool_call>")) + len("<|im_end|>")
+        reply = full[first_end: full.index("The answer is")]
+        inserted = [t for t, m in zip(e.completion_ids, e.completion_mask) if m == 0]
+        assert tok.decode(inserted) == reply and "<tool_response>\n5\n</tool_response>" in reply
+        holes = "".join(map(str, e.completion_mask))
+        assert holes.strip("1").strip("0") == "" and holes.count("01") == 1  # 1..1 0..0 1..1
+
+
+@pytest.mark.parametrize("module, needle", [("ep_tools_raise", "RuntimeError: calculator broken"),
+                                            ("ep_tools_hang", "did not return within 0.5 s")])
+def test_a_tool_that_raises_or_hangs_becomes_the_reply_counted(tool_model, module, needle):
+    import time
+
+    start = time.monotonic()
+    for e in _episodes(tool_model, module=module, tool_timeout=0.5):
+        assert e.tool_calls == 1 and e.tool_errors == 1 and e.turns >= 2, e
+        assert needle in e.completion_messages[1]["content"]
+    assert time.monotonic() - start < 10
+
+
+def test_max_turns_and_max_total_tokens_stop_episodes(tool_model):
+    one = _episodes(tool_model, max_turns=1)
+    assert all(e.stop == "max_turns" and e.turns == 1 and e.tool_calls == 0 and 0 not in e.completion_mask
+               for e in one)
+    call = len(one[0].completion_ids)
+    tight = _episodes(tool_model, max_total_tokens=call + 3)  # the call fits, its reply does not: not appended
+    assert all(e.stop == "max_total_tokens" and len(e.completion_ids) == call and e.tool_calls == 1 for e in tight)
+    cut = _episodes(tool_model, max_total_tokens=4)  # the first turn itself is cut
+    assert all(e.stop == "max_total_tokens" and len(e.completion_ids) == 4 for e in cut)
+
+
+def test_each_turn_samples_from_its_own_stream_and_a_row_alone_samples_alike(tool_model):
+    """After an error reply the second turn is uncertain: it is the draw of the stream (seed, turn 1) from its
+    context (generate_from_ids called here on it), not a replay of turn 0's stream, and the same alone or in a batch."""
+    from aligntool.online.episodes import turn_seed
+    from aligntool.sampling import generate_from_ids
+    from aligntool.tokens import stop_ids
+
+    _, lm, tok = tool_model
+    both = _episodes(tool_model, module="ep_tools_raise", seeds=(11, 12))
+    alone = _episodes(tool_model, module="ep_tools_raise", seeds=(11,))
+    assert alone[0].completion_ids == both[0].completion_ids
+    e = both[0]
+    start = len(e.completion_mask) - e.completion_mask[::-1].index(0)  # after the inserted reply
+    context = e.prompt_ids + e.completion_ids[:start]
+    draw = lambda seed: generate_from_ids(lm, [context], tok.pad_token_id, stop_ids(tok), 24,  # noqa: E731
+                                          seeds=[seed], greedy_rows=[False])[0]
+    assert e.completion_ids[start:] == draw(turn_seed(11, 1))
+    assert e.completion_ids[start:] != draw(11)  # a restarted stream would give this
+
+
+def test_every_process_runs_as_many_generation_calls_when_another_is_still_active(tool_model):
+    """FSDP's contract (play's ``sync``): while any process has an active row, a process whose rows are done still
+    takes part in each turn's generation (a one-token call)."""
+    import tool_episodes_model as M
+    from aligntool.online.episodes import play
+    from aligntool.sampling import generate_from_ids
+    from aligntool.tokens import check_tool_template, stop_ids
+
+    _, lm, tok = tool_model
+    check_tool_template(tok)
+    calls = []
+
+    def generate(contexts, seeds, greedy_rows, max_new):
+        calls.append(len(contexts))
+        return generate_from_ids(lm, contexts, tok.pad_token_id, stop_ids(tok), max_new, seeds=seeds,
+                                 greedy_rows=greedy_rows)
+
+    turns = []
+    episodes = play(generate, tok, [M.conversation(2, 3)], [_tool("ep_tools_ok")],
+                    AgentConfig(tools=["ep_tools_ok:add"], max_turns=4), max_new_tokens=24, seeds=[1],
+                    greedy_rows=[False], sync=lambda active: turns.append(active) or True)  # another still active
+    assert episodes[0].turns == 2 and turns == [True, True, False, False] and len(calls) == 4
