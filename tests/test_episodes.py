@@ -102,11 +102,13 @@ def test_engine_refuses_the_tiny_models_template_before_training(capsys, tmp_pat
 
 # ------------------------------------------------------------------------------------------ on a model that calls
 @pytest.fixture(scope="module")
-def tool_model():
+def tool_model(tmp_path_factory):
     import tool_episodes_model as M
 
     path = M.model_path()
-    sys.path.insert(0, str(path))
+    modules = tmp_path_factory.mktemp("tool_modules")
+    M.write_modules(modules)
+    sys.path.insert(0, str(modules))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return path, AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -210,3 +212,153 @@ def test_every_process_runs_as_many_generation_calls_when_another_is_still_activ
                     AgentConfig(tools=["ep_tools_ok:add"], max_turns=4), max_new_tokens=24, seeds=[1],
                     greedy_rows=[False], sync=lambda active: turns.append(active) or True)  # another still active
     assert episodes[0].turns == 2 and turns == [True, True, False, False] and len(calls) == 4
+
+
+# ------------------------------------------------------------------------------------------------ in the engine
+def _recipe(folder: Path, model: Path, algorithm: str) -> Path:
+    import tool_episodes_model as M
+
+    M.write_modules(folder)
+    data = folder / "q.jsonl"
+    data.write_text("".join(json.dumps({"prompt": M.conversation(a, b), "answer": str(a + b), "weight": w}) + "\n"
+                            for (a, b), w in zip(M.QUESTIONS, (1.0, 3.0))))  # rewards that differ: advantages
+    recipe = folder / "r.yaml"
+    recipe.write_text(f"algorithm: {algorithm}\nmodel: {{name_or_path: {model}}}\ndataset: {{path: {data}}}\n"
+                      f"reward: {{function: ep_reward:reward}}\nagent: {{tools: ['ep_tools_ok:add'], max_turns: 3}}\n"
+                      f"output_dir: {folder / 'out'}\ntrain: {{max_steps: 1, per_device_train_batch_size: 2, "
+                      f"logging_steps: 1, seed: 0, learning_rate: 1.0e-3}}\nalgo: {{max_new_tokens: 24}}\n")
+    return recipe
+
+
+def _engine(tmp_path, tool_model, algorithm, *overrides):
+    import importlib
+
+    from aligntool import data, models
+    from aligntool.online.engine import Engine
+    from aligntool.recipe.loader import load_recipe
+    from aligntool.train import Run
+
+    loaded = load_recipe(_recipe(tmp_path, tool_model[0], algorithm), list(overrides))
+    run = Run(loaded, tmp_path / "out")
+    run.model_path = str(tool_model[0])
+    run.tokenizer = models.load_tokenizer(run.model_path)
+    run.train_dataset, run.eval_dataset = data.load_for_recipe(loaded.recipe, loaded.spec.data, run.tokenizer,
+                                                               keep_conversations=True)
+    return Engine(run, importlib.import_module(loaded.spec.module).method(run))
+
+
+def test_episode_log_probs_equal_one_forward_of_the_model_and_the_kl_is_zero_on_inserted_tokens(tmp_path,
+                                                                                             tool_model):
+    """The engine's log-probs of an episode (policy and reference) equal a forward of a separately loaded HF model
+    over the whole token sequence, gathered at the generated positions; 0 at the inserted ones, so every KL estimate
+    is 0 there."""
+    from transformers import AutoModelForCausalLM
+
+    from aligntool.losses.online import kl_estimate
+
+    engine = _engine(tmp_path, tool_model, "reinforce_pp")
+    ro = engine.sample_groups(engine.prompts, 1)
+    logp, _ = engine.policy_logprobs(ro)
+    logp_ref = engine.ref_logprobs(ro)
+    hf = AutoModelForCausalLM.from_pretrained(tool_model[0]).eval()
+    P = ro.prompt_width
+    for i, e in enumerate(ro.episodes):
+        assert e.tool_calls == 1 and 0 in e.completion_mask
+        seq = e.prompt_ids + e.completion_ids
+        with torch.no_grad():
+            alone = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), -1)
+        n = len(e.prompt_ids)
+        expected = [alone[n - 1 + j, t].item() if m else 0.0
+                    for j, (t, m) in enumerate(zip(e.completion_ids, e.completion_mask))]
+        for got in (logp, logp_ref):
+            assert got[i, : len(expected)].tolist() == pytest.approx(expected, abs=2e-5)
+        assert ro.mask[i, : len(e.completion_mask)].tolist() == e.completion_mask
+        assert ro.input_ids[i, P: P + len(e.completion_ids)].tolist() == e.completion_ids
+    holes = (ro.mask == 0) & ro.attention_mask[:, P:].bool()
+    assert holes.any()
+    with torch.no_grad():  # a policy that has moved: the KL is nonzero on generated tokens, zero on inserted ones
+        for p in engine.policy_lm.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    moved, _ = engine.policy_logprobs(ro)
+    for est in ("k1", "k2", "k3"):
+        kl = kl_estimate(moved, logp_ref, est)
+        assert (kl[holes] == 0).all() and kl[ro.mask.bool()].abs().sum() > 0, est
+
+
+def _watch_gradients(engine, checked: list):
+    """Every update's loss: the gradient w.r.t. the logits (and PPO's values) at inserted positions is exactly 0,
+    somewhere nonzero at generated ones; then the engine's own optimizer step."""
+    forwards, step = [], engine.optimizer_step
+    lm = engine.policy_lm
+
+    def keep(module, args, out):
+        t = out if isinstance(out, torch.Tensor) else out.logits
+        if t.requires_grad:
+            t.retain_grad()
+            forwards.append(t)
+
+    hooks = [lm.lm_head.register_forward_hook(keep)]
+    model = engine.accelerator.unwrap_model(engine.model)
+    if model.value_head is not None:
+        hooks.append(model.value_head.register_forward_hook(keep))
+    logprobs = engine.policy_logprobs
+    masks = []
+
+    def policy_logprobs(ro, grad=False):
+        if grad:
+            masks.append((ro.mask.clone(), ro.prompt_width))
+        return logprobs(ro, grad)
+
+    def optimizer_step(loss):
+        loss.backward(retain_graph=True)
+        for t in forwards:
+            mask, P = masks[-1]
+            R = mask.shape[1]
+            g = t.grad[:, :R] if t.shape[1] == R + 1 else t.grad[:, P - 1: P - 1 + R]  # logits kept | values
+            assert (g[mask == 0] == 0).all() and g[mask == 1].abs().sum() > 0
+            checked.append(tuple(t.shape))
+        forwards.clear()
+        engine.optimizer.zero_grad(set_to_none=True)
+        return step(loss)
+
+    engine.policy_logprobs, engine.optimizer_step = policy_logprobs, optimizer_step
+    return hooks
+
+
+@pytest.mark.parametrize("algorithm, overrides", [
+    ("reinforce_pp", ["algo.kl_in=loss", "algo.kl_estimator=k3", "algo.num_minibatches=1"]),
+    pytest.param("reinforce_pp", ["algo.num_minibatches=2", "algo.gamma=0.9"], marks=pytest.mark.system),
+    pytest.param("remax", [], marks=pytest.mark.system),
+    pytest.param("ppo", ["algo.ppo_epochs=1", "algo.gamma=0.9"], marks=pytest.mark.system),
+    # P3O's gradient is (r1 - r2) grad(log pi(y1) - log pi(y2)): the two samples must differ; after an error reply
+    # the second turn is uncertain on this model
+    pytest.param("p3o", ["algo.ppo_epochs=1", "agent.tools=[ep_tools_raise:add]", "reward.function=ep_reward:length"],
+                 marks=pytest.mark.system),
+])
+def test_engine_methods_train_on_tool_episodes_with_zero_gradient_on_inserted_tokens(tmp_path, tool_model, algorithm,
+                                                                                    overrides):
+    """One iteration of each engine method on tool episodes (Engine.train, the real update): the gradient of the
+    method's loss w.r.t. the logits (PPO: and the values) predicting inserted tokens is exactly 0; the logged
+    statistics carry the episodes' tool metrics (TRL's names where TRL has them)."""
+    engine = _engine(tmp_path, tool_model, algorithm, *overrides)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy away from its reference: the KL terms have a gradient too (ReMax's greedy
+        for p in engine.policy_lm.parameters():  # baseline equals the sample on this model: only its KL term moves)
+            p.add_(0.01 * torch.randn_like(p) * (algorithm != "p3o"))  # P3O: its pairs differ at the reference
+    checked = []
+    hooks = _watch_gradients(engine, checked)
+    try:
+        engine.train()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert checked
+    row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["tools/call_frequency"] == 1.0 and row["tools/call_rate"] == 1.0
+    if algorithm != "p3o":
+        assert row["episodes/turns"] == 2.0 and row["tools/failure_frequency"] == 0.0
+        assert row["reward"] == 2.0  # (1 + 3) / 2: both answered
+    else:
+        assert row["tools/failure_frequency"] == 1.0 and row["tools/errors"] == 1.0
+    completions = [json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert "<tool_response>" in completions[0]["completion"]

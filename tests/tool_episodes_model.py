@@ -25,9 +25,16 @@ TOOL_MODULES = {  # the same schema (name, signature, docstring) with three beha
 }
 QUESTIONS = [(2, 3), (4, 1)]
 REWARD_PY = '''
-def reward(prompts, completions, answer, **kwargs):
-    """1 when the final assistant message states the answer (completions: the episode's messages, as TRL)."""
-    return [float(str(a) in (c[-1].get("content") or "")) for c, a in zip(completions, answer)]
+def reward(prompts, completions, answer, weight=None, **kwargs):
+    """1 (or the row's weight) when the final assistant message states the answer (completions: the episode's
+    messages, as TRL passes them)."""
+    weight = weight or [1.0] * len(answer)
+    return [w * float(str(a) in (c[-1].get("content") or "")) for c, a, w in zip(completions, answer, weight)]
+
+
+def length(prompts, completions, **kwargs):
+    """The final message's length / 10: differs between samples that differ."""
+    return [len(c[-1].get("content") or "") / 10 for c in completions]
 '''
 
 
