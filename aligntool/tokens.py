@@ -232,8 +232,9 @@ def check_tool_template(tokenizer, where: str = "model") -> dict:
     training copy}`` for a template that renders earlier turns differently once a reply follows, e.g. Qwen3's, as
     TRL's GRPOTrainer does). Refuses, in one line, a chat template the engine cannot run tool episodes with (TRL's
     checks): one that cannot render an assistant tool call and a tool reply (``supports_tool_calling``), one that is
-    not prefix-preserving and that TRL cannot patch, or one with no response parser for its tool-call syntax (the tokenizer's own ``response_template`` / ``response_schema``, else TRL's
-    ``add_response_schema`` for the families it knows: Qwen2.5/Qwen3 ``<tool_call>`` JSON, Llama 3.1/3.2 JSON, ...)."""
+    not prefix-preserving and that TRL cannot patch, or one with no response parser for its tool-call syntax (the
+    tokenizer's own ``response_template`` / ``response_schema``, else TRL's ``add_response_schema`` for the families
+    it knows: Qwen2.5/Qwen3 ``<tool_call>`` JSON, Llama 3.1/3.2 JSON, ...)."""
     from trl import chat_template_utils as ctu
 
     known = "TRL's templates with a tool parser: trl/chat_templates/qwen2_5, qwen3, llama3_1, llama3_2, ..."

@@ -86,9 +86,8 @@ def test_a_template_without_tool_calls_is_refused_in_one_line(tiny_path, templat
 
 def test_engine_refuses_the_tiny_models_template_before_training(capsys, tmp_path):
     """aligntool train with agent tools and a model whose template has no tool syntax: exit 2, one line."""
-    from conftest import cli_error
-
     import tool_episodes_model as M
+    from conftest import cli_error
 
     M.write_modules(tmp_path)
     data = tmp_path / "q.jsonl"
@@ -122,6 +121,7 @@ def _tool(module: str):
 
 def _episodes(tool_model, module="ep_tools_ok", seeds=(1, 2), **agent):
     import tool_episodes_model as M
+
     from aligntool.online.episodes import run_episodes
 
     _, lm, tok = tool_model
@@ -194,6 +194,7 @@ def test_every_process_runs_as_many_generation_calls_when_another_is_still_activ
     """FSDP's contract (play's ``sync``): while any process has an active row, a process whose rows are done still
     takes part in each turn's generation (a one-token call)."""
     import tool_episodes_model as M
+
     from aligntool.online.episodes import play
     from aligntool.sampling import generate_from_ids
     from aligntool.tokens import check_tool_template, stop_ids
@@ -362,3 +363,105 @@ def test_engine_methods_train_on_tool_episodes_with_zero_gradient_on_inserted_to
         assert row["tools/failure_frequency"] == 1.0 and row["tools/errors"] == 1.0
     completions = [json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
     assert "<tool_response>" in completions[0]["completion"]
+
+
+# ------------------------------------------------------------------------------- conversations reach the engine
+def test_conversational_prompts_render_in_the_engine_as_before_and_with_chat_template_kwargs(tmp_path, tiny_path):
+    """Without agent, the engine's prompt for a conversation is the text data.prompts_as_text gave before (the same
+    runs sample the same prompts), the dataset's other columns keyed by it; with train.chat_template_kwargs the
+    template gets them (Qwen3's enable_thinking: false writes the empty think block after the generation prompt)."""
+    import datasets
+
+    from aligntool import data, models
+    from aligntool.data.formats import prompts_as_text
+    from aligntool.online.engine import Engine
+    from aligntool.online.reinforce_pp import method
+    from aligntool.recipe.loader import load_recipe
+    from aligntool.train import Run
+
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {w}."}],
+             "answer": w} for w in ("yes", "no", "yes")]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def engine(*overrides):
+        loaded = load_recipe("reinforce_pp", [f"dataset.path={tmp_path / 'c.jsonl'}", f"output_dir={tmp_path / 'o'}",
+                                              "train.max_steps=1", *overrides])
+        run = Run(loaded, tmp_path / "o")
+        run.model_path = str(tiny_path)
+        run.tokenizer = models.load_tokenizer(run.model_path, chat_template=loaded.recipe.model.chat_template)
+        run.train_dataset, run.eval_dataset = data.load_for_recipe(loaded.recipe, loaded.spec.data, run.tokenizer,
+                                                                   keep_conversations=True)
+        return Engine(run, method(run)), run.tokenizer
+
+    plain, tok = engine()
+    before = prompts_as_text(datasets.Dataset.from_list(rows), tok, "x")["prompt"]
+    assert plain.prompts == list(dict.fromkeys(before)) and len(plain.prompts) == 2
+    assert [plain.columns[p]["answer"] for p in plain.prompts] == ["yes", "no"]
+    qwen3 = str(TRL_TEMPLATES / "qwen3.jinja")
+    thinking, _ = engine(f"model.chat_template={qwen3}", "train.chat_template_kwargs={enable_thinking: false}")
+    assert all(p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for p in thinking.prompts)
+
+
+def test_train_chat_template_kwargs_is_a_mapping_for_the_engine_methods_only(capsys):
+    from conftest import cli_error
+
+    from aligntool.recipe.loader import load_recipe
+
+    loaded = load_recipe("ppo", ["train.chat_template_kwargs={enable_thinking: false}"])
+    assert loaded.recipe.train.model_extra["chat_template_kwargs"] == {"enable_thinking": False}
+    cli_error(capsys, ["train", "--recipe", "ppo", "train.chat_template_kwargs=3"], "train.chat_template_kwargs",
+              "expected a mapping")
+    cli_error(capsys, ["train", "--recipe", "online_dpo", "train.chat_template_kwargs={a: 1}"],
+              "unknown key 'train.chat_template_kwargs'")
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("algorithm", ["reinforce_pp"])
+def test_aligntool_train_runs_tool_episodes_end_to_end(tmp_path, tool_model, algorithm):
+    """`aligntool train` (a subprocess: the CLI's data loading keeps the conversations) for two iterations with an
+    eval set: the logs carry the tool metrics, the evaluation scores whole episodes."""
+    import subprocess
+
+    recipe = _recipe(tmp_path, tool_model[0], algorithm)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(recipe),
+                           "train.max_steps=2", "train.learning_rate=1.0e-6",
+                           f"dataset.eval_path={tmp_path / 'q.jsonl'}", "train.eval_steps=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "tools/call_frequency" in r]
+    evals = [r for r in rows if "eval_reward" in r]
+    assert len(train) == 2 and all(r["tools/call_rate"] == 1.0 and r["episodes/turns"] == 2.0 for r in train)
+    assert evals and evals[-1]["eval_reward"] == 2.0  # both held-out episodes answered (weights 1 and 3)
+
+
+def test_returns_gae_and_remax_discount_step_from_generated_token_to_generated_token():
+    """With inserted tokens (mask 0) inside a row, the recursions run over the generated tokens only: equal to the
+    same function on the row with the inserted positions cut out (done here with lists), 0 at the inserted ones."""
+    from aligntool.losses import online as L
+    from aligntool.online.ops import on_generated
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0.]])
+    rewards, values = torch.randn(3, 7), torch.randn(3, 7)
+    logp, logp_ref, score, greedy = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3), torch.randn(3)
+
+    def by_hand(fn, *rows_args):
+        out = torch.zeros(3, 7)
+        for i in range(3):
+            keep = [j for j in range(7) if mask[i, j]]
+            cut = [a[i:i + 1, keep] if isinstance(a, torch.Tensor) and a.shape == mask.shape else
+                   a[i:i + 1] if isinstance(a, torch.Tensor) else a for a in rows_args]
+            out[i, keep] = fn(*cut)[0]
+        return out
+
+    gae = lambda r, v, m: L.gae(r, v, m, 0.9, 0.8)[0]  # noqa: E731
+    cases = [(lambda r, m: L.discounted_returns(r, m, 0.9), (rewards, mask)), (gae, (rewards, values, mask)),
+             (lambda a, b, m, s, g: L.remax_returns(a, b, m, s, g, 0.05, 0.9, None), (logp, logp_ref, mask, score,
+                                                                                     greedy))]
+    for fn, args in cases:
+        got = on_generated(mask, fn, *args)
+        assert torch.allclose(got, by_hand(fn, *args), atol=1e-6) and (got[mask == 0] == 0).all()
+    adv, returns = on_generated(mask, L.gae, rewards, values, mask, 0.9, 0.8)
+    assert torch.allclose(adv, by_hand(gae, rewards, values, mask), atol=1e-6)
