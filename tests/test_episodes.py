@@ -346,6 +346,10 @@ def test_engine_methods_train_on_tool_episodes_with_zero_gradient_on_inserted_to
     with torch.no_grad():  # a policy away from its reference: the KL terms have a gradient too (ReMax's greedy
         for p in engine.policy_lm.parameters():  # baseline equals the sample on this model: only its KL term moves)
             p.add_(0.01 * torch.randn_like(p) * (algorithm != "p3o"))  # P3O: its pairs differ at the reference
+        head = engine.accelerator.unwrap_model(engine.model).value_head
+        if head is not None:  # PPO's head starts at 0: values that are no returns anywhere
+            head.weight.normal_(0, 0.1)
+            head.bias.fill_(0.5)
     checked = []
     hooks = _watch_gradients(engine, checked)
     try:
