@@ -469,3 +469,31 @@ def test_returns_gae_and_remax_discount_step_from_generated_token_to_generated_t
         assert torch.allclose(got, by_hand(fn, *args), atol=1e-6) and (got[mask == 0] == 0).all()
     adv, returns = on_generated(mask, L.gae, rewards, values, mask, 0.9, 0.8)
     assert torch.allclose(adv, by_hand(gae, rewards, values, mask), atol=1e-6)
+
+
+@pytest.mark.system
+def test_fsdp_two_processes_with_different_turn_counts_stay_in_step(tmp_path, tool_model):
+    """FSDP2, 2 processes: one process's row answers at once ("hi": 1 turn), the other's calls the tool (2 turns);
+    the first takes part in the second turn's forwards (``play``'s sync), so the run finishes instead of hanging in
+    a collective."""
+    import os
+    import signal
+    import subprocess
+
+    recipe = _recipe(tmp_path, tool_model[0], "remax")
+    (tmp_path / "q.jsonl").write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"}) + "\n" +
+        json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer": "5"}) + "\n")
+    cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(recipe), "--nproc", "2",
+           "distributed.backend=fsdp", "train.max_steps=2", "train.per_device_train_batch_size=1",
+           "train.learning_rate=1.0e-6"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the two processes did not finish: a collective waits for a process that stopped generating")
+    assert proc.returncode == 0, err[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episodes/turns"] for r in rows] == [1.5, 1.5]  # the mean of a 2-turn and a 1-turn process
