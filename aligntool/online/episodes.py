@@ -252,12 +252,12 @@ class EpisodeSteps:
     def episode_samples(self, prompts: list[str], kinds: list[str], from_reference: bool = False,
                         seeds: list[int] | None = None) -> list:
         """``samples`` for tool episodes: for each kind ("sample", "greedy"), one episode per prompt, all in one
-        batch of turns -> one Rollout per kind, its ``mask`` 1 on the generated tokens only, ``episodes`` beside."""
+        batch of turns -> per kind the fields of its Rollout (aligntool.online.rollout), its ``mask`` 1 on the
+        generated tokens only, ``episodes`` beside."""
         import contextlib
 
         import torch
 
-        from aligntool.online.rollout import Rollout
         from aligntool.sampling import pack
         from aligntool.tokens import stop_ids
 
@@ -289,5 +289,6 @@ class EpisodeSteps:
                 mask[i, : len(e.completion_mask)] = torch.tensor(e.completion_mask, dtype=mask.dtype)
             texts = [tok.decode(e.completion_ids, skip_special_tokens=True) for e in part]
             missing_eos = torch.tensor([e.stop in ("length", "max_total_tokens") for e in part], device=ids.device)
-            out.append(Rollout(list(prompts), texts, ids, attn, width, mask, missing_eos, episodes=part))
+            out.append(dict(prompts=list(prompts), texts=texts, input_ids=ids, attention_mask=attn, prompt_width=width,
+                            mask=mask, missing_eos=missing_eos, episodes=part))
         return out

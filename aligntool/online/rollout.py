@@ -115,7 +115,7 @@ class RolloutSteps(EpisodeSteps):
         from aligntool.tokens import encode_prompts, stop_ids
 
         if getattr(self, "agent", None) is not None:  # multi-turn tool episodes (aligntool.online.episodes)
-            return self.episode_samples(prompts, kinds, from_reference, seeds)
+            return [Rollout(**fields) for fields in self.episode_samples(prompts, kinds, from_reference, seeds)]
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = encode_prompts(tok, prompts)
         stops = stop_ids(tok)  # EOS and the chat template's end of turn: either ends a response
