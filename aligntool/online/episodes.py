@@ -22,7 +22,8 @@ An episode, per row (TRL's GRPOTrainer tool loop, turn by turn, on the engine's 
 The policy's generated tokens have mask 1, everything inserted mask 0: the losses and the KL see the generated tokens
 only, while the log-probs are recomputed over the whole token sequence by the training model (the engine's
 ``policy_logprobs``). Under FSDP with several processes every process must run as many generation forwards: the
-engine passes ``sync`` (any row still active on any process), and a process with no row left runs a one-token call.
+engine passes ``sync`` (any row still active on any process; also with vLLM, whose calls may be collectives under
+tensor parallelism), and a process with no row left runs a one-token call.
 """
 
 from __future__ import annotations
@@ -273,7 +274,9 @@ class EpisodeSteps:
         else:
             lm, context = self._generation(from_reference)
             lm.eval()
-        sync = self._any_active if (self.fsdp and self.world > 1 and not use_vllm) else None
+        # FSDP's forwards are collectives, and so may vLLM's calls be (tensor parallelism across processes): every
+        # process then makes as many generation calls per samples() call
+        sync = self._any_active if self.world > 1 and (self.fsdp or use_vllm) else None
         with context:
             episodes = play(self._turn_generator(lm, stops), tok, [self.conversations[p] for p in keys],
                             self.agent_tools, self.agent, max_new_tokens=self.cfg.max_new_tokens, seeds=seeds,
