@@ -159,6 +159,30 @@ def test_a_tool_that_raises_or_hangs_becomes_the_reply_counted(tool_model, modul
     assert time.monotonic() - start < 10
 
 
+def test_an_environment_per_episode_reset_with_the_row_its_methods_as_tools_and_its_reward(tool_model):
+    """TRL's environment contract: one instance per episode, reset(**row) with the row's columns (the prompt
+    included), its observation appended to the last message's content, its methods the tools, get_reward() kept."""
+    import importlib
+
+    import tool_episodes_model as M
+
+    from aligntool.online.episodes import run_episodes
+    from aligntool.tokens import encode_prompts, render_prompt
+
+    _, lm, tok = tool_model
+    env = importlib.import_module("ep_env").Adder
+    conv = [{"role": "user", "content": "What is 2 + "}]  # the observation (the row's "rest") completes it
+    episodes = run_episodes(lm, tok, [conv, conv], None, AgentConfig(environment="ep_env:Adder"), max_new_tokens=24,
+                            temperature=1.0, top_p=1.0, seeds=[1, 2], environment=env,
+                            rows=[{"prompt": conv, "rest": "3?"}] * 2)
+    assert M.conversation(2, 3)[0]["content"] == "What is 2 + 3?" and conv[0]["content"] == "What is 2 + "
+    for e in episodes:
+        assert e.messages[0]["content"] == "What is 2 + 3?"
+        assert e.prompt_ids == encode_prompts(tok, [render_prompt(tok, e.messages[:1], [env().add])])[0]
+        assert e.reward == 10.0 * e.tool_calls and e.tool_errors == 0
+    assert sum(e.tool_calls for e in episodes) > 0  # the environment's method was called as a tool
+
+
 def test_max_turns_and_max_total_tokens_stop_episodes(tool_model):
     one = _episodes(tool_model, max_turns=1)
     assert all(e.stop == "max_turns" and e.turns == 1 and e.tool_calls == 0 and 0 not in e.completion_mask

@@ -22,6 +22,12 @@ TOOL_MODULES = {  # the same schema (name, signature, docstring) with three beha
     "ep_tools_ok": TOOL_DOC + "    return a + b\n",
     "ep_tools_raise": TOOL_DOC + "    raise RuntimeError('calculator broken')\n",
     "ep_tools_hang": "import time\n" + TOOL_DOC + "    time.sleep(30)\n    return a + b\n",
+    # TRL's environment contract: reset(**row) -> observation, public methods are tools, get_reward()
+    "ep_env": "class Adder:\n    def reset(self, **row):\n        self.row, self.calls = row, 0\n"
+              "        return row['rest']\n\n    def get_reward(self):\n        return 10.0 * self.calls\n\n"
+              + "\n".join("    " + line if line else line for line in TOOL_DOC.replace(
+                  "def add(a", "def add(self, a").splitlines())
+              + "\n        self.calls += 1\n        return a + b\n",
 }
 QUESTIONS = [(2, 3), (4, 1)]
 REWARD_PY = '''
