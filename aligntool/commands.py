@@ -302,6 +302,8 @@ OPTIONS = [
     ("algo.loss (+ algo.pass_n), sft", "dco",
      "Direct Coverage Optimization (Chen et al. 2025): fine-tuning for pass@N; aligntool/recipes/sft_pass_at_n.yaml"),
     ("dataset.toy.task", "arithmetic", "a verifiable toy task: 'Q: a+b= A:' with exactly checked answers"),
+    ("dataset.toy.task", "tools", "the toy tool task: three-digit sums with a calculator (model tiny-tools); "
+     "aligntool/recipes/grpo_tools.yaml, reinforce_pp_tools.yaml, remax_tools.yaml"),
     ("compress.saliency (mode sparsity)", "mfac",
      "M-FAC (Frantar et al. 2021): OBS saliency and update from the empirical Fisher; "
      "aligntool/recipes/compress_sparsity_mfac.yaml"),

@@ -9,17 +9,20 @@ from aligntool.errors import UserError, first_line
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-BUILT_IN = {"tiny": "tiny_model_path", "tiny-arith": "tiny_arith_model_path"}  # built on first use, then cached
+BUILT_IN = {"tiny": "tiny_model_path", "tiny-arith": "tiny_arith_model_path",  # built on first use, then cached
+            "tiny-tools": "tiny_tools:tiny_tools_model_path"}  # [module of aligntool.toy (tiny):]function
 
 
 def resolve(name_or_path: str, key: str = "model.name_or_path", log=print) -> str:
     """'tiny' -> the built tiny model's folder, 'tiny-arith' -> the tiny model fine-tuned on toy addition
-    (``aligntool.toy.tiny.tiny_arith_model_path``); then a local folder, if there is one; else anything shaped
-    org/name, or a bare name such as 'gpt2', is a hub id."""
+    (``aligntool.toy.tiny.tiny_arith_model_path``), 'tiny-tools' -> the tiny model taught to call a calculator in
+    Qwen2.5's chat template (``aligntool.toy.tiny_tools.tiny_tools_model_path``); then a local folder, if there is
+    one; else anything shaped org/name, or a bare name such as 'gpt2', is a hub id."""
     if name_or_path in BUILT_IN:
-        from aligntool.toy import tiny
+        import importlib
 
-        return str(getattr(tiny, BUILT_IN[name_or_path])(log=log))
+        module, _, function = BUILT_IN[name_or_path].rpartition(":")
+        return str(getattr(importlib.import_module(f"aligntool.toy.{module or 'tiny'}"), function)(log=log))
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file() and not (local / "adapter_config.json").is_file():

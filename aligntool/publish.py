@@ -28,7 +28,8 @@ CARD_TAG = "aligntool"
 
 # the paper of each method: (title, first author et al., year, arXiv id)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_BUILT_IN_MODELS = {"tiny": "aligntool's built-in tiny model", "tiny-arith": "aligntool's built-in tiny-arith model"}
+_BUILT_IN_MODELS = {"tiny": "aligntool's built-in tiny model", "tiny-arith": "aligntool's built-in tiny-arith model",
+                    "tiny-tools": "aligntool's built-in tiny-tools model"}
 
 
 def check_repo_id(repo_id: str, key: str = "--repo-id") -> None:

@@ -50,6 +50,13 @@ def toy_rows(kind: str, size: int, seed: int, split: str, bt_temperature: float,
             return [{"prompt": p} for p in arith.prompts(split, size, seed=seed)]
         raise UserError(f"dataset.toy.task: 'arithmetic' has demonstrations and prompts, no {kind} data; "
                         "use task 'reviews' or an algorithm that trains on demonstrations (sft) or samples its own")
+    if task == "tools":
+        from aligntool.toy import tools
+
+        if kind == "prompt":
+            return tools.rows(size, seed=seed, split=split)
+        raise UserError(f"dataset.toy.task: 'tools' has prompts (with an answer column), no {kind} data; use an "
+                        "algorithm that samples its own completions (grpo, reinforce_pp, remax, ppo, p3o)")
     if kind == "language_modeling":
         return world.sft_rows(size, seed=seed, split=split)
     if kind == "preference":

@@ -27,10 +27,12 @@ class ToyDataConfig(Strict):
         "0 = noiseless."
     )
     seed: NonNegativeInt = Field(0, description="Seed of the generated rows (eval rows use seed + 1).")
-    task: Literal["reviews", "arithmetic"] = Field(
+    task: Literal["reviews", "arithmetic", "tools"] = Field(
         "reviews", description="'reviews': the toy world's review writing (every data kind). 'arithmetic': "
         "'Q: a+b= A:' questions with exactly checked answers, held-out questions never trained on (aligntool.toy."
-        "arith; language-modeling and prompt data only).")
+        "arith; language-modeling and prompt data only). 'tools': 'What is 347 + 589?' as a conversational prompt "
+        "with an `answer` column, for tool use (agent.tools: aligntool.toy.tools:calculator; reward "
+        "aligntool.toy.tools:reward; model tiny-tools; prompt data only; held out by the unordered pair).")
 
 
 DATA_FORMATS = ("trl", "hh-rlhf", "alpaca", "sharegpt", "ultrafeedback", "gsm8k")  # aligntool/data/published.py
