@@ -496,10 +496,14 @@ def test_returns_gae_and_remax_discount_step_from_generated_token_to_generated_t
 
 
 @pytest.mark.system
-def test_fsdp_two_processes_with_different_turn_counts_stay_in_step(tmp_path, tool_model):
-    """FSDP2, 2 processes: one process's row answers at once ("hi": 1 turn), the other's calls the tool (2 turns);
-    the first takes part in the second turn's forwards (``play``'s sync), so the run finishes instead of hanging in
-    a collective."""
+@pytest.mark.parametrize("backend", [["distributed.backend=fsdp"],
+                                     ["distributed.backend=deepspeed", "distributed.zero_stage=3"]],
+                         ids=["fsdp2", "zero3"])
+def test_fsdp_two_processes_with_different_turn_counts_stay_in_step(tmp_path, tool_model, backend):
+    """FSDP2 / ZeRO-3, 2 processes: one process's row answers at once ("hi": 1 turn), the other's calls the tool (2
+    turns). Under FSDP the first takes part in the second turn's forwards (``play``'s sync); under ZeRO-3 the weights
+    are gathered once per episode batch and each process generates alone. Either way the run finishes instead of
+    hanging in a collective."""
     import os
     import signal
     import subprocess
@@ -509,7 +513,7 @@ def test_fsdp_two_processes_with_different_turn_counts_stay_in_step(tmp_path, to
         json.dumps({"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"}) + "\n" +
         json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer": "5"}) + "\n")
     cmd = [sys.executable, "-m", "aligntool.cli", "train", "--recipe", str(recipe), "--nproc", "2",
-           "distributed.backend=fsdp", "train.max_steps=2", "train.per_device_train_batch_size=1",
+           *backend, "train.max_steps=2", "train.per_device_train_batch_size=1",
            "train.learning_rate=1.0e-6"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
