@@ -216,3 +216,60 @@ def ensure_pad(tokenizer, log=print) -> None:
     else:
         log(f"note: the tokenizer has no pad token; padding with {choice!r}")
     tokenizer.pad_token = choice
+
+
+def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
+                  chat_template_kwargs: dict | None = None) -> str:
+    """A conversational prompt as the text the policy continues: the chat template with the generation prompt, the
+    agent's tool schemas as ``tools=`` and ``train.chat_template_kwargs`` (e.g. Qwen3's ``enable_thinking``), as TRL's
+    trainers render it. Without tools and kwargs this is the call ``data.prompts_as_text`` makes."""
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
+
+
+def check_tool_template(tokenizer, where: str = "model") -> dict:
+    """The chat-template keywords tool episodes render with (``{}``, or ``{"chat_template": TRL's prefix-preserving
+    training copy}`` for a template that renders earlier turns differently once a reply follows, e.g. Qwen3's, as
+    TRL's GRPOTrainer does). Refuses, in one line, a chat template the engine cannot run tool episodes with (TRL's
+    checks): one that cannot render an assistant tool call and a tool reply (``supports_tool_calling``), one that is
+    not prefix-preserving and that TRL cannot patch, or one with no response parser for its tool-call syntax (the
+    tokenizer's own ``response_template`` / ``response_schema``, else TRL's ``add_response_schema`` for the families
+    it knows: Qwen2.5/Qwen3 ``<tool_call>`` JSON, Llama 3.1/3.2 JSON, ...)."""
+    from trl import chat_template_utils as ctu
+
+    known = "TRL's templates with a tool parser: trl/chat_templates/qwen2_5, qwen3, llama3_1, llama3_2, ..."
+    if not ctu.supports_tool_calling(tokenizer):
+        raise UserError(f"{where}: the chat template cannot render tool calls and tool replies (agent needs a "
+                        f"template with tool-call syntax; set model.chat_template to one, e.g. {known})")
+    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
+        try:
+            ctu.add_response_schema(tokenizer)
+        except ValueError:
+            raise UserError(f"{where}: no parser for the tool calls of this chat template ({known}; or give the "
+                            "tokenizer a response_template)") from None
+    if ctu.is_chat_template_prefix_preserving(tokenizer):
+        return {}
+    try:  # TRL's GRPOTrainer renders tool episodes with its prefix-preserving training copy (Qwen3's, ...)
+        return {"chat_template": ctu.get_training_chat_template(tokenizer)}
+    except Exception:  # noqa: BLE001 - TRL raises ValueError for a template it cannot patch
+        raise UserError(f"{where}: the chat template renders earlier turns differently once a tool reply follows "
+                        "(not prefix-preserving); the episode's tokens could not be appended turn by turn") from None
+
+
+def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    """The token ids the chat template inserts after an assistant turn that called tools: the turn's end (what follows
+    its stop token), the tool replies in the template's tool role, and the next assistant header -- TRL's
+    ``GRPOTrainer._get_tool_suffix_ids``: a one-call dummy conversation rendered without and with the replies, the
+    first cut after its last stop token (``stop_ids``)."""
+    call = [{"type": "function", "function": {"name": tool_messages[0].get("name", "tool"), "arguments": {}}}]
+    head = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": call}]
+    kwargs = chat_template_kwargs or {}
+    prefix = tokenizer.apply_chat_template(head, tokenize=True, return_dict=False, **kwargs)
+    full = tokenizer.apply_chat_template(head + tool_messages, tokenize=True, return_dict=False,
+                                         add_generation_prompt=True, **kwargs)
+    stops = set(stop_ids(tokenizer))
+    ends = [i for i, t in enumerate(prefix) if t in stops]
+    prefix = prefix[: ends[-1] + 1] if ends else prefix
+    if full[: len(prefix)] != prefix:
+        raise UserError("model: the chat template does not render a tool reply after the assistant's turn unchanged")
+    return full[len(prefix):]

@@ -99,6 +99,8 @@ class Run:
             # degree-head passes would otherwise mark a weight ready twice)
             kwargs.setdefault("ddp_find_unused_parameters", False)
         kwargs.update(overrides)
+        if "chat_template_kwargs" not in cls.__dataclass_fields__:  # the engine's own key (aligntool.online.setup)
+            kwargs.pop("chat_template_kwargs", None)
         if kwargs.get("eval_strategy", "no") != "no" and self.eval_dataset is None:
             # the recipe evaluates, but this run (the user's own data, or a pipeline stage) has no eval set
             if not self._eval_off_logged:
@@ -387,8 +389,9 @@ def prepare(loaded: LoadedRecipe, out: Path, resume: bool = False) -> Run:
     run.tokenizer = models.load_tokenizer(run.model_path, recipe.model.trust_remote_code, recipe.model.revision,
                                           chat_template=recipe.model.chat_template, base_dir=loaded.base_dir, log=log)
     check_positions(run)
-    # conversational prompts stay messages where the trainer applies the chat template itself (TRL's GRPO / RLOO)
-    keep_conversations = spec.vllm == "trl"
+    # conversational prompts stay messages where the trainer applies the chat template itself (TRL's GRPO / RLOO,
+    # the engine's methods that run multi-turn episodes)
+    keep_conversations = spec.vllm == "trl" or spec.agent == "engine"
     run.train_dataset, run.eval_dataset = data_mod.load_for_recipe(recipe, spec.data, run.tokenizer, log=log,
                                                                    base_dir=loaded.base_dir, output_dir=out,
                                                                    keep_conversations=keep_conversations)

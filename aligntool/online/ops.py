@@ -25,3 +25,22 @@ def minibatches(n: int, size: int, generator: torch.Generator):
     perm = torch.randperm(n, generator=generator)
     for i in range(0, n, size):
         yield perm[i : i + size]
+
+
+def on_generated(mask: torch.Tensor, fn, *args):
+    """``fn(*args)`` run over the tokens the policy generated only: every (B, R) tensor argument (the mask included)
+    has each row's generated tokens moved to the front, in order, ``fn`` runs on that, and its (B, R) results are put
+    back, 0 at the inserted positions (tool replies, role markers). A token-level recursion (discounted returns, GAE,
+    ReMax's discount) then steps from one generated token to the next: inserted tokens are no steps of the MDP but
+    part of the environment's transition. A mask without holes (single-turn rollouts) runs ``fn`` as it is."""
+    m = mask.bool()
+    if not (m[:, 1:] & ~m[:, :-1]).any():  # no 0 before a 1: nothing inserted
+        return fn(*args)
+    order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)  # generated positions first, in their order
+    moved = [a.gather(-1, order) if isinstance(a, torch.Tensor) and a.shape == mask.shape else a for a in args]
+    out = fn(*moved)
+
+    def back(t):
+        return torch.zeros_like(t).scatter(-1, order, t) * mask
+
+    return tuple(back(t) for t in out) if isinstance(out, tuple) else back(out)

@@ -56,7 +56,7 @@ class PPO(MethodBase):
 
         from aligntool.losses import online as L
         from aligntool.online.asynchronous import weight as tis_weight
-        from aligntool.online.ops import check_finite, minibatches, sequence_kl
+        from aligntool.online.ops import check_finite, minibatches, on_generated, sequence_kl
 
         cfg = self.cfg
         # 1. rollout: responses, their scores, log-probs and values at the sampling policy, reference log-probs
@@ -65,7 +65,8 @@ class PPO(MethodBase):
         kl_coef = engine.state["kl_coef"]
         rewards = L.kl_penalised_rewards(ro.score, ro.logp, ro.logp_ref, ro.mask, kl_coef)
         # 3. advantages and returns by GAE, advantages whitened
-        adv, returns = L.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+        adv, returns = on_generated(ro.mask, L.gae, rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)  # over generated
+        # tokens only: a tool reply is no step of the MDP (aligntool.online.ops.on_generated)
         if cfg.whiten_advantages:
             adv = L.whiten(adv, ro.mask, all_sum=engine.all_sum)  # over the global batch
         check_finite(adv, returns)

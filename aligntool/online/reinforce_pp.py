@@ -87,7 +87,7 @@ class ReinforcePP(MethodBase):
 
         from aligntool.losses import online as L
         from aligntool.online.asynchronous import weight as tis_weight
-        from aligntool.online.ops import check_finite, minibatches
+        from aligntool.online.ops import check_finite, minibatches, on_generated
 
         cfg, n = self.cfg, self.cfg.samples_per_prompt
         ro = engine.sample_groups(prompts, n)  # rows n*j .. n*j+n-1: prompt j
@@ -103,7 +103,7 @@ class ReinforcePP(MethodBase):
         kl = L.kl_estimate(ro.logp, ro.logp_ref, cfg.kl_estimator) if cfg.kl_in == "reward" else \
             torch.zeros_like(ro.logp)
         rewards = L.reinforce_pp_token_rewards(score, kl, ro.mask, kl_coef, cfg.reward_clip)
-        returns = L.discounted_returns(rewards, ro.mask, cfg.gamma)
+        returns = on_generated(ro.mask, L.discounted_returns, rewards, ro.mask, cfg.gamma)  # tool replies: no steps
         adv = L.global_normalize(returns, ro.mask, engine.all_sum, cfg.normalize_std)
         check_finite(adv)
         if (w := tis_weight(engine, ro)) is not None:  # an asynchronous rollout: truncated importance weights

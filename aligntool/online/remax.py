@@ -35,6 +35,7 @@ class ReMax(MethodBase):
     def step(self, engine, prompts):
         from aligntool.losses.online import remax_loss, remax_returns
         from aligntool.online.asynchronous import weight as tis_weight
+        from aligntool.online.ops import on_generated
 
         cfg = self.cfg
         ro, greedy = engine.samples(prompts, ["sample", "greedy"])  # one generate call; greedy is the baseline
@@ -42,8 +43,8 @@ class ReMax(MethodBase):
         greedy_score = engine.score(greedy)  # only the baseline's reward is used
         logp, _ = engine.policy_logprobs(ro, grad=True)  # one policy forward; its detached values enter the KL term
         ro = ro.with_(logp=logp.detach())
-        returns = remax_returns(ro.logp, ro.logp_ref, ro.mask, ro.score, greedy_score, cfg.kl_coef, cfg.gamma,
-                                cfg.reward_clip)
+        returns = on_generated(ro.mask, remax_returns, ro.logp, ro.logp_ref, ro.mask, ro.score, greedy_score,
+                               cfg.kl_coef, cfg.gamma, cfg.reward_clip)  # the discount over generated tokens only
         if (w := tis_weight(engine, ro)) is not None:  # an asynchronous rollout: truncated importance weights
             returns = returns * w
         loss = remax_loss(logp, returns, ro.mask, denom=engine.token_denominator(ro.mask))

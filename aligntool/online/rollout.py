@@ -15,7 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+from aligntool.online.episodes import EpisodeSteps, episode_stats
 from aligntool.online.ops import sequence_kl
+
+
+def scorer_inputs(ro) -> tuple[list, list]:
+    """(prompts, completions) for the reward functions: the texts, or for tool episodes the conversations as messages
+    (TRL's convention: each completion is the list of messages after the prompt, the tool replies included)."""
+    if ro.episodes is None:
+        return ro.prompts, ro.texts
+    return [e.messages[: e.prompt_messages] for e in ro.episodes], [e.completion_messages for e in ro.episodes]
 
 
 @dataclass(frozen=True)
@@ -35,20 +44,25 @@ class Rollout:
     score: torch.Tensor | None = None  # (B,) from the reward source
     values: torch.Tensor | None = None  # (B, R) of the value head
     logp_behaviour: torch.Tensor | None = None  # (B, R) under the policy that sampled, when older (asynchronous)
+    episodes: list | None = None  # multi-turn tool episodes (aligntool.online.episodes.Episode), one per row; mask 0
+    # on the tokens the policy did not generate (tool replies, role markers)
 
     def with_(self, **changes) -> "Rollout":
         return dataclasses.replace(self, **changes)
 
     def select(self, idx) -> "Rollout":
+        """The rows ``idx`` of every per-row field (tensors indexed, lists picked)."""
         rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Rollout([self.prompts[i] for i in rows], [self.texts[i] for i in rows], self.input_ids[idx],
-                       self.attention_mask[idx], self.prompt_width, self.mask[idx], self.missing_eos[idx],
-                       pick(self.logp), pick(self.logp_ref), pick(self.score), pick(self.values),
-                       logp_behaviour=pick(self.logp_behaviour))
+
+        def pick(value):
+            if isinstance(value, torch.Tensor):
+                return value[idx]
+            return [value[i] for i in rows] if isinstance(value, list) else value
+
+        return dataclasses.replace(self, **{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
-class RolloutSteps:
+class RolloutSteps(EpisodeSteps):
     """The engine's rollout steps (a part of aligntool.online.engine.Engine). They read what the set-up made
     (aligntool.online.setup.EngineSetup): ``model``, ``ref``, ``accelerator``, ``tokenizer``, ``cfg`` (sampling
     settings), ``vllm``, ``scorer``, ``columns``, ``zero3`` / ``fsdp``, ``rank`` / ``world``, ``args.seed``, and the
@@ -106,6 +120,8 @@ class RolloutSteps:
         if (ahead := getattr(self, "asynchronous", None)) and (served := ahead.serve(prompts, kinds, from_reference,
                                                                                      seeds)):
             return served  # sampled ahead by the previous iteration's policy (aligntool.online.asynchronous)
+        if getattr(self, "agent", None) is not None:  # multi-turn tool episodes (aligntool.online.episodes)
+            return [Rollout(**fields) for fields in self.episode_samples(prompts, kinds, from_reference, seeds)]
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = encode_prompts(tok, prompts)
         stops = stop_ids(tok)  # EOS and the chat template's end of turn: either ends a response
@@ -150,7 +166,9 @@ class RolloutSteps:
         template's end of turn) ended it."""
         columns = {} if not self.columns else {
             c: [self.columns[p][c] for p in ro.prompts] for c in next(iter(self.columns.values()))}
-        score = torch.tensor(self.scorer(ro.prompts, ro.texts, **columns), device=ro.mask.device)
+        score = torch.tensor(self.scorer(*scorer_inputs(ro), **columns), device=ro.mask.device)
+        if ro.episodes is not None and any(e.reward is not None for e in ro.episodes):  # the environment's reward
+            score = score + torch.tensor([e.reward or 0.0 for e in ro.episodes], device=score.device)
         if self.cfg.missing_eos_penalty:
             score = score - self.cfg.missing_eos_penalty * ro.missing_eos.to(score.dtype)
         if getattr(self, "_completions", ()) is None:  # this iteration writes a sample of its completions
@@ -199,7 +217,8 @@ class RolloutSteps:
         named as TRL's GRPOTrainer names them (docs/TRACKING.md)."""
         scored = {} if ro.score is None else {
             "reward": ro.score.mean().item(), "reward_std": ro.score.std().item() if len(ro.score) > 1 else 0.0}
-        return {**scored, "kl": sequence_kl(ro).mean().item(),
+        episodes = {} if ro.episodes is None else episode_stats(ro.episodes)
+        return {**scored, **episodes, "kl": sequence_kl(ro).mean().item(),
                 "entropy": (-(ro.logp * ro.mask).sum() / ro.mask.sum()).item(),
                 "completions/mean_length": ro.mask.sum(-1).float().mean().item(),
                 "completions/clipped_ratio": ro.missing_eos.float().mean().item()}

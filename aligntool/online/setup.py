@@ -246,14 +246,56 @@ class EngineSetup:
         """``prompts`` (every process holds the whole list; each iteration draws one global batch and takes its
         slice), ``columns`` (the dataset's other columns by prompt: an answer, test cases, ... for reward functions),
         ``batch_size`` and the engine ``state``."""
-        dataset = self.run.train_dataset
-        self.prompts = list(dict.fromkeys(dataset["prompt"]))
-        extra = [c for c in dataset.column_names if c != "prompt"]
-        self.columns = {} if not extra else {
-            row["prompt"]: {c: row[c] for c in extra} for row in reversed(dataset.to_list())}
+        self._setup_agent()
+        self.prompts, self.columns = self.prompt_keys(self.run.train_dataset)
         self.batch_size = self.args.per_device_train_batch_size
         self.state = {"iteration": 0, "kl_coef": self.method.initial_kl_coef}
         self._calls = 0  # sampling calls in this iteration (part of each row's seed)
+
+    def _setup_agent(self) -> None:
+        """``agent`` (the recipe's agent section, None without one), its ``agent_tools`` and ``environment`` class
+        (aligntool.tools: imported and checked), the chat template checked for tool calls (one line before training:
+        aligntool.tokens.check_tool_template), ``chat_template_kwargs`` (``train.chat_template_kwargs``, as TRL's
+        GRPOConfig has it) and ``conversations`` (each rendered prompt's messages; filled by ``prompt_keys``)."""
+        from aligntool import tools
+
+        self.agent = self.run.recipe.agent if self.run.loaded.spec.agent == "engine" else None
+        self.chat_template_kwargs = (self.run.recipe.train.model_extra or {}).get("chat_template_kwargs") or {}
+        self.conversations = {}
+        self.agent_tools, self.environment, self.tool_schemas = [], None, None
+        if self.agent is not None:
+            from aligntool.tokens import check_tool_template
+
+            self.agent_tools = tools.load_tools(self.agent)
+            self.environment = tools.load_environment(self.agent)
+            self.chat_template_kwargs = {**self.chat_template_kwargs, **check_tool_template(self.tokenizer)}
+            self.tool_schemas = tools.schemas(self.agent_tools + (
+                [fn for _, fn in tools._public_functions(self.environment)] if self.environment else [])) or None
+
+    def prompt_keys(self, dataset) -> tuple[list[str], dict]:
+        """(the dataset's prompts once each, {prompt: the row's other columns}). A conversational prompt is kept as
+        the text the chat template renders (aligntool.tokens.render_prompt: the generation prompt, the agent's tools,
+        ``chat_template_kwargs``; without them the text ``data.prompts_as_text`` gives), its messages beside it in
+        ``conversations`` (the episodes start from them)."""
+        from aligntool.data.formats import cell_kind
+        from aligntool.tokens import render_prompt
+
+        cells = dataset["prompt"]
+        if self.agent is not None and cells and cell_kind(cells[0]) != "conversation":
+            raise UserError("dataset: agent: tool episodes start from conversational prompts (a list of messages per "
+                            "row), so that the chat template can render the tools and the replies; this dataset's "
+                            "prompts are text")
+        keys = []
+        for cell in cells:
+            if isinstance(cell, list):
+                text = render_prompt(self.tokenizer, cell, self.tool_schemas, self.chat_template_kwargs)
+                self.conversations.setdefault(text, cell)
+                cell = text
+            keys.append(cell)
+        extra = [c for c in dataset.column_names if c != "prompt"]
+        rows = dataset.select_columns(extra).to_list() if extra else []
+        columns = {key: {c: row[c] for c in extra} for key, row in reversed(list(zip(keys, rows)))}
+        return list(dict.fromkeys(keys)), columns
 
     def _setup_logging(self) -> None:
         """``out``, ``metrics_file``, the TensorBoard writer ``tb`` (main process only; transformers' tags) and the

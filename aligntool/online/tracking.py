@@ -161,10 +161,7 @@ class Tracking:
                 log("note: no eval set (dataset.eval_path, dataset.eval_fraction or dataset.toy.eval_size): "
                     "evaluation during training is off")
             return
-        self.eval_prompts = list(dict.fromkeys(dataset["prompt"]))
-        extra = [c for c in dataset.column_names if c != "prompt"]
-        if extra:
-            self.eval_columns = {row["prompt"]: {c: row[c] for c in extra} for row in reversed(dataset.to_list())}
+        self.eval_prompts, self.eval_columns = self.prompt_keys(dataset)  # rendered as the training prompts
         self.eval_steps = None if t.eval_strategy == "no" else t.eval_steps
         if self.accelerator.is_main_process:
             every = f"every {self.eval_steps} iterations and " if self.eval_steps else ""
@@ -178,7 +175,12 @@ class Tracking:
         columns = {} if not self.eval_columns else {
             c: [self.eval_columns[p][c] for p in prompts] for c in next(iter(self.eval_columns.values()))}
         if self.scorer is not None:
-            return "reward", [float(x) for x in self.scorer(prompts, ro.texts, **columns)]
+            from aligntool.online.rollout import scorer_inputs
+
+            scores = [float(x) for x in self.scorer(*scorer_inputs(ro), **columns)]
+            if ro.episodes is not None:  # the environment's reward, as in training
+                scores = [s + (e.reward or 0.0) for s, e in zip(scores, ro.episodes)]
+            return "reward", scores
         prefs = getattr(self.method, "preferences", None)
         if prefs is None:
             return None

@@ -230,6 +230,12 @@ def _validate(model: type[BaseModel], data: dict, prefix: tuple, source: str, li
 def _check_train_extras(train: TrainConfig, spec: registry.AlgorithmSpec, source: str, lines: dict) -> None:
     """`train.*` keys outside the documented list must be fields of the algorithm's TRL config."""
     extras = dict(train.model_extra or {})
+    if spec.agent == "engine" and "chat_template_kwargs" in extras:  # the engine renders the prompts (TRL's key)
+        value = extras.pop("chat_template_kwargs")
+        if value is not None and not isinstance(value, dict):
+            at = lines.get(("train", "chat_template_kwargs"), source)
+            raise UserError(f"{at}: train.chat_template_kwargs: expected a mapping of the chat template's keyword "
+                            f"arguments (e.g. {{enable_thinking: false}}), got {value!r}")
     if not extras:
         return
     cls = spec.trl_config_class()
