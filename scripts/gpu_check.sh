@@ -11,6 +11,9 @@
 #   (f)      rollouts at scale: REINFORCE++ with generation.asynchronous (HF); ReMax with vLLM sleep mode and
 #            max_num_seqs (GPU + vllm); GRPO through TRL's AsyncGRPOTrainer against a `vllm serve` on a second GPU
 #            (skipped with fewer than 2 GPUs: NCCL weight transfer needs the server and the trainer on separate GPUs)
+#   (g)      scripts/bench_sampler.py: per-row reproducible sampling vs plain at 32k/152k vocabularies, with the % of
+#            the card's measured bf16 matmul peak; multi-turn tool episodes (recipes reinforce_pp_tools, grpo_tools on
+#            tiny-tools, 4 steps)
 # Each check prints PASS / FAIL / TIMEOUT / SKIP; the end prints a table (samples/s and peak memory from each run's
 # summary.json, the most GPU memory nvidia-smi saw during the check) and writes it to gpu_check_summary.txt.
 # Everything goes under the work folder: $OUT when set (the device tool brings it back), else /tmp/gpu_check.
@@ -318,6 +321,16 @@ if wanted f-async-grpo; then
   fi
 fi
 
+if wanted g-bench-sampler; then
+  run_check g-bench-sampler 150 - "$PY" scripts/bench_sampler.py --quick --batch 64,256
+  [[ -f $WORK/logs/g-bench-sampler.log ]] && grep -E "^(GPU|vocab|median)" "$WORK/logs/g-bench-sampler.log" \
+    | tee -a "$WORK/gpu_check.log"
+fi
+for recipe in reinforce_pp_tools grpo_tools; do
+  wanted "g-$recipe" && run_check "g-$recipe" 180 "$R/g-$recipe" "${AT[@]}" train --recipe "$recipe" \
+    output_dir="$R/g-$recipe" train.max_steps=4 "${QUIET[@]}"
+done
+
 # ------------------------------------------------------------------------------------------------ summary
 {
   echo "gpu_check summary ($(date -u +%FT%TZ), $((SECONDS - T0)) s in all, mode $([[ $DRY == 1 ]] && echo cpu-dry-run \
@@ -330,6 +343,10 @@ fi
   if [[ -f $WORK/logs/e-bench-generation.log ]]; then
     echo "generation (bench_generation.py):"
     grep -E "^generation|^ *backend|^ *(hf|vllm) |^vLLM|not importable" "$WORK/logs/e-bench-generation.log" | sed 's/^/  /'
+  fi
+  if [[ -f $WORK/logs/g-bench-sampler.log ]]; then
+    echo "sampler (bench_sampler.py):"
+    grep -E "^(GPU|vocab|median)" "$WORK/logs/g-bench-sampler.log" | sed 's/^/  /'
   fi
   pass=0; for s in "${STATUS[@]}"; do [[ $s == PASS ]] && pass=$((pass + 1)); done
   echo "$pass of ${#STATUS[@]} checks passed; logs in $WORK/logs, runs in $WORK/runs"

@@ -20,7 +20,6 @@ again over runs left in ``--out``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -45,6 +44,7 @@ def evaluate(model_path: str, questions: list[dict], *, greedy: bool, seed: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aligntool.models import resolve
+    from aligntool.online.episodes import run_episodes
     from aligntool.recipe.agent import AgentConfig
     from aligntool.toy import tools
 
@@ -52,78 +52,12 @@ def evaluate(model_path: str, questions: list[dict], *, greedy: bool, seed: int,
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     agent = AgentConfig(tools=["aligntool.toy.tools:calculator"], max_turns=max_turns)
-    episodes = episode_loop()(lm, tokenizer, [q["prompt"] for q in questions], [tools.calculator], agent,
+    episodes = run_episodes(lm, tokenizer, [q["prompt"] for q in questions], [tools.calculator], agent,
                               max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
                               seeds=[seed * 100_003 + i for i in range(len(questions))], greedy=greedy)
     completions = [e.messages[len(q["prompt"]):] for e, q in zip(episodes, questions, strict=True)]
     rewards = tools.reward(None, completions, [q["answer"] for q in questions])
     return {"accuracy": rewards, "tool_call": [1.0 if e.tool_calls else 0.0 for e in episodes]}
-
-
-def episode_loop():
-    """The engine's episode loop (``aligntool.online.episodes.run_episodes``) where it exists, else this script's
-    minimal one (``_run_episodes``, same arguments). TODO(lead): drop ``_run_episodes`` once run_episodes is merged."""
-    try:
-        from aligntool.online.episodes import run_episodes
-    except ImportError:
-        return _run_episodes
-    return run_episodes
-
-
-@dataclasses.dataclass
-class _Episode:
-    messages: list[dict]
-    tool_calls: int = 0
-    tool_errors: int = 0
-    text: str = ""
-    done: bool = False
-
-
-def _run_episodes(lm, tokenizer, conversations, fns, agent, *, max_new_tokens, temperature, top_p, seeds,
-                  greedy=False, chat_template_kwargs=None):
-    """A minimal multi-turn loop: generate a turn for every live episode (one batch, left-padded), parse it with
-    TRL's parser for the template (``add_response_schema``; transformers >= 5.13 needs the prompt as ``prefix``),
-    run its tool calls (an exception becomes the reply "Error: ..."), append the replies with the template's tool
-    role, and go on until a turn calls no tool or ``agent.max_turns`` turns are done. One seed for the batch per turn
-    (``seeds[0]``): not the engine's per-row reproducibility."""
-    import torch
-    from trl.chat_template_utils import add_response_schema, parse_response
-
-    add_response_schema(tokenizer)
-    tokenizer.padding_side = "left"
-    by_name = {fn.__name__: fn for fn in fns}
-    state = [_Episode([dict(m) for m in conv]) for conv in conversations]
-    for turn in range(agent.max_turns):
-        live = [e for e in state if not e.done]
-        if not live:
-            break
-        texts = [tokenizer.apply_chat_template(e.messages, tools=fns, tokenize=False, add_generation_prompt=True,
-                                               **(chat_template_kwargs or {})) for e in live]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(seeds[0] * 1000 + turn)
-        sampling = {} if greedy else {"temperature": temperature, "top_p": top_p}
-        with torch.no_grad():
-            out = lm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=not greedy, **sampling,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        width = batch["input_ids"].shape[1]
-        for row, episode in enumerate(live):
-            ids = [t for t in out[row, width:].tolist() if t != tokenizer.pad_token_id]
-            prefix = [t for t in batch["input_ids"][row].tolist() if t != tokenizer.pad_token_id]
-            message = parse_response(tokenizer, ids, prefix=prefix, tools=fns)
-            episode.messages.append(message)
-            episode.text += tokenizer.decode(ids)
-            calls = message.get("tool_calls") or []
-            episode.done = not calls
-            for call in calls:
-                episode.tool_calls += 1
-                name, args = call["function"]["name"], call["function"].get("arguments") or {}
-                try:
-                    reply = str(by_name[name](**args))
-                except Exception as exc:  # noqa: BLE001 -- a tool's error is its reply
-                    episode.tool_errors += 1
-                    reply = f"Error: {exc}"
-                episode.messages.append({"role": "tool", "name": name, "content": reply})
-    return state
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
