@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def ok(capsys, args) -> str:
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     return captured.err
+
+
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def rendezvous_env():
+    """vLLM's / TRL's colocate mode writes RANK, WORLD_SIZE, MASTER_PORT, ... into os.environ: put them back
+    afterwards."""
+    saved = {k: os.environ.get(k) for k in RENDEZVOUS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

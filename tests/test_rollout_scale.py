@@ -182,7 +182,7 @@ class FakeLLM:
         return [type("R", (), {"outputs": [out]}) for _ in prompts]
 
 
-def test_engine_passes_the_vllm_options_and_sleeps_between_generations(monkeypatch, tiny_path, rendezvous):
+def test_engine_passes_the_vllm_options_and_sleeps_between_generations(monkeypatch, tiny_path, rendezvous_env):
     """TRL's VLLMGeneration (real) builds vLLM's LLM with the recipe's tensor_parallel_size, max_num_seqs and
     enable_sleep_mode; in sleep mode each engine generation re-pushes the weights vLLM dropped, wakes the KV cache,
     generates and sleeps again (level 2), as TRL's own generate does."""
@@ -224,21 +224,6 @@ def test_engine_passes_the_vllm_options_and_sleeps_between_generations(monkeypat
         sampler.sync(0)
         assert sampler.generate([[5, 6]], [1], [False], [2], 6, 1.0, 1.0) == [[7, 2]]
     assert llm.calls == ["sleep 2"] + ["sync", "wake_up kv_cache", "generate", "sleep 2"] * 2
-
-
-@pytest.fixture
-def rendezvous():
-    """TRL's colocate mode writes RANK, WORLD_SIZE, MASTER_PORT, ... into os.environ: put them back afterwards."""
-    import os
-
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_grpo_maps_the_vllm_options_onto_trl_and_refuses_max_num_seqs():

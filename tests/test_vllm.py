@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import RECIPES
+from conftest import RECIPES, RENDEZVOUS
 
 pytestmark = pytest.mark.slow
 
@@ -62,28 +62,12 @@ def test_vllm_backend_on_an_offline_method_is_refused(tmp_path):
     assert "generation.backend: vllm applies to the online methods" in message and "'dpo'" in message
 
 
-RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 def clean_env() -> dict:
     """This process's environment without the rendezvous variables vLLM's colocate mode sets in it."""
     import os
 
     return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-
-
-@pytest.fixture
-def rendezvous_env():
-    """vLLM's colocate mode writes RANK, WORLD_SIZE, MASTER_PORT, ... into os.environ: put them back afterwards."""
-    import os
-
-    saved = {k: os.environ.get(k) for k in RENDEZVOUS}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 needs_vllm = pytest.mark.skipif(not _has_vllm(), reason="vLLM is not installed (scripts/install.sh --vllm)")
