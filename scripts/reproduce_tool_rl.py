@@ -78,16 +78,23 @@ def train(name: str, recipe: str, out: Path, quick: bool, no_tools: bool, overwr
 
 
 def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]:
-    lines = [f"{'model':24} {'mode':7} {'accuracy':>15} {'tool calls':>15} {'paired acc gain vs sft':>32}"]
+    """One line per model and mode: accuracy and tool-call rate (mean +- s.e.), and for a trained model the paired
+    gains over ``sft`` on the same questions (mean +- s.e., and in standard errors)."""
+    def gain(a, b):
+        g, se = paired(a, b)
+        return f"{g:+.3f} +- {se:.3f} ({g / se:+.1f} s.e.)" if se > 0 else f"{g:+.3f} +- 0"
+
+    lines = [f"{'model':24} {'mode':7} {'accuracy':>15} {'tool calls':>15} {'paired acc gain vs sft':>28} "
+             f"{'paired call gain vs sft':>28}"]
     base = results.get("sft")
     for name, modes in results.items():
         for mode, scores in modes.items():
             acc, tool = mean_se(scores["accuracy"]), mean_se(scores["tool_call"])
-            gain = ""
+            gains = ["", ""]
             if base is not None and name != "sft":
-                g, se = paired(base[mode]["accuracy"], scores["accuracy"])
-                gain = f"{g:+.3f} +- {se:.3f} ({g / se:+.1f} s.e.)" if se > 0 else f"{g:+.3f} +- 0"
-            lines.append(f"{name:24} {mode:7} {acc[0]:.3f} +- {acc[1]:.3f} {tool[0]:.3f} +- {tool[1]:.3f} {gain:>32}")
+                gains = [gain(base[mode][k], scores[k]) for k in ("accuracy", "tool_call")]
+            lines.append(f"{name:24} {mode:7} {acc[0]:.3f} +- {acc[1]:.3f} {tool[0]:.3f} +- {tool[1]:.3f} "
+                         f"{gains[0]:>28} {gains[1]:>28}")
     return lines
 
 
