@@ -193,3 +193,37 @@ def test_tiny_tools_calls_the_tool_part_of_the_time_and_it_pays(capsys):
     direct = [a for a, t in zip(scores["accuracy"], scores["tool_call"]) if not t]
     assert 0.3 < len(called) / 48 < 0.95
     assert sum(called) / len(called) > 0.6 > 0.2 > sum(direct) / len(direct)
+
+
+@pytest.mark.system
+def test_reproduce_tool_rl_quick_prints_its_table_from_both_paths(tmp_path):
+    """scripts/reproduce_tool_rl.py --quick end to end: GRPO with tools (TRL) and REINFORCE++ with tools (the engine)
+    train through aligntool.train, log tool calls, and the table's figures are those of the per-question scores it
+    saves (recomputed here)."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "tool_rl"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_tool_rl.py"), "--quick", "--questions",
+                          "16", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads((out / "tool_rl.json").read_text())["results"]
+    lines = run.stdout.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("model "))  # after TRL's own printed logs
+    rows = [line.split() for line in lines[header + 1:] if line.strip()]
+    assert {(r[0], r[1]) for r in rows} == {(m, mode) for m in ("sft", "grpo+tools", "reinforce_pp+tools",
+                                                                "grpo-no-tools", "reinforce_pp-no-tools")
+                                            for mode in ("greedy", "T=1")}
+    for r in rows:
+        acc = saved[r[0]][r[1]]["accuracy"]
+        assert len(acc) == 16 and math.isclose(float(r[2]), sum(acc) / 16, abs_tol=5.1e-4)
+    for name, calls in (("grpo+tools", "tools/call_frequency"), ("reinforce_pp+tools", "tools/call_frequency")):
+        logged = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert any(row.get(calls, 0) > 0 for row in logged), (name, logged[-1])
+    for name in ("grpo-no-tools", "reinforce_pp-no-tools"):
+        logged = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert not any(row.get("tools/call_frequency") for row in logged)
