@@ -32,6 +32,7 @@ def test_reproduce_overoptimization_quick(tmp_path, tiny_path):
     assert "drop from peak" in out
 
 
+@pytest.mark.system  # ~50 s each on 2 cores: in the system stage (scripts/ci_system.sh)
 def test_bench_remax_vs_ppo_prints_ratios(tiny_path):
     out = run_script("bench_remax_vs_ppo.py", "--iterations", "3", "--repeats", "1", "--batch-size", "4",
                      "--max-new-tokens", "8")
@@ -43,6 +44,7 @@ def test_bench_remax_vs_ppo_prints_ratios(tiny_path):
         assert re.search(rf"^{side}: per iteration .* = [\d.]+% of measured matmul peak [\d.]+ GFLOP/s", out, re.M), out
 
 
+@pytest.mark.system  # ~50 s each on 2 cores: in the system stage (scripts/ci_system.sh)
 def test_bench_online_vs_trl_prints_ratios(tiny_path):
     out = run_script("bench_online_vs_trl.py", "--iterations", "3", "--repeats", "1", "--batch-size", "2",
                      "--max-new-tokens", "4")
