@@ -4,7 +4,7 @@ tool call's time limit and errors (the reply, never a crash), in TRL's reply for
 from __future__ import annotations
 
 import textwrap
-import time
+import threading
 
 import pytest
 
@@ -126,9 +126,10 @@ def test_a_call_that_raises_hangs_or_misfits_becomes_the_reply(agent_dir):
     reply = tools.call(add, {"a": 2}, timeout=5)  # a missing argument: TypeError, as TRL's {"error": str(e)}
     assert reply.error and reply.text == str({"error": reply.error}) and "TypeError" in reply.text
     assert tools.call(add, ["not", "a", "dict"], timeout=5).error
-    start = time.monotonic()
     reply = tools.call(sleepy, {"seconds": 30}, timeout=0.3)
-    assert time.monotonic() - start < 5 and "did not return within 0.3 s" in reply.error
+    assert "did not return within 0.3 s" in reply.error
+    # the call came back while the tool still runs (a daemon thread), not after it
+    assert any(t.name == "tool-sleepy" and t.is_alive() for t in threading.enumerate())
 
 
 @pytest.mark.parametrize("fields, needle", [

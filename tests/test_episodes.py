@@ -150,13 +150,13 @@ def test_an_episode_calls_the_tool_and_masks_what_the_template_inserted(tool_mod
 @pytest.mark.parametrize("module, needle", [("ep_tools_raise", "RuntimeError: calculator broken"),
                                             ("ep_tools_hang", "did not return within 0.5 s")])
 def test_a_tool_that_raises_or_hangs_becomes_the_reply_counted(tool_model, module, needle):
-    import time
+    import threading
 
-    start = time.monotonic()
     for e in _episodes(tool_model, module=module, tool_timeout=0.5):
         assert e.tool_calls == 1 and e.tool_errors == 1 and e.turns >= 2, e
         assert needle in e.completion_messages[1]["content"]
-    assert time.monotonic() - start < 10
+    if module == "ep_tools_hang":  # the episodes went on while the hung call (30 s) is still running
+        assert any(t.name == "tool-add" and t.is_alive() for t in threading.enumerate())
 
 
 def test_an_environment_per_episode_reset_with_the_row_its_methods_as_tools_and_its_reward(tool_model):
